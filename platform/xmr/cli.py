@@ -1,0 +1,57 @@
+"""The ``xmr`` console script. Each area registers its own subcommands; imports stay lazy
+enough that ``xmr --help`` answers without starting Ray."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from xmr import __version__
+from xmr.config import ConfigError
+
+
+def _config_show(args: argparse.Namespace) -> int:
+    from xmr.config import load_config, resolve
+
+    cfg = load_config(args.config, args.set)
+    if args.resolve:
+        cfg, _ = resolve(cfg)
+    print(cfg.to_yaml(), end="")
+    return 0
+
+
+def _register_config(subparsers) -> None:
+    parser = subparsers.add_parser("config", help="show and validate run configurations")
+    sub = parser.add_subparsers(dest="config_command", required=True, metavar="COMMAND")
+    show = sub.add_parser("show", help="print a preset or YAML file with overrides applied and validated")
+    show.add_argument("config", help="preset name (sccmrl, qacln, ...) or path to a YAML file")
+    show.add_argument("--set", action="append", default=[], metavar="A.B=VALUE", help="override a field (repeatable)")
+    show.add_argument("--resolve", action="store_true", help="also check data.path and fill dims from its manifest")
+    show.set_defaults(func=_config_show)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from xmr.data.cli import register as register_data
+    from xmr.metrics.cli import register as register_metrics
+
+    parser = argparse.ArgumentParser(prog="xmr", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"xmr {__version__}")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    register_data(subparsers)
+    register_metrics(subparsers)
+    _register_config(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as exc:
+        print(f"xmr: configuration error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,392 @@
+"""Typed run configuration: dataclasses loaded from YAML with ``--set a.b=value`` overrides.
+
+Why this shape: every entrypoint (train, tune, serve, compare) takes one ``Config``; the
+resolved config is written next to every output and stored in every checkpoint, so a model
+rebuilds from its checkpoint alone. Validation happens here, before any process starts,
+and every error names the field path and the offending value.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+PRESET_DIR = Path(__file__).resolve().parent / "presets"
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the field path and the value."""
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass
+class DataConfig:
+    """Where the shards are and how batches are formed."""
+
+    path: str = "data/avdigits"  # dataset root: local dir or s3://bucket/prefix
+    train_split: str = "train"
+    val_split: str = "val"
+    test_split: str = "test"
+    batch_size: int = 64  # global batch (split across data-parallel ranks)
+    eval_batch_size: int = 256
+    num_workers: int = 0  # DataLoader workers per rank
+    split_mode: Literal["shard", "sample"] = "shard"  # sample: world-size independent batches
+    on_bad_sample: Literal["error", "skip"] = "error"
+    max_clips: int = 128  # vcmr: clips kept per video
+    max_query_tokens: int = 32  # vcmr: tokens kept per query
+    endpoint_url: str | None = None  # S3-compatible endpoint; default from AWS env/config
+
+
+@dataclass
+class ModelConfig:
+    """Model family and sizes. ``dims`` and ``num_classes`` are filled from the manifest."""
+
+    name: str = "dual_encoder"  # models registry key
+    embed_dim: int = 128
+    hidden_dim: int = 256
+    encoder: Literal["mlp", "transformer"] = "mlp"
+    num_layers: int = 2
+    num_heads: int = 4
+    dropout: float = 0.1
+    # cross-modal mixer / masked autoencoder
+    mask_ratio: float = 0.75
+    decoder_layers: int = 1
+    tokens_a: int = 0  # >0: reshape a vector input into this many tokens
+    tokens_b: int = 0
+    pretrained: str | None = None  # checkpoint whose encoder initialises this model
+    # CDAML
+    hierarchical: bool = False  # one metric sub-network per label level
+    attention: bool = False  # self/cross-attention modules
+    # QACLN
+    query_fusion: bool = True  # query-aware fusion (QCF); False = plain average of streams
+    netvlad: bool = False
+    netvlad_clusters: int = 8
+    conv_kernel: int = 5
+    max_moment_clips: int = 16  # length limit for span decoding
+    top_videos: int = 100  # videos re-ranked by span scores at inference
+    # filled from the dataset manifest when the config is resolved
+    dims: dict[str, list[int]] = field(default_factory=dict)
+    num_classes: list[int] = field(default_factory=list)
+
+
+@dataclass
+class LossConfig:
+    """Loss term weights (λ) by registry name, and the terms' own hyperparameters."""
+
+    lambdas: dict[str, float] = field(default_factory=lambda: {"supcon": 1.0})
+    temperature: float = 0.1
+    margin: float = 0.2  # triplet / hinge margin
+    vr_margin: float = 0.1  # QACLN L_VR margin Δ
+    poly_pos: list[float] = field(default_factory=lambda: [0.0, -1.0, 1.0])  # polynomial weights
+    poly_neg: list[float] = field(default_factory=lambda: [0.0, 1.0, 1.0])
+    poly_pos_threshold: float = 1.0  # informative positives: sim below this
+    poly_neg_threshold: float = -1.0  # informative negatives: sim above this
+    adversarial_mode: Literal["grl", "flip"] = "grl"
+    grl_scale: float = 1.0
+
+
+@dataclass
+class NegativesConfig:
+    """How many negatives each anchor sees (K) and how they are picked."""
+
+    k: int = 16
+    strategy: Literal["uniform", "hardest", "class_aware"] = "uniform"
+    gather: bool = True  # gather the global batch across data-parallel ranks
+    memory_bank: int = 0  # FIFO bank size in embeddings; 0 = off
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser, schedule and how long to train."""
+
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    epochs: int = 10
+    warmup_steps: int = 0
+    scheduler: Literal["cosine", "constant"] = "cosine"
+    grad_clip: float = 1.0  # 0 = off
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU only
+    max_steps_per_epoch: int = 0  # 0 = the whole split
+
+
+@dataclass
+class ResourcesConfig:
+    """Ray Train scaling."""
+
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    address: str | None = None  # Ray cluster address; None = RAY_ADDRESS or a local Ray
+
+
+@dataclass
+class StorageConfig:
+    """Where runs, checkpoints and metrics go."""
+
+    root: str = "runs"  # local dir or s3://bucket/prefix
+    run_name: str = ""  # empty: <method>-<timestamp>
+    keep_checkpoints: int = 2
+    checkpoint_metric: str = ""  # empty: the task family's main metric
+    checkpoint_mode: Literal["max", "min"] = "max"
+    max_failures: int = 2
+
+
+@dataclass
+class Config:
+    """One run of one method."""
+
+    method: str = "sccmrl"
+    task: Literal["category", "pair", "vcmr"] = "category"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    negatives: NegativesConfig = field(default_factory=NegativesConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_yaml())
+
+
+# --------------------------------------------------------------------------- typed building
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    """Return ``value`` as type ``tp`` or raise ConfigError naming ``path``."""
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin is Literal:
+        choices = get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{path} = {value!r}: must be one of {list(choices)}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, path)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{path} = {value!r}: expected {_type_name(tp)}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path} = {value!r}: expected a mapping of {tp.__name__} fields")
+        return _build(tp, value, path)
+    if origin is list:
+        (item_tp,) = get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path} = {value!r}: expected a list")
+        return [_coerce(v, item_tp, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        key_tp, val_tp = get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path} = {value!r}: expected a mapping")
+        return {_coerce(k, key_tp, path): _coerce(v, val_tp, f"{path}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise ConfigError(f"{path} = {value!r}: expected true or false")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{path} = {value!r}: expected an integer")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:  # YAML 1.1 reads "1e-4" as a string
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{path} = {value!r}: expected a number")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{path} = {value!r}: expected a string")
+    raise ConfigError(f"{path}: unsupported field type {_type_name(tp)}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            raise ConfigError(f"unknown key {path!r} (known keys in {prefix or 'the top level'}: {sorted(names)})")
+        kwargs[key] = _coerce(value, hints[key], path)
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b=value`` -> (["a", "b"], parsed value). Values are parsed as YAML scalars/lists."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected the form a.b=value")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {text!r}: empty key segment")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from None
+    return parts, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``--set`` overrides to a raw config mapping (before typing)."""
+    data = copy.deepcopy(data)
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = data
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: {part!r} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def resolve_preset(name_or_path: str) -> Path:
+    """A preset name (``sccmrl``) or a path to a YAML file."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} not found")
+        return path
+    candidate = PRESET_DIR / f"{name_or_path}.yaml"
+    if not candidate.is_file():
+        known = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+        raise ConfigError(f"unknown preset {name_or_path!r} (presets: {known}; or pass a .yaml path)")
+    return candidate
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    cfg = _build(Config, data)
+    validate(cfg)
+    return cfg
+
+
+def load_config(name_or_path: str | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a preset or YAML file, apply ``--set`` overrides, type-check and validate.
+
+    Dataset paths are not touched here; call ``check_dataset(cfg)`` (or ``resolve``) before
+    starting work so a missing dataset fails first.
+    """
+    raw: dict[str, Any] = {}
+    if name_or_path:
+        path = resolve_preset(name_or_path)
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+    raw = apply_overrides(raw, overrides or [])
+    return from_dict(raw)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _require(cond: bool, message: str) -> None:
+    if not cond:
+        raise ConfigError(message)
+
+
+def validate(cfg: Config) -> None:
+    """Semantic checks that types alone cannot express."""
+    from xmr.losses.registry import known_terms
+
+    terms = known_terms()
+    for name, weight in cfg.loss.lambdas.items():
+        _require(name in terms, f"loss.lambdas.{name}: unknown loss term (known terms: {sorted(terms)})")
+        _require(weight >= 0, f"loss.lambdas.{name} = {weight}: λ must be >= 0")
+    _require(any(w > 0 for w in cfg.loss.lambdas.values()), f"loss.lambdas = {cfg.loss.lambdas}: at least one λ must be > 0")
+    _require(cfg.negatives.k >= 1, f"negatives.k = {cfg.negatives.k}: K must be >= 1")
+    _require(cfg.negatives.memory_bank >= 0, f"negatives.memory_bank = {cfg.negatives.memory_bank}: must be >= 0")
+    _require(cfg.loss.temperature > 0, f"loss.temperature = {cfg.loss.temperature}: must be > 0")
+    _require(cfg.loss.margin >= 0, f"loss.margin = {cfg.loss.margin}: must be >= 0")
+    _require(cfg.data.path != "", "data.path is empty: give a dataset root (local dir or s3://bucket/prefix)")
+    for name in ("batch_size", "eval_batch_size"):
+        value = getattr(cfg.data, name)
+        _require(value >= 1, f"data.{name} = {value}: must be >= 1")
+    _require(cfg.data.num_workers >= 0, f"data.num_workers = {cfg.data.num_workers}: must be >= 0")
+    _require(cfg.model.embed_dim >= 1, f"model.embed_dim = {cfg.model.embed_dim}: must be >= 1")
+    _require(0.0 <= cfg.model.mask_ratio < 1.0, f"model.mask_ratio = {cfg.model.mask_ratio}: must be in [0, 1)")
+    _require(0.0 <= cfg.model.dropout < 1.0, f"model.dropout = {cfg.model.dropout}: must be in [0, 1)")
+    _require(cfg.optim.lr > 0, f"optim.lr = {cfg.optim.lr}: must be > 0")
+    _require(cfg.optim.epochs >= 1, f"optim.epochs = {cfg.optim.epochs}: must be >= 1")
+    _require(cfg.resources.num_workers >= 1, f"resources.num_workers = {cfg.resources.num_workers}: must be >= 1")
+    _require(cfg.resources.cpus_per_worker > 0, f"resources.cpus_per_worker = {cfg.resources.cpus_per_worker}: must be > 0")
+    _require(cfg.storage.keep_checkpoints >= 1, f"storage.keep_checkpoints = {cfg.storage.keep_checkpoints}: must be >= 1")
+    _require(cfg.data.batch_size >= cfg.resources.num_workers,
+             f"data.batch_size = {cfg.data.batch_size}: the global batch must hold at least one sample per worker "
+             f"(resources.num_workers = {cfg.resources.num_workers})")
+
+
+def check_dataset(cfg: Config):
+    """Fail early, naming ``data.path``, if the dataset is missing; return its manifest."""
+    from xmr.data.manifest import load_manifest
+
+    try:
+        return load_manifest(cfg.data.path)
+    except Exception as exc:  # the storage layer's message names the URL
+        raise ConfigError(f"data.path = {cfg.data.path!r}: dataset not readable ({exc})") from None
+
+
+def resolve(cfg: Config):
+    """Check the dataset and fill ``model.dims`` / ``model.num_classes`` from its manifest.
+
+    Returns (cfg, manifest). The task family in the config must fit the manifest's.
+    """
+    manifest = check_dataset(cfg)
+    wanted = "vcmr" if cfg.task == "vcmr" else "category"
+    _require(manifest.task == wanted,
+             f"task = {cfg.task!r} needs a {wanted!r} dataset, but data.path = {cfg.data.path!r} holds {manifest.task!r}")
+    for split in (cfg.data.train_split, cfg.data.val_split):
+        _require(split in manifest.splits,
+                 f"data: split {split!r} not in the dataset at {cfg.data.path!r} (splits: {sorted(manifest.splits)})")
+    if not cfg.model.dims:
+        cfg.model.dims = {role: list(spec.shape) for role, spec in manifest.modalities.items()}
+    if not cfg.model.num_classes:
+        cfg.model.num_classes = list(manifest.labels.num_classes)
+    return cfg, manifest

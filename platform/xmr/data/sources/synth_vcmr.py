@@ -1,0 +1,237 @@
+"""Synthetic video corpus moment retrieval (VCMR) data with a planted ground truth.
+
+Each video has a topic latent and per-clip content latents (distractor content, separately
+for the visual and the subtitle stream). Each query j gets its own moment latent ``m_j``,
+added (times ``signal``) to the latents of the clips overlapping its moment, in the stream(s)
+its TVR-style type names: ``v`` visual only, ``t`` subtitle only, ``vt`` both. So a model
+must weigh the streams per query (query-aware fusion) to find the moment. Features are each
+stream's own fixed random linear map of its latents plus an offset and noise; subtitles are
+missing (mask 0, zero row) on a fraction of clips, but a ``t``/``vt`` moment always keeps at
+least one subtitled clip. A query is a sequence of noisy tokens whose mean carries ``m_j``.
+Extra distractor moments (random latents in random segments) make "any salient segment" a
+wrong answer. Durations, moment positions and types can be drawn from a real TVR jsonl.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from xmr.data.manifest import LabelSpec, Manifest, ModalitySpec
+from xmr.data.writer import DatasetWriter
+
+QUERY_TYPES = ("v", "t", "vt")
+
+
+@dataclass
+class SynthVcmrConfig:
+    """Corpus sizes and difficulty knobs; defaults are small enough for CI."""
+
+    splits: dict[str, int] = field(default_factory=lambda: {"train": 60, "val": 20, "test": 20})
+    dim_visual: int = 32
+    dim_subtitle: int = 24
+    dim_query: int = 24
+    latent_dim: int = 16
+    clip_len: float = 1.5
+    min_duration: float = 12.0
+    max_duration: float = 90.0
+    min_queries: int = 1
+    max_queries: int = 4
+    min_moment: float = 1.5            # seconds
+    max_moment: float = 15.0
+    edge_prob: float = 0.2             # share of moments snapped to the video start or end
+    type_probs: dict[str, float] = field(default_factory=lambda: {"v": 1 / 3, "t": 1 / 3, "vt": 1 / 3})
+    sub_missing: float = 0.3           # share of clips without a subtitle
+    signal: float = 2.0
+    content_scale: float = 1.0
+    noise: float = 0.3
+    min_tokens: int = 4
+    max_tokens: int = 12
+    token_noise: float = 0.5
+    distractors_per_video: int = 1
+    durations_from: str | None = None  # TVR jsonl: sample real (duration, ts, type) per video
+    seed: int = 0
+    dtype: str = "float16"
+
+    def validate(self) -> None:
+        if not self.splits or any(n < 1 for n in self.splits.values()):
+            raise ValueError(f"splits must map names to video counts >= 1, got {self.splits}")
+        if not 0 < self.clip_len:
+            raise ValueError(f"clip_len must be > 0, got {self.clip_len}")
+        if not 0 < self.min_duration <= self.max_duration:
+            raise ValueError(f"need 0 < min_duration <= max_duration, got {self.min_duration}, {self.max_duration}")
+        if not 1 <= self.min_queries <= self.max_queries:
+            raise ValueError(f"need 1 <= min_queries <= max_queries, got {self.min_queries}, {self.max_queries}")
+        if not 0 < self.min_moment <= self.max_moment:
+            raise ValueError(f"need 0 < min_moment <= max_moment, got {self.min_moment}, {self.max_moment}")
+        if not 1 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"need 1 <= min_tokens <= max_tokens, got {self.min_tokens}, {self.max_tokens}")
+        if set(self.type_probs) - set(QUERY_TYPES) or sum(self.type_probs.values()) <= 0 \
+                or any(p < 0 for p in self.type_probs.values()):
+            raise ValueError(f"type_probs must be non-negative weights over {QUERY_TYPES}, got {self.type_probs}")
+        if not 0 <= self.sub_missing < 1:
+            raise ValueError(f"sub_missing must be in [0, 1), got {self.sub_missing}")
+        if self.durations_from is not None and not Path(self.durations_from).is_file():
+            raise FileNotFoundError(f"durations_from: no such TVR jsonl file {self.durations_from!r}")
+
+
+@dataclass
+class VcmrVideo:
+    """One generated video: writer arrays, writer meta, and the planted query latents."""
+
+    key: str
+    arrays: dict[str, np.ndarray]
+    meta: dict
+    query_latents: np.ndarray      # [n_queries, latent_dim]
+
+
+@dataclass
+class SynthVcmrData:
+    """All splits plus the planted maps/offsets (``visual``, ``subtitle``, ``query``)."""
+
+    videos: dict[str, list[VcmrVideo]]
+    maps: dict[str, np.ndarray]
+    offsets: dict[str, np.ndarray]
+
+
+def moment_clips(ts: list[float], n_clips: int, clip_len: float) -> range:
+    """Clips overlapping ``[t_s, t_e]`` (at least one): where the moment's content is planted."""
+    st = min(int(math.floor(ts[0] / clip_len)), n_clips - 1)
+    ed = min(max(int(math.ceil(ts[1] / clip_len)), st + 1), n_clips)
+    return range(st, ed)
+
+
+def load_real_videos(path: str) -> list[tuple[float, list[tuple[list[float], str]]]]:
+    """Group a TVR jsonl by video: ``[(duration, [(ts, type), ...]), ...]`` sorted by name."""
+    groups: dict[str, list] = defaultdict(list)
+    durations: dict[str, float] = {}
+    with open(path) as f:
+        for ln, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                d = json.loads(line)
+                groups[d["vid_name"]].append(([float(d["ts"][0]), float(d["ts"][1])], str(d["type"])))
+                durations[d["vid_name"]] = float(d["duration"])
+            except (json.JSONDecodeError, KeyError, TypeError, IndexError, ValueError) as e:
+                raise ValueError(f"{path}:{ln}: not a TVR annotation line ({e!r}): {line[:120]!r}") from e
+    if not groups:
+        raise ValueError(f"{path}: no annotation lines")
+    return [(durations[v], groups[v]) for v in sorted(groups)]
+
+
+def _split_rng(seed: int, split: str) -> np.random.Generator:
+    return np.random.default_rng(int.from_bytes(hashlib.sha256(f"{seed}/vcmr/{split}".encode()).digest()[:8],
+                                                "little"))
+
+
+def _plan_video(cfg: SynthVcmrConfig, rng: np.random.Generator, real: list | None) -> tuple[float, list]:
+    """Duration and the queries' ``(ts, type)``, synthetic or sampled from real TVR videos."""
+    if real is not None:
+        duration, qs = real[int(rng.integers(len(real)))]
+        order = rng.permutation(len(qs))[: cfg.max_queries]
+        return duration, [([min(max(qs[i][0][0], 0.0), duration), min(max(qs[i][0][1], 0.0), duration)],
+                           qs[i][1]) for i in sorted(order)]
+    duration = round(float(rng.uniform(cfg.min_duration, cfg.max_duration)), 2)
+    types = list(cfg.type_probs)
+    p = np.array([cfg.type_probs[t] for t in types], dtype=np.float64)
+    queries = []
+    for _ in range(int(rng.integers(cfg.min_queries, cfg.max_queries + 1))):
+        length = min(float(rng.uniform(cfg.min_moment, cfg.max_moment)), duration)
+        r = rng.random()
+        if r < cfg.edge_prob / 2:
+            start = 0.0
+        elif r < cfg.edge_prob:
+            start = duration - length
+        else:
+            start = float(rng.uniform(0, duration - length))
+        ts = [round(start, 2), round(min(start + length, duration), 2)]
+        queries.append((ts, str(types[int(rng.choice(len(types), p=p / p.sum()))])))
+    return duration, queries
+
+
+def _make_video(cfg: SynthVcmrConfig, rng: np.random.Generator, maps: dict, offsets: dict, duration: float,
+                queries: list, names: tuple[str, str, int, int]) -> VcmrVideo:
+    key, split, video_index, first_desc_id = names
+    k, n = cfg.latent_dim, max(1, int(math.ceil(duration / cfg.clip_len)))
+    topic = rng.normal(0, cfg.content_scale, k)
+    lat = {s: topic + rng.normal(0, 0.5 * cfg.content_scale, (n, k)) for s in ("visual", "subtitle")}
+    mask = (rng.random(n) >= cfg.sub_missing).astype(np.uint8)
+    q_lat = rng.normal(0, 1.0, (len(queries), k))
+    for j, (ts, typ) in enumerate(queries):
+        clips = moment_clips(ts, n, cfg.clip_len)
+        if "v" in typ:
+            lat["visual"][clips.start:clips.stop] += cfg.signal * q_lat[j]
+        if "t" in typ:
+            lat["subtitle"][clips.start:clips.stop] += cfg.signal * q_lat[j]
+            if not mask[clips.start:clips.stop].any():
+                mask[int(rng.integers(clips.start, clips.stop))] = 1
+    for _ in range(cfg.distractors_per_video):
+        st = int(rng.integers(n))
+        ed = min(n, st + int(rng.integers(1, max(2, int(cfg.max_moment / cfg.clip_len)))))
+        lat[("visual", "subtitle")[int(rng.integers(2))]][st:ed] += cfg.signal * rng.normal(0, 1.0, k)
+    feats = {s: lat[s] @ maps[s].T + offsets[s] + rng.normal(0, cfg.noise, (n, maps[s].shape[0]))
+             for s in ("visual", "subtitle")}
+    feats["subtitle"] *= mask[:, None]
+    tokens, qmeta = [], []
+    for j, (ts, typ) in enumerate(queries):
+        nt = int(rng.integers(cfg.min_tokens, cfg.max_tokens + 1))
+        zt = q_lat[j][None, :] + rng.normal(0, cfg.token_noise, (nt, k))
+        tokens.append(zt @ maps["query"].T + offsets["query"] + rng.normal(0, cfg.noise, (nt, cfg.dim_query)))
+        qmeta.append({"desc_id": first_desc_id + j, "desc": f"synthetic {typ} query {first_desc_id + j} on {key}",
+                      "type": typ, "ts": [float(ts[0]), float(ts[1])], "n_tokens": nt})
+    arrays = {"visual": feats["visual"].astype(np.float32), "subtitle": feats["subtitle"].astype(np.float32),
+              "sub_mask": mask,
+              "query_tokens": (np.concatenate(tokens).astype(np.float32) if tokens
+                               else np.zeros((0, cfg.dim_query), np.float32))}
+    meta = {"vid_name": key, "duration": float(duration), "n_clips": n, "video_index": video_index,
+            "queries": qmeta}
+    return VcmrVideo(key=key, arrays=arrays, meta=meta, query_latents=q_lat)
+
+
+def generate_vcmr(cfg: SynthVcmrConfig, progress: bool = False) -> SynthVcmrData:
+    """The whole corpus in memory, deterministic in ``cfg.seed`` (and the jsonl, if given)."""
+    cfg.validate()
+    rng0 = np.random.default_rng(cfg.seed)
+    dims = {"visual": cfg.dim_visual, "subtitle": cfg.dim_subtitle, "query": cfg.dim_query}
+    maps = {s: rng0.normal(0, 1 / np.sqrt(cfg.latent_dim), (d, cfg.latent_dim)) for s, d in dims.items()}
+    offsets = {s: rng0.normal(0, 1.0, d) for s, d in dims.items()}
+    real = load_real_videos(cfg.durations_from) if cfg.durations_from else None
+    videos: dict[str, list[VcmrVideo]] = {}
+    video_index, desc_id = 0, 0
+    for split, n_videos in cfg.splits.items():
+        rng = _split_rng(cfg.seed, split)
+        out = []
+        for i in tqdm(range(n_videos), desc=f"synth vcmr {split}", disable=not progress):
+            duration, queries = _plan_video(cfg, rng, real)
+            key = f"synth_{split}_{i:05d}"
+            out.append(_make_video(cfg, rng, maps, offsets, duration, queries, (key, split, video_index, desc_id)))
+            video_index += 1
+            desc_id += len(queries)
+        videos[split] = out
+    return SynthVcmrData(videos=videos, maps=maps, offsets=offsets)
+
+
+def write_synth_vcmr(out: str, cfg: SynthVcmrConfig, *, name: str = "synth-vcmr", samples_per_shard: int = 64,
+                     overwrite: bool = False, endpoint_url: str | None = None, progress: bool = True) -> Manifest:
+    """Generate and write the corpus; the config is recorded in ``source.details``."""
+    data = generate_vcmr(cfg, progress=progress)
+    w = DatasetWriter(out, name=name, task="vcmr",
+                      modalities={"visual": ModalitySpec("synth_visual", [cfg.dim_visual], cfg.dtype),
+                                  "subtitle": ModalitySpec("synth_subtitle", [cfg.dim_subtitle], cfg.dtype),
+                                  "query": ModalitySpec("synth_query", [cfg.dim_query], cfg.dtype)},
+                      labels=LabelSpec("none", []), source={"kind": "synth-vcmr", "details": asdict(cfg)},
+                      clip_len=cfg.clip_len, samples_per_shard=samples_per_shard, overwrite=overwrite,
+                      endpoint_url=endpoint_url)
+    for split, videos in data.videos.items():
+        with w.split(split) as s:
+            for i, v in enumerate(videos):
+                s.write(v.key, arrays=v.arrays, meta={"index": i, **v.meta})
+    return w.finish()
