@@ -103,7 +103,8 @@ def test_truncated_shard(dataset: Path) -> None:
     path = dataset / SHARD1
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(BadSampleError, match=r"train-000001\.tar: (unreadable tar|shard ended)"):
+    # tarfile ends quietly at a cut header, so the cut shows as a half sample or a short shard.
+    with pytest.raises(BadSampleError, match=r"train-000001\.tar: (unreadable tar|shard ended|sample '\w+': missing)"):
         read_all(dataset, "error")
     keys, skipped = read_all(dataset, "skip")
     assert len(keys) + skipped == N and 1 <= skipped <= 5

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import write_tiny_category
-from xmr.data.decode import clip_labels
+from xmr.data.decode import clip_labels, load_npy
 from xmr.data.manifest import load_manifest
 from xmr.data.plan import PlanError, make_plan
 from xmr.data.reader import make_loader
@@ -83,6 +83,16 @@ def test_eval_order_is_manifest_order(tiny_category_dataset: Path) -> None:
     assert [i for b in batches for i in b["index"].tolist()] == list(range(13))
     assert [len(b["key"]) for b in batches] == [4, 3, 3, 3]
     assert batches[0]["key"][0] == "val_00000"
+
+
+def test_set_epoch_replans(tiny_category_dataset: Path) -> None:
+    loader = make_loader(str(tiny_category_dataset), "train", local_batch_size=6, seed=2, num_workers=2)
+    first = [i for b in loader for i in b["index"].tolist()]
+    loader.set_epoch(1)
+    again = [i for b in loader for i in b["index"].tolist()]
+    fresh = make_loader(str(tiny_category_dataset), "train", local_batch_size=6, seed=2, num_workers=2, epoch=1)
+    assert again == [i for b in fresh for i in b["index"].tolist()] != first
+    assert sorted(again) == sorted(first) == list(range(50)) and len(loader) == loader.steps == 9
 
 
 def test_category_batch_layout_and_values(tmp_path: Path) -> None:
@@ -180,3 +190,18 @@ def test_plan_covers_every_unit_once(counts: list[int], world_size: int, num_wor
     assert sorted(covered) == sorted((s, i) for s, n in enumerate(counts) for i in range(n))
     assert set(covered.values()) == {1}
     assert max(kept_sizes) - min(kept_sizes) <= 1 and max(kept_sizes) <= batch
+
+
+@pytest.mark.parametrize("array", [np.arange(6, dtype=np.float16).reshape(2, 3), np.zeros((0, 4), np.float32),
+                                   np.ones(5, np.uint8), np.asfortranarray(np.eye(3, dtype=np.float32)),
+                                   np.float32(2.5)])
+def test_load_npy_matches_np_load(array: np.ndarray) -> None:
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, array)
+    for _ in range(2):  # the second call takes the cached-header path
+        got = load_npy(buf.getvalue())
+        assert got.dtype == array.dtype and got.shape == array.shape and np.array_equal(got, array)
+    with pytest.raises(ValueError):
+        load_npy(buf.getvalue()[:-1] if array.size else buf.getvalue() + b"x")

@@ -138,8 +138,9 @@ def register(subparsers: Any) -> None:
     ins.add_argument("--no-verify", action="store_true", help="skip the sha256 check of every shard")
     ins.set_defaults(func=_reported(_inspect))
 
-    # from xmr.data.sources.cli import register_sources  # DEV-ONLY COMMENT: restore
-    # register_sources(data_subparsers)
+    from xmr.data.sources.cli import register_sources
+
+    register_sources(data_subparsers)
 
 
 def main(argv: list[str] | None = None) -> int:

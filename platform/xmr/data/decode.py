@@ -60,6 +60,35 @@ def load_meta(raw: dict) -> dict:
     return meta
 
 
+_NPY_HEADERS: dict[bytes, tuple[np.dtype, tuple[int, ...], int]] = {}
+
+
+def load_npy(data: bytes) -> np.ndarray:
+    """``np.load(io.BytesIO(data), allow_pickle=False)``, with the parsed header cached.
+
+    Shards hold many small arrays with identical headers, and numpy parses each header
+    with ``ast.literal_eval``; caching it makes decoding ~2x faster for small features.
+    Anything unusual (Fortran order, object dtype, unknown version) takes the np.load path.
+    """
+    if len(data) >= 10 and data[:6] == b"\x93NUMPY" and data[6] == 1:
+        end = 10 + int.from_bytes(data[8:10], "little")
+        header = data[:end]
+        hit = _NPY_HEADERS.get(header)
+        if hit is None:
+            f = io.BytesIO(data)
+            np.lib.format.read_magic(f)
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+            if not fortran and not dtype.hasobject and f.tell() == end and len(_NPY_HEADERS) < 1024:
+                hit = _NPY_HEADERS[header] = (dtype, tuple(shape), end)
+        if hit is not None:
+            dtype, shape, offset = hit
+            count = int(np.prod(shape, dtype=np.int64))
+            if len(data) - offset != count * dtype.itemsize:
+                raise ValueError(f"npy data is {len(data) - offset} bytes, header says {count * dtype.itemsize}")
+            return np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape)
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
 def _files(raw: dict) -> list[str]:
     return sorted(k for k in raw if not k.startswith("__"))
 
@@ -70,7 +99,7 @@ def _array(raw: dict, name: str, shape: tuple[int | None, ...], floating: bool =
     if ext not in raw:
         raise _fail(raw, f"missing {raw.get('__key__')}.{ext} (files: {_files(raw)})")
     try:
-        a = np.load(io.BytesIO(raw[ext]), allow_pickle=False)
+        a = load_npy(raw[ext])
     except Exception as e:  # numpy raises ValueError/OSError/EOFError for broken .npy
         raise _fail(raw, f"{ext} is not a readable .npy ({type(e).__name__}: {e})") from e
     if a.ndim != len(shape) or any(want is not None and got != want for got, want in zip(a.shape, shape)):

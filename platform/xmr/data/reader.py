@@ -16,7 +16,6 @@ import logging
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander

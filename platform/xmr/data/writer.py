@@ -104,7 +104,8 @@ class SplitWriter:
             return a.astype(np.uint8)
         if not np.issubdtype(a.dtype, np.floating):
             raise SampleError(f"{w}: {field} must be floating point ({dtype}), got {a.dtype}")
-        out = a.astype(dtype, copy=False)
+        with np.errstate(over="ignore", invalid="ignore"):  # reported below, naming the sample
+            out = a.astype(dtype, copy=False)
         if not np.isfinite(out).all():
             bad = int((~np.isfinite(out)).sum())
             raise SampleError(f"{w}: {field} has {bad} NaN/Inf value(s) (as {dtype})")

@@ -152,7 +152,7 @@ def build_avdigits(out: str, cfg: AvdigitsConfig | None = None, *, name: str = "
     parts = stratified_split(labels, cfg.fractions, cfg.seed)
     details = {**asdict(cfg), "espeak_ng_version": version, "image": "sklearn load_digits 8x8, pixels / 16, flat [64]",
                "audio": "espeak-ng word -> resample -> trim -> gain -> random shift -> white noise -> log-mel",
-               "sklearn_indices": {s: src_idx[ix].tolist() for s, ix in parts.items()}}
+               "sample_id": "digits-NNNN = row NNNN of sklearn load_digits"}
     w = DatasetWriter(out, name=name, task="category",
                       modalities={"a": ModalitySpec("image", [images.shape[1]], cfg.dtype),
                                   "b": ModalitySpec("audio", [cfg.mel.n_frames, cfg.mel.n_mels], cfg.dtype)},

@@ -70,7 +70,7 @@ def _synth_category(a: argparse.Namespace) -> int:
 
     cfg = SynthCategoryConfig(n_classes=a.n_classes, splits=_sizes(a.splits, SynthCategoryConfig().splits),
                               dim_a=a.dim_a, dim_b=a.dim_b, seq_len_a=a.seq_len_a, seq_len_b=a.seq_len_b,
-                              latent_dim=a.latent_dim, instance_scale=a.instance_scale, noise_a=a.noise_a,
+                              latent_dim=a.latent_dim, class_scale=a.class_scale, instance_scale=a.instance_scale, noise_a=a.noise_a,
                               noise_b=a.noise_b, offset_scale=a.offset_scale, hierarchy=a.hierarchy,
                               multi_label=a.multi_label, seed=a.seed, dtype=a.dtype)
     _summary(write_synth_category(a.out, cfg, name=a.name, **_writer_kw(a)), a.out)
@@ -137,9 +137,10 @@ def _add_synth(sub: Any) -> None:
     c.add_argument("--seq-len-a", type=int, default=None, help="make modality a a [T, D] token sequence")
     c.add_argument("--seq-len-b", type=int, default=None, help="make modality b a [T, D] token sequence")
     c.add_argument("--latent-dim", type=int, default=16)
-    c.add_argument("--instance-scale", type=float, default=0.5, help="per-pair latent shared by a and b")
-    c.add_argument("--noise-a", type=float, default=0.3)
-    c.add_argument("--noise-b", type=float, default=0.3)
+    c.add_argument("--class-scale", type=float, default=0.6, help="spread of class means")
+    c.add_argument("--instance-scale", type=float, default=0.7, help="per-pair latent shared by a and b")
+    c.add_argument("--noise-a", type=float, default=0.8)
+    c.add_argument("--noise-b", type=float, default=0.8)
     c.add_argument("--offset-scale", type=float, default=1.0, help="modality offset (modality gap)")
     c.add_argument("--hierarchy", type=int, default=None, metavar="K_COARSE",
                    help="group the classes into K coarse classes; labels become label_path")

@@ -56,10 +56,11 @@ def load_arrays(path: str | Path) -> dict[str, np.ndarray]:
     if suffix == ".mat":
         import scipy.io
 
-        try:
-            d = scipy.io.loadmat(p)
-        except NotImplementedError:      # scipy: "Please use HDF reader for matlab v7.3 files"
+        import h5py
+
+        if h5py.is_hdf5(p):              # MATLAB v7.3 (scipy: "Please use HDF reader ...")
             return _read_h5(p, transpose=True)
+        d = scipy.io.loadmat(p)
         return {k: v for k, v in d.items() if not k.startswith("__") and isinstance(v, np.ndarray)
                 and v.dtype.kind in "biuf"}
     if suffix in (".h5", ".hdf5"):
@@ -181,7 +182,7 @@ def stratified_split(labels: np.ndarray, fractions: dict[str, float], seed: int)
         idx = rng.permutation(np.nonzero(labels == c)[0])
         start = 0
         for n in names[1:]:
-            take = int(round(fractions[n] * idx.size))
+            take = int(np.floor(fractions[n] * idx.size + 0.5))   # half up, not banker's
             out[n].extend(idx[start: start + take].tolist())
             start += take
         out[names[0]].extend(idx[start:].tolist())

@@ -158,8 +158,8 @@ def _plan_video(cfg: SynthVcmrConfig, rng: np.random.Generator, real: list | Non
 
 
 def _make_video(cfg: SynthVcmrConfig, rng: np.random.Generator, maps: dict, offsets: dict, duration: float,
-                queries: list, names: tuple[str, str, int, int]) -> VcmrVideo:
-    key, split, video_index, first_desc_id = names
+                queries: list, names: tuple[str, int, int]) -> VcmrVideo:
+    key, video_index, first_desc_id = names
     k, n = cfg.latent_dim, max(1, int(math.ceil(duration / cfg.clip_len)))
     topic = rng.normal(0, cfg.content_scale, k)
     lat = {s: topic + rng.normal(0, 0.5 * cfg.content_scale, (n, k)) for s in ("visual", "subtitle")}
@@ -212,7 +212,7 @@ def generate_vcmr(cfg: SynthVcmrConfig, progress: bool = False) -> SynthVcmrData
         for i in tqdm(range(n_videos), desc=f"synth vcmr {split}", disable=not progress):
             duration, queries = _plan_video(cfg, rng, real)
             key = f"synth_{split}_{i:05d}"
-            out.append(_make_video(cfg, rng, maps, offsets, duration, queries, (key, split, video_index, desc_id)))
+            out.append(_make_video(cfg, rng, maps, offsets, duration, queries, (key, video_index, desc_id)))
             video_index += 1
             desc_id += len(queries)
         videos[split] = out
