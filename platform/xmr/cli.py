@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     from xmr.data.cli import register as register_data
     from xmr.metrics.cli import register as register_metrics
 
-    parser = argparse.ArgumentParser(prog="xmr", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="xmr", description="Train, tune and serve cross-modal retrieval models (multi-negative contrastive learning) on Ray.")
     parser.add_argument("--version", action="version", version=f"xmr {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     register_data(subparsers)

@@ -86,10 +86,9 @@ class LossConfig:
     temperature: float = 0.1
     margin: float = 0.2  # triplet / hinge margin
     vr_margin: float = 0.1  # QACLN L_VR margin Δ
-    poly_pos: list[float] = field(default_factory=lambda: [0.0, -1.0, 1.0])  # polynomial weights
-    poly_neg: list[float] = field(default_factory=lambda: [0.0, 1.0, 1.0])
-    poly_pos_threshold: float = 1.0  # informative positives: sim below this
-    poly_neg_threshold: float = -1.0  # informative negatives: sim above this
+    # Self-similarity polynomial loss (CDAML): pair weight w(s) = Σ_q c_q s^q, per pair kind.
+    poly_pos: list[float] = field(default_factory=lambda: [1.0, -1.0])  # w_p(s) = 1 - s
+    poly_neg: list[float] = field(default_factory=lambda: [1.0, 1.0])  # w_n(s) = 1 + s
     adversarial_mode: Literal["grl", "flip"] = "grl"
     grl_scale: float = 1.0
 
@@ -268,20 +267,25 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return parts, value
 
 
+def set_field(data: dict[str, Any], path: list[str], value: Any, what: str = "") -> None:
+    """Set ``data[a][b]... = value`` in a raw config mapping, creating sections as needed."""
+    node = data
+    for part in path[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"{what or '.'.join(path)}: {part!r} is not a section")
+        node = child
+    node[path[-1]] = value
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``--set`` overrides to a raw config mapping (before typing)."""
+    """Apply ``--set`` overrides to a raw config mapping (before typing); returns a copy."""
     data = copy.deepcopy(data)
     for text in overrides:
         parts, value = parse_override(text)
-        node = data
-        for part in parts[:-1]:
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                raise ConfigError(f"override {text!r}: {part!r} is not a section")
-            node = child
-        node[parts[-1]] = value
+        set_field(data, parts, value, what=f"override {text!r}")
     return data
 
 

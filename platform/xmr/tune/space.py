@@ -1,0 +1,187 @@
+"""Search spaces: which config fields a sweep varies, and how.
+
+A space file (``search_spaces/<method>.yaml``) names each parameter by its config path
+and gives it a distribution; a parameter may exist only when earlier parameters took
+given values (``when``). Spaces are checked against the ``Config`` dataclasses before any
+trial starts, so a typo fails with the parameter's name instead of a crashed trial.
+
+    preset: qacln
+    metric: vcmr_0.7_r10          # optional: default is the task's main metric
+    mode: max
+    params:
+      loss.lambdas.frame_cl: {type: loguniform, low: 1.0e-3, high: 0.3}
+      negatives.k:           {type: int, low: 1, high: 64, log: true}
+      negatives.strategy:    {type: categorical, choices: [uniform, hardest]}
+      negatives.memory_bank: {type: int, low: 256, high: 4096, log: true,
+                              when: {negatives.strategy: hardest}}
+
+Sampling is define-by-run (``suggest(trial)``), the form Optuna needs for conditional
+parameters and that Ray Tune's ``OptunaSearch`` accepts as its space.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from xmr.config import Config, ConfigError, from_dict, load_config, set_field
+
+KINDS = ("uniform", "loguniform", "int", "categorical")
+
+
+class SpaceError(ValueError):
+    """A search space problem; the message names the parameter."""
+
+
+@dataclass
+class Param:
+    path: str
+    kind: str
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    choices: list[Any] = field(default_factory=list)
+    when: dict[str, list[Any]] = field(default_factory=dict)
+
+    def active(self, sampled: dict[str, Any]) -> bool:
+        """True when every ``when`` condition holds for the values sampled so far."""
+        return all(path in sampled and sampled[path] in allowed for path, allowed in self.when.items())
+
+    def suggest(self, trial: Any) -> Any:
+        if self.kind == "categorical":
+            return trial.suggest_categorical(self.path, self.choices)
+        if self.kind == "int":
+            return trial.suggest_int(self.path, int(self.low), int(self.high), log=self.log,
+                                     step=int(self.step or 1))
+        return trial.suggest_float(self.path, self.low, self.high, log=self.kind == "loguniform" or self.log,
+                                   step=self.step)
+
+
+@dataclass
+class SearchSpace:
+    preset: str
+    params: list[Param]
+    metric: str = ""
+    mode: str = "max"
+    source: str = ""
+
+    def suggest(self, trial: Any) -> dict[str, Any]:
+        """Define-by-run sampling: only parameters whose conditions hold are suggested."""
+        sampled: dict[str, Any] = {}
+        for param in self.params:
+            if param.active(sampled):
+                sampled[param.path] = param.suggest(trial)
+        return sampled
+
+    def apply(self, cfg: Config, sampled: dict[str, Any]) -> Config:
+        """A new Config with the sampled values set (validated like any config)."""
+        data = cfg.to_dict()
+        for dotted, value in sampled.items():
+            set_field(data, dotted.split("."), value)
+        return from_dict(data)
+
+
+def _number(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise SpaceError(f"{where} = {value!r}: expected a number")
+    try:
+        return float(value)
+    except ValueError:
+        raise SpaceError(f"{where} = {value!r}: expected a number") from None
+
+
+def _parse_param(path: str, spec: Any, declared: dict[str, Param]) -> Param:
+    where = f"params.{path}"
+    if not isinstance(spec, dict):
+        raise SpaceError(f"{where}: expected a mapping with 'type', got {spec!r}")
+    unknown = set(spec) - {"type", "low", "high", "log", "step", "choices", "when"}
+    if unknown:
+        raise SpaceError(f"{where}: unknown keys {sorted(unknown)}")
+    kind = spec.get("type")
+    if kind not in KINDS:
+        raise SpaceError(f"{where}.type = {kind!r}: must be one of {list(KINDS)}")
+    param = Param(path=path, kind=kind, log=bool(spec.get("log", False)))
+    if kind == "categorical":
+        choices = spec.get("choices")
+        if not isinstance(choices, list) or not choices:
+            raise SpaceError(f"{where}.choices: a non-empty list is required for a categorical parameter")
+        param.choices = choices
+    else:
+        for bound in ("low", "high"):
+            if bound not in spec:
+                raise SpaceError(f"{where}.{bound}: required for a {kind} parameter")
+        param.low, param.high = _number(spec["low"], f"{where}.low"), _number(spec["high"], f"{where}.high")
+        if not param.low < param.high:
+            raise SpaceError(f"{where}: low ({param.low}) must be < high ({param.high})")
+        if (kind == "loguniform" or param.log) and param.low <= 0:
+            raise SpaceError(f"{where}.low = {param.low}: a log-scale parameter needs low > 0")
+        if kind == "int" and not (float(param.low).is_integer() and float(param.high).is_integer()):
+            raise SpaceError(f"{where}: an int parameter needs integer bounds, got {param.low}..{param.high}")
+        if "step" in spec:
+            param.step = _number(spec["step"], f"{where}.step")
+            if param.step <= 0 or (param.log or kind == "loguniform"):
+                raise SpaceError(f"{where}.step = {param.step}: needs step > 0 and a linear scale")
+    when = spec.get("when", {})
+    if not isinstance(when, dict):
+        raise SpaceError(f"{where}.when: expected a mapping of parameter -> value(s)")
+    for other, values in when.items():
+        if other not in declared:
+            raise SpaceError(f"{where}.when: {other!r} must be a parameter declared before {path!r}")
+        allowed = values if isinstance(values, list) else [values]
+        parent = declared[other]
+        if parent.kind == "categorical":
+            bad = [v for v in allowed if v not in parent.choices]
+            if bad:
+                raise SpaceError(f"{where}.when.{other}: {bad} not among its choices {parent.choices}")
+        param.when[other] = allowed
+    return param
+
+
+def _check_against_config(space: SearchSpace, base: Config) -> None:
+    """Every parameter must be a real config field and every value a valid one."""
+    for param in space.params:
+        probes = param.choices if param.kind == "categorical" else [param.low, param.high]
+        if param.kind == "int":
+            probes = [int(v) for v in probes]
+        for value in probes:
+            try:
+                space.apply(base, {param.path: value})
+            except ConfigError as exc:
+                raise SpaceError(f"params.{param.path}: value {value!r} does not fit the config ({exc})") from None
+
+
+def load_space(path: str | Path, base: Config | None = None) -> SearchSpace:
+    """Parse and validate a space file; ``base`` defaults to the space's preset."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpaceError(f"search space {str(path)!r} not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise SpaceError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(raw, dict):
+        raise SpaceError(f"{path}: expected a mapping at the top level")
+    unknown = set(raw) - {"preset", "metric", "mode", "params"}
+    if unknown:
+        raise SpaceError(f"{path}: unknown keys {sorted(unknown)} (known: preset, metric, mode, params)")
+    params_raw = raw.get("params")
+    if not isinstance(params_raw, dict) or not params_raw:
+        raise SpaceError(f"{path}: 'params' must be a non-empty mapping of config path -> distribution")
+    mode = raw.get("mode", "max")
+    if mode not in ("max", "min"):
+        raise SpaceError(f"{path}: mode = {mode!r}: must be max or min")
+    declared: dict[str, Param] = {}
+    for name, spec in params_raw.items():
+        declared[str(name)] = _parse_param(str(name), spec, declared)
+    space = SearchSpace(preset=str(raw.get("preset", "")), params=list(declared.values()),
+                        metric=str(raw.get("metric", "") or ""), mode=mode, source=str(path))
+    try:
+        base = base or load_config(space.preset or None)
+    except ConfigError as exc:
+        raise SpaceError(f"{path}: preset {space.preset!r}: {exc}") from None
+    _check_against_config(space, base)
+    return space

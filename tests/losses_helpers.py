@@ -1,0 +1,37 @@
+"""Small builders shared by the loss tests."""
+
+import torch
+import torch.nn.functional as F
+
+from xmr.config import Config
+
+
+def make_cfg(task="category", k=10_000, strategy="uniform", temperature=0.1, margin=0.2, dim=16,
+             num_classes=(5,), lambdas=None, **loss):
+    cfg = Config()
+    cfg.task = task
+    cfg.model.embed_dim = dim
+    cfg.model.hidden_dim = 32
+    cfg.model.dims = {"a": [8], "b": [6]}
+    cfg.model.num_classes = list(num_classes)
+    cfg.negatives.k = k
+    cfg.negatives.strategy = strategy
+    cfg.loss.temperature = temperature
+    cfg.loss.margin = margin
+    cfg.loss.lambdas = lambdas or {"supcon": 1.0}
+    for key, value in loss.items():
+        setattr(cfg.loss, key, value)
+    return cfg
+
+
+def embeddings(n=12, dim=16, seed=0, classes=5):
+    """Unnormalised leaf tensors (PML's cosine distance normalises; give ours ``unit(x)``)."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(n, dim, generator=g).requires_grad_()
+    b = torch.randn(n, dim, generator=g).requires_grad_()
+    labels = torch.randint(0, classes, (n,), generator=g)
+    return a, b, labels
+
+
+def unit(x):
+    return F.normalize(x, dim=1)
