@@ -3,7 +3,8 @@
 Hierarchical labels ([B, L], coarse → fine) get one classifier per level: on the model's
 per-level embeddings (``levels_a`` / ``levels_b``, CDAML) when present, else all on
 ``emb_*``. The levels' losses are averaged, so λ keeps its meaning whatever the depth.
-Multi-hot labels use binary cross-entropy.
+With fewer classifiers than label levels (the flat variant of hierarchical data) the
+finest levels are used. Multi-hot labels use binary cross-entropy.
 """
 
 from __future__ import annotations
@@ -32,8 +33,9 @@ class Label(LossTerm):
             target = torch.cat([labels, labels]).float()
             return local_mean(F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(dim=1))
         levels = labels.reshape(labels.shape[0], -1)
-        if levels.shape[1] != len(self.heads):
+        if levels.shape[1] < len(self.heads):
             raise ValueError(f"labels have {levels.shape[1]} levels but model.num_classes has {len(self.heads)}")
+        levels = levels[:, -len(self.heads):]  # fewer heads than levels: the finest ones (flat variant)
         per_level = []
         for i, head in enumerate(self.heads):
             emb_a = out["levels_a"][i] if "levels_a" in out else out["emb_a"]

@@ -39,3 +39,23 @@ def build_model(cfg: "Config") -> nn.Module:
         raise ValueError("model.dims is empty: resolve the config against the dataset manifest first "
                          "(xmr.config.resolve) or load it from a checkpoint")
     return models[cfg.model.name](cfg)
+
+
+def load_pretrained(model: nn.Module, checkpoint_dir: str) -> None:
+    """Initialise ``model`` from another run's checkpoint (e.g. mixer-MAE pre-training).
+
+    Called by the training entry points for a fresh run, never by ``build_model``: a
+    fine-tuned checkpoint must rebuild without the pre-training files being present.
+    """
+    from xmr.checkpoint import load_checkpoint
+
+    _, state, _ = load_checkpoint(checkpoint_dir)
+    weights = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+    own = model.state_dict()
+    mismatched = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in weights.items()
+                  if k in own and v.shape != own[k].shape]
+    missing = sorted(set(own) - set(weights))
+    if mismatched or missing:
+        raise ValueError(f"model.pretrained = {checkpoint_dir!r} does not fit this model: "
+                         f"shape mismatches {mismatched[:5]}, missing {missing[:5]}")
+    model.load_state_dict(weights, strict=False)
