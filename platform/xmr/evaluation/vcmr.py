@@ -1,0 +1,92 @@
+"""VR / SVMR / VCMR metrics of a QACLN-style model over a corpus (METHODS.md §5 inference).
+
+Videos are encoded once; each query is encoded, scored against every video (φ), its top-N
+videos re-ranked by span scores P_start(i)·P_end(j)·video score (i ≤ j, a length limit)
+with the vectorised ``rank_moments``; the top 100 (video, t_s, t_e) are kept.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+
+from xmr.metrics.vcmr import clips_to_moment, rank_moments, svmr_recall, vcmr_recall, vr_recall
+
+
+@torch.no_grad()
+def encode_corpus(model, video_batches: Iterable[dict[str, Any]]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """All videos' clip encodings, padded to one clip count, plus their ids and durations."""
+    encs, ids, durations, names = [], [], [], []
+    for batch in video_batches:
+        if len(batch["index"]) == 0:
+            continue
+        encs.append(model.encode_videos(batch["visual"], batch["subtitle"], batch["sub_mask"], batch["clip_mask"]))
+        ids.append(batch["video_index"])
+        durations.append(batch["duration"])
+        names.extend(batch.get("vid_name", batch["key"]))
+    if not encs:
+        raise ValueError("encode_corpus: the corpus split yielded no videos")
+    n = max(e["h_v"].shape[1] for e in encs)
+    from xmr.models.qacln import pad_clips
+
+    corpus = {k: torch.cat([pad_clips(e[k], n) for e in encs]) for k in encs[0]}
+    meta = {"video_index": torch.cat(ids), "duration": torch.cat(durations), "vid_name": names}
+    return corpus, meta
+
+
+@torch.no_grad()
+def rank_queries(model, q: torch.Tensor, corpus: dict[str, torch.Tensor], top_videos: int, max_len: int,
+                 top_k: int = 100):
+    """(video scores [Q, V], ranked moments) for a chunk of encoded queries."""
+    scores = model.video_scores(q, corpus)
+    n_top = min(top_videos, scores.shape[1])
+    top = scores.topk(n_top, dim=1).indices
+    start, end = model.span_logits(q, corpus, top)
+    moments = rank_moments(scores, start.softmax(-1), end.softmax(-1), corpus["clip_mask"], top, max_len, top_k)
+    return scores, moments
+
+
+@torch.no_grad()
+def evaluate_vcmr(model, video_batches: Iterable[dict[str, Any]], query_batches: Iterable[dict[str, Any]],
+                  clip_len: float, top_videos: int = 100, max_len: int = 16) -> dict[str, float]:
+    """Recall metrics with flat keys: ``vr_r{k}``, ``svmr_{iou}_r1``, ``vcmr_{iou}_r{k}`` (fractions)."""
+    was_training = model.training
+    model.eval()
+    try:
+        corpus, meta = encode_corpus(model, video_batches)
+        position = {int(v): i for i, v in enumerate(meta["video_index"].tolist())}
+        vr_ranked, vcmr_video, vcmr_spans, svmr_spans, gt_video, gt_spans = [], [], [], [], [], []
+        for batch in query_batches:
+            if len(batch["index"]) == 0:
+                continue
+            q = model.encode_queries(batch["q_tokens"], batch["q_mask"])
+            scores, moments = rank_queries(model, q, corpus, top_videos, max_len)
+            gt = torch.tensor([position[int(v)] for v in batch["video_index"]])
+            vr_ranked.append(scores.topk(min(100, scores.shape[1]), dim=1).indices)
+            durations = meta["duration"][moments.video.clamp(min=0)]
+            t_s, t_e = clips_to_moment(moments.st.numpy(), moments.ed.numpy(), clip_len, durations.numpy())
+            vcmr_video.append(moments.video)
+            vcmr_spans.append(np.stack([t_s, t_e], axis=-1))
+            # SVMR: the same decoding restricted to the ground-truth video.
+            only = gt[:, None]
+            start, end = model.span_logits(q, corpus, only)
+            single = rank_moments(torch.ones(len(gt), len(position)), start.softmax(-1), end.softmax(-1),
+                                  corpus["clip_mask"], only, max_len, top_k=1)
+            s_s, s_e = clips_to_moment(single.st.numpy(), single.ed.numpy(), clip_len,
+                                       meta["duration"][gt][:, None].numpy())
+            svmr_spans.append(np.stack([s_s, s_e], axis=-1))
+            gt_video.append(gt)
+            gt_spans.append(batch["ts"])
+    finally:
+        model.train(was_training)
+    if not gt_video:
+        raise ValueError("evaluate_vcmr: the query split yielded no queries")
+    gt_v, gt_s = torch.cat(gt_video).numpy(), torch.cat(gt_spans).numpy()
+    out = {f"vr_{k}": v for k, v in vr_recall(torch.cat(vr_ranked).numpy(), gt_v, ks=(1, 10, 100)).items()}
+    svmr = svmr_recall(np.concatenate(svmr_spans), gt_s, ks=(1,))
+    out.update({f"svmr_{k.replace('-', '_')}": v for k, v in svmr.items()})
+    vcmr = vcmr_recall(torch.cat(vcmr_video).numpy(), np.concatenate(vcmr_spans), gt_v, gt_s, ks=(1, 10, 100))
+    out.update({f"vcmr_{k.replace('-', '_')}": v for k, v in vcmr.items()})
+    return out
