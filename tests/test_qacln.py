@@ -142,3 +142,16 @@ def test_qacln_preset_learns(vcmr_data):
     assert after["vr_r10"] > before["vr_r10"] + 0.2
     assert after["vr_r1"] > before["vr_r1"] + 0.05
     assert after["vcmr_0.5_r10"] > before["vcmr_0.5_r10"] + 0.1
+
+
+def test_search_matches_phi_and_span_logits():
+    cfg = tiny_cfg()
+    model = Method(cfg).model.eval()
+    b = tiny_batch()
+    q = model.encode_queries(b["q_tokens"], b["q_mask"])
+    enc = model.encode_videos(b["visual"], b["subtitle"], b["sub_mask"], b["clip_mask"])
+    scores, top, start, end = model.search(q, enc, top_videos=3, chunk=2)  # chunking over videos too
+    assert torch.allclose(scores, torch.exp(10 * (model.phi(q, enc) - 1)), atol=1e-6)
+    assert torch.equal(top, scores.topk(3, dim=1).indices)
+    ref_s, ref_e = model.span_logits(q, enc, top)
+    assert torch.allclose(start, ref_s, atol=1e-5) and torch.allclose(end, ref_e, atol=1e-5)

@@ -29,9 +29,10 @@ def encode_corpus(model, video_batches: Iterable[dict[str, Any]]) -> tuple[dict[
     if not encs:
         raise ValueError("encode_corpus: the corpus split yielded no videos")
     n = max(e["h_v"].shape[1] for e in encs)
-    from xmr.models.qacln import pad_clips
+    from xmr.models.qacln import pad_encoding
 
-    corpus = {k: torch.cat([pad_clips(e[k], n) for e in encs]) for k in encs[0]}
+    padded = [pad_encoding(e, n) for e in encs]
+    corpus = {k: torch.cat([p[k] for p in padded]) for k in padded[0]}
     meta = {"video_index": torch.cat(ids), "duration": torch.cat(durations), "vid_name": names}
     return corpus, meta
 
@@ -40,10 +41,7 @@ def encode_corpus(model, video_batches: Iterable[dict[str, Any]]) -> tuple[dict[
 def rank_queries(model, q: torch.Tensor, corpus: dict[str, torch.Tensor], top_videos: int, max_len: int,
                  top_k: int = 100):
     """(video scores [Q, V], ranked moments) for a chunk of encoded queries."""
-    scores = model.video_scores(q, corpus)
-    n_top = min(top_videos, scores.shape[1])
-    top = scores.topk(n_top, dim=1).indices
-    start, end = model.span_logits(q, corpus, top)
+    scores, top, start, end = model.search(q, corpus, top_videos)
     moments = rank_moments(scores, start.softmax(-1), end.softmax(-1), corpus["clip_mask"], top, max_len, top_k)
     return scores, moments
 

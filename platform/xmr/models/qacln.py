@@ -127,7 +127,8 @@ class QACLN(nn.Module):
         hv, hs = self.co(hv, hs, clip_mask, sub_mask)
         hv = self.v_out(hv, src_key_padding_mask=~clip_mask) * clip_mask[..., None]
         hs = self.s_out(hs, src_key_padding_mask=~clip_mask) * clip_mask[..., None]
-        enc = {"h_v": hv, "h_s": hs, "clip_mask": clip_mask}
+        gram = torch.stack([hv.pow(2).sum(-1), hs.pow(2).sum(-1), (hv * hs).sum(-1)], dim=-1)
+        enc = {"h_v": hv, "h_s": hs, "clip_mask": clip_mask, "gram": gram}
         if self.use_netvlad:
             enc["vlad_v"], enc["vlad_s"] = self.vlad_v(hv, clip_mask), self.vlad_s(hs, clip_mask)
         return enc
@@ -146,15 +147,22 @@ class QACLN(nn.Module):
         mu = logits.softmax(dim=-1)
         return mu[..., 0], mu[..., 1]
 
-    def clip_cosines(self, q, enc, mu_v, mu_s) -> torch.Tensor:
-        """cos(h_qcf, q) for every query, video and clip: [Q, V, N] (invalid clips -inf)."""
-        hv, hs, mask = enc["h_v"], enc["h_s"], enc["clip_mask"]
-        qv, qs = torch.einsum("qd,vnd->qvn", q, hv), torch.einsum("qd,vnd->qvn", q, hs)
-        nv, ns, cvs = hv.pow(2).sum(-1), hs.pow(2).sum(-1), (hv * hs).sum(-1)
+    def clip_dots(self, q: torch.Tensor, enc: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """q·h_v and q·h_s for every query, video and clip: two [Q, V, N] tensors."""
+        return torch.einsum("qd,vnd->qvn", q, enc["h_v"]), torch.einsum("qd,vnd->qvn", q, enc["h_s"])
+
+    def clip_cosines(self, q, enc, mu_v, mu_s, dots=None) -> torch.Tensor:
+        """cos(h_qcf, q) for every query, video and clip: [Q, V, N] (invalid clips -inf).
+
+        h_qcf = μ_v·h_v + μ_s·h_s is never formed: its dot with q and its norm follow from
+        q·h_v, q·h_s and the clip Gram terms |h_v|², |h_s|², h_v·h_s (cached at encoding).
+        """
+        qv, qs = dots if dots is not None else self.clip_dots(q, enc)
+        nv, ns, cvs = enc["gram"].unbind(-1)
         mv, ms = mu_v[..., None], mu_s[..., None]
         norm2 = mv.pow(2) * nv + 2 * mv * ms * cvs + ms.pow(2) * ns
         cos = (mv * qv + ms * qs) / (norm2.clamp(min=1e-12).sqrt() * q.norm(dim=-1)[:, None, None].clamp(min=1e-6))
-        return cos.masked_fill(~mask[None], float("-inf"))
+        return cos.masked_fill(~enc["clip_mask"][None], float("-inf"))
 
     def phi(self, q: torch.Tensor, enc: dict[str, torch.Tensor]) -> torch.Tensor:
         """VR score φ(q, video) = max over clips of cos(h_qcf_i, q): [Q, V]."""
@@ -173,48 +181,66 @@ class QACLN(nn.Module):
 
     def own_fused(self, q: torch.Tensor, enc: dict[str, torch.Tensor]) -> torch.Tensor:
         """H_qcf of each query with its own video (row i with video i): [B, N, d]."""
-        if self.use_netvlad:
-            mu_v, mu_s = self.fusion(q, enc)
-            mu_v, mu_s = mu_v.diagonal(), mu_s.diagonal()
-        else:
-            mu_v, mu_s = self.fusion(q, {"h_v": enc["h_v"][:1]})
-            mu_v, mu_s = mu_v[:, 0], mu_s[:, 0]
+        mu_v, mu_s = self._pair_fusion(q, enc)
         return mu_v[:, None, None] * enc["h_v"] + mu_s[:, None, None] * enc["h_s"]
 
-    def span_logits_from_fused(self, q: torch.Tensor, h_qcf: torch.Tensor, clip_mask: torch.Tensor):
-        """ConvSE over S_vq = H_qcf·q̂: start and end logits [..., N] (padding masked)."""
-        shape = h_qcf.shape[:-1]
-        s = torch.einsum("...nd,...d->...n", h_qcf, F.normalize(q, dim=-1))
-        flat = s.reshape(-1, 1, shape[-1])
+    def convse(self, fused_scores: torch.Tensor, clip_mask: torch.Tensor):
+        """ConvSE: two 1-D convolutions over S_vq [..., N] -> start, end logits (padding masked)."""
+        shape = fused_scores.shape
+        flat = fused_scores.reshape(-1, 1, shape[-1])
         start = self.conv_start(flat).reshape(shape).masked_fill(~clip_mask, NEG)
         end = self.conv_end(flat).reshape(shape).masked_fill(~clip_mask, NEG)
         return start, end
 
+    def span_logits_from_fused(self, q: torch.Tensor, h_qcf: torch.Tensor, clip_mask: torch.Tensor):
+        """Start/end logits from H_qcf [..., N, d] and its query: S_vq = H_qcf·q̂."""
+        return self.convse(torch.einsum("...nd,...d->...n", h_qcf, F.normalize(q, dim=-1)), clip_mask)
+
     def span_logits(self, q: torch.Tensor, enc: dict[str, torch.Tensor], video_idx: torch.Tensor):
-        """Start/end logits [Q, K, N] of each query on its K selected videos ([Q, K] indices)."""
+        """Start/end logits [Q, K, N] of each query on its K given videos ([Q, K] indices)."""
         sub = {k: v[video_idx.reshape(-1)] for k, v in enc.items()}
         qq = q[:, None, :].expand(-1, video_idx.shape[1], -1).reshape(-1, q.shape[-1])
-        if self.use_netvlad:
-            mu = self.fuse(qq).reshape(-1, 2)
-            pv, ps = self.vlad_q(qq).chunk(2, dim=-1)
-            mu = (mu + torch.stack([(pv * sub["vlad_v"]).sum(-1), (ps * sub["vlad_s"]).sum(-1)], -1)).softmax(-1)
-            mu_v, mu_s = mu[:, 0], mu[:, 1]
-        elif self.query_fusion:
-            mu = self.fuse(qq).softmax(dim=-1)
-            mu_v, mu_s = mu[:, 0], mu[:, 1]
-        else:
-            mu_v = mu_s = qq.new_full((qq.shape[0],), 0.5)
-        h = mu_v[:, None, None] * sub["h_v"] + mu_s[:, None, None] * sub["h_s"]
-        start, end = self.span_logits_from_fused(qq, h, sub["clip_mask"])
+        qv = torch.einsum("bd,bnd->bn", qq, sub["h_v"])
+        qs = torch.einsum("bd,bnd->bn", qq, sub["h_s"])
+        mu_v, mu_s = self._pair_fusion(qq, sub)
+        fused = (mu_v[:, None] * qv + mu_s[:, None] * qs) / qq.norm(dim=-1, keepdim=True).clamp(min=1e-6)
+        start, end = self.convse(fused, sub["clip_mask"])
         return start.reshape(*video_idx.shape, -1), end.reshape(*video_idx.shape, -1)
 
-    def video_scores(self, q: torch.Tensor, enc: dict[str, torch.Tensor], chunk: int = 256) -> torch.Tensor:
-        """Inference VR scores in (0, 1] (exp(10·(φ−1)), monotone in φ), chunked over videos."""
-        parts = []
+    def _pair_fusion(self, q: torch.Tensor, enc: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """μ for row i of q with video i of enc: two [B] tensors."""
+        if not self.query_fusion:
+            half = q.new_full((q.shape[0],), 0.5)
+            return half, half
+        logits = self.fuse(q)
+        if self.use_netvlad:
+            pv, ps = self.vlad_q(q).chunk(2, dim=-1)
+            logits = logits + torch.stack([(pv * enc["vlad_v"]).sum(-1), (ps * enc["vlad_s"]).sum(-1)], dim=-1)
+        mu = logits.softmax(dim=-1)
+        return mu[:, 0], mu[:, 1]
+
+    @torch.no_grad()
+    def search(self, q: torch.Tensor, enc: dict[str, torch.Tensor], top_videos: int, chunk: int = 512):
+        """Corpus inference in one pass over the clip encodings.
+
+        Returns (video scores [Q, V] in (0, 1], top video indices [Q, K], start and end
+        logits [Q, K, N]). Video scores are exp(10·(φ − 1)): monotone in φ and >= 0, as the
+        span product needs (XML-style). ConvSE's per-clip S_vq are the same q·h products φ
+        uses, so the top videos' spans cost no second pass over the clips.
+        """
+        phis, fused = [], []
+        qnorm = q.norm(dim=-1).clamp(min=1e-6)[:, None, None]
         for lo in range(0, enc["h_v"].shape[0], chunk):
             sub = {k: v[lo:lo + chunk] for k, v in enc.items()}
-            parts.append(self.phi(q, sub))
-        return torch.exp(VR_SHARPNESS * (torch.cat(parts, dim=1) - 1.0))
+            mu_v, mu_s = self.fusion(q, sub)
+            dots = self.clip_dots(q, sub)
+            phis.append(self.clip_cosines(q, sub, mu_v, mu_s, dots).amax(dim=-1))
+            fused.append((mu_v[..., None] * dots[0] + mu_s[..., None] * dots[1]) / qnorm)
+        scores = torch.exp(VR_SHARPNESS * (torch.cat(phis, dim=1) - 1.0))
+        top = scores.topk(min(top_videos, scores.shape[1]), dim=1).indices
+        s_top = torch.cat(fused, dim=1).gather(1, top[..., None].expand(-1, -1, enc["h_v"].shape[1]))
+        start, end = self.convse(s_top, enc["clip_mask"][top])
+        return scores, top, start, end
 
     # ------------------------------------------------------------------ training forward
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -231,7 +257,7 @@ class QACLN(nn.Module):
         """Local queries x gathered videos and local videos x gathered queries."""
         all_q, offset = gather_with_grad(q)
         all_enc = gather_videos(enc)
-        local_enc = {k: pad_clips(v, all_enc["h_v"].shape[1]) for k, v in enc.items()}
+        local_enc = pad_encoding(enc, all_enc["h_v"].shape[1])
         out = {"video_index": video_index, "all_video_index": gather_labels(video_index), "offset": offset}
         if self.need_vr:
             out["phi_q2v"] = self.phi(q, all_enc)  # [b, B]
@@ -242,12 +268,20 @@ class QACLN(nn.Module):
         return out
 
 
+CLIP_KEYS = ("h_v", "h_s", "clip_mask", "gram")  # encoding entries with a clip axis (dim 1)
+
+
 def pad_clips(x: torch.Tensor, n: int) -> torch.Tensor:
     """Pad dim 1 (clips) to ``n`` with zeros / False."""
-    if x.dim() < 2 or x.shape[1] == n:
+    if x.shape[1] == n:
         return x
     pad = x.new_zeros((x.shape[0], n - x.shape[1], *x.shape[2:]))
     return torch.cat([x, pad], dim=1)
+
+
+def pad_encoding(enc: dict[str, torch.Tensor], n: int) -> dict[str, torch.Tensor]:
+    """A video encoding with every clip-axis entry padded to ``n`` clips."""
+    return {k: pad_clips(v, n) if k in CLIP_KEYS else v for k, v in enc.items()}
 
 
 def gather_videos(enc: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -257,8 +291,5 @@ def gather_videos(enc: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return enc
     n = torch.tensor([enc["h_v"].shape[1]], device=enc["h_v"].device)
     dist.all_reduce(n, op=dist.ReduceOp.MAX)
-    out = {}
-    for key, value in enc.items():
-        padded = pad_clips(value, int(n.item()))
-        out[key] = gather_labels(padded) if key == "clip_mask" else gather_with_grad(padded)[0]
-    return out
+    padded = pad_encoding(enc, int(n.item()))
+    return {k: gather_labels(v) if k == "clip_mask" else gather_with_grad(v)[0] for k, v in padded.items()}
