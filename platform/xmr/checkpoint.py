@@ -5,6 +5,8 @@ Layout of a checkpoint directory::
     model.safetensors   Method state_dict (keys "model.*" and "objective.*"), no pickled code
     config.yaml         the resolved Config (dims and class counts included)
     meta.json           metrics and free-form facts (step, epoch, ...), plain JSON
+    train_state.pt      (training checkpoints only) optimiser and scheduler state, loaded
+                        with ``torch.load(weights_only=True)``: tensors and plain values only
 
 Safetensors holds tensors only, so loading can never run code; a truncated or corrupt
 file fails with an error that names it.
@@ -12,7 +14,9 @@ file fails with an error that names it.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +30,8 @@ from xmr.config import Config, ConfigError, from_dict
 WEIGHTS = "model.safetensors"
 CONFIG = "config.yaml"
 META = "meta.json"
+TRAIN_STATE = "train_state.pt"
+BEST = "best.json"  # in a run directory: which checkpoint is the best
 
 
 class CheckpointError(RuntimeError):
@@ -78,3 +84,58 @@ def load_method(directory: str | Path):
     except RuntimeError as exc:
         raise CheckpointError(f"{directory}: weights do not fit the model built from its config ({exc})") from None
     return method
+
+
+def save_train_state(directory: str | Path, state: dict[str, Any]) -> None:
+    """Optimiser / scheduler / RNG state beside the weights (plain values and tensors only)."""
+    directory = Path(directory)
+    tmp = directory / (TRAIN_STATE + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(directory / TRAIN_STATE)
+
+
+def load_train_state(directory: str | Path) -> dict[str, Any]:
+    path = Path(directory) / TRAIN_STATE
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing (a model-only checkpoint cannot resume training)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated zip, or an object weights_only refuses to unpickle
+        raise CheckpointError(f"{path}: unreadable or truncated training state ({exc})") from None
+
+
+def fetch_checkpoint(uri: str, *, endpoint_url: str | None = None, cache_dir: str | None = None) -> Path:
+    """A local checkpoint directory for ``uri``: a checkpoint directory or a run directory
+    (whose ``best.json`` names its best checkpoint), on local disk or ``s3://``. S3
+    checkpoints are downloaded once into a cache keyed by their URI."""
+    from xmr.data import storage
+
+    best = storage.join(uri, BEST)
+    if storage.exists(best, endpoint_url=endpoint_url):
+        try:
+            target = json.loads(storage.read_bytes(best, endpoint_url=endpoint_url))["checkpoint"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{best}: not a valid best-checkpoint pointer ({exc})") from None
+        return fetch_checkpoint(target, endpoint_url=endpoint_url, cache_dir=cache_dir)
+    if not storage.is_s3(uri):
+        path = Path(uri)
+        if not (path / WEIGHTS).is_file():
+            raise CheckpointError(f"{uri}: neither a checkpoint directory ({WEIGHTS}) nor a run directory ({BEST})")
+        return path
+    cache = Path(cache_dir or os.environ.get("XMR_CACHE", Path.home() / ".cache" / "xmr")) / "checkpoints"
+    local = cache / hashlib.sha1(uri.encode()).hexdigest()[:16]
+    if not (local / WEIGHTS).is_file():
+        part = local.with_name(f"{local.name}.part-{os.getpid()}")
+        try:
+            storage.download_dir(uri, str(part), endpoint_url=endpoint_url, progress=False)
+        except FileNotFoundError:
+            raise CheckpointError(f"{uri}: nothing there (no checkpoint or run directory)") from None
+        if not (part / WEIGHTS).is_file():
+            raise CheckpointError(f"{uri}: no {WEIGHTS} there (not an xmr checkpoint)")
+        if local.exists():  # a concurrent download finished first
+            import shutil
+
+            shutil.rmtree(part, ignore_errors=True)
+        else:
+            part.replace(local)
+    return local

@@ -33,11 +33,13 @@ def _register_config(subparsers) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from xmr.data.cli import register as register_data
     from xmr.metrics.cli import register as register_metrics
+    from xmr.train.cli import register as register_train
 
     parser = argparse.ArgumentParser(
         prog="xmr", description="Train, tune and serve cross-modal retrieval models (multi-negative contrastive learning) on Ray.")
     parser.add_argument("--version", action="version", version=f"xmr {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    register_train(subparsers)
     register_data(subparsers)
     register_metrics(subparsers)
     _register_config(subparsers)

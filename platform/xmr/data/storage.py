@@ -217,7 +217,8 @@ def list_prefix(url: str, *, endpoint_url: str | None = None) -> list[str]:
     out = []
     try:
         for page in client(endpoint_url).get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-            out.extend(f"s3://{bucket}/{o['Key']}" for o in page.get("Contents", []))
+            # keys ending in "/" are directory markers (pyarrow and consoles write them), not files
+            out.extend(f"s3://{bucket}/{o['Key']}" for o in page.get("Contents", []) if not o["Key"].endswith("/"))
     except Exception as e:
         raise _s3_error(url, e) from e
     return sorted(out)

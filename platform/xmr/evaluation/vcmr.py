@@ -22,7 +22,8 @@ def encode_corpus(model, video_batches: Iterable[dict[str, Any]]) -> tuple[dict[
     for batch in video_batches:
         if len(batch["index"]) == 0:
             continue
-        encs.append(model.encode_videos(batch["visual"], batch["subtitle"], batch["sub_mask"], batch["clip_mask"]))
+        device = next(model.parameters()).device
+        encs.append(model.encode_videos(*(batch[k].to(device) for k in ("visual", "subtitle", "sub_mask", "clip_mask"))))
         ids.append(batch["video_index"])
         durations.append(batch["duration"])
         names.extend(batch.get("vid_name", batch["key"]))
@@ -47,44 +48,67 @@ def rank_queries(model, q: torch.Tensor, corpus: dict[str, torch.Tensor], top_vi
 
 
 @torch.no_grad()
+def rank_query_batches(model, corpus: dict[str, torch.Tensor], meta: dict[str, Any],
+                       query_batches: Iterable[dict[str, Any]], clip_len: float, top_videos: int = 100,
+                       max_len: int = 16) -> dict[str, np.ndarray]:
+    """Per-query predictions against a whole encoded corpus: the VR ranking (top 100), the
+    top-100 VCMR (video, t_s, t_e), the SVMR top-1 span in the ground-truth video, and the
+    ground truth. Arrays over queries, so shares from several ranks concatenate."""
+    position = {int(v): i for i, v in enumerate(meta["video_index"].tolist())}
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("index", "vr", "vcmr_video", "vcmr_spans", "svmr_spans",
+                                                           "gt_video", "gt_spans")}
+    device = corpus["clip_mask"].device
+    for batch in query_batches:
+        if len(batch["index"]) == 0:
+            continue
+        q = model.encode_queries(batch["q_tokens"].to(device), batch["q_mask"].to(device))
+        scores, moments = rank_queries(model, q, corpus, top_videos, max_len)
+        scores, moments = scores.float().cpu(), type(moments)(*(t.cpu() for t in moments))
+        try:
+            gt = torch.tensor([position[int(v)] for v in batch["video_index"]])
+        except KeyError as exc:
+            raise ValueError(f"evaluate_vcmr: query on video index {exc} that is not in the corpus split") from None
+        durations = meta["duration"][moments.video.clamp(min=0)]
+        t_s, t_e = clips_to_moment(moments.st.numpy(), moments.ed.numpy(), clip_len, durations.numpy())
+        # SVMR: the same decoding restricted to the ground-truth video.
+        only = gt[:, None].to(device)
+        start, end = model.span_logits(q, corpus, only)
+        single = rank_moments(torch.ones(len(gt), len(position), device=device), start.softmax(-1), end.softmax(-1),
+                              corpus["clip_mask"], only, max_len, top_k=1)
+        s_s, s_e = clips_to_moment(single.st.cpu().numpy(), single.ed.cpu().numpy(), clip_len,
+                                   meta["duration"][gt][:, None].numpy())
+        parts["index"].append(batch["index"].numpy())
+        parts["vr"].append(scores.topk(min(100, scores.shape[1]), dim=1).indices.numpy())
+        parts["vcmr_video"].append(moments.video.numpy())
+        parts["vcmr_spans"].append(np.stack([t_s, t_e], axis=-1))
+        parts["svmr_spans"].append(np.stack([s_s, s_e], axis=-1))
+        parts["gt_video"].append(gt.numpy())
+        parts["gt_spans"].append(batch["ts"].numpy())
+    return {k: np.concatenate(v) if v else np.zeros((0,)) for k, v in parts.items()}
+
+
+def score_vcmr(ranked: dict[str, np.ndarray]) -> dict[str, float]:
+    """Recall metrics with flat keys: ``vr_r{k}``, ``svmr_{iou}_r1``, ``vcmr_{iou}_r{k}`` (fractions)."""
+    if len(ranked["gt_video"]) == 0:
+        raise ValueError("evaluate_vcmr: the query split yielded no queries")
+    gt_v, gt_s = ranked["gt_video"], ranked["gt_spans"]
+    out = {f"vr_{k}": v for k, v in vr_recall(ranked["vr"], gt_v, ks=(1, 10, 100)).items()}
+    svmr = svmr_recall(ranked["svmr_spans"], gt_s, ks=(1,))
+    out.update({f"svmr_{k.replace('-', '_')}": v for k, v in svmr.items()})
+    vcmr = vcmr_recall(ranked["vcmr_video"], ranked["vcmr_spans"], gt_v, gt_s, ks=(1, 10, 100))
+    out.update({f"vcmr_{k.replace('-', '_')}": v for k, v in vcmr.items()})
+    return out
+
+
+@torch.no_grad()
 def evaluate_vcmr(model, video_batches: Iterable[dict[str, Any]], query_batches: Iterable[dict[str, Any]],
                   clip_len: float, top_videos: int = 100, max_len: int = 16) -> dict[str, float]:
-    """Recall metrics with flat keys: ``vr_r{k}``, ``svmr_{iou}_r1``, ``vcmr_{iou}_r{k}`` (fractions)."""
+    """Single-process VR / SVMR / VCMR recalls (see ``score_vcmr`` for the keys)."""
     was_training = model.training
     model.eval()
     try:
         corpus, meta = encode_corpus(model, video_batches)
-        position = {int(v): i for i, v in enumerate(meta["video_index"].tolist())}
-        vr_ranked, vcmr_video, vcmr_spans, svmr_spans, gt_video, gt_spans = [], [], [], [], [], []
-        for batch in query_batches:
-            if len(batch["index"]) == 0:
-                continue
-            q = model.encode_queries(batch["q_tokens"], batch["q_mask"])
-            scores, moments = rank_queries(model, q, corpus, top_videos, max_len)
-            gt = torch.tensor([position[int(v)] for v in batch["video_index"]])
-            vr_ranked.append(scores.topk(min(100, scores.shape[1]), dim=1).indices)
-            durations = meta["duration"][moments.video.clamp(min=0)]
-            t_s, t_e = clips_to_moment(moments.st.numpy(), moments.ed.numpy(), clip_len, durations.numpy())
-            vcmr_video.append(moments.video)
-            vcmr_spans.append(np.stack([t_s, t_e], axis=-1))
-            # SVMR: the same decoding restricted to the ground-truth video.
-            only = gt[:, None]
-            start, end = model.span_logits(q, corpus, only)
-            single = rank_moments(torch.ones(len(gt), len(position)), start.softmax(-1), end.softmax(-1),
-                                  corpus["clip_mask"], only, max_len, top_k=1)
-            s_s, s_e = clips_to_moment(single.st.numpy(), single.ed.numpy(), clip_len,
-                                       meta["duration"][gt][:, None].numpy())
-            svmr_spans.append(np.stack([s_s, s_e], axis=-1))
-            gt_video.append(gt)
-            gt_spans.append(batch["ts"])
+        ranked = rank_query_batches(model, corpus, meta, query_batches, clip_len, top_videos, max_len)
     finally:
         model.train(was_training)
-    if not gt_video:
-        raise ValueError("evaluate_vcmr: the query split yielded no queries")
-    gt_v, gt_s = torch.cat(gt_video).numpy(), torch.cat(gt_spans).numpy()
-    out = {f"vr_{k}": v for k, v in vr_recall(torch.cat(vr_ranked).numpy(), gt_v, ks=(1, 10, 100)).items()}
-    svmr = svmr_recall(np.concatenate(svmr_spans), gt_s, ks=(1,))
-    out.update({f"svmr_{k.replace('-', '_')}": v for k, v in svmr.items()})
-    vcmr = vcmr_recall(torch.cat(vcmr_video).numpy(), np.concatenate(vcmr_spans), gt_v, gt_s, ks=(1, 10, 100))
-    out.update({f"vcmr_{k.replace('-', '_')}": v for k, v in vcmr.items()})
-    return out
+    return score_vcmr(ranked)

@@ -1,8 +1,8 @@
 """Search spaces: which config fields a sweep varies, and how.
 
 A space file (``search_spaces/<method>.yaml``) names each parameter by its config path
-and gives it a distribution; a parameter may exist only when earlier parameters took
-given values (``when``). Spaces are checked against the ``Config`` dataclasses before any
+and gives it a distribution; a parameter may exist only when other parameters took
+given values (``when``; circular conditions are rejected). Spaces are checked against the ``Config`` dataclasses before any
 trial starts, so a typo fails with the parameter's name instead of a crashed trial.
 
     preset: qacln
@@ -94,7 +94,7 @@ def _number(value: Any, where: str) -> float:
         raise SpaceError(f"{where} = {value!r}: expected a number") from None
 
 
-def _parse_param(path: str, spec: Any, declared: dict[str, Param]) -> Param:
+def _parse_param(path: str, spec: Any) -> Param:
     where = f"params.{path}"
     if not isinstance(spec, dict):
         raise SpaceError(f"{where}: expected a mapping with 'type', got {spec!r}")
@@ -128,17 +128,40 @@ def _parse_param(path: str, spec: Any, declared: dict[str, Param]) -> Param:
     when = spec.get("when", {})
     if not isinstance(when, dict):
         raise SpaceError(f"{where}.when: expected a mapping of parameter -> value(s)")
-    for other, values in when.items():
-        if other not in declared:
-            raise SpaceError(f"{where}.when: {other!r} must be a parameter declared before {path!r}")
-        allowed = values if isinstance(values, list) else [values]
-        parent = declared[other]
-        if parent.kind == "categorical":
-            bad = [v for v in allowed if v not in parent.choices]
-            if bad:
-                raise SpaceError(f"{where}.when.{other}: {bad} not among its choices {parent.choices}")
-        param.when[other] = allowed
+    param.when = {str(other): (values if isinstance(values, list) else [values]) for other, values in when.items()}
     return param
+
+
+def _resolve_conditions(params: dict[str, Param]) -> list[Param]:
+    """Check every ``when`` and order parameters so each comes after those it depends on
+    (YAML writers may sort keys, so file order cannot be relied on)."""
+    for param in params.values():
+        where = f"params.{param.path}"
+        for other, allowed in param.when.items():
+            if other not in params:
+                raise SpaceError(f"{where}.when: {other!r} is not a parameter of this space")
+            parent = params[other]
+            if parent.kind == "categorical":
+                bad = [v for v in allowed if v not in parent.choices]
+                if bad:
+                    raise SpaceError(f"{where}.when.{other}: {bad} not among its choices {parent.choices}")
+    ordered: list[Param] = []
+    state: dict[str, str] = {}
+
+    def visit(path: str, chain: tuple[str, ...]) -> None:
+        if state.get(path) == "done":
+            return
+        if state.get(path) == "visiting":
+            raise SpaceError(f"params.{path}.when: circular condition {' -> '.join(chain + (path,))}")
+        state[path] = "visiting"
+        for other in params[path].when:
+            visit(other, chain + (path,))
+        state[path] = "done"
+        ordered.append(params[path])
+
+    for path in params:
+        visit(path, ())
+    return ordered
 
 
 def _check_against_config(space: SearchSpace, base: Config) -> None:
@@ -174,10 +197,8 @@ def load_space(path: str | Path, base: Config | None = None) -> SearchSpace:
     mode = raw.get("mode", "max")
     if mode not in ("max", "min"):
         raise SpaceError(f"{path}: mode = {mode!r}: must be max or min")
-    declared: dict[str, Param] = {}
-    for name, spec in params_raw.items():
-        declared[str(name)] = _parse_param(str(name), spec, declared)
-    space = SearchSpace(preset=str(raw.get("preset", "")), params=list(declared.values()),
+    declared = {str(name): _parse_param(str(name), spec) for name, spec in params_raw.items()}
+    space = SearchSpace(preset=str(raw.get("preset", "")), params=_resolve_conditions(declared),
                         metric=str(raw.get("metric", "") or ""), mode=mode, source=str(path))
     try:
         base = base or load_config(space.preset or None)

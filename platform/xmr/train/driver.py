@@ -1,0 +1,164 @@
+"""The training job's driver: resolve the config, attach to (or start) Ray, run a
+``TorchTrainer`` over ``train_loop_per_worker`` and summarise the run.
+
+``xmr train``, ``jobs/train.py`` (``ray job submit``) and every Tune trial call
+``run_training``; only where Ray runs differs (``RAY_ADDRESS`` / ``--address``, or a local
+Ray started in-process, the embedded default).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from xmr.checkpoint import BEST
+from xmr.config import Config, resolve
+from xmr.data.storage import is_s3
+from xmr.evaluation import MAIN_METRIC
+from xmr.train.progress import summary_table
+from xmr.train.runfs import RunDir, s3_endpoint
+
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # platform/xmr
+
+
+@dataclass
+class TrainResult:
+    run_uri: str
+    metric: str
+    mode: str
+    best: dict[str, Any] | None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def best_checkpoint(self) -> str | None:
+        return self.best["checkpoint"] if self.best else None
+
+
+def code_runtime_env(extra_env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Ship the xmr package to every worker (``py_modules``), so a cluster runs this checkout's
+    code whether or not the package is installed there."""
+    env = {"RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token")}
+    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "XMR_CACHE"):
+        if os.environ.get(name):
+            env[name] = os.environ[name]
+    env.update(extra_env or {})
+    return {"py_modules": [str(PACKAGE_DIR)], "excludes": ["__pycache__", "*.pyc"], "env_vars": env}
+
+
+def local_cpus(cfg: Config) -> int:
+    """Logical CPUs for an embedded Ray: more than the cores, so a trainer's controller, its
+    workers and their data loading never wait on each other on a small machine."""
+    need = cfg.resources.num_workers * cfg.resources.cpus_per_worker * (1 + cfg.data.num_workers) + 2
+    return int(max(4, 2 * (os.cpu_count() or 1), need))
+
+
+def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
+    """Attach to ``address`` / ``RAY_ADDRESS`` or start an embedded local Ray (idempotent)."""
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, runtime_env=code_runtime_env())
+    else:
+        ray.init(num_cpus=num_cpus or max(4, 2 * (os.cpu_count() or 1)), include_dashboard=False,
+                 runtime_env=code_runtime_env(), configure_logging=False)
+
+
+def prepare(cfg: Config, run_name: str | None = None) -> tuple[Config, str, str]:
+    """Resolve the config for a run: absolute local paths (workers run elsewhere), the S3
+    endpoint pinned, dims filled from the manifest, a run name. Returns (cfg, metric, mode)."""
+    if run_name:
+        cfg.storage.run_name = run_name
+    if not cfg.storage.run_name:
+        cfg.storage.run_name = f"{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if not is_s3(cfg.data.path):
+        cfg.data.path = os.path.abspath(cfg.data.path)
+    if not is_s3(cfg.storage.root):
+        cfg.storage.root = os.path.abspath(os.path.expanduser(cfg.storage.root))
+    if cfg.model.pretrained and not is_s3(cfg.model.pretrained):
+        cfg.model.pretrained = os.path.abspath(cfg.model.pretrained)
+    if is_s3(cfg.data.path) or is_s3(cfg.storage.root):
+        cfg.data.endpoint_url = s3_endpoint(cfg.data.endpoint_url)
+    cfg, _ = resolve(cfg)
+    metric = cfg.storage.checkpoint_metric or MAIN_METRIC["pair" if cfg.task == "pair" else cfg.task]
+    return cfg, metric, cfg.storage.checkpoint_mode
+
+
+def build_trainer(cfg: Config, metric: str, mode: str, callbacks: list | None = None):
+    """The ``TorchTrainer`` for a prepared config."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from xmr.train.loop import train_loop_per_worker
+    from xmr.train.runfs import filesystem
+
+    res = cfg.resources
+    per_worker = {"CPU": res.cpus_per_worker}
+    if res.use_gpu:
+        per_worker["GPU"] = res.gpus_per_worker
+    fs, base = filesystem(cfg.storage.root, cfg.data.endpoint_url)
+    payload = {"config": cfg.to_dict(), "metric": metric, "mode": mode, "storage_root": cfg.storage.root,
+               "run_name": cfg.storage.run_name}
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=payload,
+        torch_config=TorchConfig(backend="nccl" if res.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=res.num_workers, use_gpu=res.use_gpu,
+                                     resources_per_worker=per_worker, placement_strategy=res.placement_strategy),
+        run_config=RunConfig(
+            name=cfg.storage.run_name, storage_path=base, storage_filesystem=fs,
+            failure_config=FailureConfig(max_failures=cfg.storage.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.storage.keep_checkpoints,
+                                               checkpoint_score_attribute=metric, checkpoint_score_order=mode),
+            callbacks=callbacks or None),
+    )
+
+
+def read_run(cfg: Config, metric: str, mode: str) -> TrainResult:
+    """What a run directory says: per-epoch history and the best checkpoint."""
+    run = RunDir(cfg.storage.root, cfg.storage.run_name, cfg.data.endpoint_url)
+    csv, best = run.read_text("metrics.csv"), run.read_text(BEST)
+    history = pd.read_csv(pd.io.common.StringIO(csv)).to_dict("records") if csv else []
+    return TrainResult(run_uri=run.uri(), metric=metric, mode=mode, best=json.loads(best) if best else None,
+                       history=history)
+
+
+def run_training(cfg: Config, *, address: str | None = None, run_name: str | None = None,
+                 callbacks: list | None = None, start_ray: bool = True, verbose: bool = True) -> TrainResult:
+    """Train ``cfg`` on Ray and return the run's history and best checkpoint.
+
+    Relaunching with the same ``storage.root`` and run name resumes the run from its latest
+    checkpoint (Ray Train restores its checkpoint manager from the run folder).
+    """
+    cfg, metric, mode = prepare(cfg, run_name)
+    run = RunDir(cfg.storage.root, cfg.storage.run_name, cfg.data.endpoint_url)
+    previous = run.read_text("config.yaml")
+    if previous is not None and verbose:
+        print(f"[xmr] run {run.uri()} exists: resuming from its latest checkpoint", flush=True)
+    run.write_text("config.yaml", cfg.to_yaml())
+    if start_ray:
+        ensure_ray(address, num_cpus=local_cpus(cfg))
+    if verbose:
+        r = cfg.resources
+        print(f"[xmr] training {cfg.method} ({cfg.task}) on {cfg.data.path}: {r.num_workers} worker(s) x "
+              f"{r.cpus_per_worker} CPU{f' + {r.gpus_per_worker} GPU' if r.use_gpu else ''}, global batch "
+              f"{cfg.data.batch_size}, {cfg.optim.epochs} epochs -> {run.uri()}", flush=True)
+    trainer = build_trainer(cfg, metric, mode, callbacks)
+    trainer.fit()
+    result = read_run(cfg, metric, mode)
+    if verbose:
+        print(summary_table(result.history, metric, mode))
+        if result.best:
+            print(f"[xmr] best {metric} = {result.best['value']:.4f} at epoch {result.best['epoch']}: "
+                  f"{result.best['checkpoint']}")
+    return result
+

@@ -1,0 +1,49 @@
+"""What a person watching a run reads: one line per epoch and a final summary table."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import pandas as pd
+
+
+def say(message: str) -> None:
+    """One progress line from a Train worker. Not ``print``: Ray Train patches ``print`` in
+    workers to also go through its logger, which shows every line twice on the driver."""
+    sys.stdout.write(message + "\n")
+    sys.stdout.flush()
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def epoch_line(row: dict[str, Any], epochs: int, metric: str, eta_s: float) -> str:
+    """``epoch 3/10  loss 1.234 (supcon 1.1 center 0.3)  map_mean 0.812  1234 samples/s  ETA 2m10s``."""
+    terms = [(k[len("train_"):], v) for k, v in row.items() if k.startswith("train_")
+             and k not in ("train_loss", "train_s", "train_samples", "train_exactly_once")]
+    term_text = " ".join(f"{k} {v:.4g}" for k, v in terms)
+    shown = [metric] + [k for k in ("r1_mean", "vr_r10", "svmr_0.7_r1") if k in row and k != metric]
+    metric_text = "  ".join(f"{k} {row[k]:.4f}" for k in shown if k in row)
+    return (f"[xmr] epoch {row['epoch']}/{epochs}  loss {row.get('train_loss', float('nan')):.4f}"
+            + (f" ({term_text})" if term_text else "") + f"  {metric_text}  "
+            f"{row.get('samples_per_s', 0):.0f} samples/s  train {row.get('train_s', 0):.1f}s eval {row.get('eval_s', 0):.1f}s"
+            f"  ETA {_duration(eta_s)}")
+
+
+def summary_table(history: list[dict[str, Any]], metric: str, mode: str = "max") -> str:
+    """Per-epoch loss, the checkpoint metric, throughput; the best epoch marked."""
+    if not history:
+        return "(no epochs recorded)"
+    df = pd.DataFrame(history)
+    cols = [c for c in ("epoch", "train_loss", metric, "samples_per_s", "train_s", "eval_s") if c in df.columns]
+    df = df[cols].copy()
+    if metric in df.columns:
+        scored = df[df["epoch"] > 0][metric] if "epoch" in df.columns else df[metric]
+        best = (scored.idxmax() if mode == "max" else scored.idxmin()) if scored.notna().any() else None
+        df["best"] = ["*" if i == best else "" for i in df.index]
+    return df.to_string(index=False, float_format=lambda v: f"{v:.4f}")
