@@ -11,6 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+# Ray 2.60 turns token auth on by default; the CLI and every process must agree on the mode,
+# and Ray reads it at import time, so it is set before any test module imports ray.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+
 from xmr.data.manifest import LabelSpec, ModalitySpec
 from xmr.data.writer import DatasetWriter
 

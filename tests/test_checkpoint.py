@@ -57,3 +57,97 @@ def test_missing_files_and_mismatched_weights(tmp_path):
     (tmp_path / "ck" / "config.yaml").write_text(bigger.to_yaml())
     with pytest.raises(CheckpointError, match="do not fit the model"):
         load_method(tmp_path / "ck")
+
+
+def trained_state(cfg):
+    """A method and optimiser after two AdamW steps, with a cosine schedule."""
+    from xmr.train.loop import lr_factor, make_optimizer
+
+    torch.manual_seed(0)
+    method = Method(cfg)
+    opt = make_optimizer(cfg, method.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, 10, 2, "cosine"))
+    for _ in range(2):
+        opt.zero_grad()
+        method(batch())["loss"].backward()
+        opt.step()
+        sched.step()
+    return method, opt, sched
+
+
+def test_training_state_round_trip_resumes_identically(tmp_path):
+    """Save after 2 steps, rebuild everything from the checkpoint, take a 3rd step on both:
+    the weights agree exactly (optimiser moments and schedule position were restored)."""
+    from xmr.checkpoint import load_train_state, save_train_state
+    from xmr.train.loop import lr_factor, make_optimizer
+
+    cfg = small_cfg()
+    method, opt, sched = trained_state(cfg)
+    save_checkpoint(tmp_path / "ck", method, cfg, epoch=1, step=2)
+    save_train_state(tmp_path / "ck", {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                                       "rng": torch.get_rng_state()})
+    again = load_method(tmp_path / "ck")
+    opt2 = make_optimizer(cfg, again.parameters())
+    sched2 = torch.optim.lr_scheduler.LambdaLR(opt2, lambda s: lr_factor(s, 10, 2, "cosine"))
+    state = load_train_state(tmp_path / "ck")
+    opt2.load_state_dict(state["optimizer"])
+    sched2.load_state_dict(state["scheduler"])
+    assert sched2.get_last_lr() == sched.get_last_lr()
+    for m, o, s in ((method, opt, sched), (again, opt2, sched2)):
+        torch.manual_seed(1)  # same dropout masks and sampled negatives for both
+        o.zero_grad()
+        m(batch())["loss"].backward()
+        o.step()
+        s.step()
+    for (name, p), q in zip(method.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(p, q), name
+
+
+def test_truncated_training_state_gives_a_clear_error(tmp_path):
+    from xmr.checkpoint import load_train_state, save_train_state
+
+    cfg = small_cfg()
+    method, opt, sched = trained_state(cfg)
+    save_checkpoint(tmp_path / "ck", method, cfg)
+    with pytest.raises(CheckpointError, match="model-only checkpoint cannot resume"):
+        load_train_state(tmp_path / "ck")
+    save_train_state(tmp_path / "ck", {"optimizer": opt.state_dict(), "scheduler": sched.state_dict()})
+    path = tmp_path / "ck" / "train_state.pt"
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="train_state.pt: unreadable or truncated"):
+        load_train_state(tmp_path / "ck")
+
+
+def test_training_state_refuses_pickled_code(tmp_path):
+    """weights_only loading: an object that would run code on unpickling is refused."""
+    from xmr.checkpoint import load_train_state
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    cfg = small_cfg()
+    save_checkpoint(tmp_path / "ck", Method(cfg), cfg)
+    torch.save({"optimizer": Evil()}, tmp_path / "ck" / "train_state.pt")
+    with pytest.raises(CheckpointError, match="unreadable or truncated training state"):
+        load_train_state(tmp_path / "ck")
+
+
+def test_fetch_checkpoint_follows_a_run_directory_on_s3(tmp_path, s3_bucket):
+    import json
+
+    from xmr.checkpoint import fetch_checkpoint
+    from xmr.data import storage
+
+    cfg = small_cfg()
+    save_checkpoint(tmp_path / "run" / "checkpoint_epoch0002", Method(cfg), cfg, epoch=2)
+    (tmp_path / "run" / "best.json").write_text(json.dumps(
+        {"checkpoint": f"s3://{s3_bucket}/runs/r/checkpoint_epoch0002", "metric": "map_mean", "value": 0.5}))
+    storage.upload_dir(str(tmp_path / "run"), f"s3://{s3_bucket}/runs/r", progress=False)
+    local = fetch_checkpoint(f"s3://{s3_bucket}/runs/r", cache_dir=str(tmp_path / "cache"))
+    assert load_method(local).cfg == cfg
+    assert fetch_checkpoint(f"s3://{s3_bucket}/runs/r", cache_dir=str(tmp_path / "cache")) == local  # cached
+    with pytest.raises(CheckpointError, match="neither a checkpoint directory"):
+        fetch_checkpoint(str(tmp_path))
+    with pytest.raises(CheckpointError, match="nothing there"):
+        fetch_checkpoint(f"s3://{s3_bucket}/runs/missing", cache_dir=str(tmp_path / "cache"))

@@ -33,6 +33,7 @@ def _register_config(subparsers) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from xmr.data.cli import register as register_data
     from xmr.metrics.cli import register as register_metrics
+    from xmr.serve.cli import register as register_serve
     from xmr.train.cli import register as register_train
 
     parser = argparse.ArgumentParser(
@@ -40,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"xmr {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     register_train(subparsers)
+    register_serve(subparsers)
     register_data(subparsers)
     register_metrics(subparsers)
     _register_config(subparsers)

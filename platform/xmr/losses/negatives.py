@@ -12,6 +12,8 @@ averages gradients over ranks they equal the single-process gradients.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.distributed as dist
 
@@ -45,7 +47,9 @@ def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
         padded = torch.cat([x, pad], dim=0)
     from torch.distributed.nn.functional import all_gather
 
-    parts = all_gather(padded)
+    with warnings.catch_warnings():  # deprecated in favour of a private API; still the autograd-aware gather
+        warnings.simplefilter("ignore", FutureWarning)
+        parts = all_gather(padded)
     gathered = torch.cat([p[:n] for p, n in zip(parts, sizes_list)], dim=0)
     return gathered, sum(sizes_list[:rank])
 

@@ -95,7 +95,7 @@ def prepare(cfg: Config, run_name: str | None = None) -> tuple[Config, str, str]
 
 def build_trainer(cfg: Config, metric: str, mode: str, callbacks: list | None = None):
     """The ``TorchTrainer`` for a prepared config."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from xmr.train.loop import train_loop_per_worker
@@ -119,7 +119,9 @@ def build_trainer(cfg: Config, metric: str, mode: str, callbacks: list | None = 
             failure_config=FailureConfig(max_failures=cfg.storage.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.storage.keep_checkpoints,
                                                checkpoint_score_attribute=metric, checkpoint_score_order=mode),
-            callbacks=callbacks or None),
+            callbacks=callbacks or None,
+            # xmr prints one line per epoch itself; Ray Train's per-report INFO lines would bury it
+            logging_config=LoggingConfig(log_level=os.environ.get("XMR_TRAIN_LOG_LEVEL", "WARNING"))),
     )
 
 

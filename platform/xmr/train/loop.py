@@ -11,6 +11,7 @@ checkpoint: the epochs already checkpointed are not trained again.
 from __future__ import annotations
 
 import math
+import resource
 import tempfile
 import time
 from contextlib import nullcontext
@@ -183,6 +184,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
             row["train_exactly_once"] = bool(n_samples == n and int(seen[1]) == n * (n - 1) // 2
                                              and int(seen[2]) % _P == (n - 1) * n * (2 * n - 1) // 6 % _P)
         row["attempt"], row["num_workers"], row["num_nodes"] = attempt, world, num_nodes
+        row["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # this worker's peak
         history.append(row)
         value = row.get(metric)
         if value is not None and (best is None or (value > best["value"] if mode == "max" else value < best["value"])):

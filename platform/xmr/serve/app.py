@@ -1,0 +1,184 @@
+"""The Ray Serve application: one deployment with a FastAPI ingress.
+
+- ``POST /search``: category / pair retrieval (feature array, or a WAV file where the
+  dataset has an audio featuriser) -> top-k items of the other modality.
+- ``POST /moments``: video corpus moment retrieval (token features) -> top-k (video, start,
+  end, score); ``video`` restricts it to one video (SVMR).
+- ``GET /healthz``, ``GET /info``.
+
+Queries are batched with ``@serve.batch`` and scored by one matrix product against the
+gallery (or a FAISS index past a size threshold). The checkpoint and gallery are the
+deployment's ``user_config``: deploying a new one loads it beside the old in a thread and
+swaps it in when ready, so requests keep being answered throughout.
+"""
+
+# no `from __future__ import annotations`: FastAPI reads the request models from real annotations
+
+import asyncio
+import os
+from typing import Any
+
+import numpy as np
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from ray import serve
+
+from xmr.serve.featurise import audio_featuriser
+from xmr.serve.gallery import CategoryGallery, Loaded, VideoCorpus, load_for_serving
+from xmr.serve.requests import (MAX_BODY_BYTES, MomentsRequest, RequestError, SearchRequest, as_array,
+                                decode_wav_base64, error_text, tokens_array)
+from xmr.serve.search import moments_batch, search_category, svmr_one
+
+BATCH_SIZE = int(os.environ.get("XMR_SERVE_BATCH", "32"))
+BATCH_WAIT_S = float(os.environ.get("XMR_SERVE_BATCH_WAIT_S", "0.002"))
+
+api = FastAPI(title="xmr retrieval", version="1",
+              description="Cross-modal retrieval and video corpus moment retrieval from an xmr checkpoint.")
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"error": message})
+
+
+@api.exception_handler(RequestError)
+async def _request_error(_: Request, exc: RequestError) -> JSONResponse:
+    return _error(exc.status, exc.message)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    return _error(422, error_text(exc.errors()))
+
+
+@api.middleware("http")
+async def _bounded_body(request: Request, call_next):
+    """Oversized bodies are refused before they are read."""
+    if request.method in ("POST", "PUT", "PATCH"):
+        length = request.headers.get("content-length")
+        if length is None:
+            return _error(411, "a Content-Length header is required")
+        if not length.isdigit():
+            return _error(400, f"invalid Content-Length {length[:32]!r}")
+        if int(length) > MAX_BODY_BYTES:
+            return _error(413, f"request body of {int(length)} bytes exceeds the {MAX_BODY_BYTES}-byte limit")
+    return await call_next(request)
+
+
+@serve.deployment(max_ongoing_requests=64, ray_actor_options={"num_cpus": 1})
+@serve.ingress(api)
+class Retriever:
+    def __init__(self) -> None:
+        self.state: "Loaded | None" = None
+        self.featurise: Any = None
+        self.loading: str | None = None
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Load the configured checkpoint and gallery off the event loop, then swap."""
+        self.loading = str(user_config.get("checkpoint"))
+        loaded = await asyncio.to_thread(load_for_serving, **user_config)
+        featurise = audio_featuriser(loaded.manifest) if loaded.cfg.task != "vcmr" else None
+        self.state, self.featurise, self.loading = loaded, featurise, None
+
+    def _ready(self, task: str) -> Loaded:
+        st = self.state
+        if st is None:
+            raise RequestError(503, "the model is still loading")
+        if task == "vcmr" and st.cfg.task != "vcmr":
+            raise RequestError(404, f"/moments serves VCMR models; this checkpoint is a {st.cfg.task!r} model (use /search)")
+        if task != "vcmr" and st.cfg.task == "vcmr":
+            raise RequestError(404, "/search serves category / pair models; this checkpoint is a VCMR model (use /moments)")
+        return st
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict[str, Any]:
+        if self.state is None:
+            raise RequestError(503, "loading")
+        return {"status": "ok"}
+
+    @api.get("/info")
+    async def info(self) -> dict[str, Any]:
+        st = self.state
+        if st is None:
+            raise RequestError(503, "the model is still loading")
+        return {**st.info, "loading": self.loading, "batch_size": BATCH_SIZE,
+                "featurisers": ["audio_wav_base64"] if self.featurise else []}
+
+    @api.post("/search")
+    async def search(self, req: SearchRequest) -> dict[str, Any]:
+        st = self._ready("category")
+        if (req.query is None) == (req.audio_wav_base64 is None):
+            raise RequestError(422, "give exactly one of query (features) or audio_wav_base64")
+        if req.audio_wav_base64 is not None:
+            if self.featurise is None:
+                raise RequestError(422, "audio_wav_base64: this gallery's dataset has no audio featuriser; send features")
+            role, featurise = self.featurise
+            if req.modality not in (None, role):
+                raise RequestError(422, f"modality = {req.modality!r}: audio queries are modality {role!r}")
+            vec = featurise(decode_wav_base64(req.audio_wav_base64))
+        else:
+            role = req.modality or "a"
+            vec = as_array(req.query, st.cfg.model.dims[role], "query")
+        g = st.gallery
+        assert isinstance(g, CategoryGallery)
+        if req.k > g.size:
+            raise RequestError(422, f"k = {req.k}: the gallery holds {g.size} items")
+        other = "b" if role == "a" else "a"
+        hits = await self._search_batched((st, role, vec, req.k))
+        return {"modality": other, "k": req.k, "results": hits}
+
+    @serve.batch(max_batch_size=BATCH_SIZE, batch_wait_timeout_s=BATCH_WAIT_S)
+    async def _search_batched(self, items: list[tuple]) -> list[list[dict[str, Any]]]:
+        return await asyncio.to_thread(search_category, items)
+
+    @api.post("/moments")
+    async def moments(self, req: MomentsRequest) -> dict[str, Any]:
+        st = self._ready("vcmr")
+        if req.text is not None:
+            raise RequestError(422, "text: this dataset's query features come from no text encoder available "
+                                    "offline; send token features in 'query'")
+        if req.query is None:
+            raise RequestError(422, "query: required (token features [T, d_query])")
+        q = tokens_array(req.query, st.cfg.model.dims["query"][-1], st.cfg.data.max_query_tokens)
+        corpus = st.gallery
+        assert isinstance(corpus, VideoCorpus)
+        if req.video is not None:
+            try:
+                position = corpus.ids.index(req.video)
+            except ValueError:
+                raise RequestError(404, f"video {req.video[:80]!r}: not in the served corpus") from None
+            hits = await asyncio.to_thread(svmr_one, st, q, position, req.k)
+            return {"k": req.k, "video": req.video, "results": hits}
+        hits = await self._moments_batched((st, q, req.k))
+        return {"k": req.k, "results": hits}
+
+    @serve.batch(max_batch_size=BATCH_SIZE, batch_wait_timeout_s=BATCH_WAIT_S)
+    async def _moments_batched(self, items: list[tuple]) -> list[list[dict[str, Any]]]:
+        return await asyncio.to_thread(moments_batch, items)
+
+
+def build_app(args: dict[str, Any]):
+    """Serve application builder (``serve run serving.app:app_builder checkpoint=... gallery=...``).
+
+    args: checkpoint (dir, run dir or s3://; required), gallery (dataset root; default the
+    checkpoint's data.path), split (default test), index (a saved ``xmr index build`` dir),
+    approx (auto|on|off), replicas, batch options via XMR_SERVE_BATCH / XMR_SERVE_BATCH_WAIT_S.
+    """
+    known = {"checkpoint", "gallery", "split", "index", "approx", "endpoint_url", "replicas", "max_ongoing_requests"}
+    unknown = set(args) - known
+    if unknown:
+        raise ValueError(f"unknown application args {sorted(unknown)} (known: {sorted(known)})")
+    if not args.get("checkpoint"):
+        raise ValueError("the 'checkpoint' arg is required (a checkpoint dir, a run dir, or s3://...)")
+    user_config = {k: args[k] for k in ("checkpoint", "gallery", "split", "index", "approx", "endpoint_url")
+                   if args.get(k) is not None}
+    for key in ("checkpoint", "gallery", "index"):  # replicas do not run in this process's directory
+        if key in user_config and not str(user_config[key]).startswith("s3://"):
+            user_config[key] = os.path.abspath(str(user_config[key]))
+    max_ongoing = int(args.get("max_ongoing_requests", 64))
+    if max_ongoing < BATCH_SIZE:
+        raise ValueError(f"max_ongoing_requests = {max_ongoing} must be >= the batch size {BATCH_SIZE}, "
+                         "or batches can never fill")
+    return Retriever.options(user_config=user_config, num_replicas=int(args.get("replicas", 1)),
+                             max_ongoing_requests=max_ongoing).bind()

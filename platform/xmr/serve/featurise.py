@@ -1,0 +1,60 @@
+"""Raw inputs the endpoint accepts where the dataset records how its features were made.
+
+The audio-visual digits set stores log-mel parameters in its manifest (``source.details.mel``),
+so a WAV file can be turned into the same [n_frames, n_mels] features as its audio side."""
+
+from __future__ import annotations
+
+import io
+import wave
+
+import numpy as np
+
+from xmr.data.manifest import Manifest
+from xmr.serve.requests import RequestError
+
+MAX_WAV_SECONDS = 30.0
+
+
+def audio_featuriser(manifest: Manifest):
+    """(role, featurise(bytes) -> array) for datasets built from audio, else None."""
+    details = (manifest.source or {}).get("details", {}) if isinstance(manifest.source, dict) else {}
+    mel = details.get("mel")
+    if not mel:
+        return None
+    from xmr.data.sources.audio import MelParams, log_mel, mel_filterbank, resample, trim_silence
+
+    params = MelParams(**mel)
+    fbank = mel_filterbank(params)
+    role = next((r for r, m in manifest.modalities.items() if m.name == "audio"), "b")
+
+    def featurise(data: bytes) -> np.ndarray:
+        try:
+            with wave.open(io.BytesIO(data), "rb") as w:
+                n_ch, width, rate, n = w.getnchannels(), w.getsampwidth(), w.getframerate(), w.getnframes()
+                if n == 0 or rate <= 0:
+                    raise RequestError(422, "audio_wav_base64: the WAV file holds no samples")
+                if n / rate > MAX_WAV_SECONDS:
+                    raise RequestError(413, f"audio_wav_base64: {n / rate:.1f} s of audio, at most {MAX_WAV_SECONDS:.0f} s")
+                raw = w.readframes(n)
+        except (wave.Error, EOFError) as exc:
+            raise RequestError(422, f"audio_wav_base64: not a readable PCM WAV file ({exc})") from None
+        dtype = {1: np.uint8, 2: "<i2", 4: "<i4"}.get(width)
+        if dtype is None:
+            raise RequestError(422, f"audio_wav_base64: unsupported sample width {width} bytes (1, 2 or 4)")
+        x = np.frombuffer(raw[: len(raw) - len(raw) % (width * n_ch)], dtype=dtype).astype(np.float32)
+        x = (x - 128.0) / 128.0 if width == 1 else x / float(2 ** (8 * width - 1))
+        if n_ch > 1:
+            x = x.reshape(-1, n_ch).mean(axis=1)
+        x = trim_silence(resample(x, rate, params.sample_rate))
+        x = x / max(float(np.abs(x).max()), 1e-6) * 0.6
+        window = params.window_samples()
+        if len(x) >= window:
+            start = (len(x) - window) // 2
+            x = x[start:start + window]
+        else:
+            pad = window - len(x)
+            x = np.pad(x, (pad // 2, pad - pad // 2))
+        return log_mel(x, params, fbank).astype(np.float32)
+
+    return role, featurise
