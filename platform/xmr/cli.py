@@ -4,10 +4,16 @@ enough that ``xmr --help`` answers without starting Ray."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+# Ray 2.60 enables token auth by default and reads the mode when it is imported: every xmr
+# command (and the Ray processes it starts) uses token mode unless the caller chose otherwise.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 from xmr import __version__
 from xmr.config import ConfigError
+from xmr.tune.space import SpaceError
 
 
 def _config_show(args: argparse.Namespace) -> int:
@@ -35,12 +41,14 @@ def build_parser() -> argparse.ArgumentParser:
     from xmr.metrics.cli import register as register_metrics
     from xmr.serve.cli import register as register_serve
     from xmr.train.cli import register as register_train
+    from xmr.tune.cli import register as register_tune
 
     parser = argparse.ArgumentParser(
         prog="xmr", description="Train, tune and serve cross-modal retrieval models (multi-negative contrastive learning) on Ray.")
     parser.add_argument("--version", action="version", version=f"xmr {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     register_train(subparsers)
+    register_tune(subparsers)
     register_serve(subparsers)
     register_data(subparsers)
     register_metrics(subparsers)
@@ -55,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except ConfigError as exc:
         print(f"xmr: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except SpaceError as exc:
+        print(f"xmr: search space error: {exc}", file=sys.stderr)
         return 2
 
 

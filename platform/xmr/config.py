@@ -289,6 +289,14 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+def with_values(cfg: Config, values: dict[str, Any]) -> Config:
+    """A new, validated Config with dotted fields set (``{"loss.lambdas.center": 0.1}``)."""
+    data = cfg.to_dict()
+    for dotted, value in values.items():
+        set_field(data, dotted.split("."), value)
+    return from_dict(data)
+
+
 def resolve_preset(name_or_path: str) -> Path:
     """A preset name (``sccmrl``) or a path to a YAML file."""
     path = Path(name_or_path)

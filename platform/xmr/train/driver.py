@@ -69,8 +69,10 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> No
     if address:
         ray.init(address=address, runtime_env=code_runtime_env())
     else:
-        ray.init(num_cpus=num_cpus or max(4, 2 * (os.cpu_count() or 1)), include_dashboard=False,
-                 runtime_env=code_runtime_env(), configure_logging=False)
+        # The dashboard (bound to 127.0.0.1) serves Ray's state API, which Ray Train uses to
+        # release a stopped run's placement group (e.g. a trial ASHA ends early).
+        ray.init(num_cpus=num_cpus or max(4, 2 * (os.cpu_count() or 1)), include_dashboard=True,
+                 dashboard_host="127.0.0.1", runtime_env=code_runtime_env(), configure_logging=False)
 
 
 def prepare(cfg: Config, run_name: str | None = None) -> tuple[Config, str, str]:

@@ -184,6 +184,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
             row["train_exactly_once"] = bool(n_samples == n and int(seen[1]) == n * (n - 1) // 2
                                              and int(seen[2]) % _P == (n - 1) * n * (2 * n - 1) // 6 % _P)
         row["attempt"], row["num_workers"], row["num_nodes"] = attempt, world, num_nodes
+        row["run"] = payload["run_name"]
         row["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # this worker's peak
         history.append(row)
         value = row.get(metric)

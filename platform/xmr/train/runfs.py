@@ -56,8 +56,11 @@ class RunDir:
         return f"s3://{full}" if isinstance(self.fs, pafs.S3FileSystem) else full
 
     def write_text(self, rel: str, text: str) -> None:
+        self.write_bytes(rel, text.encode())
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
         with self.fs.open_output_stream(posixpath.join(self.path, rel)) as f:
-            f.write(text.encode())
+            f.write(data)
 
     def read_text(self, rel: str) -> str | None:
         path = posixpath.join(self.path, rel)

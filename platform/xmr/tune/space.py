@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from xmr.config import Config, ConfigError, from_dict, load_config, set_field
+from xmr.config import Config, ConfigError, apply_overrides, from_dict, load_config, with_values
 
 KINDS = ("uniform", "loguniform", "int", "categorical")
 
@@ -68,6 +68,7 @@ class SearchSpace:
     metric: str = ""
     mode: str = "max"
     source: str = ""
+    ablations: dict[str, list[str]] = field(default_factory=dict)
 
     def suggest(self, trial: Any) -> dict[str, Any]:
         """Define-by-run sampling: only parameters whose conditions hold are suggested."""
@@ -79,10 +80,15 @@ class SearchSpace:
 
     def apply(self, cfg: Config, sampled: dict[str, Any]) -> Config:
         """A new Config with the sampled values set (validated like any config)."""
-        data = cfg.to_dict()
-        for dotted, value in sampled.items():
-            set_field(data, dotted.split("."), value)
-        return from_dict(data)
+        return with_values(cfg, sampled)
+
+    def ablation_variants(self, cfg: Config) -> dict[str, list[str]]:
+        """Named variants for ``xmr tune --ablate``: the space's ``ablations``, or else each
+        weighted loss term but the first switched off in turn; "full" is the preset itself."""
+        if self.ablations:
+            return {"full": [], **self.ablations}
+        terms = [name for name, w in cfg.loss.lambdas.items() if w > 0]
+        return {"full": [], **{f"w/o {t}": [f"loss.lambdas.{t}=0"] for t in terms[1:]}}
 
 
 def _number(value: Any, where: str) -> float:
@@ -188,9 +194,9 @@ def load_space(path: str | Path, base: Config | None = None) -> SearchSpace:
         raise SpaceError(f"{path}: not valid YAML ({exc})") from None
     if not isinstance(raw, dict):
         raise SpaceError(f"{path}: expected a mapping at the top level")
-    unknown = set(raw) - {"preset", "metric", "mode", "params"}
+    unknown = set(raw) - {"preset", "metric", "mode", "params", "ablations"}
     if unknown:
-        raise SpaceError(f"{path}: unknown keys {sorted(unknown)} (known: preset, metric, mode, params)")
+        raise SpaceError(f"{path}: unknown keys {sorted(unknown)} (known: preset, metric, mode, params, ablations)")
     params_raw = raw.get("params")
     if not isinstance(params_raw, dict) or not params_raw:
         raise SpaceError(f"{path}: 'params' must be a non-empty mapping of config path -> distribution")
@@ -205,4 +211,21 @@ def load_space(path: str | Path, base: Config | None = None) -> SearchSpace:
     except ConfigError as exc:
         raise SpaceError(f"{path}: preset {space.preset!r}: {exc}") from None
     _check_against_config(space, base)
+    space.ablations = _parse_ablations(raw.get("ablations") or {}, base, path)
     return space
+
+
+def _parse_ablations(raw: Any, base: Config, path: Path) -> dict[str, list[str]]:
+    """``ablations: {name: [a.b=value, ...]}``; each variant must give a valid config."""
+    if not isinstance(raw, dict):
+        raise SpaceError(f"{path}: ablations must be a mapping of variant name -> list of a.b=value overrides")
+    out: dict[str, list[str]] = {}
+    for name, overrides in raw.items():
+        if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
+            raise SpaceError(f"ablations.{name}: expected a list of 'a.b=value' strings, got {overrides!r}")
+        try:
+            from_dict(apply_overrides(base.to_dict(), overrides))
+        except ConfigError as exc:
+            raise SpaceError(f"ablations.{name}: {exc}") from None
+        out[str(name)] = overrides
+    return out

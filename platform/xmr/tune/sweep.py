@@ -1,0 +1,217 @@
+"""Sweeps of λ weights and negative counts with Ray Tune + Optuna, and ablations.
+
+Each Tune trial is a small driver function that builds and fits a ``TorchTrainer`` for one
+sampled config (Ray 2.60's pattern: ``Tuner(trainer)`` is gone) and forwards the training
+run's per-epoch rows to Tune with ``TuneReportCallback``; ASHA stops poor trials early on
+that per-epoch validation metric. Every trial is a normal xmr run folder (config, metrics,
+best checkpoint) under ``<sweep>/trials/``, so the best one is served like any run.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+
+from xmr.config import Config, apply_overrides, from_dict, with_values
+from xmr.evaluation import MAIN_METRIC
+from xmr.train.runfs import RunDir, filesystem
+
+TRIAL_DRIVER_CPUS = 0.25  # the trial's driver function only waits on its trainer
+
+
+@dataclass
+class SweepSettings:
+    name: str
+    trials: int = 20
+    concurrency: int = 0  # 0: as many as the cluster's CPUs hold
+    seed: int = 0
+    searcher: str = "tpe"  # tpe | random
+    scheduler: str = "asha"  # asha | none
+    grace_period: int = 1
+    reduction_factor: int = 2
+    optuna_storage: str | None = None  # e.g. sqlite:///sweeps.db: the study outlives the sweep
+
+
+@dataclass
+class SweepResult:
+    sweep_uri: str
+    metric: str
+    mode: str
+    table: pd.DataFrame
+    best: dict[str, Any] | None
+    files: dict[str, str] = field(default_factory=dict)
+
+
+def trial_driver(config: dict[str, Any], base: dict[str, Any], trials_root: str,
+                 variants: dict[str, list[str]] | None = None) -> None:
+    """One Tune trial: the sampled values (dotted config paths) or a named variant, trained
+    with Ray Train; every epoch's row reaches Tune through ``TuneReportCallback``."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from xmr.train.driver import run_training
+
+    cfg = with_values(from_dict(base), {k: v for k, v in config.items() if "." in k})
+    if variants is not None:
+        cfg = from_dict(apply_overrides(cfg.to_dict(), variants[config["variant"]]))
+    if "seed" in config:
+        cfg.seed = int(config["seed"])
+    cfg.storage.root = trials_root
+    cfg.storage.run_name = f"trial_{tune.get_context().get_trial_id()}"
+    run_training(cfg, callbacks=[TuneReportCallback()], start_ray=False, verbose=False)
+
+
+def _per_trial_cpus(cfg: Config) -> float:
+    return TRIAL_DRIVER_CPUS + cfg.resources.num_workers * cfg.resources.cpus_per_worker * (1 + cfg.data.num_workers)
+
+
+def _concurrency(cfg: Config, settings: SweepSettings, n_trials: int) -> int:
+    import ray
+
+    if settings.concurrency:
+        return min(settings.concurrency, n_trials)
+    cpus = float(ray.cluster_resources().get("CPU", 1))
+    return max(1, min(n_trials, int(cpus // _per_trial_cpus(cfg))))
+
+
+def _tuner(trainable, cfg: Config, settings: SweepSettings, metric: str, mode: str, n_trials: int,
+           search_alg=None, param_space=None, scheduler=None):
+    from ray import tune
+
+    fs, base = filesystem(cfg.storage.root, cfg.data.endpoint_url)
+    path = f"{base}/{settings.name}"
+    trainable = tune.with_resources(trainable, {"CPU": TRIAL_DRIVER_CPUS})
+    if tune.Tuner.can_restore(path, storage_filesystem=fs):
+        print(f"[xmr] resuming sweep {settings.name}: finished trials are kept, unfinished ones resume", flush=True)
+        return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True,
+                                  storage_filesystem=fs)
+    return tune.Tuner(
+        trainable,
+        param_space=param_space or {},
+        tune_config=tune.TuneConfig(metric=metric, mode=mode, num_samples=n_trials if search_alg else 1,
+                                    search_alg=search_alg, scheduler=scheduler,
+                                    max_concurrent_trials=_concurrency(cfg, settings, n_trials)),
+        run_config=tune.RunConfig(name=settings.name, storage_path=base, storage_filesystem=fs),
+    )
+
+
+def prepare_base(cfg: Config, settings: SweepSettings) -> tuple[Config, str, str]:
+    """Resolve the base config once (paths, dims) so every trial starts from the same one."""
+    from xmr.train.driver import prepare
+
+    cfg, metric, mode = prepare(cfg, run_name=settings.name)
+    return cfg, metric, mode
+
+
+def run_sweep(cfg: Config, space, settings: SweepSettings, address: str | None = None) -> SweepResult:
+    """Sample ``settings.trials`` configs from ``space`` with Optuna (TPE, seeded), prune with
+    ASHA, and write the trials table, best config, best-checkpoint pointer and plots."""
+    import optuna
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    from xmr.train.driver import ensure_ray, local_cpus
+
+    cfg, _, _ = prepare_base(cfg, settings)
+    metric = space.metric or cfg.storage.checkpoint_metric or MAIN_METRIC[cfg.task]
+    mode = space.mode
+    cfg.storage.checkpoint_metric, cfg.storage.checkpoint_mode = metric, mode
+    if settings.searcher not in ("tpe", "random"):
+        raise ValueError(f"searcher = {settings.searcher!r}: use tpe or random")
+    sampler = (optuna.samplers.TPESampler(seed=settings.seed, n_startup_trials=max(2, min(10, settings.trials // 3)))
+               if settings.searcher == "tpe" else optuna.samplers.RandomSampler(seed=settings.seed))
+    storage = optuna.storages.RDBStorage(settings.optuna_storage) if settings.optuna_storage else None
+    search = OptunaSearch(space=space.suggest, metric=metric, mode=mode, sampler=sampler,
+                          study_name=settings.name, storage=storage)
+    scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=cfg.optim.epochs,
+                               grace_period=settings.grace_period, reduction_factor=settings.reduction_factor)
+                 if settings.scheduler == "asha" else None)
+    ensure_ray(address, num_cpus=max(local_cpus(cfg), int(2 * _per_trial_cpus(cfg)) + 2))
+    trials_root = _join(cfg.storage.root, settings.name, "trials")
+    trainable = tune.with_parameters(trial_driver, base=cfg.to_dict(), trials_root=trials_root)
+    t0 = time.perf_counter()
+    grid = _tuner(trainable, cfg, settings, metric, mode, settings.trials, search_alg=search,
+                  scheduler=scheduler).fit()
+    table = trials_table(grid, cfg, metric, mode, [p.path for p in space.params])
+    from xmr.tune.report import write_sweep_report
+
+    return write_sweep_report(cfg, settings, space, table, metric, mode, wall_s=time.perf_counter() - t0)
+
+
+def run_ablation(cfg: Config, variants: dict[str, list[str]], settings: SweepSettings, seeds: list[int],
+                 address: str | None = None) -> SweepResult:
+    """Every named variant (``{"full": [], "w/o X": [...]}``) x every seed, same data and
+    schedule, no early stopping; the table compares their final metrics."""
+    from ray import tune
+
+    from xmr.train.driver import ensure_ray, local_cpus
+
+    cfg, metric, mode = prepare_base(cfg, settings)
+    for name, overrides in variants.items():  # every variant must be a valid config before anything runs
+        from_dict(apply_overrides(cfg.to_dict(), overrides))
+    ensure_ray(address, num_cpus=max(local_cpus(cfg), int(2 * _per_trial_cpus(cfg)) + 2))
+    trials_root = _join(cfg.storage.root, settings.name, "trials")
+    trainable = tune.with_parameters(trial_driver, base=cfg.to_dict(), trials_root=trials_root, variants=variants)
+    t0 = time.perf_counter()
+    n = len(variants) * len(seeds)
+    grid = _tuner(trainable, cfg, settings, metric, mode, n,
+                  param_space={"variant": tune.grid_search(list(variants)), "seed": tune.grid_search(seeds)}).fit()
+    table = trials_table(grid, cfg, metric, mode, ["variant", "seed"])
+    from xmr.tune.report import write_ablation_report
+
+    return write_ablation_report(cfg, settings, table, metric, mode, variants, wall_s=time.perf_counter() - t0)
+
+
+def _join(root: str, *parts: str) -> str:
+    return "/".join([root.rstrip("/"), *parts]) if root.startswith("s3://") else os.path.join(root, *parts)
+
+
+def trials_table(grid, cfg: Config, metric: str, mode: str, param_names: list[str]) -> pd.DataFrame:
+    """One row per trial: its parameters, best and last metric, epochs run, pruned or not,
+    error, and its run folder / best checkpoint."""
+    rows = []
+    for result in grid:
+        conf = result.config or {}
+        history = result.metrics_dataframe if result.metrics_dataframe is not None else pd.DataFrame()
+        epochs = int(history["epoch"].max()) if "epoch" in history and len(history) else 0
+        values = history[metric].dropna() if metric in history else pd.Series(dtype=float)
+        best_value = (values.max() if mode == "max" else values.min()) if len(values) else float("nan")
+        run = str(history["run"].dropna().iloc[-1]) if "run" in history and history["run"].notna().any() else ""
+        row: dict[str, Any] = {"trial": run or os.path.basename(str(result.path))}
+        row.update({name: conf.get(name) for name in param_names})
+        row.update({metric: best_value, f"last_{metric}": float(values.iloc[-1]) if len(values) else float("nan"),
+                    "epochs": epochs, "pruned": bool(result.error is None and 0 < epochs < cfg.optim.epochs),
+                    "error": None if result.error is None else f"{type(result.error).__name__}: {result.error}"[:300]})
+        if len(history):  # the final epoch's validation metrics, for comparisons across variants
+            last = history.iloc[-1]
+            row.update({f"final_{k}": float(last[k]) for k in history.columns
+                        if k not in _NOT_METRICS and not k.startswith("train_") and pd.api.types.is_number(last[k])})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+_NOT_METRICS = {"epoch", "step", "samples_per_s", "train_s", "eval_s", "lr", "attempt", "num_workers", "num_nodes",
+                "max_rss_mb", "n_no_relevant", "training_iteration", "time_this_iter_s", "time_total_s", "timestamp",
+                "pid", "done", "iterations_since_restore", "time_since_restore"}
+
+
+def read_trial_best(trials_root: str, endpoint_url: str | None = None) -> dict[str, dict[str, Any]]:
+    """trial run name -> its best.json (checkpoint, metric, value, epoch)."""
+    import json
+
+    import pyarrow.fs as pafs
+
+    fs, base = filesystem(trials_root, endpoint_url)
+    out = {}
+    for info in fs.get_file_info(pafs.FileSelector(base, allow_not_found=True)):
+        if info.type == pafs.FileType.Directory:
+            name = info.base_name
+            text = RunDir(trials_root, name, endpoint_url).read_text("best.json")
+            if text:
+                out[name] = json.loads(text)
+    return out

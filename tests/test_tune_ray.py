@@ -1,0 +1,164 @@
+"""Ray Tune + Optuna sweeps on a real local Ray: a 6-trial sweep 2 at a time with ASHA, an
+interrupted sweep that resumes without redoing finished trials, ablations, and a bad space
+that fails before any trial starts."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from xmr.config import load_config
+from xmr.data.sources.synth_category import SynthCategoryConfig, write_synth_category
+
+pytestmark = pytest.mark.timeout(480)
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = ["optim.epochs=4", "data.batch_size=32", "model.embed_dim=16", "model.hidden_dim=32"]
+SPACE = {"preset": "sccmrl", "params": {
+    "loss.lambdas.center": {"type": "loguniform", "low": 1e-4, "high": 1.0},
+    "loss.lambdas.label": {"type": "loguniform", "low": 1e-3, "high": 3.0},
+    "negatives.strategy": {"type": "categorical", "choices": ["uniform", "hardest"]},
+    "negatives.memory_bank": {"type": "int", "low": 16, "high": 256, "log": True,
+                              "when": {"negatives.strategy": "hardest"}},
+    "optim.lr": {"type": "loguniform", "low": 1e-5, "high": 1e-2}}}
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory) -> str:
+    out = str(tmp_path_factory.mktemp("tune") / "synth")
+    write_synth_category(out, SynthCategoryConfig(splits={"train": 200, "val": 60}), progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def space_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("space") / "space.yaml"
+    path.write_text(yaml.safe_dump(SPACE, sort_keys=False))
+    return path
+
+
+def xmr(*args, **kw) -> subprocess.Popen:
+    env = dict(os.environ, RAY_AUTH_MODE="token", PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", "xmr.cli", *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True, **kw)
+
+
+def test_bad_space_fails_before_any_trial(tmp_path, synth):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"preset": "sccmrl", "params": {"loss.lambdas.nope": {"type": "loguniform",
+                                                                                        "low": 0.1, "high": 1}}}))
+    proc = xmr("tune", "--config", "sccmrl", "--space", str(bad), "--trials", "2", "--storage", str(tmp_path / "sw"),
+               "--name", "bad", "--set", f"data.path={synth}")
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2, out
+    assert "params.loss.lambdas.nope" in out and "unknown loss term" in out
+    assert not (tmp_path / "sw").exists() and "Started a local Ray instance" not in out
+
+
+def _finished_trials(root: Path, epochs: int) -> dict[str, float]:
+    """Trial run folders whose last epoch is written -> the mtime of their metrics.csv."""
+    done = {}
+    for csv in root.glob("trial_*/metrics.csv"):
+        try:
+            if pd.read_csv(csv)["epoch"].max() >= epochs:
+                done[csv.parent.name] = csv.stat().st_mtime
+        except (pd.errors.EmptyDataError, KeyError):
+            pass
+    return done
+
+
+def test_interrupted_sweep_resumes_without_redoing_trials(tmp_path, synth, space_file):
+    args = ["tune", "--config", "sccmrl", "--space", str(space_file), "--trials", "4", "--concurrency", "1",
+            "--no-asha", "--storage", str(tmp_path / "sw"), "--name", "resumable", "--set", f"data.path={synth}",
+            *[x for s in SMALL for x in ("--set", s)]]
+    proc = xmr(*args)
+    trials = tmp_path / "sw" / "resumable" / "trials"
+    deadline = time.time() + 300
+    while len(_finished_trials(trials, 4)) < 2 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+    before = _finished_trials(trials, 4)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started
+    proc.wait(timeout=30)
+    assert len(before) >= 2, f"no trials finished before the kill:\n{proc.stdout.read()[-3000:]}"
+    assert not (tmp_path / "sw" / "resumable" / "trials.csv").exists()  # it really was cut short
+
+    again = xmr(*args)
+    out, _ = again.communicate(timeout=400)
+    assert again.returncode == 0, out[-4000:]
+    assert "resuming sweep resumable" in out
+    table = pd.read_csv(tmp_path / "sw" / "resumable" / "trials.csv")
+    assert len(table) == 4 and table["error"].isna().all()
+    after = _finished_trials(trials, 4)
+    for name, mtime in before.items():
+        assert after[name] == mtime, f"{name} was trained again"
+    assert set(before) <= set(table["trial"])
+
+
+def test_sweep_six_trials_asha_best_checkpoint_reproduces(tmp_path, synth, space_file):
+    import ray
+
+    from xmr.checkpoint import fetch_checkpoint, load_method
+    from xmr.data.reader import make_loader
+    from xmr.evaluation.category import evaluate_category
+    from xmr.tune.space import load_space
+    from xmr.tune.sweep import SweepSettings, run_sweep
+
+    cfg = load_config("sccmrl", [f"data.path={synth}", f"storage.root={tmp_path / 'sw'}", *SMALL])
+    space = load_space(space_file, base=cfg)
+    settings = SweepSettings(name="six", trials=6, concurrency=2, seed=0, reduction_factor=3)
+    try:
+        result = run_sweep(cfg, space, settings)
+    finally:
+        ray.shutdown()
+    table = result.table
+    assert len(table) == 6 and table["error"].isna().all()
+    assert table["pruned"].sum() >= 1 and (table.loc[table["pruned"], "epochs"] < 4).all()
+    assert (table.loc[~table["pruned"], "epochs"] == 4).all()
+    # the conditional parameter exists exactly when its condition holds
+    assert (table["negatives.memory_bank"].notna() == (table["negatives.strategy"] == "hardest")).all()
+    sweep = tmp_path / "sw" / "six"
+    for name in ("trials.csv", "best_config.yaml", "best.json", "plot_history.html", "plot_history.png",
+                 "plot_importances.png", "plot_contour.png"):
+        assert (sweep / name).is_file(), name
+    best = result.best
+    assert best["value"] == pytest.approx(table["map_mean"].max())
+    method = load_method(fetch_checkpoint(str(sweep)))  # "the best of this sweep"
+    for path, value in best["params"].items():
+        if value is not None:
+            node = method.cfg.to_dict()
+            for part in path.split("."):
+                node = node[part]
+            assert node == pytest.approx(value)
+    val = make_loader(synth, "val", local_batch_size=64, shuffle=False)
+    assert evaluate_category(method.model, val, "category")["map_mean"] == pytest.approx(best["value"], abs=1e-5)
+
+
+def test_ablation_one_command(tmp_path, synth):
+    import ray
+
+    from xmr.tune.sweep import SweepSettings, run_ablation
+
+    cfg = load_config("sccmrl", [f"data.path={synth}", f"storage.root={tmp_path / 'ab'}", *SMALL,
+                                 "optim.epochs=2"])
+    variants = {"full": [], "w/o center": ["loss.lambdas.center=0"]}
+    try:
+        result = run_ablation(cfg, variants, SweepSettings(name="ab", concurrency=2), seeds=[0])
+    finally:
+        ray.shutdown()
+    table = result.table
+    assert sorted(table["variant"]) == ["full", "w/o center"] and table["error"].isna().all()
+    assert (table["epochs"] == 2).all()
+    md = (tmp_path / "ab" / "ab" / "ablation.md").read_text()
+    assert "| w/o center | loss.lambdas.center=0 |" in md and "map_mean" in md
+    # the ablated run really had the term off: its run config says so
+    run = table.loc[table["variant"] == "w/o center", "trial"].item()
+    saved = yaml.safe_load((tmp_path / "ab" / "ab" / "trials" / run / "config.yaml").read_text())
+    assert saved["loss"]["lambdas"]["center"] == 0
