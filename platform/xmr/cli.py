@@ -13,6 +13,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 from xmr import __version__
 from xmr.config import ConfigError
+from xmr.compare.spec import SpecError
 from xmr.tune.space import SpaceError
 
 
@@ -37,6 +38,7 @@ def _register_config(subparsers) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from xmr.compare.cli import register as register_compare
     from xmr.data.cli import register as register_data
     from xmr.metrics.cli import register as register_metrics
     from xmr.serve.cli import register as register_serve
@@ -50,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_train(subparsers)
     register_tune(subparsers)
     register_serve(subparsers)
+    register_compare(subparsers)
     register_data(subparsers)
     register_metrics(subparsers)
     _register_config(subparsers)
@@ -63,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except ConfigError as exc:
         print(f"xmr: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except SpecError as exc:
+        print(f"xmr: comparison spec error: {exc}", file=sys.stderr)
         return 2
     except SpaceError as exc:
         print(f"xmr: search space error: {exc}", file=sys.stderr)

@@ -75,7 +75,8 @@ def register(subparsers: Any) -> None:
 
     idx = subparsers.add_parser("index", help="build saved gallery indexes for the endpoint")
     sub = idx.add_subparsers(dest="index_command", required=True, metavar="COMMAND")
-    b = sub.add_parser("build", help="encode a gallery split once (and build a FAISS index) for `xmr serve --index`")
+    b = sub.add_parser("build", help="encode a gallery split once (category: and a FAISS index; vcmr: the corpus's "
+                                     "clip encodings) for `xmr serve --index`")
     b.add_argument("--checkpoint", required=True)
     b.add_argument("--gallery", default=None)
     b.add_argument("--split", default="test")

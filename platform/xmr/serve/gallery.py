@@ -170,27 +170,29 @@ def add_approx(g: CategoryGallery, approx: str) -> dict[str, float]:
 
 
 def save_index(out: str | Path, loaded: Loaded, recalls: dict[str, float]) -> Path:
-    """Write a category gallery's embeddings, ids and labels (and FAISS indexes) to ``out``."""
+    """Write an encoded gallery to ``out``: a category split's embeddings, ids and labels
+    (and FAISS indexes), or a VCMR corpus's clip encodings, video ids and durations."""
     g = loaded.gallery
-    if not isinstance(g, CategoryGallery):
-        raise ValueError("xmr index build: saved indexes are for category / pair galleries; a VCMR corpus "
-                         "is encoded when the endpoint starts")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    save_file({f"emb_{r}": e.numpy() for r, e in g.emb.items()}, str(out / "embeddings.safetensors"))
-    (out / "items.json").write_text(json.dumps({"ids": g.ids, "labels": g.labels}))
-    if g.approx:
-        import faiss
+    if isinstance(g, VideoCorpus):
+        save_file({f"enc_{k}": v.contiguous().numpy() for k, v in g.enc.items()}, str(out / "embeddings.safetensors"))
+        (out / "items.json").write_text(json.dumps({"ids": g.ids, "durations": g.durations.tolist()}))
+    else:
+        save_file({f"emb_{r}": e.contiguous().numpy() for r, e in g.emb.items()}, str(out / "embeddings.safetensors"))
+        (out / "items.json").write_text(json.dumps({"ids": g.ids, "labels": g.labels}))
+        if g.approx:
+            import faiss
 
-        for role, index in g.approx.items():
-            faiss.write_index(index, str(out / f"faiss_{role}.index"))
+            for role, index in g.approx.items():
+                faiss.write_index(index, str(out / f"faiss_{role}.index"))
     meta = {**loaded.info, "manifest": loaded.manifest.to_dict(), "approx_recall_at_10": recalls,
             "format": "xmr-index-1"}
     (out / "index.json").write_text(json.dumps(meta, indent=2, default=str))
     return out
 
 
-def load_index(path: str, method) -> tuple[Manifest, CategoryGallery]:
+def load_index(path: str, method) -> tuple[Manifest, CategoryGallery | VideoCorpus]:
     p = Path(path)
     try:
         meta = json.loads((p / "index.json").read_text())
@@ -198,9 +200,13 @@ def load_index(path: str, method) -> tuple[Manifest, CategoryGallery]:
         items = json.loads((p / "items.json").read_text())
     except (OSError, ValueError) as exc:
         raise ValueError(f"{path}: not a readable xmr index ({exc})") from None
-    if meta.get("embed_dim") != method.cfg.model.embed_dim:
-        raise ValueError(f"{path}: index embed_dim {meta.get('embed_dim')} does not fit the checkpoint's "
-                         f"{method.cfg.model.embed_dim}")
+    if meta.get("embed_dim") != method.cfg.model.embed_dim or meta.get("task") != method.cfg.task:
+        raise ValueError(f"{path}: an index of a {meta.get('task')!r} model with embed_dim {meta.get('embed_dim')} "
+                         f"does not fit this {method.cfg.task!r} checkpoint ({method.cfg.model.embed_dim})")
+    manifest = Manifest.from_dict(meta["manifest"])
+    if method.cfg.task == "vcmr":
+        enc = {k[len("enc_"):]: torch.from_numpy(v) for k, v in arrays.items()}
+        return manifest, VideoCorpus(enc, items["ids"], torch.tensor(items["durations"], dtype=torch.float32))
     g = CategoryGallery({r: torch.from_numpy(arrays[f"emb_{r}"]) for r in ("a", "b")}, items["ids"], items["labels"])
     for role in ("a", "b"):
         f = p / f"faiss_{role}.index"
@@ -209,4 +215,4 @@ def load_index(path: str, method) -> tuple[Manifest, CategoryGallery]:
 
             g.approx[role] = faiss.read_index(str(f))
             g.approx[role].nprobe = 32
-    return Manifest.from_dict(meta["manifest"]), g
+    return manifest, g
