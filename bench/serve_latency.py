@@ -40,13 +40,15 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "tvr"
 PORT = 8321
 
 
-def fake_manifest(task: str, dims: dict[str, list[int]], n: int, clip_len: float | None = None) -> dict:
+def fake_manifest(task: str, dims: dict[str, list[int]], n: int, clip_len: float | None = None,
+                  queries: int | None = None) -> dict:
     """A valid manifest describing the benchmark's in-memory gallery (no shards are read)."""
+    q = {"num_queries": queries} if task == "vcmr" else {}
     return {"schema_version": 1, "name": f"bench-{task}", "task": task, "created": "",
             "modalities": {r: {"name": r, "shape": s, "dtype": "float16"} for r, s in dims.items()},
             "labels": {"kind": "none", "num_classes": []}, "clip_len": clip_len, "source": {"kind": "bench"},
-            "splits": {"test": {"num_samples": n, "shards": [{"path": "none.tar", "num_samples": n,
-                                                              "sha256": "0" * 64, "bytes": 1}]}}}
+            "splits": {"test": {"num_samples": n, **q, "shards": [{"path": "none.tar", "num_samples": n, **q,
+                                                                   "sha256": "0" * 64, "bytes": 1}]}}}
 
 
 def category_index(root: Path, n: int, d: int = 256) -> tuple[str, str]:
@@ -105,7 +107,7 @@ def vcmr_index(root: Path) -> tuple[str, str, int, dict]:
     enc = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
     encode_s = time.perf_counter() - t0
     corpus = VideoCorpus(enc, names, torch.tensor(durations))
-    manifest = Manifest.from_dict(fake_manifest("vcmr", cfg.model.dims, len(names), clip_len=1.5))
+    manifest = Manifest.from_dict(fake_manifest("vcmr", cfg.model.dims, len(names), clip_len=1.5, queries=n_queries))
     info = {"method": cfg.method, "task": "vcmr", "model": cfg.model.name, "embed_dim": 384, "gallery_size": len(names)}
     index = str(save_index(root / "index_vcmr", Loaded(method, cfg, manifest, corpus, info), {}))
     facts = {"videos": len(names), "mean_clips": sum(n_clips) / len(n_clips), "max_clips": n_max,

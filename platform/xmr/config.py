@@ -297,18 +297,36 @@ def with_values(cfg: Config, values: dict[str, Any]) -> Config:
     return from_dict(data)
 
 
-def resolve_preset(name_or_path: str) -> Path:
-    """A preset name (``sccmrl``) or a path to a YAML file."""
+def resolve_named_yaml(name_or_path: str, directory: Path, what: str, error: type[Exception] = ConfigError) -> Path:
+    """A shipped file's name (``sccmrl`` -> ``<directory>/sccmrl.yaml``) or a path to a YAML file."""
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} not found")
+            raise error(f"{what} file {str(path)!r} not found")
         return path
-    candidate = PRESET_DIR / f"{name_or_path}.yaml"
+    candidate = directory / f"{name_or_path}.yaml"
     if not candidate.is_file():
-        known = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
-        raise ConfigError(f"unknown preset {name_or_path!r} (presets: {known}; or pass a .yaml path)")
+        known = sorted(p.stem for p in directory.glob("*.yaml"))
+        raise error(f"unknown {what} {name_or_path!r} (shipped: {known}; or pass a .yaml path)")
     return candidate
+
+
+def read_yaml_mapping(path: Path, error: type[Exception] = ConfigError) -> dict[str, Any]:
+    """A YAML file whose top level must be a mapping (empty file: empty mapping)."""
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise error(f"{path}: not valid YAML ({exc})") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise error(f"{path}: expected a mapping at the top level")
+    return raw
+
+
+def resolve_preset(name_or_path: str) -> Path:
+    """A preset name (``sccmrl``) or a path to a YAML file."""
+    return resolve_named_yaml(name_or_path, PRESET_DIR, "preset")
 
 
 def from_dict(data: dict[str, Any]) -> Config:
@@ -325,13 +343,7 @@ def load_config(name_or_path: str | None = None, overrides: list[str] | None = N
     """
     raw: dict[str, Any] = {}
     if name_or_path:
-        path = resolve_preset(name_or_path)
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level")
+        raw = read_yaml_mapping(resolve_preset(name_or_path))
     raw = apply_overrides(raw, overrides or [])
     return from_dict(raw)
 

@@ -22,9 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from xmr.config import Config, ConfigError, load_config
+from xmr.config import Config, ConfigError, load_config, read_yaml_mapping, resolve_named_yaml
 
 SPEC_DIR = Path(__file__).resolve().parent / "specs"
 _EXPECT = re.compile(r"^\s*([\w.\-]+)\s*(>|<)\s*([\w.\-]+)\s*$")
@@ -55,15 +53,7 @@ class ComparisonSpec:
 
 
 def resolve_spec(name_or_path: str) -> Path:
-    path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.exists():
-        if not path.is_file():
-            raise SpecError(f"comparison spec {name_or_path!r} not found")
-        return path
-    candidate = SPEC_DIR / f"{name_or_path}.yaml"
-    if not candidate.is_file():
-        raise SpecError(f"unknown comparison {name_or_path!r} (shipped: {sorted(p.stem for p in SPEC_DIR.glob('*.yaml'))})")
-    return candidate
+    return resolve_named_yaml(name_or_path, SPEC_DIR, "comparison spec", SpecError)
 
 
 def _variant_config(name: str, raw: Any, common: list[str], data_path: str, where: str) -> tuple[Config, list[str]]:
@@ -83,12 +73,7 @@ def load_spec(name_or_path: str, data_path: str | None = None, seeds: int | None
               extra: list[str] | None = None) -> ComparisonSpec:
     """Parse and validate a spec; every variant's config is built (and checked) here."""
     path = resolve_spec(name_or_path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise SpecError(f"{path}: not valid YAML ({exc})") from None
-    if not isinstance(raw, dict):
-        raise SpecError(f"{path}: expected a mapping")
+    raw = read_yaml_mapping(path, SpecError)
     unknown = set(raw) - {"name", "claim", "dataset", "metric", "seeds", "common", "variants", "expect", "split"}
     if unknown:
         raise SpecError(f"{path}: unknown keys {sorted(unknown)}")

@@ -40,9 +40,10 @@ def encode_corpus(model, video_batches: Iterable[dict[str, Any]]) -> tuple[dict[
 
 @torch.no_grad()
 def rank_queries(model, q: torch.Tensor, corpus: dict[str, torch.Tensor], top_videos: int, max_len: int,
-                 top_k: int = 100):
-    """(video scores [Q, V], ranked moments) for a chunk of encoded queries."""
-    scores, top, start, end = model.search(q, corpus, top_videos)
+                 top_k: int = 100, buckets: list | None = None):
+    """(video scores [Q, V], ranked moments) for a chunk of encoded queries; ``buckets``
+    (``bucket_corpus(corpus)``) saves regrouping the corpus on every call."""
+    scores, top, start, end = model.search(q, corpus, top_videos, buckets=buckets)
     moments = rank_moments(scores, start.softmax(-1), end.softmax(-1), corpus["clip_mask"], top, max_len, top_k)
     return scores, moments
 
@@ -57,12 +58,15 @@ def rank_query_batches(model, corpus: dict[str, torch.Tensor], meta: dict[str, A
     position = {int(v): i for i, v in enumerate(meta["video_index"].tolist())}
     parts: dict[str, list[np.ndarray]] = {k: [] for k in ("index", "vr", "vcmr_video", "vcmr_spans", "svmr_spans",
                                                            "gt_video", "gt_spans")}
+    from xmr.models.qacln import bucket_corpus
+
     device = corpus["clip_mask"].device
+    buckets = bucket_corpus(corpus)
     for batch in query_batches:
         if len(batch["index"]) == 0:
             continue
         q = model.encode_queries(batch["q_tokens"].to(device), batch["q_mask"].to(device))
-        scores, moments = rank_queries(model, q, corpus, top_videos, max_len)
+        scores, moments = rank_queries(model, q, corpus, top_videos, max_len, buckets=buckets)
         scores, moments = scores.float().cpu(), type(moments)(*(t.cpu() for t in moments))
         try:
             gt = torch.tensor([position[int(v)] for v in batch["video_index"]])

@@ -220,25 +220,30 @@ class QACLN(nn.Module):
         return mu[:, 0], mu[:, 1]
 
     @torch.no_grad()
-    def search(self, q: torch.Tensor, enc: dict[str, torch.Tensor], top_videos: int, chunk: int = 512):
+    def search(self, q: torch.Tensor, enc: dict[str, torch.Tensor], top_videos: int, chunk: int = 256,
+               buckets: list | None = None):
         """Corpus inference in one pass over the clip encodings.
 
         Returns (video scores [Q, V] in (0, 1], top video indices [Q, K], start and end
         logits [Q, K, N]). Video scores are exp(10·(φ − 1)): monotone in φ and >= 0, as the
         span product needs (XML-style). ConvSE's per-clip S_vq are the same q·h products φ
-        uses, so the top videos' spans cost no second pass over the clips.
+        uses, so the top videos' spans cost no second pass over the clips. The corpus is
+        scanned in groups of videos of similar length (``bucket_corpus``; pass them in to
+        reuse them across calls), each padded only to its own longest video.
         """
-        phis, fused = [], []
+        buckets = buckets if buckets is not None else bucket_corpus(enc, chunk)
+        n_videos, n_clips = enc["clip_mask"].shape
         qnorm = q.norm(dim=-1).clamp(min=1e-6)[:, None, None]
-        for lo in range(0, enc["h_v"].shape[0], chunk):
-            sub = {k: v[lo:lo + chunk] for k, v in enc.items()}
+        phi = q.new_empty(q.shape[0], n_videos)
+        fused = q.new_zeros(q.shape[0], n_videos, n_clips)
+        for idx, sub in buckets:
             mu_v, mu_s = self.fusion(q, sub)
             dots = self.clip_dots(q, sub)
-            phis.append(self.clip_cosines(q, sub, mu_v, mu_s, dots).amax(dim=-1))
-            fused.append((mu_v[..., None] * dots[0] + mu_s[..., None] * dots[1]) / qnorm)
-        scores = torch.exp(VR_SHARPNESS * (torch.cat(phis, dim=1) - 1.0))
+            phi[:, idx] = self.clip_cosines(q, sub, mu_v, mu_s, dots).amax(dim=-1)
+            fused[:, idx, : sub["clip_mask"].shape[1]] = (mu_v[..., None] * dots[0] + mu_s[..., None] * dots[1]) / qnorm
+        scores = torch.exp(VR_SHARPNESS * (phi - 1.0))
         top = scores.topk(min(top_videos, scores.shape[1]), dim=1).indices
-        s_top = torch.cat(fused, dim=1).gather(1, top[..., None].expand(-1, -1, enc["h_v"].shape[1]))
+        s_top = fused.gather(1, top[..., None].expand(-1, -1, n_clips))
         start, end = self.convse(s_top, enc["clip_mask"][top])
         return scores, top, start, end
 
@@ -269,6 +274,21 @@ class QACLN(nn.Module):
 
 
 CLIP_KEYS = ("h_v", "h_s", "clip_mask", "gram")  # encoding entries with a clip axis (dim 1)
+
+
+def bucket_corpus(enc: dict[str, torch.Tensor], chunk: int = 256) -> list[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+    """The corpus as groups of ``chunk`` videos of similar clip count, each a contiguous
+    encoding padded only to its group's longest video: (video indices, sub-encoding).
+    Real corpora mix short and long videos (TVR: 20 to 100 clips), so padding everything to
+    the longest doubles the work of a scan."""
+    lengths = enc["clip_mask"].sum(dim=1)
+    order = torch.argsort(lengths, stable=True)
+    out = []
+    for lo in range(0, len(order), chunk):
+        idx = order[lo:lo + chunk]
+        n = max(1, int(lengths[idx].max()))
+        out.append((idx, {k: (v[idx, :n] if k in CLIP_KEYS else v[idx]).contiguous() for k, v in enc.items()}))
+    return out
 
 
 def pad_clips(x: torch.Tensor, n: int) -> torch.Tensor:

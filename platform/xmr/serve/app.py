@@ -66,7 +66,10 @@ async def _bounded_body(request: Request, call_next):
     return await call_next(request)
 
 
-@serve.deployment(max_ongoing_requests=64, ray_actor_options={"num_cpus": 1})
+# No per-request access log by default: at a few ms per request it is a visible share of
+# the endpoint's own cost (XMR_SERVE_ACCESS_LOG=1 turns it on).
+@serve.deployment(max_ongoing_requests=64, ray_actor_options={"num_cpus": 1},
+                  logging_config={"enable_access_log": os.environ.get("XMR_SERVE_ACCESS_LOG") == "1"})
 @serve.ingress(api)
 class Retriever:
     def __init__(self) -> None:

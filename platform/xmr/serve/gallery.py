@@ -52,6 +52,13 @@ class VideoCorpus:
     enc: dict[str, torch.Tensor]
     ids: list[str]
     durations: torch.Tensor
+    buckets: list = field(default_factory=list)  # length-grouped views for search, built once
+
+    def __post_init__(self) -> None:
+        from xmr.models.qacln import bucket_corpus
+
+        if not self.buckets:
+            self.buckets = bucket_corpus(self.enc)
 
     @property
     def size(self) -> int:

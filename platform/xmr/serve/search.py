@@ -71,7 +71,7 @@ def moments_batch(items: list[tuple]) -> list[list[dict[str, Any]]]:
         tokens, mask = _pad_tokens([items[i][1] for i in idx])
         q = model.encode_queries(tokens, mask)
         k_max = max(items[i][2] for i in idx)
-        scores, top, start, end = model.search(q, corpus.enc, min(m.top_videos, corpus.size))
+        scores, top, start, end = model.search(q, corpus.enc, min(m.top_videos, corpus.size), buckets=corpus.buckets)
         ranked = rank_moments(scores, start.softmax(-1), end.softmax(-1), corpus.enc["clip_mask"], top,
                               m.max_moment_clips, k_max)
         for row, i in enumerate(idx):

@@ -25,9 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 
-from xmr.config import Config, ConfigError, apply_overrides, from_dict, load_config, with_values
+from xmr.config import Config, ConfigError, apply_overrides, from_dict, load_config, read_yaml_mapping, with_values
 
 KINDS = ("uniform", "loguniform", "int", "categorical")
 
@@ -188,12 +187,7 @@ def load_space(path: str | Path, base: Config | None = None) -> SearchSpace:
     path = Path(path)
     if not path.is_file():
         raise SpaceError(f"search space {str(path)!r} not found")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise SpaceError(f"{path}: not valid YAML ({exc})") from None
-    if not isinstance(raw, dict):
-        raise SpaceError(f"{path}: expected a mapping at the top level")
+    raw = read_yaml_mapping(path, SpaceError)
     unknown = set(raw) - {"preset", "metric", "mode", "params", "ablations"}
     if unknown:
         raise SpaceError(f"{path}: unknown keys {sorted(unknown)} (known: preset, metric, mode, params, ablations)")
