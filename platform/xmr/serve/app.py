@@ -32,7 +32,9 @@ from xmr.serve.requests import (MAX_BODY_BYTES, MomentsRequest, RequestError, Se
 from xmr.serve.search import moments_batch, search_category, svmr_one
 
 BATCH_SIZE = int(os.environ.get("XMR_SERVE_BATCH", "32"))
-BATCH_WAIT_S = float(os.environ.get("XMR_SERVE_BATCH_WAIT_S", "0.002"))
+# How long a batch waits to fill when other requests are already in flight; a lone request
+# never waits (its latency is the search itself).
+BATCH_WAIT_S = float(os.environ.get("XMR_SERVE_BATCH_WAIT_S", "0.01"))
 
 api = FastAPI(title="xmr retrieval", version="1",
               description="Cross-modal retrieval and video corpus moment retrieval from an xmr checkpoint.")
@@ -76,6 +78,11 @@ class Retriever:
         self.state: "Loaded | None" = None
         self.featurise: Any = None
         self.loading: str | None = None
+        self.batches = {"search": [0, 0], "moments": [0, 0]}  # [batches, queries]: is batching paying?
+        self.inflight = 0  # requests inside a handler now
+
+    def _batch_wait(self, batched) -> None:
+        batched.set_batch_wait_timeout_s(BATCH_WAIT_S if self.inflight > 1 else 0.0)
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Load the configured checkpoint and gallery off the event loop, then swap."""
@@ -105,7 +112,9 @@ class Retriever:
         st = self.state
         if st is None:
             raise RequestError(503, "the model is still loading")
-        return {**st.info, "loading": self.loading, "batch_size": BATCH_SIZE,
+        batching = {k: {"batches": b, "queries": n, "mean_batch": round(n / b, 2) if b else 0.0}
+                    for k, (b, n) in self.batches.items()}
+        return {**st.info, "loading": self.loading, "batch_size": BATCH_SIZE, "batching": batching,
                 "featurisers": ["audio_wav_base64"] if self.featurise else []}
 
     @api.post("/search")
@@ -128,11 +137,18 @@ class Retriever:
         if req.k > g.size:
             raise RequestError(422, f"k = {req.k}: the gallery holds {g.size} items")
         other = "b" if role == "a" else "a"
-        hits = await self._search_batched((st, role, vec, req.k))
+        self.inflight += 1
+        try:
+            self._batch_wait(self._search_batched)
+            hits = await self._search_batched((st, role, vec, req.k))
+        finally:
+            self.inflight -= 1
         return {"modality": other, "k": req.k, "results": hits}
 
-    @serve.batch(max_batch_size=BATCH_SIZE, batch_wait_timeout_s=BATCH_WAIT_S)
+    @serve.batch(max_batch_size=BATCH_SIZE, batch_wait_timeout_s=0.0)
     async def _search_batched(self, items: list[tuple]) -> list[list[dict[str, Any]]]:
+        self.batches["search"][0] += 1
+        self.batches["search"][1] += len(items)
         return await asyncio.to_thread(search_category, items)
 
     @api.post("/moments")
@@ -153,11 +169,18 @@ class Retriever:
                 raise RequestError(404, f"video {req.video[:80]!r}: not in the served corpus") from None
             hits = await asyncio.to_thread(svmr_one, st, q, position, req.k)
             return {"k": req.k, "video": req.video, "results": hits}
-        hits = await self._moments_batched((st, q, req.k))
+        self.inflight += 1
+        try:
+            self._batch_wait(self._moments_batched)
+            hits = await self._moments_batched((st, q, req.k))
+        finally:
+            self.inflight -= 1
         return {"k": req.k, "results": hits}
 
-    @serve.batch(max_batch_size=BATCH_SIZE, batch_wait_timeout_s=BATCH_WAIT_S)
+    @serve.batch(max_batch_size=BATCH_SIZE, batch_wait_timeout_s=0.0)
     async def _moments_batched(self, items: list[tuple]) -> list[list[dict[str, Any]]]:
+        self.batches["moments"][0] += 1
+        self.batches["moments"][1] += len(items)
         return await asyncio.to_thread(moments_batch, items)
 
 

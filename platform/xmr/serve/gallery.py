@@ -39,6 +39,14 @@ class CategoryGallery:
     ids: list[str]
     labels: list[Any]
     approx: dict[str, Any] = field(default_factory=dict)  # role -> faiss index (searched side)
+    half: dict[str, torch.Tensor] = field(default_factory=dict)  # role -> float16 copy for the pre-scan
+
+    def __post_init__(self) -> None:
+        from xmr.serve.search import half_prescan_ok
+
+        for role, e in self.emb.items():
+            if half_prescan_ok(e):
+                self.half[role] = e.half()
 
     @property
     def size(self) -> int:

@@ -5,18 +5,19 @@ from __future__ import annotations
 
 import base64
 import binascii
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 MAX_BODY_BYTES = 4 << 20  # 4 MiB: a 100 k-element float query in JSON, or ~90 s of 16 kHz WAV in base64
 MAX_ELEMENTS = 1 << 17
 MAX_K = 1000
 
-Number = Union[StrictInt, StrictFloat]
-Vector = Annotated[list[Number], Field(min_length=1, max_length=MAX_ELEMENTS)]
-Matrix = Annotated[list[Vector], Field(min_length=1, max_length=4096)]
+# Feature arrays are checked by numpy (``as_array`` / ``tokens_array``), not element by
+# element by pydantic: a 20 x 768 query is 15k numbers, and per-element validation of that
+# costs more than the search itself.
+FeatureArray = Annotated[list, Field(min_length=1, max_length=MAX_ELEMENTS)]
 
 
 class RequestError(Exception):
@@ -31,8 +32,8 @@ class SearchRequest(BaseModel):
     """Category / pair retrieval: a query of one modality, answered from the other."""
 
     model_config = ConfigDict(extra="forbid")
-    query: Union[Vector, Matrix, None] = Field(None, description="feature array of the query modality "
-                                               "(shape = the dataset's dims for that modality)")
+    query: FeatureArray | None = Field(None, description="feature array of the query modality "
+                                       "(shape = the dataset's dims for that modality)")
     audio_wav_base64: str | None = Field(None, max_length=MAX_BODY_BYTES,
                                          description="a WAV file, base64 (datasets with an audio featuriser)")
     modality: Literal["a", "b"] | None = Field(None, description="the query's modality; results are the other")
@@ -43,15 +44,29 @@ class MomentsRequest(BaseModel):
     """Video corpus moment retrieval; ``video`` restricts it to one video (SVMR)."""
 
     model_config = ConfigDict(extra="forbid")
-    query: Matrix | None = Field(None, description="query token features [T, d_query]")
+    query: FeatureArray | None = Field(None, description="query token features [T, d_query]")
     text: str | None = Field(None, max_length=2000, description="raw text (needs an offline text featuriser)")
     k: StrictInt = Field(10, ge=1, le=100)
     video: str | None = Field(None, min_length=1, max_length=512, description="video id: search only this video")
 
 
+def numeric_array(value: Any, field: str) -> np.ndarray:
+    """A nested JSON list of numbers as float32; anything else (strings, booleans, nulls,
+    ragged rows, objects) is a 422 naming the field."""
+    try:
+        raw = np.asarray(value)
+    except ValueError:
+        raise RequestError(422, f"{field}: rows of different lengths (expected a rectangular array)") from None
+    if raw.dtype.kind not in "iuf" or raw.size == 0:
+        raise RequestError(422, f"{field}: expected a non-empty array of numbers")
+    if raw.size > MAX_ELEMENTS:
+        raise RequestError(413, f"{field}: {raw.size} numbers, at most {MAX_ELEMENTS}")
+    return raw.astype(np.float32)
+
+
 def as_array(value: Any, shape: list[int], field: str) -> np.ndarray:
     """The query as float32 of exactly ``shape``; finite values only."""
-    arr = np.asarray(value, dtype=np.float32)
+    arr = numeric_array(value, field)
     if list(arr.shape) != list(shape):
         raise RequestError(422, f"{field}: expected shape {list(shape)}, got {list(arr.shape)}")
     if not np.isfinite(arr).all():
@@ -60,7 +75,7 @@ def as_array(value: Any, shape: list[int], field: str) -> np.ndarray:
 
 
 def tokens_array(value: Any, dim: int, max_tokens: int) -> np.ndarray:
-    arr = np.asarray(value, dtype=np.float32) if value is not None else None
+    arr = numeric_array(value, "query") if value is not None else None
     if arr is None or arr.ndim != 2:
         raise RequestError(422, f"query: expected a [T, {dim}] array of token features")
     if arr.shape[1] != dim:
