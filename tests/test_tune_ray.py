@@ -162,3 +162,32 @@ def test_ablation_one_command(tmp_path, synth):
     run = table.loc[table["variant"] == "w/o center", "trial"].item()
     saved = yaml.safe_load((tmp_path / "ab" / "ab" / "trials" / run / "config.yaml").read_text())
     assert saved["loss"]["lambdas"]["center"] == 0
+
+
+def test_pareto_front_is_the_non_dominated_set():
+    from xmr.tune.report import pareto_front
+
+    table = pd.DataFrame({"trial": list("abcde"), "map_mean": [0.5, 0.6, 0.4, 0.6, 0.7],
+                          "train_s_per_epoch": [1.0, 2.0, 0.5, 3.0, 5.0], "error": [None] * 5})
+    front = pareto_front(table, "map_mean", "max")
+    assert front["trial"].tolist() == ["c", "a", "b", "e"]  # d is beaten by b (same mAP, faster)
+
+
+def test_multi_objective_sweep_writes_the_front(tmp_path, synth, space_file):
+    import ray
+
+    from xmr.tune.space import load_space
+    from xmr.tune.sweep import SweepSettings, run_sweep
+
+    cfg = load_config("sccmrl", [f"data.path={synth}", f"storage.root={tmp_path / 'mo'}", *SMALL, "optim.epochs=2"])
+    space = load_space(space_file, base=cfg)
+    try:
+        result = run_sweep(cfg, space, SweepSettings(name="mo", trials=3, concurrency=3, multi_objective=True))
+    finally:
+        ray.shutdown()
+    table = result.table
+    assert len(table) == 3 and table["error"].isna().all() and (table["epochs"] == 2).all()
+    assert table["train_s_per_epoch"].gt(0).all()
+    front = pd.read_csv(tmp_path / "mo" / "mo" / "pareto.csv")
+    assert 1 <= len(front) <= 3 and set(front["trial"]) <= set(table["trial"])
+    assert (tmp_path / "mo" / "mo" / "pareto.png").is_file()

@@ -23,7 +23,8 @@ def _tune(args: argparse.Namespace) -> int:
     name = args.name or f"{'ablate' if args.ablate else 'sweep'}-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
     settings = SweepSettings(name=name, trials=args.trials, concurrency=args.concurrency, seed=args.seed,
                              searcher=args.searcher, scheduler="none" if args.no_asha else "asha",
-                             grace_period=args.grace_period, optuna_storage=args.optuna_storage)
+                             grace_period=args.grace_period, optuna_storage=args.optuna_storage,
+                             multi_objective=args.multi_objective)
     if args.ablate:
         seeds = [int(s) for s in args.seeds.split(",")]
         result = run_ablation(cfg, space.ablation_variants(cfg), settings, seeds, address=args.address)
@@ -49,6 +50,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--grace-period", type=int, default=1, help="ASHA: epochs before a trial can be stopped")
     p.add_argument("--optuna-storage", default=None, help="Optuna storage URL, e.g. sqlite:///sweeps.db")
     p.add_argument("--seed", type=int, default=0, help="sampler seed")
+    p.add_argument("--multi-objective", action="store_true",
+                   help="Optuna over (metric, training seconds per epoch); writes the Pareto front (no ASHA)")
     p.add_argument("--ablate", action="store_true", help="train the preset with each ablation of the space file")
     p.add_argument("--seeds", default="0", help="--ablate: comma-separated training seeds (default 0)")
     p.set_defaults(func=_tune)

@@ -51,6 +51,8 @@ def write_sweep_report(cfg: Config, settings, space, table: pd.DataFrame, metric
         out.write_text("best.json", json.dumps(best, indent=2) + "\n")
         files["best"] = out.uri("best.json")
     files.update(write_plots(out, space, table, metric, mode))
+    if settings.multi_objective:
+        files.update(write_pareto(out, table, metric, mode))
     shown = [c for c in ["trial", *[p.path for p in space.params], metric, "epochs", "pruned", "error"] if c in table]
     print(table[shown].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     n_pruned = int(table["pruned"].sum())
@@ -131,6 +133,45 @@ def write_plots(out: RunDir, space, table: pd.DataFrame, metric: str, mode: str)
     if notes:
         out.write_text("plots.txt", "\n".join(notes) + "\n")
     return files
+
+
+def pareto_front(table: pd.DataFrame, metric: str, mode: str) -> pd.DataFrame:
+    """Trials no other trial beats on both the metric and the training time per epoch."""
+    ok = table[table["error"].isna() & table[metric].notna() & table["train_s_per_epoch"].notna()]
+    sign = 1.0 if mode == "max" else -1.0
+    front = []
+    for i, r in ok.iterrows():
+        dominated = any((sign * o[metric] >= sign * r[metric]) and (o["train_s_per_epoch"] <= r["train_s_per_epoch"])
+                        and ((sign * o[metric] > sign * r[metric]) or (o["train_s_per_epoch"] < r["train_s_per_epoch"]))
+                        for j, o in ok.iterrows() if j != i)
+        if not dominated:
+            front.append(i)
+    return ok.loc[front].sort_values("train_s_per_epoch")
+
+
+def write_pareto(out: RunDir, table: pd.DataFrame, metric: str, mode: str) -> dict[str, str]:
+    """The (metric, seconds per epoch) Pareto front as CSV and a PNG over all trials."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    front = pareto_front(table, metric, mode)
+    out.write_text("pareto.csv", front.to_csv(index=False))
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    ax.scatter(table["train_s_per_epoch"], table[metric], color="#9aa5b1", label="trials")
+    ax.plot(front["train_s_per_epoch"], front[metric], "o-", color="#1f5fa8", label="Pareto front")
+    ax.set_xlabel("training seconds per epoch")
+    ax.set_ylabel(metric)
+    ax.legend(fontsize=8)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    out.write_bytes("pareto.png", buf.getvalue())
+    print(f"[xmr] Pareto front ({metric} vs seconds per epoch): {len(front)} of {len(table)} trials")
+    print(front[[c for c in front.columns if c in ("trial", metric, "train_s_per_epoch") or "." in c]]
+          .to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    return {"pareto": out.uri("pareto.csv"), "pareto_plot": out.uri("pareto.png")}
 
 
 def optuna_logging_quiet() -> None:

@@ -34,6 +34,7 @@ class SweepSettings:
     grace_period: int = 1
     reduction_factor: int = 2
     optuna_storage: str | None = None  # e.g. sqlite:///sweeps.db: the study outlives the sweep
+    multi_objective: bool = False  # Optuna over (metric, training seconds per epoch): a Pareto front
 
 
 @dataclass
@@ -126,8 +127,13 @@ def run_sweep(cfg: Config, space, settings: SweepSettings, address: str | None =
     sampler = (optuna.samplers.TPESampler(seed=settings.seed, n_startup_trials=max(2, min(10, settings.trials // 3)))
                if settings.searcher == "tpe" else optuna.samplers.RandomSampler(seed=settings.seed))
     storage = optuna.storages.RDBStorage(settings.optuna_storage) if settings.optuna_storage else None
-    search = OptunaSearch(space=space.suggest, metric=metric, mode=mode, sampler=sampler,
-                          study_name=settings.name, storage=storage)
+    if settings.multi_objective:  # ASHA needs one metric; TPE handles several (Pareto-based)
+        settings.scheduler = "none"
+        search = OptunaSearch(space=space.suggest, metric=[metric, "train_s"], mode=[mode, "min"], sampler=sampler,
+                              study_name=settings.name, storage=storage)
+    else:
+        search = OptunaSearch(space=space.suggest, metric=metric, mode=mode, sampler=sampler,
+                              study_name=settings.name, storage=storage)
     scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=cfg.optim.epochs,
                                grace_period=settings.grace_period, reduction_factor=settings.reduction_factor)
                  if settings.scheduler == "asha" else None)
@@ -135,7 +141,8 @@ def run_sweep(cfg: Config, space, settings: SweepSettings, address: str | None =
     trials_root = _join(cfg.storage.root, settings.name, "trials")
     trainable = tune.with_parameters(trial_driver, base=cfg.to_dict(), trials_root=trials_root)
     t0 = time.perf_counter()
-    grid = _tuner(trainable, cfg, settings, metric, mode, settings.trials, search_alg=search,
+    grid = _tuner(trainable, cfg, settings, None if settings.multi_objective else metric,
+                  None if settings.multi_objective else mode, settings.trials, search_alg=search,
                   scheduler=scheduler).fit()
     table = trials_table(grid, cfg, metric, mode, [p.path for p in space.params])
     from xmr.tune.report import write_sweep_report
@@ -184,7 +191,9 @@ def trials_table(grid, cfg: Config, metric: str, mode: str, param_names: list[st
         run = str(history["run"].dropna().iloc[-1]) if "run" in history and history["run"].notna().any() else ""
         row: dict[str, Any] = {"trial": run or os.path.basename(str(result.path))}
         row.update({name: conf.get(name) for name in param_names})
+        epoch_s = history["train_s"].dropna() if "train_s" in history else pd.Series(dtype=float)
         row.update({metric: best_value, f"last_{metric}": float(values.iloc[-1]) if len(values) else float("nan"),
+                    "train_s_per_epoch": float(epoch_s.mean()) if len(epoch_s) else float("nan"),
                     "epochs": epochs, "pruned": bool(result.error is None and 0 < epochs < cfg.optim.epochs),
                     "error": None if result.error is None else f"{type(result.error).__name__}: {result.error}"[:300]})
         if len(history):  # the final epoch's validation metrics, for comparisons across variants
