@@ -151,3 +151,14 @@ def test_fetch_checkpoint_follows_a_run_directory_on_s3(tmp_path, s3_bucket):
         fetch_checkpoint(str(tmp_path))
     with pytest.raises(CheckpointError, match="nothing there"):
         fetch_checkpoint(f"s3://{s3_bucket}/runs/missing", cache_dir=str(tmp_path / "cache"))
+
+
+def test_best_checkpoint_ties_go_to_the_later_epoch():
+    """Ray Train keeps the later of two equally scored checkpoints; best.json must agree, or
+    it would name a deleted checkpoint (seen with small VCMR test sets where R@10 ties)."""
+    from xmr.train.loop import is_new_best
+
+    assert is_new_best(0.5, None, "max") and not is_new_best(float("nan"), None, "max")
+    assert is_new_best(0.5, {"value": 0.5}, "max") and not is_new_best(0.4, {"value": 0.5}, "max")
+    assert is_new_best(0.5, {"value": 0.5}, "min") and not is_new_best(0.6, {"value": 0.5}, "min")
+    assert not is_new_best(None, {"value": 0.5}, "max")

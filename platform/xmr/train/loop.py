@@ -187,9 +187,8 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
         row["run"] = payload["run_name"]
         row["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # this worker's peak
         history.append(row)
-        value = row.get(metric)
-        if value is not None and (best is None or (value > best["value"] if mode == "max" else value < best["value"])):
-            best = {"metric": metric, "value": value, "epoch": epoch + 1,
+        if is_new_best(row.get(metric), best, mode):
+            best = {"metric": metric, "value": row[metric], "epoch": epoch + 1,
                     "checkpoint": None}  # filled in by rank 0 below
         name = f"{CHECKPOINT_PREFIX}{epoch + 1:04d}"
         if rank == 0:
@@ -211,6 +210,16 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
         else:
             ray.train.report(row)
         best = broadcast_object(best)
+
+
+def is_new_best(value: float | None, best: dict[str, Any] | None, mode: str) -> bool:
+    """Ties go to the later epoch, as in Ray Train's keep-best-k ordering, so the checkpoint
+    ``best.json`` names is always one Ray keeps."""
+    if value is None or value != value:  # missing or NaN
+        return False
+    if best is None:
+        return True
+    return value >= best["value"] if mode == "max" else value <= best["value"]
 
 
 def check_metric_name(metric: str, row: dict[str, Any]) -> None:
