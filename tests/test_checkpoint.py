@@ -162,3 +162,21 @@ def test_best_checkpoint_ties_go_to_the_later_epoch():
     assert is_new_best(0.5, {"value": 0.5}, "max") and not is_new_best(0.4, {"value": 0.5}, "max")
     assert is_new_best(0.5, {"value": 0.5}, "min") and not is_new_best(0.6, {"value": 0.5}, "min")
     assert not is_new_best(None, {"value": 0.5}, "max")
+
+
+def test_newest_complete_checkpoint_in_the_run_folder(tmp_path):
+    """A restart resumes from the newest complete checkpoint on storage even when Ray's own
+    record lags one report behind (a kill right after the upload); incomplete ones are skipped."""
+    from xmr.checkpoint import save_train_state
+    from xmr.train.loop import _newest_on_storage
+    from xmr.train.runfs import RunDir
+
+    cfg = small_cfg()
+    method, opt, sched = trained_state(cfg)
+    for epoch in (2, 3, 4):
+        d = save_checkpoint(tmp_path / "run" / f"checkpoint_epoch{epoch:04d}", method, cfg, epoch=epoch)
+        if epoch != 4:  # epoch 4 lacks its training state: an interrupted copy
+            save_train_state(d, {"optimizer": opt.state_dict(), "scheduler": sched.state_dict()})
+    run = RunDir(str(tmp_path), "run")
+    assert _newest_on_storage(run) == (3, str(tmp_path / "run" / "checkpoint_epoch0003"))
+    assert _newest_on_storage(RunDir(str(tmp_path), "empty")) is None

@@ -69,15 +69,50 @@ def _reduce_means(sums: dict[str, float], count: int, device: torch.device) -> d
     return {n: float(v) / max(1.0, float(t[-1])) for n, v in zip(names, t[:-1].tolist())}
 
 
-def _resume(method: Method, optimizer, scheduler):
-    """Load Ray Train's latest checkpoint if there is one:
-    (start epoch, step, history, best, attempt), where attempt counts the loop's starts."""
+def _newest_on_storage(run: RunDir) -> tuple[int, str] | None:
+    """(epoch, URI) of the newest complete ``checkpoint_epochNNNN`` in the run folder."""
+    import pyarrow.fs as pafs
+
+    best = None
+    for info in run.fs.get_file_info(pafs.FileSelector(run.path, allow_not_found=True)):
+        name = info.base_name
+        if info.type != pafs.FileType.Directory or not name.startswith(CHECKPOINT_PREFIX):
+            continue
+        files = {f.base_name for f in run.fs.get_file_info(pafs.FileSelector(info.path))}
+        if {"model.safetensors", "meta.json", "train_state.pt", "config.yaml"} <= files:
+            epoch = int(name[len(CHECKPOINT_PREFIX):])
+            if best is None or epoch > best[0]:
+                best = (epoch, run.uri(name))
+    return best
+
+
+def _resume(method: Method, optimizer, scheduler, run: RunDir, endpoint_url: str | None):
+    """Load the latest checkpoint: Ray Train's, or a newer complete one in the run folder.
+
+    A process killed right after a checkpoint was persisted can leave Ray's checkpoint
+    record one report behind; the folder is the truth, so that epoch is not trained again.
+    Returns (start epoch, step, history, best, attempt); attempt counts the loop's starts.
+    """
     import ray.train
 
+    from xmr.checkpoint import CheckpointError, fetch_checkpoint
+
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
+    newest = _newest_on_storage(run)
+    ray_epoch = -1
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            ray_epoch = int(load_checkpoint(d)[2].get("epoch", -1))
+    source = None
+    if newest is not None and newest[0] > ray_epoch:
+        try:
+            source = str(fetch_checkpoint(newest[1], endpoint_url=endpoint_url))
+        except CheckpointError:
+            source = None
+    if source is None and checkpoint is None:
         return 0, 0, [], None, 1
-    with checkpoint.as_directory() as d:
+    ctx = checkpoint.as_directory() if source is None else nullcontext(source)
+    with ctx as d:
         _, state, meta = load_checkpoint(d)
         method.load_state_dict(state)
         train_state = load_train_state(d)
@@ -110,7 +145,9 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     optimizer = make_optimizer(cfg, method.parameters())
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total_steps, cfg.optim.warmup_steps, cfg.optim.scheduler))
-    start_epoch, step, history, best, attempt = _resume(method, optimizer, scheduler)
+    # every rank reads the same checkpoint (rank 0's run folder view is the same storage)
+    run_view = RunDir(payload["storage_root"], payload["run_name"], cfg.data.endpoint_url)
+    start_epoch, step, history, best, attempt = _resume(method, optimizer, scheduler, run_view, cfg.data.endpoint_url)
     if start_epoch == 0 and cfg.model.pretrained:
         from xmr.checkpoint import fetch_checkpoint
         from xmr.models.registry import load_pretrained
@@ -128,7 +165,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
         ddp = DistributedDataParallel(method, device_ids=[device.index] if device.type == "cuda" else None,
                                       static_graph=True)
     num_nodes = len(set(all_gather_objects(ray.get_runtime_context().get_node_id())))
-    run = RunDir(payload["storage_root"], payload["run_name"], cfg.data.endpoint_url) if rank == 0 else None
+    run = run_view if rank == 0 else None
     if rank == 0 and start_epoch:
         say(f"[xmr] resuming {payload['run_name']} after epoch {start_epoch} (step {step}, attempt {attempt})")
     if start_epoch >= cfg.optim.epochs:  # nothing left: report the final row again so the run ends cleanly
