@@ -10,11 +10,13 @@ checkpoint: the epochs already checkpointed are not trained again.
 
 from __future__ import annotations
 
+import json
 import math
 import resource
 import tempfile
 import time
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -22,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from xmr.checkpoint import BEST, load_checkpoint, load_train_state, save_checkpoint, save_train_state
+from xmr.checkpoint import BEST, META, load_checkpoint, load_train_state, save_checkpoint, save_train_state
 from xmr.config import Config, from_dict
 from xmr.data.manifest import load_manifest
 from xmr.data.reader import make_loader
@@ -100,9 +102,9 @@ def _resume(method: Method, optimizer, scheduler, run: RunDir, endpoint_url: str
     checkpoint = ray.train.get_checkpoint()
     newest = _newest_on_storage(run)
     ray_epoch = -1
-    if checkpoint is not None:
+    if checkpoint is not None:  # its epoch only: meta.json, not the weights
         with checkpoint.as_directory() as d:
-            ray_epoch = int(load_checkpoint(d)[2].get("epoch", -1))
+            ray_epoch = int(json.loads((Path(d) / META).read_text()).get("epoch", -1))
     source = None
     if newest is not None and newest[0] > ray_epoch:
         try:
@@ -267,6 +269,4 @@ def check_metric_name(metric: str, row: dict[str, Any]) -> None:
 
 
 def _json(obj: Any) -> str:
-    import json
-
     return json.dumps(obj, indent=2, default=float) + "\n"

@@ -21,9 +21,10 @@ def _sorted(table: pd.DataFrame, metric: str, mode: str) -> pd.DataFrame:
 
 
 def _with_checkpoints(cfg: Config, name: str, table: pd.DataFrame) -> pd.DataFrame:
-    from xmr.tune.sweep import _join, read_trial_best
+    from xmr.data import storage
+    from xmr.tune.sweep import read_trial_best
 
-    bests = read_trial_best(_join(cfg.storage.root, name, "trials"), cfg.data.endpoint_url)
+    bests = read_trial_best(storage.join(cfg.storage.root, name, "trials"), cfg.data.endpoint_url)
     table = table.copy()
     table["checkpoint"] = [bests.get(t, {}).get("checkpoint") for t in table["trial"]]
     return table
@@ -31,7 +32,8 @@ def _with_checkpoints(cfg: Config, name: str, table: pd.DataFrame) -> pd.DataFra
 
 def write_sweep_report(cfg: Config, settings, space, table: pd.DataFrame, metric: str, mode: str,
                        wall_s: float):
-    from xmr.tune.sweep import SweepResult, _join
+    from xmr.data import storage
+    from xmr.tune.sweep import SweepResult
 
     out = RunDir(cfg.storage.root, settings.name, cfg.data.endpoint_url)
     table = _sorted(_with_checkpoints(cfg, settings.name, table), metric, mode)
@@ -41,7 +43,7 @@ def write_sweep_report(cfg: Config, settings, space, table: pd.DataFrame, metric
     best = None
     if len(ok):
         top = ok.iloc[0]
-        trial_run = RunDir(_join(cfg.storage.root, settings.name, "trials"), str(top["trial"]), cfg.data.endpoint_url)
+        trial_run = RunDir(storage.join(cfg.storage.root, settings.name, "trials"), str(top["trial"]), cfg.data.endpoint_url)
         best_cfg = trial_run.read_text("config.yaml")
         if best_cfg:
             out.write_text("best_config.yaml", best_cfg)

@@ -17,7 +17,9 @@ from typing import Any
 import pandas as pd
 
 from xmr.config import Config, apply_overrides, from_dict, with_values
+from xmr.data import storage
 from xmr.evaluation import MAIN_METRIC
+from xmr.train.driver import prepare
 from xmr.train.runfs import RunDir, filesystem
 
 TRIAL_DRIVER_CPUS = 0.25  # the trial's driver function only waits on its trainer
@@ -100,14 +102,6 @@ def _tuner(trainable, cfg: Config, settings: SweepSettings, metric: str, mode: s
     )
 
 
-def prepare_base(cfg: Config, settings: SweepSettings) -> tuple[Config, str, str]:
-    """Resolve the base config once (paths, dims) so every trial starts from the same one."""
-    from xmr.train.driver import prepare
-
-    cfg, metric, mode = prepare(cfg, run_name=settings.name)
-    return cfg, metric, mode
-
-
 def run_sweep(cfg: Config, space, settings: SweepSettings, address: str | None = None) -> SweepResult:
     """Sample ``settings.trials`` configs from ``space`` with Optuna (TPE, seeded), prune with
     ASHA, and write the trials table, best config, best-checkpoint pointer and plots."""
@@ -118,7 +112,7 @@ def run_sweep(cfg: Config, space, settings: SweepSettings, address: str | None =
 
     from xmr.train.driver import ensure_ray, local_cpus
 
-    cfg, _, _ = prepare_base(cfg, settings)
+    cfg, _, _ = prepare(cfg, run_name=settings.name)
     metric = space.metric or cfg.storage.checkpoint_metric or MAIN_METRIC[cfg.task]
     mode = space.mode
     cfg.storage.checkpoint_metric, cfg.storage.checkpoint_mode = metric, mode
@@ -138,7 +132,7 @@ def run_sweep(cfg: Config, space, settings: SweepSettings, address: str | None =
                                grace_period=settings.grace_period, reduction_factor=settings.reduction_factor)
                  if settings.scheduler == "asha" else None)
     ensure_ray(address, num_cpus=max(local_cpus(cfg), int(2 * _per_trial_cpus(cfg)) + 2))
-    trials_root = _join(cfg.storage.root, settings.name, "trials")
+    trials_root = storage.join(cfg.storage.root, settings.name, "trials")
     trainable = tune.with_parameters(trial_driver, base=cfg.to_dict(), trials_root=trials_root)
     t0 = time.perf_counter()
     grid = _tuner(trainable, cfg, settings, None if settings.multi_objective else metric,
@@ -158,11 +152,11 @@ def run_ablation(cfg: Config, variants: dict[str, list[str]], settings: SweepSet
 
     from xmr.train.driver import ensure_ray, local_cpus
 
-    cfg, metric, mode = prepare_base(cfg, settings)
+    cfg, metric, mode = prepare(cfg, run_name=settings.name)
     for name, overrides in variants.items():  # every variant must be a valid config before anything runs
         from_dict(apply_overrides(cfg.to_dict(), overrides))
     ensure_ray(address, num_cpus=max(local_cpus(cfg), int(2 * _per_trial_cpus(cfg)) + 2))
-    trials_root = _join(cfg.storage.root, settings.name, "trials")
+    trials_root = storage.join(cfg.storage.root, settings.name, "trials")
     trainable = tune.with_parameters(trial_driver, base=cfg.to_dict(), trials_root=trials_root, variants=variants)
     t0 = time.perf_counter()
     n = len(variants) * len(seeds)
@@ -172,10 +166,6 @@ def run_ablation(cfg: Config, variants: dict[str, list[str]], settings: SweepSet
     from xmr.tune.report import write_ablation_report
 
     return write_ablation_report(cfg, settings, table, metric, mode, variants, wall_s=time.perf_counter() - t0)
-
-
-def _join(root: str, *parts: str) -> str:
-    return "/".join([root.rstrip("/"), *parts]) if root.startswith("s3://") else os.path.join(root, *parts)
 
 
 def trials_table(grid, cfg: Config, metric: str, mode: str, param_names: list[str]) -> pd.DataFrame:
