@@ -120,14 +120,14 @@ def run_sweep(cfg: Config, space, settings: SweepSettings, address: str | None =
         raise ValueError(f"searcher = {settings.searcher!r}: use tpe or random")
     sampler = (optuna.samplers.TPESampler(seed=settings.seed, n_startup_trials=max(2, min(10, settings.trials // 3)))
                if settings.searcher == "tpe" else optuna.samplers.RandomSampler(seed=settings.seed))
-    storage = optuna.storages.RDBStorage(settings.optuna_storage) if settings.optuna_storage else None
+    study_storage = optuna.storages.RDBStorage(settings.optuna_storage) if settings.optuna_storage else None
     if settings.multi_objective:  # ASHA needs one metric; TPE handles several (Pareto-based)
         settings.scheduler = "none"
         search = OptunaSearch(space=space.suggest, metric=[metric, "train_s"], mode=[mode, "min"], sampler=sampler,
-                              study_name=settings.name, storage=storage)
+                              study_name=settings.name, storage=study_storage)
     else:
         search = OptunaSearch(space=space.suggest, metric=metric, mode=mode, sampler=sampler,
-                              study_name=settings.name, storage=storage)
+                              study_name=settings.name, storage=study_storage)
     scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=cfg.optim.epochs,
                                grace_period=settings.grace_period, reduction_factor=settings.reduction_factor)
                  if settings.scheduler == "asha" else None)
