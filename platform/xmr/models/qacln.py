@@ -152,17 +152,21 @@ class QACLN(nn.Module):
         return torch.einsum("qd,vnd->qvn", q, enc["h_v"]), torch.einsum("qd,vnd->qvn", q, enc["h_s"])
 
     def clip_cosines(self, q, enc, mu_v, mu_s, dots=None) -> torch.Tensor:
-        """cos(h_qcf, q) for every query, video and clip: [Q, V, N] (invalid clips -inf).
-
-        h_qcf = μ_v·h_v + μ_s·h_s is never formed: its dot with q and its norm follow from
-        q·h_v, q·h_s and the clip Gram terms |h_v|², |h_s|², h_v·h_s (cached at encoding).
-        """
+        """cos(h_qcf, q) for every query, video and clip: [Q, V, N] (invalid clips -inf)."""
         qv, qs = dots if dots is not None else self.clip_dots(q, enc)
-        nv, ns, cvs = enc["gram"].unbind(-1)
         mv, ms = mu_v[..., None], mu_s[..., None]
-        norm2 = mv.pow(2) * nv + 2 * mv * ms * cvs + ms.pow(2) * ns
-        cos = (mv * qv + ms * qs) / (norm2.clamp(min=1e-12).sqrt() * q.norm(dim=-1)[:, None, None].clamp(min=1e-6))
+        cos = (mv * qv + ms * qs) / (self.fused_norms(mu_v, mu_s, enc["gram"]) *
+                                     q.norm(dim=-1)[:, None, None].clamp(min=1e-6))
         return cos.masked_fill(~enc["clip_mask"][None], float("-inf"))
+
+    @staticmethod
+    def fused_norms(mu_v: torch.Tensor, mu_s: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+        """|h_qcf| for every query, video and clip: [Q, V, N]. h_qcf = μ_v·h_v + μ_s·h_s is
+        never formed: its norm follows from the clip Gram terms |h_v|², |h_s|², h_v·h_s
+        (cached at encoding), as its dot with q follows from q·h_v and q·h_s."""
+        nv, ns, cvs = gram.unbind(-1)
+        mv, ms = mu_v[..., None], mu_s[..., None]
+        return (mv.pow(2) * nv + 2 * mv * ms * cvs + ms.pow(2) * ns).clamp(min=1e-12).sqrt()
 
     def phi(self, q: torch.Tensor, enc: dict[str, torch.Tensor]) -> torch.Tensor:
         """VR score φ(q, video) = max over clips of cos(h_qcf_i, q): [Q, V]."""
@@ -235,16 +239,17 @@ class QACLN(nn.Module):
         n_videos, n_clips = enc["clip_mask"].shape
         qnorm = q.norm(dim=-1).clamp(min=1e-6)[:, None, None]
         phi = q.new_empty(q.shape[0], n_videos)
-        fused = q.new_zeros(q.shape[0], n_videos, n_clips)
+        s_vq = []  # per bucket: S_vq = h_qcf·q̂ [Q, bucket videos, bucket clips]
         for idx, sub in buckets:
             mu_v, mu_s = self.fusion(q, sub)
-            dots = self.clip_dots(q, sub)
-            phi[:, idx] = self.clip_cosines(q, sub, mu_v, mu_s, dots).amax(dim=-1)
-            fused[:, idx, : sub["clip_mask"].shape[1]] = (mu_v[..., None] * dots[0] + mu_s[..., None] * dots[1]) / qnorm
+            qv, qs = self.clip_dots(q, sub)
+            s = (mu_v[..., None] * qv + mu_s[..., None] * qs) / qnorm
+            cos = (s / self.fused_norms(mu_v, mu_s, sub["gram"])).masked_fill(~sub["clip_mask"][None], float("-inf"))
+            phi[:, idx] = cos.amax(dim=-1)
+            s_vq.append(s)
         scores = torch.exp(VR_SHARPNESS * (phi - 1.0))
         top = scores.topk(min(top_videos, scores.shape[1]), dim=1).indices
-        s_top = fused.gather(1, top[..., None].expand(-1, -1, n_clips))
-        start, end = self.convse(s_top, enc["clip_mask"][top])
+        start, end = self.convse(_pick_top(s_vq, buckets, top, n_clips), enc["clip_mask"][top])
         return scores, top, start, end
 
     # ------------------------------------------------------------------ training forward
@@ -288,6 +293,24 @@ def bucket_corpus(enc: dict[str, torch.Tensor], chunk: int = 256) -> list[tuple[
         idx = order[lo:lo + chunk]
         n = max(1, int(lengths[idx].max()))
         out.append((idx, {k: (v[idx, :n] if k in CLIP_KEYS else v[idx]).contiguous() for k, v in enc.items()}))
+    return out
+
+
+def _pick_top(s_vq: list[torch.Tensor], buckets: list, top: torch.Tensor, n_clips: int) -> torch.Tensor:
+    """S_vq of each query's top videos [Q, K, n_clips] (zero past a video's bucket width),
+    gathered from the per-bucket scores, so no [Q, V, n_clips] tensor is ever filled."""
+    n_videos = sum(len(idx) for idx, _ in buckets)
+    bucket_of = torch.empty(n_videos, dtype=torch.long, device=top.device)
+    slot_of = torch.empty(n_videos, dtype=torch.long, device=top.device)
+    for b, (idx, _) in enumerate(buckets):
+        bucket_of[idx] = b
+        slot_of[idx] = torch.arange(len(idx), device=top.device)
+    out = s_vq[0].new_zeros(*top.shape, n_clips)
+    tb, ts = bucket_of[top], slot_of[top]
+    for b, s in enumerate(s_vq):
+        qi, ki = (tb == b).nonzero(as_tuple=True)
+        if len(qi):
+            out[qi, ki, : s.shape[2]] = s[qi, ts[qi, ki]]
     return out
 
 

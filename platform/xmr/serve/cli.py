@@ -5,33 +5,78 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from typing import Any
 
 
+# Ray Serve's throughput-optimised mode: each ingress replica also answers HTTP on a port of
+# its own (direct ingress, no proxy hop), the proxy talks gRPC to replicas, and user code runs
+# on the replica's main event loop. Read when Ray starts, so it is set before the embedded
+# Ray is started, or on the cluster's `ray start` (cluster.yaml).
+THROUGHPUT_ENV = "RAY_SERVE_THROUGHPUT_OPTIMIZED"
+
+
 def start(args: dict[str, Any], host: str = "127.0.0.1", port: int = 8000, address: str | None = None,
-          name: str = "xmr", route_prefix: str = "/"):
-    """Start (or update) the application on Serve; returns its base URL once it answers."""
+          name: str = "xmr", route_prefix: str = "/", direct: bool = False):
+    """Start (or update) the application on Serve; returns its base URL once it answers.
+    ``direct`` starts an embedded Ray in throughput-optimised mode (see THROUGHPUT_ENV)."""
+    import ray
     from ray import serve
 
     from xmr.serve.app import build_app
     from xmr.train.driver import ensure_ray
 
+    if direct and not ray.is_initialized() and not (address or os.environ.get("RAY_ADDRESS")):
+        os.environ[THROUGHPUT_ENV] = "1"
     ensure_ray(address)
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(args), name=name, route_prefix=route_prefix, blocking=False)
     return f"http://{host}:{port}{route_prefix.rstrip('/')}"
 
 
+def direct_urls(name: str, route_prefix: str = "/", timeout_s: float = 60.0) -> list[str]:
+    """Base URLs of the application's replicas' own HTTP ports (direct ingress); raises when
+    the cluster runs without it."""
+    from ray.serve.context import _get_global_client
+
+    client = _get_global_client()
+    deadline = time.monotonic() + timeout_s
+    while True:
+        details = client.get_serve_details()
+        http = details.get("http_options") or {}
+        # replicas bind the Serve HTTP host (127.0.0.1 by default); the target lists the node IP
+        bound = http.get("host") if http.get("host") not in (None, "0.0.0.0", "::") else None
+        urls = [f"http://{bound or t['ip']}:{t['port']}{route_prefix.rstrip('/')}"
+                for group in details.get("target_groups", [])
+                if group.get("app_name") == name and group.get("protocol") == "HTTP"
+                for t in group.get("targets", []) if t["port"] != http.get("port")]
+        if urls or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    if not urls:
+        raise RuntimeError(f"application {name!r} has no direct-ingress replica ports: start Ray with "
+                           f"{THROUGHPUT_ENV}=1 (an embedded Ray does this with --direct)")
+    return urls
+
+
 def _serve(ns: argparse.Namespace) -> int:
     args = {"checkpoint": ns.checkpoint, "gallery": ns.gallery, "split": ns.split, "index": ns.index,
             "approx": ns.approx, "replicas": ns.replicas}
-    url = start({k: v for k, v in args.items() if v is not None}, host=ns.host, port=ns.port, address=ns.address)
+    url = start({k: v for k, v in args.items() if v is not None}, host=ns.host, port=ns.port, address=ns.address,
+                direct=ns.direct)
     import urllib.request
 
     info = json.loads(urllib.request.urlopen(f"{url}/info", timeout=60).read())
     print(f"[xmr] serving {info['method']} ({info['task']}) from {info['checkpoint']}: gallery {info['gallery']} "
           f"split {info['split']}, {info['gallery_size']} items, {info['search']} search; {url}/docs")
+    if ns.direct:
+        try:
+            urls = direct_urls("xmr")
+        except RuntimeError as e:
+            print(f"[xmr] error: {e}", file=sys.stderr)
+            return 2
+        print(f"[xmr] replicas answering directly (no proxy hop): {', '.join(urls)}")
     if ns.detach:
         return 0
     try:
@@ -70,6 +115,9 @@ def register(subparsers: Any) -> None:
                    help="bind address (default 127.0.0.1; 0.0.0.0 exposes the endpoint)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--address", default=None, help="Ray cluster (default: RAY_ADDRESS or a local Ray)")
+    p.add_argument("--direct", action="store_true",
+                   help=f"throughput-optimised Serve ({THROUGHPUT_ENV}=1): replicas also answer HTTP on ports "
+                        "of their own, bypassing the proxy (lowest latency); the proxy port keeps working")
     p.add_argument("--detach", action="store_true", help="return once the endpoint answers")
     p.set_defaults(func=_serve)
 

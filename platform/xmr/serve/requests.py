@@ -50,6 +50,31 @@ class MomentsRequest(BaseModel):
     video: str | None = Field(None, min_length=1, max_length=512, description="video id: search only this video")
 
 
+class SearchHit(BaseModel):
+    id: str
+    score: float = Field(description="cosine similarity")
+    label: Any = Field(None, description="the item's label(s), where the dataset has them")
+
+
+class SearchResponse(BaseModel):
+    modality: str = Field(description="the modality of the results (the other one)")
+    k: int
+    results: list[SearchHit]
+
+
+class MomentHit(BaseModel):
+    video: str
+    start: float = Field(description="seconds")
+    end: float = Field(description="seconds")
+    score: float
+
+
+class MomentsResponse(BaseModel):
+    k: int
+    video: str | None = Field(None, description="the video searched (SVMR requests)")
+    results: list[MomentHit]
+
+
 def numeric_array(value: Any, field: str) -> np.ndarray:
     """A nested JSON list of numbers as float32; anything else (strings, booleans, nulls,
     ragged rows, objects) is a 422 naming the field."""

@@ -11,14 +11,17 @@ from xmr.metrics.vcmr import clips_to_moment, rank_moments
 from xmr.serve.gallery import CategoryGallery, Loaded, VideoCorpus
 
 
-# Exact top-k with a float16 pre-scan. A single query's scan is bound by the gallery's bytes
-# (100k x 256 float32 = 100 MB per query), so small batches scan a float16 copy (half the
-# bytes; several times faster here), take k + MARGIN candidates, rescore them in float32 and
-# keep the result only when a certificate proves it exact: for unit vectors every float16
-# score is within HALF_EPS of the float32 one, so when the last candidate's float16 score is
-# more than 2·HALF_EPS below the k-th exact score no other item can enter the top k. Rows
-# without the certificate, and larger batches (where a float32 GEMM is faster), scan float32.
-HALF_MAX_BATCH = 4
+# Exact top-k with a float16 pre-scan. A query's scan is bound by the gallery's bytes
+# (100k x 256 float32 = 100 MB), so the pre-scan reads a float16 copy (half the bytes), takes
+# k + MARGIN candidates, rescores them in float32 and keeps the result only when a
+# certificate proves it exact: for unit vectors every float16 score is within HALF_EPS of the
+# float32 one, so when the last candidate's float16 score is more than 2·HALF_EPS below the
+# k-th exact score no other item can enter the top k. Rows without the certificate scan
+# float32. torch's float16 product on the CPU is one pass over the gallery per query, so
+# batches of more than GEMV_MAX_BATCH queries widen blocks of the float16 gallery to float32
+# (cache-sized, BLOCK_ROWS rows) and multiply each block by the whole batch: one pass for all.
+GEMV_MAX_BATCH = 2
+BLOCK_ROWS = 4096
 HALF_MIN_ITEMS = 8192
 HALF_EPS = 2e-3  # input rounding 2·2^-11·|q||g| + output rounding, float32 accumulation (checked at load)
 MARGIN = 64
@@ -37,13 +40,29 @@ def half_prescan_ok(emb: torch.Tensor) -> bool:
     return bool(err <= HALF_EPS / 2)
 
 
+def half_scores(q: torch.Tensor, half: torch.Tensor) -> torch.Tensor:
+    """[B, N] float32 scores of q against the float16 gallery (see the note above)."""
+    if q.shape[0] <= GEMV_MAX_BATCH:
+        return (q.half() @ half.T).float()
+    b = q.shape[0]
+    if b % 4:  # the CPU GEMM is much slower for 3, 5, 6, ... rows than for the next multiple of 4
+        q = torch.cat([q, q.new_zeros(4 - b % 4, q.shape[1])])
+    out = torch.empty(q.shape[0], half.shape[0])
+    block = torch.empty(min(BLOCK_ROWS, half.shape[0]), half.shape[1])
+    for lo in range(0, half.shape[0], BLOCK_ROWS):
+        rows = half[lo:lo + BLOCK_ROWS]
+        wide = block[: rows.shape[0]]
+        wide.copy_(rows)
+        torch.mm(q, wide.T, out=out[:, lo:lo + rows.shape[0]])
+    return out[:b]
+
+
 def topk_scores(q: torch.Tensor, emb: torch.Tensor, half: torch.Tensor | None, k: int):
     """(scores, indices) [B, k] of the exact top-k of q @ emb.T (see the note above)."""
     n = emb.shape[0]
-    if half is None or q.shape[0] > HALF_MAX_BATCH or k + MARGIN >= n:
+    if half is None or k + MARGIN >= n:
         return (q @ emb.T).topk(k, dim=1)
-    m = k + MARGIN
-    cand = (q.half() @ half.T).float().topk(m, dim=1)
+    cand = half_scores(q, half).topk(k + MARGIN, dim=1)
     exact = torch.einsum("bd,bmd->bm", q, emb[cand.indices])
     scores, order = exact.topk(k, dim=1)
     idx = cand.indices.gather(1, order)
@@ -93,12 +112,17 @@ def _pad_tokens(arrays: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _moments(corpus: VideoCorpus, video: torch.Tensor, st_: torch.Tensor, ed: torch.Tensor, score: torch.Tensor,
-             clip_len: float) -> list[dict[str, Any]]:
-    valid = video >= 0
-    video, st_, ed, score = video[valid], st_[valid], ed[valid], score[valid]
-    t_s, t_e = clips_to_moment(st_.numpy(), ed.numpy(), clip_len, corpus.durations[video].numpy())
-    return [{"video": corpus.ids[v], "start": round(float(a), 3), "end": round(float(b), 3), "score": float(s)}
-            for v, a, b, s in zip(video.tolist(), t_s, t_e, score.tolist())]
+             clip_len: float) -> list[list[dict[str, Any]]]:
+    """Result rows for [B, k] decoded spans, converted to seconds in one vectorised pass
+    (padding entries, video -1, dropped)."""
+    v = video.numpy()
+    t_s, t_e = clips_to_moment(st_.numpy(), ed.numpy(), clip_len, corpus.durations.numpy()[np.maximum(v, 0)])
+    t_s, t_e = np.round(t_s, 3).tolist(), np.round(t_e, 3).tolist()
+    ids, rows = corpus.ids, []
+    for vr, ar, br, sr in zip(v.tolist(), t_s, t_e, score.tolist()):
+        rows.append([{"video": ids[i], "start": a, "end": b, "score": c}
+                     for i, a, b, c in zip(vr, ar, br, sr) if i >= 0])
+    return rows
 
 
 @torch.inference_mode()
@@ -118,10 +142,9 @@ def moments_batch(items: list[tuple]) -> list[list[dict[str, Any]]]:
         scores, top, start, end = model.search(q, corpus.enc, min(m.top_videos, corpus.size), buckets=corpus.buckets)
         ranked = rank_moments(scores, start.softmax(-1), end.softmax(-1), corpus.enc["clip_mask"], top,
                               m.max_moment_clips, k_max)
-        for row, i in enumerate(idx):
-            k = items[i][2]
-            out[i] = _moments(corpus, ranked.video[row, :k], ranked.st[row, :k], ranked.ed[row, :k],
-                              ranked.score[row, :k], st.manifest.clip_len or 1.0)
+        rows = _moments(corpus, ranked.video, ranked.st, ranked.ed, ranked.score, st.manifest.clip_len or 1.0)
+        for row, i in zip(rows, idx):
+            out[i] = row[: items[i][2]]
     return out  # type: ignore[return-value]
 
 
@@ -136,4 +159,4 @@ def svmr_one(st: Loaded, tokens: np.ndarray, position: int, k: int) -> list[dict
     start, end = model.span_logits(q, corpus.enc, only)
     ranked = rank_moments(torch.ones(1, corpus.size), start.softmax(-1), end.softmax(-1), corpus.enc["clip_mask"],
                           only, st.cfg.model.max_moment_clips, k)
-    return _moments(corpus, ranked.video[0], ranked.st[0], ranked.ed[0], ranked.score[0], st.manifest.clip_len or 1.0)
+    return _moments(corpus, ranked.video, ranked.st, ranked.ed, ranked.score, st.manifest.clip_len or 1.0)[0]
