@@ -246,11 +246,11 @@ def in_process(plan: dict, quick: bool) -> dict:
     g = np.random.default_rng(1)
     tokens = [g.standard_normal((20, 768)).astype(np.float32) for _ in range(64)]
     moments_batch([(loaded, tok, 100) for tok in tokens])  # warm
-    t = time.perf_counter()
-    for lo in range(0, total, 64):
-        m = min(64, total - lo)
-        moments_batch([(loaded, g.standard_normal((20, 768)).astype(np.float32), 100) for _ in range(m)])
-    figures["moments"] = {"queries": total, "mean_ms_per_query": (time.perf_counter() - t) * 1000 / total,
+    compute_ms = 0.0
+    for lo in range(0, total, 64):  # only the search is timed, not making up the query tokens
+        batch = [(loaded, g.standard_normal((20, 768)).astype(np.float32), 100) for _ in range(min(64, total - lo))]
+        compute_ms += timed_ms(lambda: moments_batch(batch), 1)[0]
+    figures["moments"] = {"queries": total, "mean_ms_per_query": compute_ms / total,
                           "single_p50_ms": statistics.median(timed_ms(lambda: moments_batch([(loaded, tokens[0], 10)]), 20))}
     return figures
 

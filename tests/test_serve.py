@@ -188,11 +188,16 @@ BAD_SEARCH = [
 ]
 
 
-@pytest.mark.parametrize("body, status, message", BAD_SEARCH, ids=[str(i) for i in range(len(BAD_SEARCH))])
-def test_bad_search_inputs_get_a_clear_4xx(endpoint, body, status, message):
-    r = post(f"{endpoint['cat']}/search", body)
+def assert_error(url: str, body, status: int, message: str) -> None:
+    """The request gets ``status`` with a JSON error that contains ``message``."""
+    r = post(url, body)
     assert r.status_code == status, r.text
     assert message.lower() in r.json()["error"].lower()
+
+
+@pytest.mark.parametrize("body, status, message", BAD_SEARCH, ids=[str(i) for i in range(len(BAD_SEARCH))])
+def test_bad_search_inputs_get_a_clear_4xx(endpoint, body, status, message):
+    assert_error(f"{endpoint['cat']}/search", body, status, message)
 
 
 def test_bad_moments_inputs_and_oversized_bodies(endpoint):

@@ -12,7 +12,8 @@ import pytest
 import requests
 import torch
 
-from test_serve import AVDIGITS, BAD_SEARCH, checkpoints, free_port, offline_category, post  # noqa: F401 (fixture reuse)
+from test_serve import (AVDIGITS, BAD_SEARCH, assert_error, checkpoints, free_port,  # noqa: F401 (fixture reuse)
+                        offline_category, post)
 from xmr.data.reader import make_loader
 
 pytestmark = pytest.mark.timeout(300)
@@ -59,9 +60,7 @@ def test_replica_port_answers_like_the_proxy_and_offline(direct, checkpoints):
 
 @pytest.mark.parametrize("body, status, message", BAD_SEARCH, ids=[str(i) for i in range(len(BAD_SEARCH))])
 def test_replica_port_validates_input_like_the_proxy(direct, body, status, message):
-    r = post(f"{direct['direct'][0]}/search", body)
-    assert r.status_code == status, r.text
-    assert message.lower() in r.json()["error"].lower()
+    assert_error(f"{direct['direct'][0]}/search", body, status, message)
 
 
 def test_replica_port_refuses_oversized_bodies(direct):
