@@ -1,7 +1,6 @@
 """Gathered multi-negative losses across 2 gloo processes equal the single-process loss on
 the concatenated batch, in value and in gradient (after DDP's average over ranks)."""
 
-import socket
 
 import pytest
 import torch
@@ -30,8 +29,11 @@ def compute(case, a_raw, b_raw, y, idx):
     return term({"emb_a": unit(a_raw), "emb_b": unit(b_raw)}, {"label": y, "index": idx})
 
 
-def worker(rank, port, out_dir):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+def worker(rank, out_dir):
+    # A file rendezvous (no port to race for), and a barrier before tearing down: a rank
+    # leaving while its peer still talks aborts gloo ("terminate called without an active
+    # exception"), seen once on a loaded 2-core CI run.
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=2)
     try:
         a, b, y = embeddings(n=sum(SIZES), classes=4, seed=7)
         lo = sum(SIZES[:rank])
@@ -44,20 +46,15 @@ def worker(rank, port, out_dir):
             ga, gb = torch.autograd.grad(loss, (a_r, b_r))
             results[case] = {"loss": loss.detach(), "ga": ga, "gb": gb}
         torch.save(results, f"{out_dir}/rank{rank}.pt")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def distributed_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
-    mp.spawn(worker, args=(free_port(), str(out)), nprocs=2, join=True)
+    mp.spawn(worker, args=(str(out),), nprocs=2, join=True)
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
 

@@ -135,7 +135,17 @@ def test_info_and_health(endpoint, checkpoints):
     info = requests.get(f"{endpoint['cat']}/info", timeout=10).json()
     assert info["gallery_size"] == load_manifest(AVDIGITS).splits["test"].num_samples
     assert info["input_dims"] == {"a": [64], "b": [32, 40]} and info["search"] == "exact"
-    assert "/search" in requests.get(f"{endpoint['cat']}/openapi.json", timeout=10).json()["paths"]
+    schema = requests.get(f"{endpoint['cat']}/openapi.json", timeout=10).json()
+    assert "/search" in schema["paths"] and {"SearchResponse", "MomentsResponse"} <= set(schema["components"]["schemas"])
+
+
+def test_direct_urls_says_how_to_enable_direct_ingress(endpoint):
+    """This module's Ray runs Serve's default proxy path: asking for the replicas' own ports
+    fails with the setting that enables them."""
+    from xmr.serve.cli import THROUGHPUT_ENV, direct_urls
+
+    with pytest.raises(RuntimeError, match=THROUGHPUT_ENV):
+        direct_urls("cat", timeout_s=1)
 
 
 @torch.no_grad()
