@@ -15,7 +15,6 @@ top-100 moments. Median ms per query over batched chunks.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -25,12 +24,11 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import write_results  # noqa: E402
+from _common import TVR, tvr_val_corpus, write_results  # noqa: E402
 
 from xmr.config import Config, load_config  # noqa: E402
 from xmr.losses.registry import get_term  # noqa: E402
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "tvr"
 
 
 def timed(fn, repeats: int) -> tuple[float, float]:
@@ -114,24 +112,14 @@ def bench_vcmr(n_queries: int, chunk: int) -> dict:
     from xmr.evaluation.vcmr import rank_queries
     from xmr.method import Method
 
-    video2dur = json.loads((SHARED / "tvr_video2dur_idx.json").read_text())["val"]
-    n_clips = [min(100, max(1, int(-(-dur // 1.5)))) for dur, _ in video2dur.values()]
-    n_val_queries = sum(1 for _ in open(SHARED / "tvr_val_release.jsonl"))
+    n_val_queries = sum(1 for _ in open(TVR / "tvr_val_release.jsonl"))
     cfg = load_config("qacln", ["model.embed_dim=384", "model.num_heads=8"])
     cfg.model.dims = {"visual": [1024], "subtitle": [768], "query": [768]}
     model = Method(cfg).model.eval()
-    g = torch.Generator().manual_seed(0)
-    n_max = max(n_clips)
-    clip_mask = torch.arange(n_max)[None, :] < torch.tensor(n_clips)[:, None]
-    t0 = time.perf_counter()
-    parts = []
-    with torch.no_grad():
-        for lo in range(0, len(n_clips), 128):
-            m = clip_mask[lo:lo + 128]
-            parts.append(model.encode_videos(torch.randn(len(m), n_max, 1024, generator=g),
-                                             torch.randn(len(m), n_max, 768, generator=g), m, m))
-    corpus = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-    encode_s = time.perf_counter() - t0
+    corpus, _, _, encode_s = tvr_val_corpus(model)
+    n_clips = corpus["clip_mask"].sum(dim=1).tolist()
+    n_max = corpus["clip_mask"].shape[1]
+    g = torch.Generator().manual_seed(1)
     per_query = []
     with torch.no_grad():
         for lo in range(0, n_queries, chunk):

@@ -41,9 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from _common import write_results  # noqa: E402
+from _common import TVR, tvr_val_corpus, write_results  # noqa: E402
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "tvr"
 PORT = 8321
 REPLICA_THREADS = 1  # the Retriever's ray_actor_options num_cpus: Ray sets OMP_NUM_THREADS to it
 MODE_ENV = {"proxy": {}, "direct": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
@@ -95,33 +94,19 @@ def vcmr_index(root: Path) -> tuple[str, str, int, dict]:
     from xmr.method import Method
     from xmr.serve.gallery import Loaded, VideoCorpus, save_index
 
-    video2dur = json.loads((SHARED / "tvr_video2dur_idx.json").read_text())["val"]
-    names = list(video2dur)
-    durations = [float(video2dur[v][0]) for v in names]
-    n_clips = [min(100, max(1, int(-(-dur // 1.5)))) for dur in durations]
-    n_queries = sum(1 for _ in open(SHARED / "tvr_val_release.jsonl"))
+    n_queries = sum(1 for _ in open(TVR / "tvr_val_release.jsonl"))
     cfg = load_config("qacln", ["model.embed_dim=384", "model.num_heads=8", "data.path=bench"])
     cfg.model.dims = {"visual": [1024], "subtitle": [768], "query": [768]}
     torch.manual_seed(0)
     method = Method(cfg).eval()
     ckpt = str(save_checkpoint(root / "ckpt_vcmr", method, cfg))
-    g = torch.Generator().manual_seed(0)
-    n_max = max(n_clips)
-    mask = torch.arange(n_max)[None, :] < torch.tensor(n_clips)[:, None]
-    t0 = time.perf_counter()
-    parts = []
-    with torch.no_grad():
-        for lo in range(0, len(n_clips), 128):
-            m = mask[lo:lo + 128]
-            parts.append(method.model.encode_videos(torch.randn(len(m), n_max, 1024, generator=g),
-                                                    torch.randn(len(m), n_max, 768, generator=g), m, m))
-    enc = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-    encode_s = time.perf_counter() - t0
+    enc, names, durations, encode_s = tvr_val_corpus(method.model)
+    n_clips = enc["clip_mask"].sum(dim=1).tolist()
     corpus = VideoCorpus(enc, names, torch.tensor(durations))
     manifest = Manifest.from_dict(fake_manifest("vcmr", cfg.model.dims, len(names), clip_len=1.5, queries=n_queries))
     info = {"method": cfg.method, "task": "vcmr", "model": cfg.model.name, "embed_dim": 384, "gallery_size": len(names)}
     index = str(save_index(root / "index_vcmr", Loaded(method, cfg, manifest, corpus, info), {}))
-    facts = {"videos": len(names), "mean_clips": sum(n_clips) / len(n_clips), "max_clips": n_max,
+    facts = {"videos": len(names), "mean_clips": sum(n_clips) / len(n_clips), "max_clips": int(enc["clip_mask"].shape[1]),
              "val_queries": n_queries, "video_encode_s": encode_s}
     return ckpt, index, n_queries, facts
 
