@@ -151,13 +151,16 @@ class QACLN(nn.Module):
         """q·h_v and q·h_s for every query, video and clip: two [Q, V, N] tensors."""
         return torch.einsum("qd,vnd->qvn", q, enc["h_v"]), torch.einsum("qd,vnd->qvn", q, enc["h_s"])
 
-    def clip_cosines(self, q, enc, mu_v, mu_s, dots=None) -> torch.Tensor:
-        """cos(h_qcf, q) for every query, video and clip: [Q, V, N] (invalid clips -inf)."""
+    def fused_dots(self, q, enc, mu_v, mu_s, dots=None) -> torch.Tensor:
+        """S_vq = h_qcf·q̂ for every query, video and clip: [Q, V, N] (ConvSE's input)."""
         qv, qs = dots if dots is not None else self.clip_dots(q, enc)
-        mv, ms = mu_v[..., None], mu_s[..., None]
-        cos = (mv * qv + ms * qs) / (self.fused_norms(mu_v, mu_s, enc["gram"]) *
-                                     q.norm(dim=-1)[:, None, None].clamp(min=1e-6))
-        return cos.masked_fill(~enc["clip_mask"][None], float("-inf"))
+        return (mu_v[..., None] * qv + mu_s[..., None] * qs) / q.norm(dim=-1).clamp(min=1e-6)[:, None, None]
+
+    def clip_cosines(self, q, enc, mu_v, mu_s, s_vq=None) -> torch.Tensor:
+        """cos(h_qcf, q) = S_vq / |h_qcf| for every query, video and clip: [Q, V, N]
+        (invalid clips -inf); pass ``s_vq`` when it is already computed."""
+        s = s_vq if s_vq is not None else self.fused_dots(q, enc, mu_v, mu_s)
+        return (s / self.fused_norms(mu_v, mu_s, enc["gram"])).masked_fill(~enc["clip_mask"][None], float("-inf"))
 
     @staticmethod
     def fused_norms(mu_v: torch.Tensor, mu_s: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
@@ -237,15 +240,12 @@ class QACLN(nn.Module):
         """
         buckets = buckets if buckets is not None else bucket_corpus(enc, chunk)
         n_videos, n_clips = enc["clip_mask"].shape
-        qnorm = q.norm(dim=-1).clamp(min=1e-6)[:, None, None]
         phi = q.new_empty(q.shape[0], n_videos)
-        s_vq = []  # per bucket: S_vq = h_qcf·q̂ [Q, bucket videos, bucket clips]
+        s_vq = []  # per bucket: S_vq [Q, bucket videos, bucket clips]
         for idx, sub in buckets:
             mu_v, mu_s = self.fusion(q, sub)
-            qv, qs = self.clip_dots(q, sub)
-            s = (mu_v[..., None] * qv + mu_s[..., None] * qs) / qnorm
-            cos = (s / self.fused_norms(mu_v, mu_s, sub["gram"])).masked_fill(~sub["clip_mask"][None], float("-inf"))
-            phi[:, idx] = cos.amax(dim=-1)
+            s = self.fused_dots(q, sub, mu_v, mu_s)
+            phi[:, idx] = self.clip_cosines(q, sub, mu_v, mu_s, s_vq=s).amax(dim=-1)
             s_vq.append(s)
         scores = torch.exp(VR_SHARPNESS * (phi - 1.0))
         top = scores.topk(min(top_videos, scores.shape[1]), dim=1).indices

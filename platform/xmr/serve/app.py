@@ -146,7 +146,7 @@ class Retriever:
         if st is None:
             raise RequestError(503, "the model is still loading")
         batching = {k: {"batches": b, "queries": n, "mean_batch": round(n / b, 2) if b else 0.0,
-                        "compute_ms_per_batch": round(1000 * sec / b, 3) if b else 0.0}
+                        "compute_ms_per_batch": round(1000 * sec / b, 3) if b else 0.0, "compute_s": sec}
                     for k, (b, n, sec) in self.batches.items()}
         return {**st.info, "loading": self.loading, "batch_size": BATCH_SIZE, "batching": batching,
                 "torch_threads": torch.get_num_threads(),
