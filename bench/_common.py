@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
-import platform as _platform
 import subprocess
 from pathlib import Path
 
@@ -39,21 +37,15 @@ def tvr_val_corpus(model) -> tuple[dict, list[str], list[float], float]:
 
 
 def machine() -> dict:
-    cpu = ""
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    import torch
+    """``xmr.machine.machine()`` and the commit the figures were measured at."""
+    from xmr.machine import machine as facts
 
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 cwd=RESULTS.parent).stdout.strip()
     except OSError:
         commit = ""
-    return {"host": _platform.node(), "cpu": cpu, "cores": os.cpu_count(), "gpu": gpu,
-            "python": _platform.python_version(), "torch": torch.__version__, "commit": commit}
+    return {**facts(), "commit": commit}
 
 
 def write_results(script: str, figures: dict, headline: dict) -> Path:

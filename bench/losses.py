@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import TVR, tvr_val_corpus, write_results  # noqa: E402
 
 from xmr.config import Config, load_config  # noqa: E402
-from xmr.losses.registry import get_term  # noqa: E402
+from xmr.losses.registry import TermContext, build_term  # noqa: E402
+from xmr.outputs import PairOutputs  # noqa: E402
 
 
 
@@ -49,15 +50,16 @@ def term_step(name: str, task: str, b: int, k: int, d: int):
     cfg = Config()
     cfg.task, cfg.model.embed_dim, cfg.model.num_classes = task, d, [32]
     cfg.negatives.k, cfg.negatives.strategy = k, "uniform"
-    term = get_term(name)(cfg)
+    term = build_term(name, cfg)
     g = torch.Generator().manual_seed(0)
     a = torch.randn(b, d, generator=g, requires_grad=True)
     bb = torch.randn(b, d, generator=g, requires_grad=True)
     labels = torch.randint(0, 32, (b,), generator=g)
     batch = {"label": labels, "index": torch.arange(b)}
+    ctx = TermContext(targets=torch.arange(b) if task == "pair" else labels)
 
     def step():
-        loss = term({"emb_a": F.normalize(a, dim=1), "emb_b": F.normalize(bb, dim=1)}, batch)
+        loss = term(PairOutputs(F.normalize(a, dim=1), F.normalize(bb, dim=1)), batch, ctx)
         loss.backward()
 
     return step
@@ -109,7 +111,7 @@ def bench_terms(sizes, ks, repeats) -> list[dict]:
 
 
 def bench_vcmr(n_queries: int, chunk: int) -> dict:
-    from xmr.evaluation.vcmr import rank_queries
+    from xmr.tasks.vcmr import rank_queries
     from xmr.method import Method
 
     n_val_queries = sum(1 for _ in open(TVR / "tvr_val_release.jsonl"))

@@ -67,7 +67,8 @@ def category_index(root: Path, n: int, d: int = 256) -> tuple[str, str]:
     from xmr.config import load_config
     from xmr.data.manifest import Manifest
     from xmr.method import Method
-    from xmr.serve.gallery import CategoryGallery, Loaded, save_index
+    from xmr.serve.gallery import Loaded, save_index
+    from xmr.tasks.category import CategoryGallery
 
     cfg = load_config("triplet_pair", [f"model.embed_dim={d}", "model.hidden_dim=512", "data.path=bench"])
     cfg.model.dims = {"a": [d], "b": [d]}
@@ -83,7 +84,7 @@ def category_index(root: Path, n: int, d: int = 256) -> tuple[str, str]:
     gallery = CategoryGallery(emb, [f"item-{i:06d}" for i in range(n)], [None] * n)
     manifest = Manifest.from_dict(fake_manifest("category", cfg.model.dims, n))
     info = {"method": cfg.method, "task": cfg.task, "model": cfg.model.name, "embed_dim": d, "gallery_size": n}
-    index = str(save_index(root / f"index_cat_{n}", Loaded(method, cfg, manifest, gallery, info), {}))
+    index = str(save_index(root / f"index_cat_{n}", Loaded(method.model, cfg, manifest, gallery, info), {}))
     return ckpt, index
 
 
@@ -92,7 +93,8 @@ def vcmr_index(root: Path) -> tuple[str, str, int, dict]:
     from xmr.config import load_config
     from xmr.data.manifest import Manifest
     from xmr.method import Method
-    from xmr.serve.gallery import Loaded, VideoCorpus, save_index
+    from xmr.serve.gallery import Loaded, save_index
+    from xmr.tasks.vcmr import VideoCorpus
 
     n_queries = sum(1 for _ in open(TVR / "tvr_val_release.jsonl"))
     cfg = load_config("qacln", ["model.embed_dim=384", "model.num_heads=8", "data.path=bench"])
@@ -105,7 +107,7 @@ def vcmr_index(root: Path) -> tuple[str, str, int, dict]:
     corpus = VideoCorpus(enc, names, torch.tensor(durations))
     manifest = Manifest.from_dict(fake_manifest("vcmr", cfg.model.dims, len(names), clip_len=1.5, queries=n_queries))
     info = {"method": cfg.method, "task": "vcmr", "model": cfg.model.name, "embed_dim": 384, "gallery_size": len(names)}
-    index = str(save_index(root / "index_vcmr", Loaded(method, cfg, manifest, corpus, info), {}))
+    index = str(save_index(root / "index_vcmr", Loaded(method.model, cfg, manifest, corpus, info), {}))
     facts = {"videos": len(names), "mean_clips": sum(n_clips) / len(n_clips), "max_clips": int(enc["clip_mask"].shape[1]),
              "val_queries": n_queries, "video_encode_s": encode_s}
     return ckpt, index, n_queries, facts
@@ -206,7 +208,7 @@ def timed_ms(fn, repeats: int) -> list[float]:
 def in_process(plan: dict, quick: bool) -> dict:
     """The same searches as the endpoint's, in this process, before any Ray starts."""
     from xmr.serve.gallery import load_for_serving
-    from xmr.serve.search import moments_batch, search_category
+    from xmr.serve.search import moments_items, search_items
 
     cores = torch.get_num_threads()
     figures: dict = {"search": {}, "cores": cores}
@@ -216,11 +218,11 @@ def in_process(plan: dict, quick: bool) -> dict:
         row = {}
         for threads in sorted({REPLICA_THREADS, cores}):
             torch.set_num_threads(threads)
-            search_category([(loaded, "a", queries[0], 10)])  # warm
-            single = [timed_ms(lambda q=q: search_category([(loaded, "a", q, 10)]), 1)[0] for q in queries[:200]]
+            search_items([(loaded, "a", queries[0], 10)])  # warm
+            single = [timed_ms(lambda q=q: search_items([(loaded, "a", q, 10)]), 1)[0] for q in queries[:200]]
             t = time.perf_counter()
             for lo in range(0, 960, 32):
-                search_category([(loaded, "a", q, 10) for q in queries[lo:lo + 32]])
+                search_items([(loaded, "a", q, 10) for q in queries[lo:lo + 32]])
             row[threads] = {"p50_ms": statistics.median(single),
                             "batched32_ms_per_query": (time.perf_counter() - t) * 1000 / 960}
         torch.set_num_threads(cores)
@@ -230,13 +232,13 @@ def in_process(plan: dict, quick: bool) -> dict:
     total = plan["vcmr"]["queries"] if not quick else 640
     g = np.random.default_rng(1)
     tokens = [g.standard_normal((20, 768)).astype(np.float32) for _ in range(64)]
-    moments_batch([(loaded, tok, 100) for tok in tokens])  # warm
+    moments_items([(loaded, tok, 100) for tok in tokens])  # warm
     compute_ms = 0.0
     for lo in range(0, total, 64):  # only the search is timed, not making up the query tokens
         batch = [(loaded, g.standard_normal((20, 768)).astype(np.float32), 100) for _ in range(min(64, total - lo))]
-        compute_ms += timed_ms(lambda: moments_batch(batch), 1)[0]
+        compute_ms += timed_ms(lambda: moments_items(batch), 1)[0]
     figures["moments"] = {"queries": total, "mean_ms_per_query": compute_ms / total,
-                          "single_p50_ms": statistics.median(timed_ms(lambda: moments_batch([(loaded, tokens[0], 10)]), 20))}
+                          "single_p50_ms": statistics.median(timed_ms(lambda: moments_items([(loaded, tokens[0], 10)]), 20))}
     return figures
 
 
@@ -248,7 +250,7 @@ def child(mode: str, plan: dict) -> dict:
     from xmr.serve.app import build_app
     from xmr.serve.cli import direct_urls
     from xmr.serve.gallery import load_for_serving
-    from xmr.serve.search import search_category
+    from xmr.serve.search import search_items
     from xmr.train.driver import ensure_ray
 
     torch.set_num_threads(REPLICA_THREADS)  # this process's own searches run like the replica's
@@ -280,7 +282,7 @@ def child(mode: str, plan: dict) -> dict:
         url = base(f"cat{n}", f"/c{n}")
         loaded = load_for_serving(paths["ckpt"], index=paths["index"])
         side = side_by_side(f"{url}/search", noop_url, bodies[:per_c[1]],
-                            lambda i: search_category([(loaded, "a", queries[i], 10)]))
+                            lambda i: search_items([(loaded, "a", queries[i], 10)]))
         del loaded
         out["search"][n] = {"side_by_side_c1": side,
                             "http": [phase(f"{url}/search", f"{url}/info", bodies[:m], c, "search")

@@ -40,30 +40,23 @@ def plain_loop(cfg, threads: int) -> dict:
     """The reference: the Ray worker's loop body with no Ray, no DDP, no reporting."""
     import torch
 
-    from xmr.config import resolve
-    from xmr.data.reader import make_loader
+    from xmr.checks import resolve
+    from xmr.data.reader import loader_for
     from xmr.method import Method
-    from xmr.train.loop import lr_factor, make_optimizer
+    from xmr.train.step import TrainStep, schedule
 
     torch.set_num_threads(threads)
     cfg, _ = resolve(cfg)
     torch.manual_seed(cfg.seed)
     method = Method(cfg)
-    loader = make_loader(cfg.data.path, "train", local_batch_size=cfg.data.batch_size, seed=cfg.seed)
-    total = loader.steps * cfg.optim.epochs
-    opt = make_optimizer(cfg, method.parameters())
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, 0, "cosine"))
+    loader = loader_for(cfg, "train", train=True)
+    step = TrainStep(method, cfg, total_steps=schedule(cfg, loader.steps)[1])  # the workers' own step
     rates, start = [], time.perf_counter()
     for epoch in range(cfg.optim.epochs):
         loader.set_epoch(epoch)
         n, t0 = 0, time.perf_counter()
         for batch in loader:
-            out = method(batch)
-            opt.zero_grad(set_to_none=True)
-            out["loss"].backward()
-            torch.nn.utils.clip_grad_norm_(method.parameters(), cfg.optim.grad_clip)
-            opt.step()
-            sched.step()
+            step(batch)
             n += len(batch["index"])
         rates.append(n / (time.perf_counter() - t0))
     return {"samples_per_s": sum(rates[1:]) / len(rates[1:]), "wall_s": time.perf_counter() - start,

@@ -26,8 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="A.B=VALUE")
     args = parser.parse_args(argv)
 
-    from xmr.checkpoint import fetch_checkpoint, load_method
+    from xmr.checkpoint import fetch_checkpoint
     from xmr.config import load_config
+    from xmr.method import Method
     from xmr.data.cli import verify
     from xmr.data.manifest import load_manifest
     from xmr.train.driver import run_training
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     result = run_training(cfg, run_name=args.run_name)
     before = result.history[0][result.metric]
     after = result.best["value"] if result.best else float("nan")
-    method = load_method(fetch_checkpoint(result.run_uri))  # the endpoint's loading path
+    method = Method.from_checkpoint(fetch_checkpoint(result.run_uri))  # rebuilt from the checkpoint alone
     params = sum(p.numel() for p in method.parameters())
     print(f"[demo] {result.metric} before training {before:.4f} -> best after training {after:.4f} "
           f"(epoch {result.best['epoch'] if result.best else '-'})")

@@ -5,7 +5,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from xmr.config import Config, ConfigError, apply_overrides, load_config, resolve
+from xmr.checks import check
+from xmr.config import Config, ConfigError, apply_overrides, load_config
+from xmr.checks import resolve
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -50,7 +52,7 @@ def test_defaults_and_overrides(tmp_path):
 ])
 def test_validation_errors_name_field_and_value(tmp_path, override, message):
     with pytest.raises(ConfigError) as err:
-        load_config(write(tmp_path, BASE), override)
+        check(load_config(write(tmp_path, BASE), override))
     assert message in str(err.value)
 
 

@@ -14,10 +14,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import write_tiny_category
-from xmr.data.decode import clip_labels, load_npy
+from xmr.data.decode import load_npy
 from xmr.data.manifest import load_manifest
 from xmr.data.plan import PlanError, make_plan
 from xmr.data.reader import make_loader
+from xmr.metrics.vcmr import moment_to_clips
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -127,7 +128,7 @@ def test_vcmr_query_batch_layout(tiny_vcmr_dataset: Path) -> None:
         assert (b["visual"][~b["clip_mask"]] == 0).all()
         valid = b["clip_mask"].sum(1)
         for i in range(n):
-            st_i, ed_i = clip_labels(b["ts"][i].tolist(), 1.5, int(valid[i]))
+            st_i, ed_i = moment_to_clips(b["ts"][i].tolist(), int(valid[i]), 1.5)
             assert (b["st"][i].item(), b["ed"][i].item()) == (st_i, ed_i)
             assert 0 <= st_i <= ed_i < valid[i]
         assert b["type"] == ["vt"] * n and b["video_index"].min() >= 1000
@@ -142,11 +143,13 @@ def test_vcmr_video_unit_and_max_clips(tiny_vcmr_dataset: Path) -> None:
     assert batch["vid_name"][0] == "val_video_0"
 
 
-def test_clip_labels_formula() -> None:
-    assert clip_labels([0.0, 1.5], 1.5, 10) == (0, 1)      # ceil(1.5/1.5)=1
-    assert clip_labels([1.6, 2.9], 1.5, 10) == (1, 2)
-    assert clip_labels([3.0, 99.0], 1.5, 10) == (2, 9)     # end clipped to n_clips-1
-    assert clip_labels([20.0, 30.0], 1.5, 4) == (3, 3)     # start never after end
+def test_clip_labels_are_inclusive_as_in_the_paper() -> None:
+    """QACLN §2.1: a moment is clips i_s..i_e, both inclusive: ed = ceil(t_e/1.5) - 1."""
+    assert moment_to_clips([0.0, 1.5], 10, 1.5) == (0, 0)      # one whole clip
+    assert moment_to_clips([1.6, 2.9], 10, 1.5) == (1, 1)      # inside clip 1
+    assert moment_to_clips([1.0, 2.0], 10, 1.5) == (0, 1)      # spans a boundary
+    assert moment_to_clips([3.0, 99.0], 10, 1.5) == (2, 9)     # end clipped to n_clips-1
+    assert moment_to_clips([20.0, 30.0], 4, 1.5) == (3, 3)     # start never after end
 
 
 def test_plan_errors_name_split_and_sizes() -> None:

@@ -5,8 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from losses_helpers import embeddings, make_cfg, unit
-from xmr.losses.registry import get_term
+from losses_helpers import embeddings, make_cfg, pair, term, unit
 from xmr.models.discriminator import grad_reverse
 
 pytestmark = pytest.mark.timeout(60)
@@ -29,11 +28,11 @@ def test_grad_reverse_is_identity_forward_and_negated_backward():
 def test_grl_flips_the_sign_reaching_the_encoders_only():
     torch.manual_seed(0)
     a_raw, b_raw, _ = embeddings(n=6)
-    term = get_term("adversarial")(make_cfg(lambdas={"adversarial": 1.0}, grl_scale=1.0))
-    params = list(term.discriminator.parameters())
+    adv = term("adversarial", make_cfg(lambdas={"adversarial": 1.0}, grl_scale=1.0))
+    params = list(adv.discriminator.parameters())
     a, b = unit(a_raw), unit(b_raw)
-    grl = torch.autograd.grad(term({"emb_a": a, "emb_b": b}, {}), [a_raw, b_raw, *params])
-    ref = torch.autograd.grad(plain_bce(term, unit(a_raw), unit(b_raw)), [a_raw, b_raw, *params])
+    grl = torch.autograd.grad(adv(pair(a, b), {}), [a_raw, b_raw, *params])
+    ref = torch.autograd.grad(plain_bce(adv, unit(a_raw), unit(b_raw)), [a_raw, b_raw, *params])
     assert torch.allclose(grl[0], -ref[0], atol=1e-6) and torch.allclose(grl[1], -ref[1], atol=1e-6)
     for g, r in zip(grl[2:], ref[2:]):  # the discriminator still descends its own loss
         assert torch.allclose(g, r, atol=1e-6)
@@ -44,17 +43,62 @@ def test_flip_mode_discriminator_learns_while_encoders_push_the_other_way():
     torch.manual_seed(0)
     a_raw, b_raw, _ = embeddings(n=8)
     b_raw = (b_raw.detach() + 2.0).requires_grad_()  # a modality gap the discriminator can see
-    term = get_term("adversarial")(make_cfg(lambdas={"adversarial": 1.0}, adversarial_mode="flip"))
-    opt = torch.optim.SGD(term.parameters(), lr=0.5)
-    before = plain_bce(term, unit(a_raw), unit(b_raw)).item()
+    adv = term("adversarial", make_cfg(lambdas={"adversarial": 1.0}, adversarial_mode="flip"))
+    opt = torch.optim.SGD(adv.parameters(), lr=0.5)
+    before = plain_bce(adv, unit(a_raw), unit(b_raw)).item()
     for _ in range(30):
         opt.zero_grad()
-        term({"emb_a": unit(a_raw), "emb_b": unit(b_raw)}, {}).backward()
+        adv(pair(unit(a_raw), unit(b_raw)), {}).backward()
         opt.step()
-    assert plain_bce(term, unit(a_raw), unit(b_raw)).item() < before * 0.7  # D got better
+    assert plain_bce(adv, unit(a_raw), unit(b_raw)).item() < before * 0.7  # D got better
     # Encoder gradient of the flip objective points against the discriminator's own loss.
     a_raw.grad = None
-    loss = term({"emb_a": unit(a_raw), "emb_b": unit(b_raw)}, {})
+    loss = adv(pair(unit(a_raw), unit(b_raw)), {})
     (g_flip,) = torch.autograd.grad(loss, a_raw)
-    (g_disc,) = torch.autograd.grad(plain_bce(term, unit(a_raw), unit(b_raw)), a_raw)
+    (g_disc,) = torch.autograd.grad(plain_bce(adv, unit(a_raw), unit(b_raw)), a_raw)
     assert torch.sum(g_flip * g_disc) < 0
+
+
+def test_discriminator_reports_its_loss_and_accuracy():
+    a_raw, b_raw, _ = embeddings(n=8)
+    adv = term("adversarial", make_cfg(lambdas={"adversarial": 1.0}))
+    a, b = unit(a_raw), unit(b_raw)
+    adv(pair(a, b), {})
+    logits = adv.discriminator(torch.cat([a, b]))
+    target = torch.cat([torch.zeros(8), torch.ones(8)])
+    assert adv.diagnostics["disc_loss"].item() == pytest.approx(plain_bce(adv, a, b).item(), abs=1e-6)
+    assert adv.diagnostics["disc_acc"].item() == pytest.approx(((logits > 0).float() == target).float().mean().item())
+
+
+def _game(disc_lr, disc_steps, steps=40):
+    """Frozen-gap embeddings (a constant offset between the modalities) through the training
+    step: how low the discriminator's BCE gets."""
+    from xmr.method import Method
+    from xmr.train.step import TrainStep
+
+    cfg = make_cfg(lambdas={"multineg": 1.0, "adversarial": 0.1}, disc_lr=disc_lr, disc_steps=disc_steps)
+    cfg.model.name, cfg.model.dims = "dual_encoder", {"a": [8], "b": [6]}
+    torch.manual_seed(0)
+    method = Method(cfg)
+    step = TrainStep(method, cfg, total_steps=steps)
+    g = torch.Generator().manual_seed(1)
+    records = []
+    for _ in range(steps):
+        batch = {"a": torch.randn(32, 8, generator=g) + 3.0, "b": torch.randn(32, 6, generator=g),
+                 "label": torch.randint(0, 5, (32,), generator=g), "index": torch.arange(32)}
+        records.append(step(batch))
+    groups = {grp["name"]: grp for grp in step.optimizer.param_groups}
+    return records, groups
+
+
+def test_the_games_balance_is_configurable():
+    """loss.disc_lr is the discriminator's own learning rate; loss.disc_steps its updates
+    per encoder step. A stronger discriminator wins the game (lower BCE, higher accuracy)."""
+    weak, groups = _game(None, 1)
+    assert groups["discriminator"]["initial_lr"] == groups["model"]["initial_lr"] == 1e-3
+    strong, groups = _game(1e-2, 5)
+    assert groups["discriminator"]["initial_lr"] == 1e-2
+    tail = lambda rs, k: sum(r[k] for r in rs[-10:]) / 10  # noqa: E731
+    assert "adversarial_disc_extra_loss" in strong[-1] and "adversarial_disc_extra_loss" not in weak[-1]
+    assert tail(strong, "adversarial_disc_loss") < tail(weak, "adversarial_disc_loss") - 0.05
+    assert tail(strong, "adversarial_disc_acc") > tail(weak, "adversarial_disc_acc")

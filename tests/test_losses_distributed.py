@@ -1,14 +1,15 @@
-"""Gathered multi-negative losses across 2 gloo processes equal the single-process loss on
-the concatenated batch, in value and in gradient (after DDP's average over ranks)."""
-
+"""Across 2 gloo processes: gathered multi-negative losses equal the single-process loss on
+the concatenated batch, in value and in gradient (after DDP's average over ranks); without
+gathering each rank contrasts with its own share; and whole training steps under DDP, with
+a memory bank written by a momentum encoder and per-term gradient shares on, keep every
+rank's weights, key encoder and bank identical and equal to single-process training."""
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from losses_helpers import embeddings, make_cfg, unit
-from xmr.losses.registry import get_term
+from losses_helpers import ctx, embeddings, make_cfg, pair, term, unit
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -19,14 +20,45 @@ CASES = {
     "multineg_pair": dict(task="pair", k=10_000, strategy="uniform", lambdas={"multineg": 1.0}),
     "multineg_class_aware": dict(task="category", k=2, strategy="class_aware", lambdas={"multineg": 1.0}),
     "triplet": dict(task="category", k=1, strategy="hardest", lambdas={"triplet": 1.0}),
+    "triplet_semi_hard": dict(task="category", k=1, strategy="semi_hard", lambdas={"triplet": 1.0}),
     "polynomial": dict(task="category", k=10_000, strategy="hardest", lambdas={"polynomial": 1.0}),
 }
 
 
-def compute(case, a_raw, b_raw, y, idx):
+def compute(case, a_raw, b_raw, y, idx, gather=True):
     cfg = make_cfg(**CASES[case])
-    term = get_term(next(iter(cfg.loss.lambdas)))(cfg)
-    return term({"emb_a": unit(a_raw), "emb_b": unit(b_raw)}, {"label": y, "index": idx})
+    cfg.negatives.gather = gather
+    targets = idx if cfg.task == "pair" else y
+    return term(next(iter(cfg.loss.lambdas)), cfg)(pair(unit(a_raw), unit(b_raw)), {"label": y, "index": idx},
+                                                   ctx(targets))
+
+
+def step_cfg():
+    cfg = make_cfg(k=10_000, lambdas={"supcon": 1.0, "center": 0.1, "label": 0.5})
+    cfg.model.dropout = 0.0  # the same forward on one process and on two
+    cfg.negatives.memory_bank, cfg.negatives.momentum, cfg.negatives.bank_warmup_steps = 48, 0.9, 1
+    cfg.tracking.grad_share_every = 1
+    return cfg
+
+
+def step_batches():
+    g = torch.Generator().manual_seed(11)
+    n = sum(SIZES)
+    return [{"a": torch.randn(n, 8, generator=g), "b": torch.randn(n, 6, generator=g),
+             "label": torch.randint(0, 5, (n,), generator=g), "index": torch.arange(n)} for _ in range(4)]
+
+
+def train_steps(batches, module=None, method=None):
+    from xmr.method import Method
+    from xmr.train.step import TrainStep
+
+    cfg = step_cfg()
+    if method is None:
+        torch.manual_seed(0)
+        method = Method(cfg)
+    step = TrainStep(method, cfg, total_steps=len(batches), module=module(method) if module else None)
+    records = [step(b) for b in batches]
+    return method, records
 
 
 def worker(rank, out_dir):
@@ -40,11 +72,19 @@ def worker(rank, out_dir):
         sl = slice(lo, lo + SIZES[rank])
         results = {}
         for case in CASES:
-            a_r = a.detach()[sl].clone().requires_grad_()
-            b_r = b.detach()[sl].clone().requires_grad_()
-            loss = compute(case, a_r, b_r, y[sl], torch.arange(sum(SIZES))[sl])
-            ga, gb = torch.autograd.grad(loss, (a_r, b_r))
-            results[case] = {"loss": loss.detach(), "ga": ga, "gb": gb}
+            for gather in (True, False):
+                a_r = a.detach()[sl].clone().requires_grad_()
+                b_r = b.detach()[sl].clone().requires_grad_()
+                loss = compute(case, a_r, b_r, y[sl], torch.arange(sum(SIZES))[sl], gather)
+                ga, gb = torch.autograd.grad(loss, (a_r, b_r))
+                results[(case, gather)] = {"loss": loss.detach(), "ga": ga, "gb": gb}
+        from torch.nn.parallel import DistributedDataParallel
+
+        local = [{k: v[sl] for k, v in batch.items()} for batch in step_batches()]
+        method, records = train_steps(local, module=lambda m: DistributedDataParallel(
+            m, static_graph=True, broadcast_buffers=False))
+        results["steps"] = {"state": {k: v.clone() for k, v in method.state_dict().items()},
+                            "shares": [r.get("grad_share_supcon") for r in records]}
         torch.save(results, f"{out_dir}/rank{rank}.pt")
         dist.barrier()
     finally:
@@ -63,8 +103,35 @@ def test_gathered_loss_equals_single_process(distributed_results, case):
     a, b, y = embeddings(n=sum(SIZES), classes=4, seed=7)
     full = compute(case, a, b, y, torch.arange(sum(SIZES)))
     ga, gb = torch.autograd.grad(full, (a, b))
-    ranks = [r[case] for r in distributed_results]
+    ranks = [r[(case, True)] for r in distributed_results]
     assert torch.allclose(torch.stack([r["loss"] for r in ranks]).mean(), full.detach(), atol=1e-5)
     # DDP averages gradients over the 2 ranks.
     assert torch.allclose(torch.cat([r["ga"] for r in ranks]) / 2, ga, atol=1e-5)
     assert torch.allclose(torch.cat([r["gb"] for r in ranks]) / 2, gb, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["supcon", "multineg_pair", "triplet"])
+def test_without_gather_each_rank_contrasts_with_its_own_share(distributed_results, case):
+    """negatives.gather = false: each anchor is scored against its own rank's share only; the
+    loss is still the global mean over anchors (a rank's value is its share of it, scaled for
+    DDP's average: own mean × n_local × world / n_global)."""
+    a, b, y = embeddings(n=sum(SIZES), classes=4, seed=7)
+    for rank, r in enumerate(distributed_results):
+        lo = sum(SIZES[:rank])
+        sl = slice(lo, lo + SIZES[rank])
+        own = compute(case, a.detach()[sl], b.detach()[sl], y[sl], torch.arange(sum(SIZES))[sl])
+        assert torch.allclose(r[(case, False)]["loss"], own * SIZES[rank] * 2 / sum(SIZES), atol=1e-5)
+        assert not torch.allclose(r[(case, False)]["loss"], r[(case, True)]["loss"], atol=1e-4)
+
+
+def test_ddp_steps_with_bank_and_momentum_encoder_match_one_process(distributed_results):
+    states = [r["steps"]["state"] for r in distributed_results]
+    for name in states[0]:  # every rank: the same weights, key encoder and bank
+        assert torch.equal(states[0][name], states[1][name]), name
+    method, records = train_steps(step_batches())
+    single = method.state_dict()
+    for name, value in states[0].items():
+        assert torch.allclose(value.float(), single[name].float(), atol=1e-5), name
+    assert int(single["bank.writes"]) == 4 and int(single["bank.filled"]) == 48
+    shares = distributed_results[0]["steps"]["shares"]
+    assert shares[0] is None and all(0 < s < 1 for s in shares[1:])  # never on the first step under DDP

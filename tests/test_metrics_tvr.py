@@ -206,14 +206,13 @@ def test_export_predictions_round_trips_through_evaluation() -> None:
     gt = [_gt(1, [1.5, 4.5], vid="b"), _gt(2, [0.0, 3.0], vid="a", kind="t")]
     corpus = ["a", "b"]  # positions 0, 1 -> TVR indices 7, 8
     video = np.array([[1, 0, -1], [0, 1, 1]])
-    ranked = ranked_from_clips(video, st=[[1, 0, -1], [0, 0, 2]], ed=[[2, 1, -1], [1, 1, 3]],
-                               score=[[0.9, 0.5, -np.inf], [0.8, 0.7, 0.6]],
-                               durations=[30.0, 5.0], end="exclusive")
+    ranked = ranked_from_clips(video, st=[[1, 0, -1], [0, 0, 2]], ed=[[1, 0, -1], [0, 0, 3]],  # inclusive ends
+                               score=[[0.9, 0.5, -np.inf], [0.8, 0.7, 0.6]], durations=[30.0, 5.0])
     vr = RankedPredictions.videos_only(video, np.ones(video.shape))
     sub = export_predictions([1, 2], ["q1", "q2"], {"a": 7, "b": 8}, corpus, vcmr=ranked, vr=vr)
     assert list(sub) == ["video2idx", "VCMR", "VR"]
     assert sub["VCMR"][0]["predictions"] == [[8, 1.5, 3.0, 0.9], [7, 0.0, 1.5, 0.5]]  # padding dropped
-    assert sub["VCMR"][1]["predictions"][2] == [8, 3.0, 5.0, 0.6]  # last clip index decodes to the video end
+    assert sub["VCMR"][1]["predictions"][2] == [8, 3.0, 5.0, 0.6]  # the last (partial) clip ends at the video end
     assert sub["VR"][0]["predictions"][0] == [8, 0.0, 0.0, 1.0]
     json.dumps(sub)  # plain Python types only
     got = evaluate_tvr(sub, gt)

@@ -42,13 +42,15 @@ def test_temporal_iou_hand_worked() -> None:
 
 
 def test_moment_to_clips_edges() -> None:
-    assert moment_to_clips([0.0, 2.29], 38) == (0, 2)  # starts at 0
-    assert moment_to_clips([3.2, 7.6], 40) == (2, 6)  # the public docstring's example
-    assert moment_to_clips([4.5, 6.0], 4) == (3, 4 - 1)  # ends at the video end: clipped
+    """Inclusive labels (QACLN §2.1): st = floor(t_s/1.5), ed = ceil(t_e/1.5) - 1, st <= ed."""
+    assert moment_to_clips([0.0, 2.29], 38) == (0, 1)  # starts at 0, ends inside clip 1
+    assert moment_to_clips([3.2, 7.6], 40) == (2, 5)  # the public docstring's example, last clip reached = 5
+    assert moment_to_clips([4.5, 6.0], 4) == (3, 3)  # ends at the video end: the last clip
     assert moment_to_clips([55.0, 57.35], 57.35) == (36, 38)  # float = duration: ceil(57.35/1.5) = 39 clips
     assert moment_to_clips([60.0, 60.0], 40) == (39, 39)  # start past the last clip is clipped too
+    assert moment_to_clips([3.0, 3.0], 40) == (2, 2)  # a zero-length moment keeps one clip
     st, ed = moment_to_clips(np.array([[0.0, 1.5], [1.6, 1.7]]), np.array([10, 10]))
-    assert st.tolist() == [0, 1] and ed.tolist() == [1, 2]
+    assert st.tolist() == [0, 1] and ed.tolist() == [0, 1]
     assert n_clips_for(60.0).item() == 40 and n_clips_for(0.0).item() == 1
     with pytest.raises(ValueError, match="row 0"):
         moment_to_clips([5.0, 4.0], 10)
@@ -57,25 +59,32 @@ def test_moment_to_clips_edges() -> None:
 
 
 def test_clips_to_moment_edges() -> None:
-    assert clips_to_moment(2, 6) == (3.0, 9.0)  # METHODS.md: clip index x 1.5 s
-    assert clips_to_moment(2, 6, end="inclusive") == (3.0, 10.5)  # public XML decoding
+    assert clips_to_moment(2, 6) == (3.0, 10.5)  # inclusive end: (ed + 1) x 1.5 s, the public XML decoding
     assert clips_to_moment(36, 38, duration=57.35) == (54.0, 57.35)  # last partial clip
     s, e = clips_to_moment(np.array([0, 3]), np.array([0, 3]), duration=np.array([100.0, 5.0]))
-    assert s.tolist() == [0.0, 4.5] and e.tolist() == [0.0, 5.0]  # clip 3 is the last of a 5 s video
+    assert s.tolist() == [0.0, 4.5] and e.tolist() == [1.5, 5.0]  # a one-clip span is 1.5 s, never empty
     # A moment ending at the video end round-trips to an exact match.
     st, ed = moment_to_clips([4.5, 6.0], 4)
     assert temporal_iou([clips_to_moment(st, ed, duration=6.0)], [4.5, 6.0]).tolist() == [1.0]
 
 
-def test_round_trip_upper_bound_on_tvr_val() -> None:
-    """Why ``clips_to_moment(end=...)`` matters: a perfect model's IoU>=0.7 ceiling."""
+def test_labels_and_decoding_agree_on_tvr_val() -> None:
+    """A perfect model (its predicted span = the label) reaches IoU >= 0.7 on most TVR val
+    moments, and no round trip is empty. The old pairing (exclusive ceil end labels with an
+    inclusive-start decoder that allowed st == ed, i.e. zero-length spans) lost moments."""
     rows = [json.loads(line) for line in TVR_VAL.read_text().splitlines()[:2000]]
     ts = np.array([r["ts"] for r in rows], dtype=np.float64)
     dur = np.array([r["duration"] for r in rows])
-    inclusive = round_trip_iou(ts, n_clips_for(dur), duration=dur)
-    exclusive = round_trip_iou(ts, n_clips_for(dur), duration=dur, end="exclusive")
-    print(f"\nround-trip IoU>=0.7: inclusive {np.mean(inclusive >= 0.7):.3f}, exclusive {np.mean(exclusive >= 0.7):.3f}")
-    assert np.mean(exclusive >= 0.7) > np.mean(inclusive >= 0.7) + 0.2
+    iou = round_trip_iou(ts, n_clips_for(dur), duration=dur)
+    st, ed = moment_to_clips(ts, n_clips_for(dur))
+    s, e = clips_to_moment(st, ed, duration=dur)
+    assert (e > s).all() and (st <= ed).all()
+    # the old convention: ed_exclusive = ceil(t_e / 1.5) clipped, decoded as ed_exclusive * 1.5
+    old_ed = np.minimum(np.ceil(ts[:, 1] / 1.5), n_clips_for(dur) - 1)
+    old_e = np.minimum(np.where(old_ed >= n_clips_for(dur) - 1, dur, old_ed * 1.5), dur)
+    old_iou = temporal_iou(np.stack([s, old_e], -1), ts)
+    print(f"\nround-trip IoU>=0.7: {np.mean(iou >= 0.7):.3f} (old convention {np.mean(old_iou >= 0.7):.3f})")
+    assert np.mean(iou >= 0.7) >= np.mean(old_iou >= 0.7) > 0.5
 
 
 def _brute_force(video_scores, p_start, p_end, clip_mask, top_video_idx, max_len, top_k):

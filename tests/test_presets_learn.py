@@ -1,40 +1,69 @@
 """Each category / pair preset's loss falls and its retrieval metric rises on a small
 synthetic problem with planted structure (a few hundred CPU steps)."""
 
+import math
+from pathlib import Path
+
 import pytest
 import torch
 
 from train_helpers import batches, mean, preset_cfg, train
 from xmr.data.sources.synth_category import SynthCategoryConfig, write_synth_category
-from xmr.evaluation import MAIN_METRIC
-from xmr.evaluation.category import evaluate_category
+from xmr.tasks.category import evaluate_category
+from xmr.config import load_config
+from xmr.checks import resolve
 from xmr.method import Method
+from xmr.train.local import fit_in_process
 
 pytestmark = pytest.mark.timeout(300)
 
 SMALL = ["model.embed_dim=32", "model.hidden_dim=64", "data.batch_size=64"]
 
 
-@pytest.fixture(scope="module")
-def category_data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("cat")
-    cfg = SynthCategoryConfig(n_classes=8, splits={"train": 640, "val": 160, "test": 160}, seed=3)
-    write_synth_category(str(out), cfg, progress=False)
-    return str(out)
+AV = str(Path(__file__).resolve().parents[1] / "data" / "avdigits")
 
 
-@pytest.mark.parametrize("preset, steps", [("sccmrl", 150), ("mnsgan", 150), ("triplet_category", 150)])
-def test_category_preset_learns(category_data, preset, steps):
-    torch.manual_seed(0)
-    cfg = preset_cfg(preset, category_data, *SMALL)
-    method = Method(cfg)
-    metric = MAIN_METRIC[cfg.task]
-    before = evaluate_category(method.model, batches(cfg, "val", shuffle=False), cfg.task)[metric]
-    losses = train(method, cfg, steps)
-    after = evaluate_category(method.model, batches(cfg, "val", shuffle=False), cfg.task)[metric]
-    print(f"{preset}: loss {mean(losses[:30]):.3f} -> {mean(losses[-30:]):.3f}, {metric} {before:.3f} -> {after:.3f}")
-    assert mean(losses[-30:]) < 0.8 * mean(losses[:30])
-    assert after > before + 0.15
+def fit(preset, *overrides, data=AV):
+    cfg, _ = resolve(load_config(preset, [f"data.path={data}", *overrides]))
+    return fit_in_process(cfg)
+
+
+@pytest.mark.parametrize("preset, floor", [("sccmrl", 0.9), ("mnsgan", 0.9), ("triplet_category", 0.8)])
+def test_category_preset_learns_on_the_digits(preset, floor):
+    """The preset, as shipped, on the bundled digits through the workers' own training step.
+    The triplet baseline must learn too (issue 11: with hardest negatives it sat at the
+    margin, val mAP 0.15-0.30; chance is about 0.1)."""
+    run = fit(preset)
+    first, last = run.history[0], run.history[-1]
+    print(f"{preset}: val map_mean {first['map_mean']:.3f} -> {last['map_mean']:.3f}; "
+          + " ".join(f"{k} {v:.3g}" for k, v in last.items() if k.startswith("train_")))
+    assert last["map_mean"] > max(floor, first["map_mean"] + 0.5)
+    assert last["train_loss"] < run.history[1]["train_loss"]
+    shares = {k: v for k, v in last.items() if k.startswith("train_grad_share_")}
+    if len(run.method.objective.terms) > 1:  # every term's share of the encoders' gradient, summing to 1
+        assert set(shares) == {f"train_grad_share_{n}" for n in run.method.objective.terms}
+        assert sum(shares.values()) == pytest.approx(1.0, abs=1e-6)
+    if "label" in run.method.objective.terms:  # the cosine classifier learns (chance: ln 10 = 2.30)
+        assert last["train_label"] < 0.25 * math.log(10)
+    if "adversarial" in run.method.objective.terms:  # the game is visible in every epoch row
+        assert all({"train_adversarial_disc_loss", "train_adversarial_disc_acc"} <= set(r) for r in run.history[1:])
+        assert 0 <= last["train_adversarial_disc_acc"] <= 1
+
+
+def test_memory_bank_defaults_are_safe_past_the_batch():
+    """K = 255 at batch 64 (about 115 other-class candidates per anchor in the batch): with
+    a 1,024-entry bank at its defaults (batch first, warm-up, momentum encoder) val mAP is
+    not worse than K = every in-batch candidate without a bank, within 0.03. The same bank
+    written by the live encoder from the first step costs far more (today's code, which also
+    drew uniformly from batch and bank, fell to 0.30 test mAP: bench/results/method_fixes.json)."""
+    common = ["loss.lambdas.adversarial=0", "loss.lambdas.label=0", "negatives.strategy=uniform", "negatives.k=255"]
+    no_bank = fit("mnsgan", *common).history[-1]["map_mean"]
+    bank = fit("mnsgan", *common, "negatives.memory_bank=1024").history[-1]["map_mean"]
+    live = fit("mnsgan", *common, "negatives.memory_bank=1024", "negatives.momentum=0",
+               "negatives.bank_warmup_steps=0").history[-1]["map_mean"]
+    print(f"val map_mean: no bank {no_bank:.3f}, bank at defaults {bank:.3f}, bank written live from step 0 {live:.3f}")
+    assert bank >= no_bank - 0.03
+    assert live < no_bank - 0.1
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +92,7 @@ def test_triplet_pair_learns(pair_data):
 
 def test_mixer_mae_pretrains_then_fine_tunes(pair_data, tmp_path):
     from xmr.checkpoint import save_checkpoint
-    from xmr.models.registry import load_pretrained
+    from xmr.train.pretrained import load_pretrained
 
     torch.manual_seed(0)
     pre_cfg = preset_cfg("mixer_mae_pretrain", pair_data, *PAIR_SMALL)
@@ -87,7 +116,7 @@ def test_mixer_mae_pretrains_then_fine_tunes(pair_data, tmp_path):
 
 def test_pretrained_mismatch_is_a_clear_error(pair_data, tmp_path):
     from xmr.checkpoint import save_checkpoint
-    from xmr.models.registry import load_pretrained
+    from xmr.train.pretrained import load_pretrained
 
     small = preset_cfg("mixer_mae_pretrain", pair_data, *PAIR_SMALL)
     save_checkpoint(tmp_path / "pre", Method(small), small)

@@ -9,9 +9,9 @@ from train_helpers import batches, mean, preset_cfg, train
 from xmr.config import load_config
 from xmr.data.manifest import load_manifest
 from xmr.data.sources.synth_vcmr import SynthVcmrConfig, write_synth_vcmr
-from xmr.evaluation.vcmr import evaluate_vcmr
+from xmr.tasks.vcmr import evaluate_vcmr
 from xmr.losses._jsd import jsd_loss, moment_masks
-from xmr.losses.registry import get_term
+from xmr.losses.registry import build_term
 from xmr.method import Method
 
 pytestmark = pytest.mark.timeout(400)
@@ -61,21 +61,67 @@ def test_pairwise_phi_equals_explicit_fused_cosines(netvlad, fusion):
     assert torch.allclose(start[:, 0], own_s, atol=1e-5) and torch.allclose(end[:, 0], own_e, atol=1e-5)
 
 
-def test_vr_hinge_against_a_loop():
+@pytest.mark.parametrize("query_negatives", [False, True])
+def test_vr_hinge_sums_over_the_negative_videos_as_the_paper_writes_it(query_negatives):
+    """QACLN Eq. 14: Σ over the K negative videos of max(0, Δ + φ' − φ), mean over queries;
+    ``loss.vr_query_negatives`` adds the negative-query direction."""
     cfg = tiny_cfg(vr_hinge=1.0)
     cfg.negatives.k, cfg.negatives.strategy = 10, "hardest"
+    cfg.loss.vr_query_negatives = query_negatives
     model = Method(cfg).model
     b = tiny_batch()
-    out = model(b)
-    got = get_term("vr_hinge")(cfg)(out, b)
+    with torch.no_grad():
+        out = model(b)
+    got = build_term("vr_hinge", cfg)(out, b)
     vid = b["video_index"].tolist()
     total = 0.0
     for i in range(4):
-        for key in ("phi_q2v", "phi_v2q"):
-            s = out[key]
-            negs = [j for j in range(4) if vid[j] != vid[i]]
-            total += sum(max(0.0, 0.1 + float(s[i, j] - s[i, i])) for j in negs) / len(negs)
+        for s in (out.cross.phi_q2v, out.cross.phi_v2q) if query_negatives else (out.cross.phi_q2v,):
+            total += sum(max(0.0, 0.1 + float(s[i, j] - s[i, i])) for j in range(4) if vid[j] != vid[i])  # noqa
     assert got.item() == pytest.approx(total / 4, abs=1e-6)
+
+
+def test_video_cl_contrasts_against_the_whole_batch_not_the_hinges_k():
+    cfg = tiny_cfg(video_cl=1.0, vr_hinge=1.0)
+    cfg.negatives.k = 1  # the VR hinge's K no longer limits VideoCL
+    b = tiny_batch()
+    out = Method(cfg).model(b)
+    got = build_term("video_cl", cfg)(out, b)
+    vid = b["video_index"].tolist()
+    per = []
+    for i in range(4):
+        parts = []
+        for s in (out.cross.nce_q2v, out.cross.nce_v2q):
+            negs = [float(s[i, j].detach()) for j in range(4) if vid[j] != vid[i]]
+            pos = float(s[i, i].detach())
+            parts.append(-pos + torch.logsumexp(torch.tensor([pos] + negs), 0).item())
+        per.append(sum(parts) / 2)
+    assert got.item() == pytest.approx(sum(per) / 4, abs=1e-5)
+    cfg.loss.video_cl_k = 1  # a sample of one negative per anchor: a different value
+    assert build_term("video_cl", cfg)(out, b).item() != pytest.approx(got.item(), abs=1e-4)
+
+
+def test_query_encoder_has_the_papers_two_layers():
+    cfg = tiny_cfg()
+    model = Method(cfg).model
+    assert len(model.q_enc.layers) == 2 and cfg.model.query_layers == 2
+    assert len(model.v_enc.layers) == cfg.model.num_layers
+
+
+def test_clips_without_subtitle_are_not_attended_to():
+    """Changing the subtitle features of clips that have no subtitle changes nothing the
+    model computes for the other clips (keys masked in every subtitle attention)."""
+    model = Method(tiny_cfg()).model.eval()
+    b = tiny_batch()
+    enc = model.encode_videos(b["visual"], b["subtitle"], b["sub_mask"], b["clip_mask"])
+    noisy = b["subtitle"].clone()
+    no_sub = ~b["sub_mask"] & b["clip_mask"]
+    assert no_sub.any()
+    noisy[no_sub] += 5 * torch.randn(int(no_sub.sum()), noisy.shape[-1])
+    enc2 = model.encode_videos(b["visual"], noisy, b["sub_mask"], b["clip_mask"])
+    keep = b["sub_mask"] & b["clip_mask"]
+    assert torch.allclose(enc["h_v"], enc2["h_v"], atol=1e-5)
+    assert torch.allclose(enc["h_s"][keep], enc2["h_s"][keep], atol=1e-5)
 
 
 def test_jsd_and_moment_masks_against_formulas():
@@ -87,9 +133,9 @@ def test_jsd_and_moment_masks_against_formulas():
     assert torch.allclose(jsd_loss(scores, pos, neg), expected[None])
     b = tiny_batch()
     inside, outside = moment_masks(b, b["clip_mask"])
-    # st=0, ed=2: clips 0, 1; st=1, ed=4 with 5 valid clips: ed is the last clip -> 1..4;
-    # st=2, ed=6 (last of 7): 2..6; st=ed=3: the start clip alone.
-    assert inside.tolist()[0] == [True, True, False, False, False, False, False]
+    # Inclusive labels (QACLN §2.1): st=0, ed=2: clips 0..2; st=1, ed=4: 1..4;
+    # st=2, ed=6: 2..6; st=ed=3: the one clip.
+    assert inside.tolist()[0] == [True, True, True, False, False, False, False]
     assert inside.tolist()[1] == [False, True, True, True, True, False, False]
     assert inside.tolist()[2] == [False, False, True, True, True, True, True]
     assert inside.tolist()[3] == [False, False, False, True, False, False, False]
@@ -100,7 +146,8 @@ def test_every_term_runs_and_backpropagates():
     cfg = tiny_cfg(vr_hinge=1.0, moment=0.5, video_cl=0.5, frame_cl=0.5, vvcl=0.5)
     method = Method(cfg)
     out = method(tiny_batch())
-    assert set(out) == {"loss", "vr_hinge", "moment", "video_cl", "frame_cl", "vvcl"}
+    assert {"loss", "vr_hinge", "moment", "video_cl", "frame_cl", "vvcl", "moment_ce_over_chance"} <= set(out)
+    assert set(out["_weighted"]) == {"vr_hinge", "moment", "video_cl", "frame_cl", "vvcl"}
     out["loss"].backward()
     grads = [p.grad for p in method.model.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
@@ -140,7 +187,9 @@ def test_qacln_preset_learns(vcmr_data):
           f"SVMR 0.5 R@1 {before['svmr_0.5_r1']:.3f} -> {after['svmr_0.5_r1']:.3f}")
     assert mean(losses[-30:]) < 0.8 * mean(losses[:30])
     assert after["vr_r10"] > before["vr_r10"] + 0.2
-    assert after["vr_r1"] > before["vr_r1"] + 0.05
+    # R@1 over the 93 validation queries moves in steps of 0.011; with the paper's L_VR (negative
+    # videos only, issue 11) it gains less in 300 steps than the old two-direction hinge did.
+    assert after["vr_r1"] > before["vr_r1"] + 0.03
     assert after["vcmr_0.5_r10"] > before["vcmr_0.5_r10"] + 0.1
 
 

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from conftest import write_tiny_vcmr
 from train_helpers import preset_cfg, train
-from xmr.checkpoint import load_method, save_checkpoint
+from xmr.checkpoint import save_checkpoint
 from xmr.data.manifest import load_manifest
 from xmr.data.reader import make_loader
 from xmr.method import Method
@@ -84,7 +84,7 @@ def post(url: str, body, **kw) -> requests.Response:
 @torch.no_grad()
 def offline_category(ckpt: str, split: str = "test"):
     """Independent offline retrieval: embed the split with the checkpoint, cosine scores."""
-    method = load_method(ckpt).eval()
+    method = Method.from_checkpoint(ckpt).eval()
     ids, a, b = [], [], []
     for batch in make_loader(AVDIGITS, split, local_batch_size=64, shuffle=False):
         ids += batch["key"]
@@ -150,10 +150,10 @@ def test_direct_urls_says_how_to_enable_direct_ingress(endpoint):
 
 @torch.no_grad()
 def test_moments_equal_offline_and_svmr(endpoint, checkpoints):
-    from xmr.evaluation.vcmr import encode_corpus, rank_queries
+    from xmr.tasks.vcmr import encode_corpus, rank_queries
     from xmr.metrics.vcmr import clips_to_moment
 
-    method = load_method(checkpoints["vcmr"]).eval()
+    method = Method.from_checkpoint(checkpoints["vcmr"]).eval()
     data = checkpoints["vcmr_data"]
     corpus, meta = encode_corpus(method.model, make_loader(data, "val", local_batch_size=64, shuffle=False, unit="video"))
     qb = next(iter(make_loader(data, "val", local_batch_size=4, shuffle=False, unit="query")))

@@ -14,8 +14,9 @@ from conftest import write_tiny_category, write_tiny_vcmr
 from train_helpers import preset_cfg
 from xmr.checkpoint import save_checkpoint
 from xmr.method import Method
-from xmr.serve.gallery import add_approx, load_for_serving, save_index
-from xmr.serve.search import moments_batch, search_category
+from xmr.serve.gallery import load_for_serving, save_index
+from xmr.tasks.category import add_approx
+from xmr.serve.search import moments_items, search_items
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -41,16 +42,16 @@ def test_category_index_round_trip_and_faiss_recall(tmp_path, category_ckpt, cap
     assert saved.gallery.ids == exact.gallery.ids and set(saved.gallery.approx) == {"a", "b"}
     rng = np.random.default_rng(0)
     queries = [(rng.standard_normal(8).astype(np.float32)) for _ in range(20)]
-    got_exact = search_category([(exact, "a", q, 10) for q in queries])
-    got_approx = search_category([(saved, "a", q, 10) for q in queries])
+    got_exact = search_items([(exact, "a", q, 10) for q in queries])
+    got_approx = search_items([(saved, "a", q, 10) for q in queries])
     overlap = np.mean([len({h["id"] for h in e} & {h["id"] for h in a}) / 10 for e, a in zip(got_exact, got_approx)])
     recalls = add_approx(exact.gallery, "on")
     assert 0.0 < recalls["a"] <= 1.0 and overlap > 0.5  # IVF with nprobe 32 of ~69 lists on 300 items
     # exact search through a saved index (approx off) equals the freshly encoded gallery
     save_index(tmp_path / "exact", exact, {})
     again = load_for_serving(ckpt, index=str(tmp_path / "exact"))
-    assert search_category([(again, "b", np.ones((2, 4), np.float32), 5)]) == \
-        search_category([(exact, "b", np.ones((2, 4), np.float32), 5)])
+    assert search_items([(again, "b", np.ones((2, 4), np.float32), 5)]) == \
+        search_items([(exact, "b", np.ones((2, 4), np.float32), 5)])
 
 
 def test_vcmr_index_round_trip(tmp_path):
@@ -62,7 +63,7 @@ def test_vcmr_index_round_trip(tmp_path):
     save_index(tmp_path / "idx", fresh, {})
     saved = load_for_serving(ckpt, index=str(tmp_path / "idx"))
     q = np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)
-    assert moments_batch([(saved, q, 5)]) == moments_batch([(fresh, q, 5)])
+    assert moments_items([(saved, q, 5)]) == moments_items([(fresh, q, 5)])
 
 
 def test_index_of_another_model_is_refused(tmp_path, category_ckpt):

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from xmr.serve.search import HALF_EPS, MARGIN, half_prescan_ok, half_scores, topk_scores
+from xmr.tasks.topk import HALF_EPS, MARGIN, half_prescan_ok, half_scores, topk_scores
 
 pytestmark = pytest.mark.timeout(120)
 

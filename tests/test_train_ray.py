@@ -14,7 +14,8 @@ import pandas as pd
 import pytest
 
 from conftest import write_tiny_category
-from xmr.checkpoint import fetch_checkpoint, load_method
+from xmr.checkpoint import fetch_checkpoint
+from xmr.method import Method
 from xmr.config import load_config
 from xmr.data import storage
 from xmr.train.driver import code_runtime_env, run_training
@@ -76,7 +77,7 @@ def test_two_nodes_from_s3_exactly_once_and_same_metrics_as_one_worker(s3_data, 
     assert two.run_uri == f"s3://{s3_data}/runs/two-workers"
     assert two.best_checkpoint.startswith(f"s3://{s3_data}/runs/two-workers/checkpoint_epoch")
     local = fetch_checkpoint(two.run_uri, cache_dir=str(tmp_path / "cache"))
-    method = load_method(local)
+    method = Method.from_checkpoint(local)
     assert method.cfg.storage.run_name == "two-workers"
 
     one = run_training(cfg_for(f"data.path=s3://{s3_data}/tiny", "optim.epochs=2", "resources.num_workers=1",

@@ -105,9 +105,10 @@ def test_interrupted_sweep_resumes_without_redoing_trials(tmp_path, synth, space
 def test_sweep_six_trials_asha_best_checkpoint_reproduces(tmp_path, synth, space_file):
     import ray
 
-    from xmr.checkpoint import fetch_checkpoint, load_method
+    from xmr.checkpoint import fetch_checkpoint
+    from xmr.method import Method
     from xmr.data.reader import make_loader
-    from xmr.evaluation.category import evaluate_category
+    from xmr.tasks.category import evaluate_category
     from xmr.tune.space import load_space
     from xmr.tune.sweep import SweepSettings, run_sweep
 
@@ -130,7 +131,7 @@ def test_sweep_six_trials_asha_best_checkpoint_reproduces(tmp_path, synth, space
         assert (sweep / name).is_file(), name
     best = result.best
     assert best["value"] == pytest.approx(table["map_mean"].max())
-    method = load_method(fetch_checkpoint(str(sweep)))  # "the best of this sweep"
+    method = Method.from_checkpoint(fetch_checkpoint(str(sweep)))  # "the best of this sweep"
     for path, value in best["params"].items():
         if value is not None:
             node = method.cfg.to_dict()

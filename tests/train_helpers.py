@@ -1,12 +1,15 @@
-"""A plain single-process loop for the "each preset learns" tests (no Ray)."""
+"""The training step the workers run (``xmr.train.step.TrainStep``), in this process, for
+the "each preset learns" tests (no Ray)."""
 
 import itertools
 
 import torch
 
-from xmr.config import load_config, resolve
+from xmr.config import load_config
+from xmr.checks import resolve
 from xmr.data.reader import make_loader
 from xmr.method import Method
+from xmr.train.step import TrainStep
 
 
 def preset_cfg(name, data_path, *overrides):
@@ -22,19 +25,20 @@ def batches(cfg, split, epochs=1, shuffle=True, unit=None):
         yield from loader
 
 
-def train(method: Method, cfg, steps: int, lr: float | None = None, unit=None) -> list[float]:
-    """AdamW on Method.parameters() for ``steps`` batches; returns the loss per step."""
+def train(method: Method, cfg, steps: int, lr: float | None = None, unit=None, records=None) -> list[float]:
+    """``steps`` batches through the worker's TrainStep (cosine schedule over them); returns
+    the loss per step (and appends each step's record to ``records`` when given)."""
     torch.manual_seed(cfg.seed)
-    opt = torch.optim.AdamW(method.parameters(), lr=lr or cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    if lr is not None:
+        cfg.optim.lr = lr
+    step = TrainStep(method, cfg, total_steps=steps)
     method.train()
     losses = []
     for batch in itertools.islice(batches(cfg, cfg.data.train_split, epochs=10_000, unit=unit), steps):
-        out = method(batch)
-        opt.zero_grad()
-        out["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(method.parameters(), 1.0)
-        opt.step()
-        losses.append(float(out["loss"]))
+        record = step(batch)
+        losses.append(record["loss"])
+        if records is not None:
+            records.append(record)
     return losses
 
 

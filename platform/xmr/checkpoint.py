@@ -2,7 +2,8 @@
 
 Layout of a checkpoint directory::
 
-    model.safetensors   Method state_dict (keys "model.*" and "objective.*"), no pickled code
+    model.safetensors   Method state_dict (keys "model.*", "objective.*", and with a memory bank
+                        "bank.*" and "key_model.*"), no pickled code
     config.yaml         the resolved Config (dims and class counts included)
     meta.json           metrics and free-form facts (step, epoch, ...), plain JSON
     train_state.pt      (training checkpoints only) optimiser and scheduler state, loaded
@@ -17,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +28,25 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from xmr.config import Config, ConfigError, from_dict
+from xmr.data import storage
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.yaml"
 META = "meta.json"
 TRAIN_STATE = "train_state.pt"
 BEST = "best.json"  # in a run directory: which checkpoint is the best
+CHECKPOINT_PREFIX = "checkpoint_epoch"  # a training checkpoint's folder: checkpoint_epochNNNN
+CHECKPOINT_FILES = (WEIGHTS, CONFIG, META, TRAIN_STATE)  # what a complete training checkpoint holds
+
+
+def checkpoint_name(epoch: int) -> str:
+    return f"{CHECKPOINT_PREFIX}{epoch:04d}"
+
+
+def checkpoint_epoch(name: str) -> int | None:
+    """The epoch of a ``checkpoint_epochNNNN`` folder name, else None."""
+    rest = name[len(CHECKPOINT_PREFIX):] if name.startswith(CHECKPOINT_PREFIX) else ""
+    return int(rest) if rest.isdigit() else None
 
 
 class CheckpointError(RuntimeError):
@@ -73,19 +88,6 @@ def load_checkpoint(directory: str | Path) -> tuple[Config, dict[str, torch.Tens
     return cfg, state, meta
 
 
-def load_method(directory: str | Path):
-    """Rebuild the Method (model + loss terms) from a checkpoint alone and load its weights."""
-    from xmr.method import Method
-
-    cfg, state, _ = load_checkpoint(directory)
-    method = Method(cfg)
-    try:
-        method.load_state_dict(state)
-    except RuntimeError as exc:
-        raise CheckpointError(f"{directory}: weights do not fit the model built from its config ({exc})") from None
-    return method
-
-
 def save_train_state(directory: str | Path, state: dict[str, Any]) -> None:
     """Optimiser / scheduler / RNG state beside the weights (plain values and tensors only)."""
     directory = Path(directory)
@@ -108,8 +110,6 @@ def fetch_checkpoint(uri: str, *, endpoint_url: str | None = None, cache_dir: st
     """A local checkpoint directory for ``uri``: a checkpoint directory or a run directory
     (whose ``best.json`` names its best checkpoint), on local disk or ``s3://``. S3
     checkpoints are downloaded once into a cache keyed by their URI."""
-    from xmr.data import storage
-
     best = storage.join(uri, BEST)
     if storage.exists(best, endpoint_url=endpoint_url):
         try:
@@ -133,8 +133,6 @@ def fetch_checkpoint(uri: str, *, endpoint_url: str | None = None, cache_dir: st
         if not (part / WEIGHTS).is_file():
             raise CheckpointError(f"{uri}: no {WEIGHTS} there (not an xmr checkpoint)")
         if local.exists():  # a concurrent download finished first
-            import shutil
-
             shutil.rmtree(part, ignore_errors=True)
         else:
             part.replace(local)

@@ -18,11 +18,13 @@ from xmr.tune.space import SpaceError
 
 
 def _config_show(args: argparse.Namespace) -> int:
-    from xmr.config import load_config, resolve
+    from xmr.checks import check, resolve
+    from xmr.config import load_config
 
     cfg = load_config(args.config, args.set)
     if args.resolve:
         cfg, _ = resolve(cfg)
+    check(cfg)
     print(cfg.to_yaml(), end="")
     return 0
 

@@ -7,7 +7,8 @@ from typing import Any
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from xmr.compare.runner import markdown, machine_name, run_comparison, update_report
+    from xmr.compare.runner import markdown, run_comparison, update_report
+    from xmr.machine import describe
     from xmr.compare.spec import SPEC_DIR, load_spec
 
     names = sorted(p.stem for p in SPEC_DIR.glob("*.yaml")) if args.all else args.spec
@@ -19,7 +20,7 @@ def _compare(args: argparse.Namespace) -> int:
     status = 0
     for spec in specs:
         c = run_comparison(spec, args.storage, concurrency=args.concurrency, address=args.address)
-        print(markdown(c, machine_name()))
+        print(markdown(c, describe()))
         print(f"[xmr] {spec.name}: runs, summary (CSV, Markdown) and {spec.metric}.png in {c.out}")
         if args.report:
             update_report(args.report, c)

@@ -107,4 +107,4 @@ def load_spec(name_or_path: str, data_path: str | None = None, seeds: int | None
         raise SpecError(f"{path}: metric is required (e.g. map_mean, r1_mean, vcmr_0.7_r10)")
     return ComparisonSpec(name=str(raw.get("name") or path.stem), claim=str(raw.get("claim", "")), dataset=dataset,
                           metric=metric, seeds=list(range(n_seeds)), variants=variants, expect=expect,
-                          split=str(raw.get("split", "test")))
+                          split=str(raw["split"]) if "split" in raw else next(iter(variants.values())).config.data.test_split)

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import io
 import json
-import math
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from xmr.data.manifest import Manifest
+from xmr.metrics.vcmr import moment_to_clips
 
 
 class BadSampleError(ValueError):
@@ -143,13 +143,6 @@ def _label(raw: dict, spec: DecodeSpec, meta: dict) -> Any:
     return None
 
 
-def clip_labels(ts: list[float], clip_len: float, n_clips: int) -> tuple[int, int]:
-    """start = floor(t_s/clip_len), end = min(ceil(t_e/clip_len), n_clips-1), start <= end."""
-    end = min(math.ceil(ts[1] / clip_len), n_clips - 1)
-    start = min(math.floor(ts[0] / clip_len), end)
-    return start, end
-
-
 def decode(raw: dict, spec: DecodeSpec, meta: dict) -> list[dict]:
     """The units of one sample (checked, float32); raises BadSampleError."""
     key = raw.get("__key__")
@@ -181,7 +174,10 @@ def decode(raw: dict, spec: DecodeSpec, meta: dict) -> list[dict]:
         ts = q.get("ts")
         if not isinstance(ts, list) or len(ts) != 2 or not all(isinstance(t, (int, float)) for t in ts):
             raise _fail(raw, f"query desc_id={q.get('desc_id')!r} has bad ts {ts!r}")
-        st, ed = clip_labels(ts, float(spec.clip_len or 1.0), n_eff)
+        try:
+            st, ed = moment_to_clips([float(ts[0]), float(ts[1])], n_eff, float(spec.clip_len or 1.0))
+        except ValueError as e:
+            raise _fail(raw, f"query desc_id={q.get('desc_id')!r}: {e}") from None
         q_tok = tokens[offset:offset + length]
         if spec.max_query_tokens is not None:
             q_tok = q_tok[:spec.max_query_tokens]

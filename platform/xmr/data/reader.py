@@ -16,6 +16,7 @@ import logging
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander
@@ -277,3 +278,22 @@ def make_loader(root: str, split: str, *, local_batch_size: int, rank: int = 0, 
                   num_workers=num_workers, seed=seed, epoch=epoch, shuffle=shuffle, mode=mode, unit=unit,
                   on_bad_sample=on_bad_sample, max_clips=max_clips, max_query_tokens=max_query_tokens,
                   endpoint_url=endpoint_url, shuffle_buffer=shuffle_buffer)
+
+
+def loader_for(cfg, split: str, *, train: bool = False, unit: str | None = None, rank: int = 0,
+               world_size: int = 1, manifest: Manifest | None = None) -> Loader:
+    """The loader a run's config asks for: training (shuffled, ``data.batch_size`` split over
+    the ranks, ``data.split_mode``) or evaluation (in order, ``data.eval_batch_size`` per rank,
+    contiguous shares that partition the split)."""
+    d = cfg.data
+    return make_loader(d.path, split, local_batch_size=max(1, d.batch_size // world_size) if train else d.eval_batch_size,
+                       rank=rank, world_size=world_size, num_workers=d.num_workers, seed=cfg.seed, shuffle=train,
+                       mode=d.split_mode if train else "shard", unit=unit, on_bad_sample=d.on_bad_sample,
+                       max_clips=d.max_clips, max_query_tokens=d.max_query_tokens, endpoint_url=d.endpoint_url,
+                       manifest=manifest)
+
+
+def to_device(batches: Iterable[dict[str, Any]], device) -> Iterator[dict[str, Any]]:
+    """Batches with their tensors moved to ``device`` (other values unchanged)."""
+    for batch in batches:
+        yield {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}

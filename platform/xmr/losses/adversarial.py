@@ -6,6 +6,11 @@ ascend the discriminator's loss (fool it) in the same backward pass.
 ``flip``: the discriminator's BCE on detached embeddings, plus a fool BCE with flipped
 modality labels computed through a frozen (detached) copy of the discriminator, so the
 one backward trains each side on its own objective. The value is the sum of both.
+
+Whether the game does anything is visible: every step reports the discriminator's BCE
+(``disc_loss``; ln 2 ≈ 0.693 is chance) and accuracy (``disc_acc``), and its balance is
+set by ``loss.disc_lr`` (its learning rate) and ``loss.disc_steps`` (its updates per encoder
+step), applied by the training step (``xmr.train.step``).
 """
 
 from __future__ import annotations
@@ -14,26 +19,49 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from xmr.losses.negatives import local_mean
+from xmr.distributed import gather_rows
 from xmr.losses.registry import LossTerm, register_term
 from xmr.models.discriminator import ModalityDiscriminator, grad_reverse
 
 
 @register_term("adversarial")
 class Adversarial(LossTerm):
-    def __init__(self, cfg) -> None:
-        super().__init__(cfg)
-        self.discriminator = ModalityDiscriminator(cfg.model.embed_dim, cfg.model.hidden_dim)
+    reads = {"embed_dim": "model.embed_dim", "hidden_dim": "model.hidden_dim", "mode": "loss.adversarial_mode",
+             "grl_scale": "loss.grl_scale", "disc_lr": "loss.disc_lr", "disc_steps": "loss.disc_steps"}
 
-    def forward(self, out, batch):
-        emb = torch.cat([out["emb_a"], out["emb_b"]])
-        b = out["emb_a"].shape[0]
-        is_b = torch.cat([torch.zeros(b), torch.ones(b)]).to(emb)
-        if self.cfg.loss.adversarial_mode == "grl":
-            logits = self.discriminator(grad_reverse(emb, self.cfg.loss.grl_scale))
-            return local_mean(F.binary_cross_entropy_with_logits(logits, is_b, reduction="none"))
-        d_loss = F.binary_cross_entropy_with_logits(self.discriminator(emb.detach()), is_b, reduction="none")
-        frozen = {k: v.detach() for k, v in self.discriminator.named_parameters()}
-        fool_logits = functional_call(self.discriminator, frozen, (emb,))
-        fool = F.binary_cross_entropy_with_logits(fool_logits, 1.0 - is_b, reduction="none")
-        return local_mean(d_loss + fool)
+    def __init__(self, embed_dim: int, hidden_dim: int, mode: str, grl_scale: float, disc_lr: float | None,
+                 disc_steps: int) -> None:
+        super().__init__()
+        self.discriminator = ModalityDiscriminator(embed_dim, hidden_dim)
+        self.mode, self.grl_scale = mode, grl_scale
+        self.disc_lr, self.disc_steps = disc_lr, disc_steps  # the game's balance, applied by xmr.train.step
+        self.last_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None  # for the extra updates
+
+    @staticmethod
+    def _modality_labels(emb_a: torch.Tensor, emb_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        emb = torch.cat([emb_a, emb_b])
+        is_b = torch.cat([torch.zeros(emb_a.shape[0]), torch.ones(emb_b.shape[0])]).to(emb)
+        return emb, is_b
+
+    def discriminator_loss(self, emb_a: torch.Tensor, emb_b: torch.Tensor) -> torch.Tensor:
+        """The discriminator's BCE alone on (detached) embeddings: its extra updates."""
+        emb, is_b = self._modality_labels(emb_a.detach(), emb_b.detach())
+        return F.binary_cross_entropy_with_logits(self.discriminator(emb), is_b)
+
+    def per_anchor(self, out, batch, ctx):
+        if self.training and self.disc_steps > 1:  # the whole batch, so every rank takes the same extra steps
+            self.last_embeddings = (gather_rows(out.emb_a.detach().float()), gather_rows(out.emb_b.detach().float()))
+        emb, is_b = self._modality_labels(out.emb_a, out.emb_b)
+        if self.mode == "grl":
+            logits = self.discriminator(grad_reverse(emb, self.grl_scale))
+            d_loss = F.binary_cross_entropy_with_logits(logits, is_b, reduction="none")
+            value = d_loss
+        else:
+            logits = self.discriminator(emb.detach())
+            d_loss = F.binary_cross_entropy_with_logits(logits, is_b, reduction="none")
+            frozen = {k: v.detach() for k, v in self.discriminator.named_parameters()}
+            fool_logits = functional_call(self.discriminator, frozen, (emb,))
+            value = d_loss + F.binary_cross_entropy_with_logits(fool_logits, 1.0 - is_b, reduction="none")
+        self.report("disc_loss", d_loss.mean())
+        self.report("disc_acc", ((logits.detach() > 0).float() == is_b).float().mean())
+        return value

@@ -1,53 +1,65 @@
 """Self-similarity polynomial loss (CDAML; Wei et al., CVPR 2020, "Universal Weighting
 Metric Learning for Cross-Modal Matching").
 
-Cross-modal: for each anchor, pairs with items of the other modality. Informative pairs
-only: positives whose similarity is below the hardest negative's + margin, negatives
-whose similarity is above the easiest positive's − margin (the paper's pair mining).
-Each informative pair is weighted by a polynomial of its own similarity,
-``w(s) = Σ_q c_q s^q`` (``loss.poly_pos`` / ``loss.poly_neg``; defaults w_p = 1 − s, so
-harder positives weigh more, and w_n = 1 + s, so harder negatives weigh more); weights
-are not differentiated. Per anchor: ``Σ_neg w_n(s_n)·s_n − Σ_pos w_p(s_p)·s_p``.
-Negatives are restricted to K per anchor by ``cfg.negatives``.
+Cross-modal: for each anchor, pairs with items of the other modality (the batch, then the
+bank's entries of that modality as further negatives). Informative pairs only: positives
+whose similarity is below the hardest negative's + margin, negatives whose similarity is
+above the easiest positive's − margin (the paper's pair mining). Each informative pair is
+weighted by a polynomial of its own similarity, ``w(s) = Σ_q c_q s^q`` (``loss.poly_pos`` /
+``loss.poly_neg``; defaults w_p = 1 − s, so harder positives weigh more, and w_n = 1 + s, so
+harder negatives weigh more); weights are not differentiated. Per anchor:
+``Σ_neg w_n(s_n)·s_n − Σ_pos w_p(s_p)·s_p``. Negatives are restricted to K per anchor by
+``negatives``; positives come from the batch only.
 """
 
 from __future__ import annotations
 
 import torch
 
-from xmr.losses._common import negative_mask, relevant, targets
-from xmr.losses.negatives import gather_labels, gather_with_grad, local_mean
+from xmr.losses._pairs import Candidates, candidates, class_of, relevant
+from xmr.losses.negatives import NegativeSampler
 from xmr.losses.registry import LossTerm, register_term
 
 
 def polyval(coeffs: list[float], s: torch.Tensor) -> torch.Tensor:
-    """Σ_q coeffs[q] · s^q."""
+    """Σ_q coeffs[q] · s^q (Horner)."""
     out = torch.zeros_like(s)
-    for q, c in enumerate(coeffs):
-        out = out + c * s.pow(q)
+    for c in reversed(coeffs):
+        out = out * s + c
     return out
 
 
 @register_term("polynomial")
 class Polynomial(LossTerm):
-    def _direction(self, anchors, cand, anchor_y, cand_y):
-        sim = anchors @ cand.T
-        rel = relevant(anchor_y, cand_y)
-        neg_allowed = negative_mask(sim, ~rel, self.cfg, cand_y)
-        margin = self.cfg.loss.margin
-        hardest_neg = sim.detach().masked_fill(~neg_allowed, float("-inf")).amax(dim=1, keepdim=True)
-        easiest_pos = sim.detach().masked_fill(~rel, float("inf")).amin(dim=1, keepdim=True)
-        pos = rel & (sim.detach() < hardest_neg + margin)
-        neg = neg_allowed & (sim.detach() > easiest_pos - margin)
-        w_pos = polyval(self.cfg.loss.poly_pos, sim.detach()).clamp(min=0)
-        w_neg = polyval(self.cfg.loss.poly_neg, sim.detach()).clamp(min=0)
+    reads = {"margin": "loss.margin", "poly_pos": "loss.poly_pos", "poly_neg": "loss.poly_neg",
+             "k": "negatives.k", "strategy": "negatives.strategy", "gather": "negatives.gather"}
+    strategies = ("uniform", "hardest", "class_aware")
+    uses_bank = True
+
+    def __init__(self, margin: float, poly_pos: list[float], poly_neg: list[float], k: int,
+                 strategy: str, gather: bool) -> None:
+        super().__init__()
+        self.margin, self.gather = margin, gather
+        self.poly_pos, self.poly_neg = list(poly_pos), list(poly_neg)
+        self.sampler = NegativeSampler(k, strategy)
+
+    def _direction(self, anchors: torch.Tensor, anchor_y: torch.Tensor, c: Candidates) -> torch.Tensor:
+        sim = anchors @ c.emb.T
+        s = sim.detach()
+        rel = relevant(anchor_y, c.y)
+        pos_ok = rel.clone()
+        pos_ok[:, c.n_batch:] = False
+        neg_ok = self.sampler(sim, ~rel, n_batch=c.n_batch, labels=class_of(c.y))
+        hardest_neg = s.masked_fill(~neg_ok, float("-inf")).amax(dim=1, keepdim=True)
+        easiest_pos = s.masked_fill(~pos_ok, float("inf")).amin(dim=1, keepdim=True)
+        pos = pos_ok & (s < hardest_neg + self.margin)
+        neg = neg_ok & (s > easiest_pos - self.margin)
+        w_pos = polyval(self.poly_pos, s).clamp(min=0)
+        w_neg = polyval(self.poly_neg, s).clamp(min=0)
         return (w_neg * sim * neg).sum(dim=1) - (w_pos * sim * pos).sum(dim=1)
 
-    def forward(self, out, batch):
-        y = targets(batch, self.cfg.task)
-        all_a, _ = gather_with_grad(out["emb_a"])
-        all_b, _ = gather_with_grad(out["emb_b"])
-        all_y = gather_labels(y)
-        a2b = self._direction(out["emb_a"], all_b, y, all_y)
-        b2a = self._direction(out["emb_b"], all_a, y, all_y)
-        return local_mean(torch.cat([a2b, b2a]))
+    def per_anchor(self, out, batch, ctx):
+        y = ctx.targets
+        c = candidates(out.emb_a, out.emb_b, y, self.gather, ctx.bank)
+        return torch.cat([self._direction(out.emb_a, y, c.of_modality(1)),
+                          self._direction(out.emb_b, y, c.of_modality(0))])

@@ -1,34 +1,74 @@
-"""The one registry of loss terms, and the objective that sums them.
+"""The one registry of loss terms, the factory that builds them, and the objective.
 
-A term is a small ``nn.Module`` that reads the model's output dict and the batch and
-returns one scalar. Presets and search spaces refer to terms by their registry name
-(``loss.lambdas.<name>``). A term whose λ is 0 is never built, so it costs nothing.
+The contract of a term, explicit:
+- ``reads``: the config fields it takes, as ``{constructor keyword: dotted field}``;
+  ``build_term`` passes exactly those, so a term never sees the whole config and the
+  fields each term depends on can be listed (and tested for being live, not inert);
+- ``families``: the task families it applies to; ``strategies``: the negative strategies
+  it supports (empty: it takes no negatives); ``uses_bank``: whether it draws negatives
+  from the memory bank. ``xmr.checks.check`` rejects configs that ask a term for
+  something it cannot do, naming the term;
+- ``per_anchor(out, batch, ctx)`` returns one loss per local anchor (``ctx``: the batch's
+  relevance targets, computed by the task family, and the memory bank); the base class's
+  ``forward`` applies the DDP-correct mean (``xmr.distributed.local_mean``), so no term
+  can forget it. A term may ``self.report(name, value)`` diagnostics for the epoch row.
+
+Presets and search spaces refer to terms by their registry name (``loss.lambdas.<name>``).
+A term whose λ is 0 is never built, so it costs nothing.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import torch
 from torch import nn
 
+from xmr.distributed import local_mean
+
 if TYPE_CHECKING:
     from xmr.config import Config
+    from xmr.losses.negatives import BankView
 
 _TERMS: dict[str, type["LossTerm"]] = {}
 
 
+@dataclass
+class TermContext:
+    """What a term gets besides the model's outputs and the batch."""
+
+    targets: torch.Tensor | None = None  # per-row relevance ids (the task family's ``targets``)
+    bank: "BankView | None" = None  # memory-bank entries usable as extra negatives this step
+
+
+NO_CONTEXT = TermContext()
+
+
 class LossTerm(nn.Module):
-    """Base class: ``__init__(cfg)``, ``forward(out, batch) -> scalar``."""
+    """Base class; see the module docstring for the contract."""
 
-    name: str = ""
+    name: ClassVar[str] = ""
+    reads: ClassVar[dict[str, str]] = {}
+    families: ClassVar[tuple[str, ...]] = ("category", "pair")
+    strategies: ClassVar[tuple[str, ...]] = ()
+    uses_bank: ClassVar[bool] = False
+    label_kinds: ClassVar[tuple[str, ...]] = ("single", "hierarchical", "multi", "none")
 
-    def __init__(self, cfg: "Config") -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self.cfg = cfg
+        self.diagnostics: dict[str, torch.Tensor] = {}
 
-    def forward(self, out: dict[str, torch.Tensor], batch: dict[str, Any]) -> torch.Tensor:  # pragma: no cover
-        raise TypeError(f"{type(self).__name__} must define forward(out, batch)")
+    def report(self, name: str, value: torch.Tensor | float) -> None:
+        """A diagnostic for the epoch row (``train_<term>_<name>``), e.g. a discriminator's accuracy."""
+        self.diagnostics[name] = torch.as_tensor(value).detach().float()
+
+    def per_anchor(self, out: Any, batch: dict[str, Any], ctx: TermContext) -> torch.Tensor:
+        raise TypeError(f"{type(self).__name__} must define per_anchor(out, batch, ctx)")
+
+    def forward(self, out: Any, batch: dict[str, Any], ctx: TermContext = NO_CONTEXT) -> torch.Tensor:
+        self.diagnostics = {}
+        return local_mean(self.per_anchor(out, batch, ctx))
 
 
 def register_term(name: str) -> Callable[[type[LossTerm]], type[LossTerm]]:
@@ -44,13 +84,9 @@ def register_term(name: str) -> Callable[[type[LossTerm]], type[LossTerm]]:
     return wrap
 
 
-def _load_builtin_terms() -> None:
-    # Importing the package registers every built-in term (each module uses @register_term).
-    import xmr.losses  # noqa: F401
-
-
 def known_terms() -> dict[str, type[LossTerm]]:
-    _load_builtin_terms()
+    """Every registered term. The built-in ones are registered by importing this package
+    (``xmr.losses`` imports each term module), which importing this module already does."""
     return dict(_TERMS)
 
 
@@ -61,17 +97,38 @@ def get_term(name: str) -> type[LossTerm]:
     return terms[name]
 
 
+def config_value(cfg: "Config", dotted: str) -> Any:
+    """The value of a dotted config field (``loss.temperature``)."""
+    node: Any = cfg
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def build_term(name: str, cfg: "Config") -> LossTerm:
+    """The one factory: the term built from exactly the fields it declares."""
+    cls = get_term(name)
+    return cls(**{kw: config_value(cfg, dotted) for kw, dotted in cls.reads.items()})
+
+
 class Objective(nn.Module):
-    """Σ λ_i · term_i over the terms with λ_i > 0; returns every term by name for logging."""
+    """Σ λ_i · term_i over the terms with λ_i > 0.
+
+    Returns ``{"loss": total, "<term>": value, "<term>_<diagnostic>": value, ...}`` (all
+    detached but the total) plus ``"_weighted"``: ``{term: λ·value}`` with their graphs, for
+    per-term gradient norms (``xmr.train.step``).
+    """
 
     def __init__(self, cfg: "Config") -> None:
         super().__init__()
         self.weights = {name: float(w) for name, w in cfg.loss.lambdas.items() if w > 0}
-        self.terms = nn.ModuleDict({name: get_term(name)(cfg) for name in self.weights})
+        self.terms = nn.ModuleDict({name: build_term(name, cfg) for name in self.weights})
 
-    def forward(self, out: dict[str, torch.Tensor], batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        values = {name: term(out, batch) for name, term in self.terms.items()}
-        total = sum(self.weights[name] * value for name, value in values.items())
-        result = {"loss": total}
-        result.update({name: value.detach() for name, value in values.items()})
+    def forward(self, out: Any, batch: dict[str, Any], ctx: TermContext = NO_CONTEXT) -> dict[str, Any]:
+        weighted = {name: self.weights[name] * term(out, batch, ctx) for name, term in self.terms.items()}
+        result: dict[str, Any] = {"loss": sum(weighted.values())}
+        for name, term in self.terms.items():
+            result[name] = (weighted[name] / self.weights[name]).detach()
+            result.update({f"{name}_{k}": v for k, v in term.diagnostics.items()})
+        result["_weighted"] = weighted
         return result

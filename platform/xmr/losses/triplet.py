@@ -1,36 +1,44 @@
 """Triplet ranking loss: the K = 1 baseline every comparison includes.
 
 Cross-modal: an anchor of one modality, its paired item of the other as the positive,
-one non-relevant item of the other modality as the negative (picked by
-``negatives.strategy``; the presets use ``hardest``). ``max(0, m + s_n - s_p)``, both
-directions averaged. With K > 1 the hinge is averaged over the K negatives.
+non-relevant items of the other modality (batch first, then the bank's entries of that
+modality) as negatives, picked by ``negatives.strategy``. ``max(0, m + s_n - s_p)``,
+averaged over the anchor's K negatives, both directions averaged. The presets use
+``semi_hard`` (FaceNet; see ``xmr.losses.negatives``): with ``hardest`` from the first step
+the loss sits at the margin and the baseline collapses (issue 11).
 """
 
 from __future__ import annotations
 
 import torch
 
-from xmr.losses._common import negative_mask, relevant, targets
-from xmr.losses.negatives import gather_labels, gather_with_grad, local_mean
+from xmr.losses._pairs import Candidates, candidates, class_of, relevant
+from xmr.losses.negatives import NegativeSampler
 from xmr.losses.registry import LossTerm, register_term
 
 
 @register_term("triplet")
 class Triplet(LossTerm):
-    def _direction(self, anchors, cand, anchor_y, cand_y, offset):
-        sim = anchors @ cand.T
-        rows = torch.arange(anchors.shape[0], device=sim.device)
-        pos = sim[rows, rows + offset]
-        neg = negative_mask(sim, ~relevant(anchor_y, cand_y), self.cfg, cand_y)
-        hinge = (self.cfg.loss.margin + sim - pos[:, None]).clamp(min=0)
-        n_neg = neg.sum(dim=1).clamp(min=1)
-        return (hinge * neg).sum(dim=1) / n_neg
+    reads = {"margin": "loss.margin", "k": "negatives.k", "strategy": "negatives.strategy",
+             "gather": "negatives.gather"}
+    strategies = ("uniform", "hardest", "semi_hard", "class_aware")
+    uses_bank = True
 
-    def forward(self, out, batch):
-        y = targets(batch, self.cfg.task)
-        all_a, offset = gather_with_grad(out["emb_a"])
-        all_b, _ = gather_with_grad(out["emb_b"])
-        all_y = gather_labels(y)
-        a2b = self._direction(out["emb_a"], all_b, y, all_y, offset)
-        b2a = self._direction(out["emb_b"], all_a, y, all_y, offset)
-        return local_mean(torch.cat([a2b, b2a]))
+    def __init__(self, margin: float, k: int, strategy: str, gather: bool) -> None:
+        super().__init__()
+        self.margin, self.gather = margin, gather
+        self.sampler = NegativeSampler(k, strategy)
+
+    def _direction(self, anchors: torch.Tensor, anchor_y: torch.Tensor, c: Candidates) -> torch.Tensor:
+        sim = anchors @ c.emb.T
+        rows = torch.arange(anchors.shape[0], device=sim.device)
+        pos = sim[rows, rows + c.offset]
+        neg = self.sampler(sim, ~relevant(anchor_y, c.y), n_batch=c.n_batch, labels=class_of(c.y), pos_sim=pos)
+        hinge = (self.margin + sim - pos[:, None]).clamp(min=0)
+        return (hinge * neg).sum(dim=1) / neg.sum(dim=1).clamp(min=1)
+
+    def per_anchor(self, out, batch, ctx):
+        y = ctx.targets
+        c = candidates(out.emb_a, out.emb_b, y, self.gather, ctx.bank)
+        return torch.cat([self._direction(out.emb_a, y, c.of_modality(1)),
+                          self._direction(out.emb_b, y, c.of_modality(0))])

@@ -1,25 +1,40 @@
-"""L_VR (QACLN λ1): hinge on the VR score with K negative videos and K negative queries.
+"""L_VR (QACLN λ1, Eq. 14): hinge on the VR score φ with K negative videos per query.
 
-For each positive (q, v): Σ over K negative videos v' of max(0, Δ + φ(q, v') − φ(q, v))
-plus Σ over K negative queries q' of max(0, Δ + φ(q', v) − φ(q, v)), each averaged over
-its K; Δ = ``loss.vr_margin``; K and the strategy from ``negatives`` (paper: K = 2).
-With only ``vr_hinge`` and ``moment`` on and K = 1 this is the VCMR triplet baseline.
+For each positive (q, v): Σ over K negative videos v' of max(0, Δ + φ(q, v') − φ(q, v)),
+summed over the negatives as the paper writes it (its K = 2: φ' and φ''), averaged over
+queries; Δ = ``loss.vr_margin``; K and the strategy from ``negatives``.
+``loss.vr_query_negatives`` adds the other direction (K negative queries per video, the
+form XML and ReLoCLNet train with; the paper does not). With only ``vr_hinge`` and
+``moment`` on and K = 1 this is the VCMR triplet baseline.
 """
 
 from __future__ import annotations
 
-from xmr.losses._qacln import cross_negatives
-from xmr.losses.negatives import local_mean
+from xmr.losses._jsd import cross_positive
+from xmr.losses.negatives import NegativeSampler
 from xmr.losses.registry import LossTerm, register_term
 
 
 @register_term("vr_hinge")
 class VRHinge(LossTerm):
-    def forward(self, out, batch):
-        margin = self.cfg.loss.vr_margin
-        total = 0.0
-        for key in ("phi_q2v", "phi_v2q"):
-            pos, neg = cross_negatives(out[key], out, self.cfg)
-            hinge = (margin + out[key] - pos[:, None]).clamp(min=0) * neg
-            total = total + hinge.sum(dim=1) / neg.sum(dim=1).clamp(min=1)
-        return local_mean(total)
+    reads = {"margin": "loss.vr_margin", "k": "negatives.k", "strategy": "negatives.strategy",
+             "query_negatives": "loss.vr_query_negatives"}
+    families = ("vcmr",)
+    strategies = ("uniform", "hardest", "semi_hard")
+
+    def __init__(self, margin: float, k: int, strategy: str, query_negatives: bool) -> None:
+        super().__init__()
+        self.margin, self.query_negatives = margin, query_negatives
+        self.sampler = NegativeSampler(k, strategy)
+
+    def _hinges(self, phi, cross):
+        pos, allowed = cross_positive(phi, cross)
+        neg = self.sampler(phi, allowed, pos_sim=pos)
+        self.report("active", ((self.margin + phi - pos[:, None] > 0) & neg).float().sum() / neg.sum().clamp(min=1))
+        return ((self.margin + phi - pos[:, None]).clamp(min=0) * neg).sum(dim=1)
+
+    def per_anchor(self, out, batch, ctx):
+        total = self._hinges(out.cross.phi_q2v, out.cross)
+        if self.query_negatives:
+            total = total + self._hinges(out.cross.phi_v2q, out.cross)
+        return total

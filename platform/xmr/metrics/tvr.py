@@ -16,10 +16,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from xmr.data.tvr_annotations import read_tvr_jsonl
 from xmr.metrics.vcmr import NO_HIT, TVR_CLIP_LEN, clips_to_moment, first_hit, temporal_iou
 
 TASKS: tuple[str, ...] = ("VCMR", "SVMR", "VR")
@@ -37,20 +38,7 @@ def rounded_percentage(fraction: float) -> float:
 
 def load_ground_truth(jsonl_path: str | Path) -> list[dict[str, Any]]:
     """Read a TVR annotation jsonl; every line needs desc_id, vid_name and ts [start, end]."""
-    items = []
-    with open(jsonl_path, encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{jsonl_path}:{line_no}: not valid JSON ({err.msg})") from err
-            missing = [key for key in _GT_KEYS if key not in item]
-            if missing:
-                raise ValueError(f"{jsonl_path}:{line_no}: missing key(s) {missing}")
-            items.append(item)
-    return items
+    return read_tvr_jsonl(jsonl_path, required=_GT_KEYS)
 
 
 def load_video_index(path: str | Path, split: str) -> tuple[dict[str, int], dict[str, float]]:
@@ -86,17 +74,13 @@ class RankedPredictions:
 
 def ranked_from_clips(
     video: Any, st: Any, ed: Any, score: Any, durations: Any, clip_len: float = TVR_CLIP_LEN,
-    end: Literal["inclusive", "exclusive"] = "exclusive",
 ) -> RankedPredictions:
-    """Convert ``rank_moments`` output (clip indices) to seconds, clipped to each video's duration.
-
-    ``durations`` [V] is indexed by the same corpus positions as ``video``; see
-    ``clips_to_moment`` for ``end``.
-    """
+    """Convert ``rank_moments`` output (inclusive clip indices) to seconds, clipped to each
+    video's duration (``durations`` [V], indexed by the same corpus positions as ``video``)."""
     v = _np(video).astype(np.int64)
     dur = np.asarray(durations, dtype=np.float64)
     d = np.where(v >= 0, dur[np.clip(v, 0, max(len(dur) - 1, 0))], 0.0)
-    t_s, t_e = clips_to_moment(_np(st), _np(ed), clip_len, d, end)
+    t_s, t_e = clips_to_moment(_np(st), _np(ed), clip_len, d)
     return RankedPredictions(v, np.asarray(t_s), np.asarray(t_e), _np(score))
 
 

@@ -11,7 +11,7 @@ Conventions (METHODS.md, QACLN "Inference"; the public TVR code, jayleicn/TVRetr
 
 from __future__ import annotations
 
-from typing import Any, Literal, NamedTuple, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -77,10 +77,11 @@ def moment_to_clips(
 ) -> tuple[Any, Any]:
     """Clip labels of moment(s) ``ts`` ([2] or [N, 2] seconds): inclusive (st, ed) indices.
 
-    st = floor(t_s / clip_len), ed = ceil(t_e / clip_len), both clipped to n_clips - 1
-    (METHODS.md; the public XML training labels). Note ed = ceil(...) is the clip *after*
-    the one holding t_e unless t_e falls on a clip boundary; with ``clips_to_moment``
-    the round trip therefore widens a moment's end by up to one clip. ``duration_or_n_clips``
+    st = floor(t_s / clip_len), ed = ceil(t_e / clip_len) - 1 (the last clip the moment
+    reaches), with st <= ed, both clipped to n_clips - 1. Inclusive on both ends, as the
+    QACLN paper defines a moment (§2.1: m* = {v_i | i = i_s..i_e}, 0 <= i_s <= i_e <= n_v - 1)
+    and as XML's training labels are; ``clips_to_moment`` inverts it exactly, so a perfect
+    span prediction recovers [floor(t_s/L)·L, ceil(t_e/L)·L]. ``duration_or_n_clips``
     follows ``n_clips_for``. Returns Python ints for one moment, int64 arrays otherwise.
     """
     t = as_numpy(ts, "ts").astype(np.float64)
@@ -93,43 +94,21 @@ def moment_to_clips(
         raise ValueError(f"ts: moments must satisfy 0 <= t_s <= t_e; row {bad} is {flat[bad].tolist()}")
     last = n_clips_for(duration_or_n_clips, clip_len) - 1
     st = np.minimum(np.floor(t[..., 0] / clip_len).astype(np.int64), last)
-    ed = np.minimum(np.ceil(t[..., 1] / clip_len).astype(np.int64), last)
+    ed = np.minimum(np.maximum(np.ceil(t[..., 1] / clip_len).astype(np.int64) - 1, st), last)
     if t.ndim == 1:
         return int(st), int(ed)
     return st, ed
 
 
-def clips_to_moment(
-    st: Any,
-    ed: Any,
-    clip_len: float = TVR_CLIP_LEN,
-    duration: Any = None,
-    end: Literal["inclusive", "exclusive"] = "exclusive",
-) -> tuple[Any, Any]:
-    """Seconds of clip span (st, ed): (st * clip_len, ed * clip_len) by default.
-
-    ``end="exclusive"`` (default) returns ed * clip_len, the exact inverse of
-    ``moment_to_clips``'s ceil end label (METHODS.md: "clip index x 1.5 s").
-    ``end="inclusive"`` reads ``ed`` as the last clip inside the moment, as the public XML
-    decoding does ("ed_idx + 1, times clip_length"). Why it matters: with ceil labels and the inclusive decoding a
-    *perfect* span prediction reaches IoU >= 0.7 on only 41.8% of TVR val moments, against
-    73.1% with ``end="exclusive"`` (tests/test_metrics_vcmr.py measures this). Both ends are
-    clipped to ``duration`` when given (scalar or broadcastable); with the
-    exclusive end, the last clip index decodes to the video's end. Floats for scalar inputs, float64 arrays otherwise.
-    """
-    if end not in ("inclusive", "exclusive"):
-        raise ValueError(f"end: expected 'inclusive' or 'exclusive', got {end!r}")
-    ed_idx = as_numpy(ed, "ed").astype(np.float64)
+def clips_to_moment(st: Any, ed: Any, clip_len: float = TVR_CLIP_LEN, duration: Any = None) -> tuple[Any, Any]:
+    """Seconds of the inclusive clip span (st, ed): (st · clip_len, (ed + 1) · clip_len),
+    both clipped to ``duration`` when given (scalar or broadcastable), as the public XML
+    decoding does ("ed_idx + 1, times clip_length"). Floats for scalar inputs, float64
+    arrays otherwise."""
     s = as_numpy(st, "st").astype(np.float64) * clip_len
-    e = (ed_idx + (1.0 if end == "inclusive" else 0.0)) * clip_len
+    e = (as_numpy(ed, "ed").astype(np.float64) + 1.0) * clip_len
     if duration is not None:
         d = as_numpy(duration, "duration").astype(np.float64)
-        if end == "exclusive":
-            # The end label is clipped to the last clip (n_clips - 1), so that index means
-            # "to the video's end": without this a moment ending at the end would decode
-            # to a zero-length span.
-            last = n_clips_for(d, clip_len) - 1
-            e = np.where(ed_idx >= last, d, e)
         s, e = np.minimum(s, d), np.minimum(e, d)
     if s.ndim == 0 and e.ndim == 0:
         return float(s), float(e)
@@ -358,17 +337,11 @@ def _iou_recalls(
     return out
 
 
-def round_trip_iou(
-    ts: Any,
-    n_clips: Any,
-    clip_len: float = TVR_CLIP_LEN,
-    duration: Any = None,
-    end: Literal["inclusive", "exclusive"] = "inclusive",
-) -> np.ndarray:
+def round_trip_iou(ts: Any, n_clips: Any, clip_len: float = TVR_CLIP_LEN, duration: Any = None) -> np.ndarray:
     """IoU of moments [N, 2] with their clip-label round trip: what a perfect model can reach."""
     t = as_numpy(ts, "ts").astype(np.float64).reshape(-1, 2)
     st, ed = moment_to_clips(t, n_clips, clip_len)
-    s, e = clips_to_moment(st, ed, clip_len, duration, end)
+    s, e = clips_to_moment(st, ed, clip_len, duration)
     return temporal_iou(np.stack([np.broadcast_to(s, st.shape), np.broadcast_to(e, st.shape)], -1), t)
 
 

@@ -22,6 +22,7 @@ from torch import nn
 
 from xmr.models.encoders import AttentionPool, mlp, token_shape
 from xmr.models.registry import register_model
+from xmr.outputs import PairOutputs
 
 
 class AttentionTrunk(nn.Module):
@@ -49,6 +50,17 @@ class AttentionTrunk(nn.Module):
 
 @register_model("cdaml")
 class CDAML(nn.Module):
+    families = ("category",)
+
+    @classmethod
+    def fields_read(cls, cfg) -> set[str]:
+        out = {"model.embed_dim", "model.hidden_dim", "model.hierarchical", "model.attention", "model.dropout"}
+        if cfg.model.attention:
+            out |= {"model.num_heads"} | {f"model.tokens_{r}" for r in ("a", "b") if len(cfg.model.dims.get(r, [0])) == 1 or not cfg.model.dims}
+        else:
+            out.add("model.num_layers")
+        return out
+
     def __init__(self, cfg) -> None:
         super().__init__()
         m = cfg.model
@@ -76,9 +88,9 @@ class CDAML(nn.Module):
     def encode(self, role: str, x: torch.Tensor) -> torch.Tensor:
         return self._levels(role, x)[-1]
 
-    def forward(self, batch) -> dict:
+    def forward(self, batch) -> PairOutputs:
         levels_a, levels_b = self._levels("a", batch["a"]), self._levels("b", batch["b"])
-        out = {"emb_a": levels_a[-1], "emb_b": levels_b[-1]}
+        out = PairOutputs(emb_a=levels_a[-1], emb_b=levels_b[-1])
         if len(self.levels) > 1:
-            out.update(levels_a=levels_a, levels_b=levels_b)
+            out.levels_a, out.levels_b = levels_a, levels_b
         return out

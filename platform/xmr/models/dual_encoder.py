@@ -5,12 +5,26 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from xmr.models.encoders import ModalityEncoder
+from xmr.models.encoders import ModalityEncoder, sequence_encoder
 from xmr.models.registry import register_model
+from xmr.outputs import PairOutputs
 
 
 @register_model("dual_encoder")
 class DualEncoder(nn.Module):
+    families = ("category", "pair")
+
+    @classmethod
+    def fields_read(cls, cfg) -> set[str]:
+        out = {"model.embed_dim", "model.hidden_dim", "model.encoder", "model.num_layers", "model.dropout"}
+        for role in ("a", "b"):
+            shape = cfg.model.dims.get(role)  # unknown before the config is resolved: maybe read
+            if shape is None or sequence_encoder(shape, cfg.model.encoder):
+                out.add("model.num_heads")
+                if shape is None or len(shape) == 1:
+                    out.add(f"model.tokens_{role}")
+        return out
+
     def __init__(self, cfg) -> None:
         super().__init__()
         dims = cfg.model.dims
@@ -24,5 +38,5 @@ class DualEncoder(nn.Module):
         """L2-normalised embeddings of one modality (retrieval entry point)."""
         return self.enc[role](x)
 
-    def forward(self, batch) -> dict[str, torch.Tensor]:
-        return {"emb_a": self.encode("a", batch["a"]), "emb_b": self.encode("b", batch["b"])}
+    def forward(self, batch) -> PairOutputs:
+        return PairOutputs(emb_a=self.encode("a", batch["a"]), emb_b=self.encode("b", batch["b"]))

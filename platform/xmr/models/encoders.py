@@ -68,13 +68,18 @@ class SequenceEncoder(nn.Module):
         return self.pool(self.encoder(self.proj(x) + self.pos))
 
 
+def sequence_encoder(shape: list[int], encoder: str) -> bool:
+    """Whether a modality of this shape gets the transformer (sequences always do)."""
+    return encoder == "transformer" or len(shape) == 2
+
+
 class ModalityEncoder(nn.Module):
     """One modality's features -> L2-normalised ``embed_dim`` vector."""
 
     def __init__(self, shape: list[int], cfg, tokens: int = 0) -> None:
         super().__init__()
         m = cfg.model
-        if m.encoder == "transformer" or len(shape) == 2:
+        if sequence_encoder(shape, m.encoder):
             n_tokens, token_dim = token_shape(shape, tokens)
             self.body = SequenceEncoder(n_tokens, token_dim, m.hidden_dim, m.num_layers, m.num_heads, m.dropout)
             self.head = nn.Linear(m.hidden_dim, m.embed_dim)

@@ -20,6 +20,7 @@ from torch import nn
 
 from xmr.models.encoders import AttentionPool, token_shape
 from xmr.models.registry import register_model
+from xmr.outputs import PairOutputs, Reconstruction
 
 
 def _transformer(width: int, layers: int, heads: int, dropout: float) -> nn.TransformerEncoder:
@@ -29,6 +30,16 @@ def _transformer(width: int, layers: int, heads: int, dropout: float) -> nn.Tran
 
 @register_model("mixer_mae")
 class MixerMAE(nn.Module):
+    families = ("pair", "category")
+
+    @classmethod
+    def fields_read(cls, cfg) -> set[str]:
+        out = {"model.embed_dim", "model.hidden_dim", "model.num_layers", "model.num_heads", "model.dropout"}
+        out |= {f"model.tokens_{r}" for r in ("a", "b") if len(cfg.model.dims.get(r, [0])) == 1 or not cfg.model.dims}
+        if cfg.loss.lambdas.get("reconstruction", 0) > 0:
+            out |= {"model.mask_ratio", "model.decoder_layers"}
+        return out
+
     def __init__(self, cfg) -> None:
         super().__init__()
         m = cfg.model
@@ -41,9 +52,10 @@ class MixerMAE(nn.Module):
                                      for r, (t, _) in self.shapes.items()})
         self.modality = nn.Parameter(torch.randn(2, h) / math.sqrt(h))
         self.encoder = _transformer(h, m.num_layers, m.num_heads, m.dropout)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, h))
-        self.decoder = _transformer(h, m.decoder_layers, m.num_heads, m.dropout)
-        self.recon = nn.ModuleDict({r: nn.Linear(h, d) for r, (_, d) in self.shapes.items()})
+        if self.reconstruct:  # the decoder exists for pre-training only; fine-tuning loads the encoder
+            self.mask_token = nn.Parameter(torch.zeros(1, 1, h))
+            self.decoder = _transformer(h, m.decoder_layers, m.num_heads, m.dropout)
+            self.recon = nn.ModuleDict({r: nn.Linear(h, d) for r, (_, d) in self.shapes.items()})
         self.pool = AttentionPool(h)
         self.head = nn.Linear(h, m.embed_dim)
 
@@ -60,7 +72,7 @@ class MixerMAE(nn.Module):
         hidden = self.encoder(self._embed_tokens(role, self.tokens(role, x)))
         return F.normalize(self.head(self.pool(hidden)), dim=-1)
 
-    def masked_reconstruction(self, batch) -> dict[str, torch.Tensor]:
+    def masked_reconstruction(self, batch) -> Reconstruction:
         """Fuse, mask, encode the visible tokens, decode, reconstruct both modalities."""
         ta, tb = self.tokens("a", batch["a"]), self.tokens("b", batch["b"])
         fused = torch.cat([self._embed_tokens("a", ta), self._embed_tokens("b", tb)], dim=1)
@@ -77,12 +89,11 @@ class MixerMAE(nn.Module):
         masked = torch.ones(bsz, n, dtype=torch.bool, device=fused.device)
         masked = masked.scatter(1, keep, False)
         n_a = ta.shape[1]
-        return {"recon_a": self.recon["a"](decoded[:, :n_a]), "recon_b": self.recon["b"](decoded[:, n_a:]),
-                "target_a": ta, "target_b": tb,
-                "recon_mask_a": masked[:, :n_a], "recon_mask_b": masked[:, n_a:]}
+        return Reconstruction(recon={"a": self.recon["a"](decoded[:, :n_a]), "b": self.recon["b"](decoded[:, n_a:])},
+                              target={"a": ta, "b": tb}, mask={"a": masked[:, :n_a], "b": masked[:, n_a:]})
 
-    def forward(self, batch) -> dict[str, torch.Tensor]:
-        out = {"emb_a": self.encode("a", batch["a"]), "emb_b": self.encode("b", batch["b"])}
+    def forward(self, batch) -> PairOutputs:
+        out = PairOutputs(emb_a=self.encode("a", batch["a"]), emb_b=self.encode("b", batch["b"]))
         if self.reconstruct:  # only when the reconstruction term is on (λ > 0)
-            out.update(self.masked_reconstruction(batch))
+            out.reconstruction = self.masked_reconstruction(batch)
         return out

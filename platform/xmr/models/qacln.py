@@ -1,9 +1,12 @@
 """QACLN: query-aware dual contrastive learning for video corpus moment retrieval (§5).
 
-Encoders: the query's tokens are projected, encoded and attention-pooled into q. A video's
-visual (V) and subtitle (S) clip streams are projected and encoded each, meet in one
+Encoders (§2.2): the query's tokens are projected, encoded by ``model.query_layers``
+transformer layers (the paper: two) and attention-pooled into q. A video's visual (V) and
+subtitle (S) clip streams are projected and encoded each (``model.num_layers``), meet in one
 co-attention layer (each stream attends to the other), and pass a final layer each:
-H_v, H_s [N, d].
+H_v, H_s [N, d]. Clips without a subtitle are masked as keys wherever subtitles are
+attended to (both subtitle encoder layers, and visual-from-subtitle co-attention), so no
+clip's encoding depends on the (empty) subtitle features of a clip that has none.
 
 Query-aware fusion (QCF): μ_v, μ_s = softmax(W_v·q, W_s·q); H_qcf = μ_v·H_v + μ_s·H_s.
 ``model.query_fusion: false`` uses μ = ½ (the "without QCF" ablation). ``model.netvlad``
@@ -27,9 +30,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from xmr.losses.negatives import gather_labels, gather_with_grad, world_info
+from xmr.distributed import gather_rows, gather_with_grad, world_info
 from xmr.models.encoders import AttentionPool
 from xmr.models.registry import register_model
+from xmr.outputs import CrossScores, VcmrOutputs
 
 NEG = -1e4  # finite "minus infinity" for masked logits (cross-entropy stays finite)
 VR_SHARPNESS = 10.0  # inference video score exp(10·(φ − 1)) ∈ (0, 1], XML-style
@@ -50,6 +54,13 @@ def encoder(d: int, layers: int, heads: int, dropout: float) -> nn.TransformerEn
     return nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
 
 
+def subtitle_keys(sub_mask: torch.Tensor, clip_mask: torch.Tensor) -> torch.Tensor:
+    """Clips whose subtitle may be attended to: those that have one; a video without any
+    subtitle falls back to its valid clips (attention needs at least one key per row)."""
+    keys = sub_mask & clip_mask
+    return torch.where(keys.any(dim=1, keepdim=True), keys, clip_mask)
+
+
 class CoAttention(nn.Module):
     """One joint layer: visual attends to subtitle and subtitle to visual (residual)."""
 
@@ -60,9 +71,8 @@ class CoAttention(nn.Module):
         self.norm_v, self.norm_s = nn.LayerNorm(d), nn.LayerNorm(d)
 
     def forward(self, hv, hs, clip_mask, sub_mask):
-        # A clip without subtitle offers nothing to attend to; keep at least one key per row.
-        sub_keys = sub_mask | ~sub_mask.any(dim=1, keepdim=True)
-        v2, _ = self.v_from_s(self.norm_v(hv), hs, hs, key_padding_mask=~sub_keys)
+        # A clip without subtitle offers nothing to attend to.
+        v2, _ = self.v_from_s(self.norm_v(hv), hs, hs, key_padding_mask=~subtitle_keys(sub_mask, clip_mask))
         s2, _ = self.s_from_v(self.norm_s(hs), hv, hv, key_padding_mask=~clip_mask)
         return hv + v2, hs + s2
 
@@ -85,6 +95,17 @@ class NetVLAD(nn.Module):
 
 @register_model("qacln")
 class QACLN(nn.Module):
+    families = ("vcmr",)
+
+    @classmethod
+    def fields_read(cls, cfg) -> set[str]:
+        out = {"model.embed_dim", "model.num_layers", "model.query_layers", "model.num_heads", "model.dropout",
+               "model.query_fusion", "model.netvlad", "model.conv_kernel", "model.max_moment_clips",
+               "model.top_videos", "negatives.gather"}
+        if cfg.model.netvlad:
+            out.add("model.netvlad_clusters")
+        return out
+
     def __init__(self, cfg) -> None:
         super().__init__()
         m = cfg.model
@@ -94,7 +115,7 @@ class QACLN(nn.Module):
         d, heads, drop = m.embed_dim, m.num_heads, m.dropout
         self.query_fusion, self.use_netvlad = m.query_fusion, m.netvlad
         self.q_proj = nn.Linear(m.dims["query"][-1], d)
-        self.q_enc = encoder(d, m.num_layers, heads, drop)
+        self.q_enc = encoder(d, m.query_layers, heads, drop)
         self.q_pool = AttentionPool(d)
         self.v_proj, self.s_proj = nn.Linear(m.dims["visual"][-1], d), nn.Linear(m.dims["subtitle"][-1], d)
         self.v_enc, self.s_enc = encoder(d, m.num_layers, heads, drop), encoder(d, m.num_layers, heads, drop)
@@ -112,6 +133,7 @@ class QACLN(nn.Module):
         lam = cfg.loss.lambdas
         self.need_vr = lam.get("vr_hinge", 0) > 0
         self.need_video_cl = lam.get("video_cl", 0) > 0
+        self.gather = cfg.negatives.gather  # contrast against the videos of every rank's batch
 
     # ------------------------------------------------------------------ encoders
     def encode_queries(self, q_tokens: torch.Tensor, q_mask: torch.Tensor) -> torch.Tensor:
@@ -123,10 +145,11 @@ class QACLN(nn.Module):
         """Per-clip encodings of a set of videos (computed once per corpus at inference)."""
         pos = sinusoid(visual.shape[1], self.v_proj.out_features, visual.device)
         hv = self.v_enc(self.v_proj(visual) + pos, src_key_padding_mask=~clip_mask)
-        hs = self.s_enc(self.s_proj(subtitle) + pos, src_key_padding_mask=~clip_mask)
+        sub_keys = subtitle_keys(sub_mask, clip_mask)
+        hs = self.s_enc(self.s_proj(subtitle) + pos, src_key_padding_mask=~sub_keys)
         hv, hs = self.co(hv, hs, clip_mask, sub_mask)
         hv = self.v_out(hv, src_key_padding_mask=~clip_mask) * clip_mask[..., None]
-        hs = self.s_out(hs, src_key_padding_mask=~clip_mask) * clip_mask[..., None]
+        hs = self.s_out(hs, src_key_padding_mask=~sub_keys) * clip_mask[..., None]
         gram = torch.stack([hv.pow(2).sum(-1), hs.pow(2).sum(-1), (hv * hs).sum(-1)], dim=-1)
         enc = {"h_v": hv, "h_s": hs, "clip_mask": clip_mask, "gram": gram}
         if self.use_netvlad:
@@ -253,28 +276,31 @@ class QACLN(nn.Module):
         return scores, top, start, end
 
     # ------------------------------------------------------------------ training forward
-    def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    def forward(self, batch: dict[str, Any]) -> VcmrOutputs:
         q = self.encode_queries(batch["q_tokens"], batch["q_mask"])
         enc = self.encode_videos(batch["visual"], batch["subtitle"], batch["sub_mask"], batch["clip_mask"])
         h_qcf = self.own_fused(q, enc)
         start, end = self.span_logits_from_fused(q, h_qcf, enc["clip_mask"])
-        out = {"q": q, "h_qcf": h_qcf, "clip_mask": enc["clip_mask"], "start_logits": start, "end_logits": end}
-        if self.need_vr or self.need_video_cl:
-            out.update(self._cross_scores(q, enc, batch["video_index"]))
-        return out
+        cross = self._cross_scores(q, enc, batch["video_index"]) if self.need_vr or self.need_video_cl else None
+        return VcmrOutputs(q=q, h_qcf=h_qcf, clip_mask=enc["clip_mask"], start_logits=start, end_logits=end,
+                           cross=cross)
 
-    def _cross_scores(self, q, enc, video_index) -> dict[str, torch.Tensor]:
+    def _cross_scores(self, q, enc, video_index) -> CrossScores:
         """Local queries x gathered videos and local videos x gathered queries."""
-        all_q, offset = gather_with_grad(q)
-        all_enc = gather_videos(enc)
+        if self.gather:
+            all_q, offset = gather_with_grad(q)
+            all_enc = gather_videos(enc)
+            all_videos = gather_rows(video_index)
+        else:
+            all_q, offset, all_enc, all_videos = q, 0, enc, video_index
         local_enc = pad_encoding(enc, all_enc["h_v"].shape[1])
-        out = {"video_index": video_index, "all_video_index": gather_labels(video_index), "offset": offset}
+        out = CrossScores(video_index=video_index, all_video_index=all_videos, offset=offset)
         if self.need_vr:
-            out["phi_q2v"] = self.phi(q, all_enc)  # [b, B]
-            out["phi_v2q"] = self.phi(all_q, local_enc).T  # [b, B]: local video i vs query j
+            out.phi_q2v = self.phi(q, all_enc)  # [b, B]
+            out.phi_v2q = self.phi(all_q, local_enc).T  # [b, B]: local video i vs query j
         if self.need_video_cl:
-            out["nce_q2v"] = self.video_cl_scores(q, all_enc)
-            out["nce_v2q"] = self.video_cl_scores(all_q, local_enc).T
+            out.nce_q2v = self.video_cl_scores(q, all_enc)
+            out.nce_v2q = self.video_cl_scores(all_q, local_enc).T
         return out
 
 
@@ -335,4 +361,4 @@ def gather_videos(enc: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     n = torch.tensor([enc["h_v"].shape[1]], device=enc["h_v"].device)
     dist.all_reduce(n, op=dist.ReduceOp.MAX)
     padded = pad_encoding(enc, int(n.item()))
-    return {k: gather_labels(v) if k == "clip_mask" else gather_with_grad(v)[0] for k, v in padded.items()}
+    return {k: gather_rows(v) if k == "clip_mask" else gather_with_grad(v)[0] for k, v in padded.items()}

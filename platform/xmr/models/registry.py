@@ -25,37 +25,16 @@ def register_model(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
 
 
 def known_models() -> dict[str, type[nn.Module]]:
-    import xmr.models  # noqa: F401  (registers the built-in models)
-
+    """Every registered model (importing this package registers the built-in ones)."""
     return dict(_MODELS)
 
 
 def build_model(cfg: "Config") -> nn.Module:
-    """Instantiate ``cfg.model.name``; needs ``cfg.model.dims`` (see ``xmr.config.resolve``)."""
+    """Instantiate ``cfg.model.name``; needs ``cfg.model.dims`` (see ``xmr.checks.resolve``)."""
     models = known_models()
     if cfg.model.name not in models:
         raise KeyError(f"model.name = {cfg.model.name!r}: unknown model (known models: {sorted(models)})")
     if not cfg.model.dims:
         raise ValueError("model.dims is empty: resolve the config against the dataset manifest first "
-                         "(xmr.config.resolve) or load it from a checkpoint")
+                         "(xmr.checks.resolve) or load it from a checkpoint")
     return models[cfg.model.name](cfg)
-
-
-def load_pretrained(model: nn.Module, checkpoint_dir: str) -> None:
-    """Initialise ``model`` from another run's checkpoint (e.g. mixer-MAE pre-training).
-
-    Called by the training entry points for a fresh run, never by ``build_model``: a
-    fine-tuned checkpoint must rebuild without the pre-training files being present.
-    """
-    from xmr.checkpoint import load_checkpoint
-
-    _, state, _ = load_checkpoint(checkpoint_dir)
-    weights = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
-    own = model.state_dict()
-    mismatched = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in weights.items()
-                  if k in own and v.shape != own[k].shape]
-    missing = sorted(set(own) - set(weights))
-    if mismatched or missing:
-        raise ValueError(f"model.pretrained = {checkpoint_dir!r} does not fit this model: "
-                         f"shape mismatches {mismatched[:5]}, missing {missing[:5]}")
-    model.load_state_dict(weights, strict=False)

@@ -20,7 +20,6 @@ import os
 import time
 from typing import Any
 
-import numpy as np
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -28,10 +27,11 @@ from fastapi.responses import JSONResponse, Response
 from ray import serve
 
 from xmr.serve.featurise import audio_featuriser
-from xmr.serve.gallery import CategoryGallery, Loaded, VideoCorpus, load_for_serving
+from xmr.tasks import FAMILIES
+from xmr.serve.gallery import Loaded, load_for_serving
 from xmr.serve.requests import (MAX_BODY_BYTES, MomentsRequest, MomentsResponse, RequestError, SearchRequest,
                                 SearchResponse, as_array, decode_wav_base64, error_text, tokens_array)
-from xmr.serve.search import moments_batch, search_category, svmr_one
+from xmr.serve.search import moments_items, search_items, svmr_one
 
 BATCH_SIZE = int(os.environ.get("XMR_SERVE_BATCH", "32"))
 # How long a batch waits to fill when other requests are already in flight; a lone request
@@ -121,17 +121,17 @@ class Retriever:
         """Load the configured checkpoint and gallery off the event loop, then swap."""
         self.loading = str(user_config.get("checkpoint"))
         loaded = await asyncio.to_thread(load_for_serving, **user_config)
-        featurise = audio_featuriser(loaded.manifest) if loaded.cfg.task != "vcmr" else None
+        featurise = audio_featuriser(loaded.manifest)  # None unless the dataset was built from audio
         self.state, self.featurise, self.loading = loaded, featurise, None
 
-    def _ready(self, task: str) -> Loaded:
+    def _ready(self, route: str) -> Loaded:
         st = self.state
         if st is None:
             raise RequestError(503, "the model is still loading")
-        if task == "vcmr" and st.cfg.task != "vcmr":
-            raise RequestError(404, f"/moments serves VCMR models; this checkpoint is a {st.cfg.task!r} model (use /search)")
-        if task != "vcmr" and st.cfg.task == "vcmr":
-            raise RequestError(404, "/search serves category / pair models; this checkpoint is a VCMR model (use /moments)")
+        if st.family.route != route:
+            serves = " / ".join(f.title for f in FAMILIES.values() if f.route == route)
+            raise RequestError(404, f"/{route} serves {serves} models; this checkpoint is a {st.family.title} model "
+                                    f"(use /{st.family.route})")
         return st
 
     @api.get("/healthz")
@@ -154,7 +154,7 @@ class Retriever:
 
     @api.post("/search", response_model=SearchResponse)
     async def search(self, req: SearchRequest) -> Response:
-        st = self._ready("category")
+        st = self._ready("search")
         if (req.query is None) == (req.audio_wav_base64 is None):
             raise RequestError(422, "give exactly one of query (features) or audio_wav_base64")
         if req.audio_wav_base64 is not None:
@@ -168,7 +168,6 @@ class Retriever:
             role = req.modality or "a"
             vec = as_array(req.query, st.cfg.model.dims[role], "query")
         g = st.gallery
-        assert isinstance(g, CategoryGallery)
         if req.k > g.size:
             raise RequestError(422, f"k = {req.k}: the gallery holds {g.size} items")
         other = "b" if role == "a" else "a"
@@ -182,7 +181,7 @@ class Retriever:
 
     @serve.batch(max_batch_size=BATCH_SIZE, batch_wait_timeout_s=0.0)
     async def _search_batched(self, items: list[tuple]) -> list[list[dict[str, Any]]]:
-        return await self._timed("search", search_category, items)
+        return await self._timed("search", search_items, items)
 
     async def _timed(self, endpoint: str, compute, items: list[tuple]) -> list[list[dict[str, Any]]]:
         """Run one batch off the event loop, which keeps accepting the next batch's requests;
@@ -201,7 +200,7 @@ class Retriever:
 
     @api.post("/moments", response_model=MomentsResponse)
     async def moments(self, req: MomentsRequest) -> Response:
-        st = self._ready("vcmr")
+        st = self._ready("moments")
         if req.text is not None:
             raise RequestError(422, "text: this dataset's query features come from no text encoder available "
                                     "offline; send token features in 'query'")
@@ -209,7 +208,6 @@ class Retriever:
             raise RequestError(422, "query: required (token features [T, d_query])")
         q = tokens_array(req.query, st.cfg.model.dims["query"][-1], st.cfg.data.max_query_tokens)
         corpus = st.gallery
-        assert isinstance(corpus, VideoCorpus)
         if req.video is not None:
             try:
                 position = corpus.ids.index(req.video)
@@ -227,7 +225,7 @@ class Retriever:
 
     @serve.batch(max_batch_size=BATCH_SIZE, batch_wait_timeout_s=0.0)
     async def _moments_batched(self, items: list[tuple]) -> list[list[dict[str, Any]]]:
-        return await self._timed("moments", moments_batch, items)
+        return await self._timed("moments", moments_items, items)
 
 
 def build_app(args: dict[str, Any]):

@@ -90,10 +90,10 @@ def _serve(ns: argparse.Namespace) -> int:
 
 
 def _index_build(ns: argparse.Namespace) -> int:
-    from xmr.serve.gallery import add_approx, load_for_serving, save_index
+    from xmr.serve.gallery import load_for_serving, save_index
 
-    loaded = load_for_serving(ns.checkpoint, ns.gallery, ns.split, approx="off")
-    recalls = add_approx(loaded.gallery, ns.approx) if loaded.cfg.task != "vcmr" else {}
+    loaded = load_for_serving(ns.checkpoint, ns.gallery, ns.split, approx=ns.approx)
+    recalls = getattr(loaded.gallery, "recalls", {})  # the family's approximate-index check, if it built one
     out = save_index(ns.out, loaded, recalls)
     print(f"[xmr] index of {loaded.gallery.size} items ({loaded.info['embed_dim']}-d) -> {out}")
     for role, r in recalls.items():

@@ -18,9 +18,10 @@ from typing import Any
 import pandas as pd
 
 from xmr.checkpoint import BEST
-from xmr.config import Config, resolve
+from xmr.checks import check, resolve
+from xmr.config import Config
 from xmr.data.storage import is_s3
-from xmr.evaluation import MAIN_METRIC
+from xmr.tasks import family_of
 from xmr.train.progress import summary_table
 from xmr.train.runfs import RunDir, s3_endpoint
 
@@ -58,6 +59,11 @@ def local_cpus(cfg: Config) -> int:
     return int(max(4, 2 * (os.cpu_count() or 1), need))
 
 
+def cluster_address(cfg: Config, address: str | None = None) -> str | None:
+    """Where to run: ``--address``, else ``resources.address``, else ``RAY_ADDRESS`` (None: local)."""
+    return address or cfg.resources.address or os.environ.get("RAY_ADDRESS")
+
+
 def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
     """Attach to ``address`` / ``RAY_ADDRESS`` or start an embedded local Ray (idempotent)."""
     import ray
@@ -91,7 +97,8 @@ def prepare(cfg: Config, run_name: str | None = None) -> tuple[Config, str, str]
     if is_s3(cfg.data.path) or is_s3(cfg.storage.root):
         cfg.data.endpoint_url = s3_endpoint(cfg.data.endpoint_url)
     cfg, _ = resolve(cfg)
-    metric = cfg.storage.checkpoint_metric or MAIN_METRIC["pair" if cfg.task == "pair" else cfg.task]
+    check(cfg)
+    metric = cfg.storage.checkpoint_metric or family_of(cfg).main_metric
     return cfg, metric, cfg.storage.checkpoint_mode
 
 
@@ -150,7 +157,7 @@ def run_training(cfg: Config, *, address: str | None = None, run_name: str | Non
         print(f"[xmr] run {run.uri()} exists: resuming from its latest checkpoint", flush=True)
     run.write_text("config.yaml", cfg.to_yaml())
     if start_ray:
-        ensure_ray(address, num_cpus=local_cpus(cfg))
+        ensure_ray(cluster_address(cfg, address), num_cpus=local_cpus(cfg))
     if verbose:
         r = cfg.resources
         print(f"[xmr] training {cfg.method} ({cfg.task}) on {cfg.data.path}: {r.num_workers} worker(s) x "

@@ -1,106 +1,136 @@
 """The per-worker training loop that Ray Train runs on every data-parallel worker.
 
-Each worker reads its own share of the training shards (``make_loader`` with its rank), runs
-the method under DDP (gloo on CPU, NCCL on GPU, bf16 autocast on GPU), evaluates the whole
-validation split jointly with the other workers, and reports one row per epoch with a
-checkpoint (model + optimiser + scheduler + resolved config + metrics). On a restart, after
-a worker failure or a relaunch with the same run name, it resumes from the latest
-checkpoint: the epochs already checkpointed are not trained again.
+Read ``train_loop_per_worker`` top to bottom: set up the worker, resume from the latest
+checkpoint (after a worker failure, or a relaunch with the same run name, the epochs
+already checkpointed are not trained again), score the untrained model once, then per
+epoch train on this rank's share of the shards and evaluate the whole validation split
+jointly with the other workers, reporting one row and a checkpoint (model + optimiser +
+scheduler + resolved config + metrics) from rank 0.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import resource
 import tempfile
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from xmr.checkpoint import BEST, META, load_checkpoint, load_train_state, save_checkpoint, save_train_state
+from xmr.checkpoint import (BEST, CHECKPOINT_FILES, META, CheckpointError, checkpoint_epoch, checkpoint_name,
+                            fetch_checkpoint, load_checkpoint, load_train_state, save_checkpoint, save_train_state)
 from xmr.config import Config, from_dict
-from xmr.data.manifest import load_manifest
-from xmr.data.reader import make_loader
-from xmr.losses.negatives import world_info
+from xmr.data.manifest import Manifest, load_manifest
+from xmr.data.reader import Loader, loader_for, to_device
+from xmr.distributed import all_gather_objects, all_reduce_sum, broadcast_object, world_info
 from xmr.method import Method
-from xmr.train.evaluate import all_gather_objects, broadcast_object, evaluate_split, to_device
-from xmr.train.progress import epoch_line, say
+from xmr.tasks.evaluate import evaluate
+from xmr.train.pretrained import load_pretrained
+from xmr.train.progress import EpochProgress, epoch_line, say
 from xmr.train.runfs import RunDir
+from xmr.train.step import EpochMeter, TrainStep, schedule
 
-CHECKPOINT_PREFIX = "checkpoint_epoch"
 _P = 2_147_483_647  # prime modulus keeping Σ index² in int64 for any split size
 
 
-def make_optimizer(cfg: Config, params) -> torch.optim.Optimizer:
-    if cfg.optim.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.optim.lr, momentum=0.9, weight_decay=cfg.optim.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+@dataclass
+class Worker:
+    """What one worker holds for the whole run."""
+
+    cfg: Config
+    metric: str
+    mode: str
+    run_name: str
+    rank: int
+    world: int
+    device: torch.device
+    manifest: Manifest
+    method: Method
+    loader: Loader
+    steps_per_epoch: int
+    step: TrainStep
+    run: RunDir  # the run folder (every rank reads it on resume; rank 0 writes it)
+    num_nodes: int = 1
 
 
-def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
-    """Linear warm-up, then constant or cosine decay to 0 over ``total`` steps."""
-    if warmup and step < warmup:
-        return (step + 1) / warmup
-    if kind == "constant":
-        return 1.0
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
+@dataclass
+class RunState:
+    """What a checkpoint carries besides weights, so a restart rebuilds the run from it."""
+
+    epoch: int = 0  # epochs completed
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best: dict[str, Any] | None = None
+    attempt: int = 1  # starts of the loop (restarts after failures count)
 
 
-def autocast_for(cfg: Config, device: torch.device):
-    """bf16 autocast on GPU unless fp32 is asked for; fp32 on CPU unless bf16 is asked for."""
-    wanted = cfg.optim.precision
-    if wanted == "bf16" or (wanted == "auto" and device.type == "cuda"):
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return nullcontext()
+@dataclass
+class EpochStats:
+    losses: dict[str, float]
+    n_samples: int
+    exactly_once: bool | None
+    train_s: float
 
 
-def _reduce_means(sums: dict[str, float], count: int, device: torch.device) -> dict[str, float]:
-    """Mean of each logged term over every step of every rank."""
-    names = sorted(sums)
-    t = torch.tensor([sums[n] for n in names] + [float(count)], dtype=torch.float64, device=device)
-    if world_info()[1] > 1:
-        dist.all_reduce(t)
-    return {n: float(v) / max(1.0, float(t[-1])) for n, v in zip(names, t[:-1].tolist())}
+def train_loop_per_worker(payload: dict[str, Any]) -> None:
+    w = set_up(payload)
+    state = resume(w)
+    if state.epoch >= w.cfg.optim.epochs:  # nothing left: report the final row again so the run ends cleanly
+        _report(w, state.history[-1] if state.history else {"epoch": state.epoch})
+        return
+    if state.epoch == 0:
+        score_untrained(w, state)
+    first, started = state.epoch, time.perf_counter()
+    for epoch in range(first, w.cfg.optim.epochs):
+        stats = train_epoch(w, epoch)
+        per_epoch = (time.perf_counter() - started) / (epoch + 1 - first)
+        evaluate_and_report(w, state, epoch, stats, eta_s=per_epoch * (w.cfg.optim.epochs - epoch - 1))
 
 
-def _newest_on_storage(run: RunDir) -> tuple[int, str] | None:
-    """(epoch, URI) of the newest complete ``checkpoint_epochNNNN`` in the run folder."""
-    import pyarrow.fs as pafs
+def set_up(payload: dict[str, Any]) -> Worker:
+    """Config, model (identical initial weights on every rank), DDP, this rank's loader, the
+    optimiser step."""
+    import ray
+    import ray.train.torch
 
-    best = None
-    for info in run.fs.get_file_info(pafs.FileSelector(run.path, allow_not_found=True)):
-        name = info.base_name
-        if info.type != pafs.FileType.Directory or not name.startswith(CHECKPOINT_PREFIX):
-            continue
-        files = {f.base_name for f in run.fs.get_file_info(pafs.FileSelector(info.path))}
-        if {"model.safetensors", "meta.json", "train_state.pt", "config.yaml"} <= files:
-            epoch = int(name[len(CHECKPOINT_PREFIX):])
-            if best is None or epoch > best[0]:
-                best = (epoch, run.uri(name))
-    return best
+    cfg: Config = from_dict(payload["config"])
+    rank, world = world_info()
+    device = ray.train.torch.get_device()
+    manifest = load_manifest(cfg.data.path, endpoint_url=cfg.data.endpoint_url)
+    torch.manual_seed(cfg.seed)  # DDP also broadcasts rank 0's weights; this keeps term parameters equal too
+    method = Method(cfg).to(device)
+    loader = loader_for(cfg, cfg.data.train_split, train=True, unit=method.family.train_unit, rank=rank,
+                        world_size=world, manifest=manifest)
+    steps, total = schedule(cfg, loader.steps)
+    module = method
+    if world > 1:
+        # static_graph: terms switched off (λ = 0) or ablated branches leave the same parameters
+        # without gradient every step, which DDP then handles without a per-step graph walk.
+        # broadcast_buffers=False: the models have no running statistics, and a memory bank
+        # (a buffer) is written by every rank itself (with the gathered keys, or its own).
+        module = DistributedDataParallel(method, device_ids=[device.index] if device.type == "cuda" else None,
+                                         static_graph=True, broadcast_buffers=False)
+    step = TrainStep(method, cfg, total_steps=total, device=device, module=module)
+    run = RunDir(payload["storage_root"], payload["run_name"], cfg.data.endpoint_url)
+    nodes = len(set(all_gather_objects(ray.get_runtime_context().get_node_id())))
+    return Worker(cfg, payload["metric"], payload["mode"], payload["run_name"], rank, world, device, manifest,
+                  method, loader, steps, step, run, nodes)
 
 
-def _resume(method: Method, optimizer, scheduler, run: RunDir, endpoint_url: str | None):
-    """Load the latest checkpoint: Ray Train's, or a newer complete one in the run folder.
-
-    A process killed right after a checkpoint was persisted can leave Ray's checkpoint
-    record one report behind; the folder is the truth, so that epoch is not trained again.
-    Returns (start epoch, step, history, best, attempt); attempt counts the loop's starts.
-    """
+def resume(w: Worker) -> RunState:
+    """The latest checkpoint's state: Ray Train's, or a newer complete one in the run folder
+    (a process killed right after a checkpoint was persisted can leave Ray's record one
+    report behind; the folder is the truth, so that epoch is not trained again). A fresh
+    run starts from ``model.pretrained`` when one is given."""
     import ray.train
 
-    from xmr.checkpoint import CheckpointError, fetch_checkpoint
-
     checkpoint = ray.train.get_checkpoint()
-    newest = _newest_on_storage(run)
+    newest = _newest_on_storage(w.run)
     ray_epoch = -1
     if checkpoint is not None:  # its epoch only: meta.json, not the weights
         with checkpoint.as_directory() as d:
@@ -108,147 +138,120 @@ def _resume(method: Method, optimizer, scheduler, run: RunDir, endpoint_url: str
     source = None
     if newest is not None and newest[0] > ray_epoch:
         try:
-            source = str(fetch_checkpoint(newest[1], endpoint_url=endpoint_url))
+            source = str(fetch_checkpoint(newest[1], endpoint_url=w.cfg.data.endpoint_url))
         except CheckpointError:
             source = None
     if source is None and checkpoint is None:
-        return 0, 0, [], None, 1
-    ctx = checkpoint.as_directory() if source is None else nullcontext(source)
-    with ctx as d:
-        _, state, meta = load_checkpoint(d)
-        method.load_state_dict(state)
+        if w.cfg.model.pretrained:
+            load_pretrained(w.method.model, str(fetch_checkpoint(w.cfg.model.pretrained,
+                                                                 endpoint_url=w.cfg.data.endpoint_url)))
+        return RunState()
+    with (checkpoint.as_directory() if source is None else nullcontext(source)) as d:
+        _, weights, meta = load_checkpoint(d)
+        w.method.load_state_dict(weights)
         train_state = load_train_state(d)
-    optimizer.load_state_dict(train_state["optimizer"])
-    scheduler.load_state_dict(train_state["scheduler"])
+    w.step.load_state_dict({**train_state, "step": int(meta["step"])})
     torch.set_rng_state(train_state["rng"])
-    return (int(meta["epoch"]), int(meta["step"]), list(meta.get("history", [])), meta.get("best"),
-            int(meta.get("attempt", 1)) + 1)
+    state = RunState(int(meta["epoch"]), list(meta.get("history", [])), meta.get("best"),
+                     int(meta.get("attempt", 1)) + 1)
+    if w.rank == 0:
+        say(f"[xmr] resuming {w.run_name} after epoch {state.epoch} (step {w.step.step}, attempt {state.attempt})")
+    return state
 
 
-def train_loop_per_worker(payload: dict[str, Any]) -> None:
+def score_untrained(w: Worker, state: RunState) -> None:
+    """The metric before training, as the run's epoch-0 row."""
+    before = evaluate(w.method, w.cfg, w.manifest, w.cfg.data.val_split)
+    check_metric_name(w.metric, before)
+    state.history.append({"epoch": 0, "step": 0, **before})
+    if w.rank == 0:
+        say(f"[xmr] before training: {w.metric} {before[w.metric]:.4f}")
+
+
+def train_epoch(w: Worker, epoch: int) -> EpochStats:
+    """One pass over this rank's share (the same number of steps on every rank), counting
+    which samples were trained on so the row can say whether each was seen exactly once."""
+    w.loader.set_epoch(epoch)
+    w.method.train()
+    meter = EpochMeter()
+    progress = EpochProgress.for_run(w.cfg, w.steps_per_epoch, epoch, enabled=w.rank == 0)
+    seen = torch.zeros(3, dtype=torch.int64)  # count, Σ index, Σ index² mod P of the samples trained on
+    n_steps, t0 = 0, time.perf_counter()
+    for batch in to_device(w.loader, w.device):
+        if n_steps >= w.steps_per_epoch:
+            break
+        record = w.step(batch)
+        meter.add(record)
+        n_steps += 1
+        index = batch["index"].detach().to("cpu", torch.int64)
+        seen += torch.stack([torch.tensor(len(index)), index.sum(), (index * index % _P).sum() % _P])
+        progress.update(n_steps, len(index) * w.world, record["loss"])
+    train_s = time.perf_counter() - t0
+    seen = all_reduce_sum(seen.to(w.device))
+    names = sorted(set().union(*all_gather_objects(sorted(meter.sums))))  # a share may appear on some steps only
+    n, n_samples = w.loader.num_samples, int(seen[0].item())
+    exactly_once = None
+    if w.method.family.indexed_units:  # indices 0..N-1: count and power sums pin down "each exactly once"
+        exactly_once = bool(n_samples == n and int(seen[1]) == n * (n - 1) // 2
+                            and int(seen[2]) % _P == (n - 1) * n * (2 * n - 1) // 6 % _P)
+    return EpochStats(meter.means(w.device, names), n_samples, exactly_once, train_s)
+
+
+def evaluate_and_report(w: Worker, state: RunState, epoch: int, stats: EpochStats, eta_s: float) -> None:
+    """Validation over the whole split, the epoch row, the best-so-far, and rank 0's
+    checkpoint, metrics.csv, best.json and epoch line."""
+    t1 = time.perf_counter()
+    val = evaluate(w.method, w.cfg, w.manifest, w.cfg.data.val_split)
+    row: dict[str, Any] = {"epoch": epoch + 1, "step": w.step.step, **{f"train_{k}": v for k, v in stats.losses.items()},
+                           **val, "train_samples": stats.n_samples,
+                           "samples_per_s": stats.n_samples / max(stats.train_s, 1e-9), "train_s": stats.train_s,
+                           "eval_s": time.perf_counter() - t1, "lr": w.step.scheduler.get_last_lr()[0]}
+    if stats.exactly_once is not None:
+        row["train_exactly_once"] = stats.exactly_once
+    row.update(attempt=state.attempt, num_workers=w.world, num_nodes=w.num_nodes, run=w.run_name,
+               max_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # this worker's peak
+    state.history.append(row)
+    state.epoch = epoch + 1
+    if is_new_best(row.get(w.metric), state.best, w.mode):
+        state.best = {"metric": w.metric, "value": row[w.metric], "epoch": epoch + 1,
+                      "checkpoint": w.run.uri(checkpoint_name(epoch + 1))}
+    if w.rank == 0:
+        with tempfile.TemporaryDirectory(prefix="xmr-ckpt-") as tmp:
+            save_checkpoint(tmp, w.method, w.cfg, metrics=row, epoch=epoch + 1, step=w.step.step,
+                            history=state.history, best=state.best, attempt=state.attempt)
+            save_train_state(tmp, {**w.step.state_dict(), "rng": torch.get_rng_state()})
+            _report(w, row, tmp, checkpoint_name(epoch + 1))
+        w.run.write_text("metrics.csv", pd.DataFrame(state.history).to_csv(index=False))
+        if state.best is not None:
+            w.run.write_text(BEST, json.dumps(state.best, indent=2, default=float) + "\n")
+        say(epoch_line(row, w.cfg.optim.epochs, w.metric, eta_s=eta_s))
+    else:
+        _report(w, row)
+    state.best = broadcast_object(state.best)
+
+
+def _report(w: Worker, row: dict[str, Any], checkpoint_dir: str | None = None, name: str | None = None) -> None:
     import ray.train
-    import ray.train.torch
 
-    cfg: Config = from_dict(payload["config"])
-    metric, mode = payload["metric"], payload["mode"]
-    rank, world = world_info()
-    device = ray.train.torch.get_device()
-    manifest = load_manifest(cfg.data.path, endpoint_url=cfg.data.endpoint_url)
+    if checkpoint_dir is None:
+        ray.train.report(row)
+    else:
+        ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir), checkpoint_dir_name=name)
 
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank (DDP also broadcasts rank 0's)
-    method = Method(cfg)
-    loader = make_loader(cfg.data.path, cfg.data.train_split, local_batch_size=max(1, cfg.data.batch_size // world),
-                         rank=rank, world_size=world, num_workers=cfg.data.num_workers, seed=cfg.seed,
-                         shuffle=True, mode=cfg.data.split_mode, on_bad_sample=cfg.data.on_bad_sample,
-                         max_clips=cfg.data.max_clips, max_query_tokens=cfg.data.max_query_tokens,
-                         endpoint_url=cfg.data.endpoint_url, manifest=manifest)
-    steps_per_epoch = min(loader.steps, cfg.optim.max_steps_per_epoch or loader.steps)
-    total_steps = steps_per_epoch * cfg.optim.epochs
-    optimizer = make_optimizer(cfg, method.parameters())
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, total_steps, cfg.optim.warmup_steps, cfg.optim.scheduler))
-    # every rank reads the same checkpoint (rank 0's run folder view is the same storage)
-    run_view = RunDir(payload["storage_root"], payload["run_name"], cfg.data.endpoint_url)
-    start_epoch, step, history, best, attempt = _resume(method, optimizer, scheduler, run_view, cfg.data.endpoint_url)
-    if start_epoch == 0 and cfg.model.pretrained:
-        from xmr.checkpoint import fetch_checkpoint
-        from xmr.models.registry import load_pretrained
 
-        load_pretrained(method.model, str(fetch_checkpoint(cfg.model.pretrained, endpoint_url=cfg.data.endpoint_url)))
-    method.to(device)
-    for state in optimizer.state.values():  # resumed optimiser state follows the model's device
-        for k, v in state.items():
-            if isinstance(v, torch.Tensor) and k != "step":
-                state[k] = v.to(device)
-    ddp = method
-    if world > 1:
-        # static_graph: terms switched off (λ = 0) or ablated branches leave the same parameters
-        # without gradient every step, which DDP then handles without a per-step graph walk.
-        ddp = DistributedDataParallel(method, device_ids=[device.index] if device.type == "cuda" else None,
-                                      static_graph=True)
-    num_nodes = len(set(all_gather_objects(ray.get_runtime_context().get_node_id())))
-    run = run_view if rank == 0 else None
-    if rank == 0 and start_epoch:
-        say(f"[xmr] resuming {payload['run_name']} after epoch {start_epoch} (step {step}, attempt {attempt})")
-    if start_epoch >= cfg.optim.epochs:  # nothing left: report the final row again so the run ends cleanly
-        ray.train.report(history[-1] if history else {"epoch": start_epoch})
-        return
+def _newest_on_storage(run: RunDir) -> tuple[int, str] | None:
+    """(epoch, URI) of the newest complete training checkpoint in the run folder."""
+    import pyarrow.fs as pafs
 
-    if start_epoch == 0:  # the metric before training, as the run's epoch-0 row
-        before = evaluate_split(method.model, cfg, manifest, cfg.data.val_split)
-        check_metric_name(metric, before)
-        history.append({"epoch": 0, "step": 0, **before})
-        if rank == 0:
-            say(f"[xmr] before training: {metric} {before[metric]:.4f}")
-
-    params = [p for p in method.parameters() if p.requires_grad]
-    started = time.perf_counter()
-    for epoch in range(start_epoch, cfg.optim.epochs):
-        loader.set_epoch(epoch)
-        method.train()
-        sums: dict[str, float] = {}
-        n_steps, t0 = 0, time.perf_counter()
-        seen = torch.zeros(3, dtype=torch.int64)  # count, Σ index, Σ index² mod P of the samples trained on
-        for batch in to_device(loader, device):
-            if n_steps >= steps_per_epoch:
-                break
-            with autocast_for(cfg, device):
-                out = ddp(batch)
-            optimizer.zero_grad(set_to_none=True)
-            out["loss"].backward()
-            if cfg.optim.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            n_steps += 1
-            index = batch["index"].detach().to("cpu", torch.int64)
-            seen += torch.stack([torch.tensor(len(index)), index.sum(), (index * index % _P).sum() % _P])
-            for name, value in out.items():
-                sums[name] = sums.get(name, 0.0) + float(value.detach())
-        train_s = time.perf_counter() - t0
-        seen = seen.to(device)
-        if world > 1:
-            dist.all_reduce(seen)
-        n_samples = int(seen[0].item())
-        losses = _reduce_means(sums, n_steps, device)
-        t1 = time.perf_counter()
-        val = evaluate_split(method.model, cfg, manifest, cfg.data.val_split)
-        eval_s = time.perf_counter() - t1
-        row: dict[str, Any] = {"epoch": epoch + 1, "step": step, **{f"train_{k}": v for k, v in losses.items()},
-                               **val, "train_samples": n_samples, "samples_per_s": n_samples / max(train_s, 1e-9),
-                               "train_s": train_s, "eval_s": eval_s, "lr": scheduler.get_last_lr()[0]}
-        if cfg.task != "vcmr":  # sample indices are 0..N-1: count and power sums pin down "each exactly once"
-            n = loader.num_samples
-            row["train_exactly_once"] = bool(n_samples == n and int(seen[1]) == n * (n - 1) // 2
-                                             and int(seen[2]) % _P == (n - 1) * n * (2 * n - 1) // 6 % _P)
-        row["attempt"], row["num_workers"], row["num_nodes"] = attempt, world, num_nodes
-        row["run"] = payload["run_name"]
-        row["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # this worker's peak
-        history.append(row)
-        if is_new_best(row.get(metric), best, mode):
-            best = {"metric": metric, "value": row[metric], "epoch": epoch + 1,
-                    "checkpoint": None}  # filled in by rank 0 below
-        name = f"{CHECKPOINT_PREFIX}{epoch + 1:04d}"
-        if rank == 0:
-            assert run is not None
-            if best is not None and best["epoch"] == epoch + 1:
-                best["checkpoint"] = run.uri(name)
-            with tempfile.TemporaryDirectory(prefix="xmr-ckpt-") as tmp:
-                save_checkpoint(tmp, method, cfg, metrics=row, epoch=epoch + 1, step=step, history=history, best=best,
-                                attempt=attempt)
-                save_train_state(tmp, {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                       "rng": torch.get_rng_state()})
-                ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
-            run.write_text("metrics.csv", pd.DataFrame(history).to_csv(index=False))
-            if best is not None:
-                run.write_text(BEST, _json(best))
-            elapsed = time.perf_counter() - started
-            done = epoch + 1 - start_epoch
-            say(epoch_line(row, cfg.optim.epochs, metric, eta_s=elapsed / done * (cfg.optim.epochs - epoch - 1)))
-        else:
-            ray.train.report(row)
-        best = broadcast_object(best)
+    best = None
+    for info in run.fs.get_file_info(pafs.FileSelector(run.path, allow_not_found=True)):
+        epoch = checkpoint_epoch(info.base_name)
+        if info.type != pafs.FileType.Directory or epoch is None:
+            continue
+        files = {f.base_name for f in run.fs.get_file_info(pafs.FileSelector(info.path))}
+        if set(CHECKPOINT_FILES) <= files and (best is None or epoch > best[0]):
+            best = (epoch, run.uri(info.base_name))
+    return best
 
 
 def is_new_best(value: float | None, best: dict[str, Any] | None, mode: str) -> bool:
@@ -266,7 +269,3 @@ def check_metric_name(metric: str, row: dict[str, Any]) -> None:
     if metric not in row:
         raise ValueError(f"storage.checkpoint_metric = {metric!r}: not a metric of this task "
                          f"(metrics: {sorted(row)})")
-
-
-def _json(obj: Any) -> str:
-    return json.dumps(obj, indent=2, default=float) + "\n"

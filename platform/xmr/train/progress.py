@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from typing import Any
 
 import pandas as pd
@@ -22,15 +23,49 @@ def _duration(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
+class EpochProgress:
+    """A progress line within a long epoch, at most every ``every_s`` seconds (rank 0 only):
+    ``epoch 3/10  step 120/400  1830 samples/s  loss 1.234  epoch ETA 2m30s``. The loss is
+    the running mean since the epoch began."""
+
+    def __init__(self, steps: int, every_s: float, *, enabled: bool, epoch: int, epochs: int) -> None:
+        self.steps, self.every_s, self.enabled = steps, every_s, enabled and every_s > 0
+        self.epoch, self.epochs = epoch, epochs
+        self.t0 = self.last = time.perf_counter()
+        self.samples, self.loss_sum, self.n = 0, 0.0, 0
+
+    @classmethod
+    def for_run(cls, cfg, steps: int, epoch: int, enabled: bool) -> "EpochProgress":
+        return cls(steps, cfg.tracking.progress_every_s, enabled=enabled, epoch=epoch + 1, epochs=cfg.optim.epochs)
+
+    def update(self, step: int, samples: int, loss: float) -> None:
+        self.samples += samples
+        self.loss_sum += loss
+        self.n += 1
+        now = time.perf_counter()
+        if not self.enabled or now - self.last < self.every_s or step >= self.steps:
+            return
+        self.last = now
+        elapsed = now - self.t0
+        say(f"[xmr] epoch {self.epoch}/{self.epochs}  step {step}/{self.steps}  "
+            f"{self.samples / max(elapsed, 1e-9):.0f} samples/s  loss {self.loss_sum / self.n:.4f}  "
+            f"epoch ETA {_duration(elapsed / step * (self.steps - step))}")
+
+
 def epoch_line(row: dict[str, Any], epochs: int, metric: str, eta_s: float) -> str:
     """``epoch 3/10  loss 1.234 (supcon 1.1 center 0.3)  map_mean 0.812  1234 samples/s  ETA 2m10s``."""
     terms = [(k[len("train_"):], v) for k, v in row.items() if k.startswith("train_")
-             and k not in ("train_loss", "train_s", "train_samples", "train_exactly_once")]
+             and k not in ("train_loss", "train_s", "train_samples", "train_exactly_once")
+             and not k.startswith("train_grad_share_")]
+    shares = [(k[len("train_grad_share_"):], v) for k, v in row.items() if k.startswith("train_grad_share_")]
     term_text = " ".join(f"{k} {v:.4g}" for k, v in terms)
-    shown = [metric] + [k for k in ("r1_mean", "vr_r10", "svmr_0.7_r1") if k in row and k != metric]
+    shown = [metric] + [k for k in ("map_mean_coarse", "r1_mean", "vr_r10", "svmr_0.7_r1", "val_reconstruction")
+                        if k in row and k != metric]
     metric_text = "  ".join(f"{k} {row[k]:.4f}" for k in shown if k in row)
+    share_text = " ".join(f"{k} {100 * v:.1f}%" for k, v in shares)
     return (f"[xmr] epoch {row['epoch']}/{epochs}  loss {row.get('train_loss', float('nan')):.4f}"
-            + (f" ({term_text})" if term_text else "") + f"  {metric_text}  "
+            + (f" ({term_text})" if term_text else "") + (f"  grad shares ({share_text})" if share_text else "")
+            + f"  {metric_text}  "
             f"{row.get('samples_per_s', 0):.0f} samples/s  train {row.get('train_s', 0):.1f}s eval {row.get('eval_s', 0):.1f}s"
             f"  ETA {_duration(eta_s)}")
 

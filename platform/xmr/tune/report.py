@@ -12,8 +12,10 @@ from typing import Any
 
 import pandas as pd
 
+from xmr.checkpoint import BEST
 from xmr.config import Config
 from xmr.train.runfs import RunDir
+from xmr.tune.trials import SweepResult, read_trial_best
 
 
 def _sorted(table: pd.DataFrame, metric: str, mode: str) -> pd.DataFrame:
@@ -22,7 +24,6 @@ def _sorted(table: pd.DataFrame, metric: str, mode: str) -> pd.DataFrame:
 
 def _with_checkpoints(cfg: Config, name: str, table: pd.DataFrame) -> pd.DataFrame:
     from xmr.data import storage
-    from xmr.tune.sweep import read_trial_best
 
     bests = read_trial_best(storage.join(cfg.storage.root, name, "trials"), cfg.data.endpoint_url)
     table = table.copy()
@@ -33,7 +34,6 @@ def _with_checkpoints(cfg: Config, name: str, table: pd.DataFrame) -> pd.DataFra
 def write_sweep_report(cfg: Config, settings, space, table: pd.DataFrame, metric: str, mode: str,
                        wall_s: float):
     from xmr.data import storage
-    from xmr.tune.sweep import SweepResult
 
     out = RunDir(cfg.storage.root, settings.name, cfg.data.endpoint_url)
     table = _sorted(_with_checkpoints(cfg, settings.name, table), metric, mode)
@@ -50,8 +50,8 @@ def write_sweep_report(cfg: Config, settings, space, table: pd.DataFrame, metric
             files["best_config"] = out.uri("best_config.yaml")
         best = {"checkpoint": top["checkpoint"], "metric": metric, "value": float(top[metric]),
                 "trial": str(top["trial"]), "params": {p.path: _plain(top.get(p.path)) for p in space.params}}
-        out.write_text("best.json", json.dumps(best, indent=2) + "\n")
-        files["best"] = out.uri("best.json")
+        out.write_text(BEST, json.dumps(best, indent=2) + "\n")
+        files["best"] = out.uri(BEST)
     files.update(write_plots(out, space, table, metric, mode))
     if settings.multi_objective:
         files.update(write_pareto(out, table, metric, mode))
@@ -185,7 +185,6 @@ def optuna_logging_quiet() -> None:
 def write_ablation_report(cfg: Config, settings, table: pd.DataFrame, metric: str, mode: str,
                           variants: dict[str, list[str]], wall_s: float):
     """Mean ± std over seeds per variant, and the change against the full method."""
-    from xmr.tune.sweep import SweepResult
 
     out = RunDir(cfg.storage.root, settings.name, cfg.data.endpoint_url)
     table = _with_checkpoints(cfg, settings.name, table)
@@ -194,7 +193,7 @@ def write_ablation_report(cfg: Config, settings, table: pd.DataFrame, metric: st
     summary = table.groupby("variant", sort=False)[finals].agg(["mean", "std", "count"])
     order = [v for v in variants if v in summary.index]
     summary = summary.loc[order]
-    lines = [f"| variant | overrides | " + " | ".join(c[len("final_"):] for c in finals) + " |",
+    lines = ["| variant | overrides | " + " | ".join(c[len("final_"):] for c in finals) + " |",
              "|---|---|" + "---|" * len(finals)]
     full = summary.loc["full"] if "full" in summary.index else None
     for name in order:

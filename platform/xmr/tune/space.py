@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 
+from xmr.checks import check
 from xmr.config import Config, ConfigError, apply_overrides, from_dict, load_config, read_yaml_mapping, with_values
 
 KINDS = ("uniform", "loguniform", "int", "categorical")
@@ -177,7 +178,7 @@ def _check_against_config(space: SearchSpace, base: Config) -> None:
             probes = [int(v) for v in probes]
         for value in probes:
             try:
-                space.apply(base, {param.path: value})
+                check(space.apply(base, {param.path: value}))
             except ConfigError as exc:
                 raise SpaceError(f"params.{param.path}: value {value!r} does not fit the config ({exc})") from None
 
@@ -218,7 +219,7 @@ def _parse_ablations(raw: Any, base: Config, path: Path) -> dict[str, list[str]]
         if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
             raise SpaceError(f"ablations.{name}: expected a list of 'a.b=value' strings, got {overrides!r}")
         try:
-            from_dict(apply_overrides(base.to_dict(), overrides))
+            check(from_dict(apply_overrides(base.to_dict(), overrides)))
         except ConfigError as exc:
             raise SpaceError(f"ablations.{name}: {exc}") from None
         out[str(name)] = overrides

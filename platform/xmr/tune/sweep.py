@@ -11,19 +11,17 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
 
+from xmr.tasks import family_of
 from xmr.config import Config, apply_overrides, from_dict, with_values
 from xmr.data import storage
-from xmr.evaluation import MAIN_METRIC
 from xmr.train.driver import prepare
-from xmr.train.runfs import RunDir, filesystem
-
-TRIAL_DRIVER_CPUS = 0.25  # the trial's driver function only waits on its trainer
-
+from xmr.tune.report import write_ablation_report, write_sweep_report
+from xmr.tune.trials import NOT_METRICS, SweepResult, make_tuner, per_trial_cpus
 
 @dataclass
 class SweepSettings:
@@ -37,16 +35,6 @@ class SweepSettings:
     reduction_factor: int = 2
     optuna_storage: str | None = None  # e.g. sqlite:///sweeps.db: the study outlives the sweep
     multi_objective: bool = False  # Optuna over (metric, training seconds per epoch): a Pareto front
-
-
-@dataclass
-class SweepResult:
-    sweep_uri: str
-    metric: str
-    mode: str
-    table: pd.DataFrame
-    best: dict[str, Any] | None
-    files: dict[str, str] = field(default_factory=dict)
 
 
 def trial_driver(config: dict[str, Any], base: dict[str, Any], trials_root: str,
@@ -68,40 +56,6 @@ def trial_driver(config: dict[str, Any], base: dict[str, Any], trials_root: str,
     run_training(cfg, callbacks=[TuneReportCallback()], start_ray=False, verbose=False)
 
 
-def _per_trial_cpus(cfg: Config) -> float:
-    return TRIAL_DRIVER_CPUS + cfg.resources.num_workers * cfg.resources.cpus_per_worker * (1 + cfg.data.num_workers)
-
-
-def _concurrency(cfg: Config, settings: SweepSettings, n_trials: int) -> int:
-    import ray
-
-    if settings.concurrency:
-        return min(settings.concurrency, n_trials)
-    cpus = float(ray.cluster_resources().get("CPU", 1))
-    return max(1, min(n_trials, int(cpus // _per_trial_cpus(cfg))))
-
-
-def _tuner(trainable, cfg: Config, settings: SweepSettings, metric: str, mode: str, n_trials: int,
-           search_alg=None, param_space=None, scheduler=None):
-    from ray import tune
-
-    fs, base = filesystem(cfg.storage.root, cfg.data.endpoint_url)
-    path = f"{base}/{settings.name}"
-    trainable = tune.with_resources(trainable, {"CPU": TRIAL_DRIVER_CPUS})
-    if tune.Tuner.can_restore(path, storage_filesystem=fs):
-        print(f"[xmr] resuming sweep {settings.name}: finished trials are kept, unfinished ones resume", flush=True)
-        return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True,
-                                  storage_filesystem=fs)
-    return tune.Tuner(
-        trainable,
-        param_space=param_space or {},
-        tune_config=tune.TuneConfig(metric=metric, mode=mode, num_samples=n_trials if search_alg else 1,
-                                    search_alg=search_alg, scheduler=scheduler,
-                                    max_concurrent_trials=_concurrency(cfg, settings, n_trials)),
-        run_config=tune.RunConfig(name=settings.name, storage_path=base, storage_filesystem=fs),
-    )
-
-
 def run_sweep(cfg: Config, space, settings: SweepSettings, address: str | None = None) -> SweepResult:
     """Sample ``settings.trials`` configs from ``space`` with Optuna (TPE, seeded), prune with
     ASHA, and write the trials table, best config, best-checkpoint pointer and plots."""
@@ -113,7 +67,7 @@ def run_sweep(cfg: Config, space, settings: SweepSettings, address: str | None =
     from xmr.train.driver import ensure_ray, local_cpus
 
     cfg, _, _ = prepare(cfg, run_name=settings.name)
-    metric = space.metric or cfg.storage.checkpoint_metric or MAIN_METRIC[cfg.task]
+    metric = space.metric or cfg.storage.checkpoint_metric or family_of(cfg).main_metric
     mode = space.mode
     cfg.storage.checkpoint_metric, cfg.storage.checkpoint_mode = metric, mode
     if settings.searcher not in ("tpe", "random"):
@@ -131,16 +85,14 @@ def run_sweep(cfg: Config, space, settings: SweepSettings, address: str | None =
     scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=cfg.optim.epochs,
                                grace_period=settings.grace_period, reduction_factor=settings.reduction_factor)
                  if settings.scheduler == "asha" else None)
-    ensure_ray(address, num_cpus=max(local_cpus(cfg), int(2 * _per_trial_cpus(cfg)) + 2))
+    ensure_ray(address, num_cpus=max(local_cpus(cfg), int(2 * per_trial_cpus(cfg)) + 2))
     trials_root = storage.join(cfg.storage.root, settings.name, "trials")
     trainable = tune.with_parameters(trial_driver, base=cfg.to_dict(), trials_root=trials_root)
     t0 = time.perf_counter()
-    grid = _tuner(trainable, cfg, settings, None if settings.multi_objective else metric,
-                  None if settings.multi_objective else mode, settings.trials, search_alg=search,
-                  scheduler=scheduler).fit()
+    grid = make_tuner(trainable, cfg, settings.name, settings.trials, metric=None if settings.multi_objective else metric,
+                      mode=None if settings.multi_objective else mode, max_concurrent=settings.concurrency,
+                      search_alg=search, scheduler=scheduler).fit()
     table = trials_table(grid, cfg, metric, mode, [p.path for p in space.params])
-    from xmr.tune.report import write_sweep_report
-
     return write_sweep_report(cfg, settings, space, table, metric, mode, wall_s=time.perf_counter() - t0)
 
 
@@ -155,16 +107,14 @@ def run_ablation(cfg: Config, variants: dict[str, list[str]], settings: SweepSet
     cfg, metric, mode = prepare(cfg, run_name=settings.name)
     for name, overrides in variants.items():  # every variant must be a valid config before anything runs
         from_dict(apply_overrides(cfg.to_dict(), overrides))
-    ensure_ray(address, num_cpus=max(local_cpus(cfg), int(2 * _per_trial_cpus(cfg)) + 2))
+    ensure_ray(address, num_cpus=max(local_cpus(cfg), int(2 * per_trial_cpus(cfg)) + 2))
     trials_root = storage.join(cfg.storage.root, settings.name, "trials")
     trainable = tune.with_parameters(trial_driver, base=cfg.to_dict(), trials_root=trials_root, variants=variants)
     t0 = time.perf_counter()
     n = len(variants) * len(seeds)
-    grid = _tuner(trainable, cfg, settings, metric, mode, n,
-                  param_space={"variant": tune.grid_search(list(variants)), "seed": tune.grid_search(seeds)}).fit()
+    grid = make_tuner(trainable, cfg, settings.name, n, metric=metric, mode=mode, max_concurrent=settings.concurrency,
+                      param_space={"variant": tune.grid_search(list(variants)), "seed": tune.grid_search(seeds)}).fit()
     table = trials_table(grid, cfg, metric, mode, ["variant", "seed"])
-    from xmr.tune.report import write_ablation_report
-
     return write_ablation_report(cfg, settings, table, metric, mode, variants, wall_s=time.perf_counter() - t0)
 
 
@@ -189,28 +139,8 @@ def trials_table(grid, cfg: Config, metric: str, mode: str, param_names: list[st
         if len(history):  # the final epoch's validation metrics, for comparisons across variants
             last = history.iloc[-1]
             row.update({f"final_{k}": float(last[k]) for k in history.columns
-                        if k not in _NOT_METRICS and not k.startswith("train_") and pd.api.types.is_number(last[k])})
+                        if k not in NOT_METRICS and not k.startswith("train_") and pd.api.types.is_number(last[k])})
         rows.append(row)
     return pd.DataFrame(rows)
 
 
-_NOT_METRICS = {"epoch", "step", "samples_per_s", "train_s", "eval_s", "lr", "attempt", "num_workers", "num_nodes",
-                "max_rss_mb", "n_no_relevant", "training_iteration", "time_this_iter_s", "time_total_s", "timestamp",
-                "pid", "done", "iterations_since_restore", "time_since_restore"}
-
-
-def read_trial_best(trials_root: str, endpoint_url: str | None = None) -> dict[str, dict[str, Any]]:
-    """trial run name -> its best.json (checkpoint, metric, value, epoch)."""
-    import json
-
-    import pyarrow.fs as pafs
-
-    fs, base = filesystem(trials_root, endpoint_url)
-    out = {}
-    for info in fs.get_file_info(pafs.FileSelector(base, allow_not_found=True)):
-        if info.type == pafs.FileType.Directory:
-            name = info.base_name
-            text = RunDir(trials_root, name, endpoint_url).read_text("best.json")
-            if text:
-                out[name] = json.loads(text)
-    return out

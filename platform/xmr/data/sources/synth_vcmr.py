@@ -15,7 +15,6 @@ wrong answer. Durations, moment positions and types can be drawn from a real TVR
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
@@ -25,9 +24,9 @@ import numpy as np
 from tqdm import tqdm
 
 from xmr.data.manifest import LabelSpec, Manifest, ModalitySpec
+from xmr.data.tvr_annotations import QUERY_TYPES, read_tvr_jsonl
 from xmr.data.writer import DatasetWriter
 
-QUERY_TYPES = ("v", "t", "vt")
 
 
 @dataclass
@@ -112,18 +111,9 @@ def load_real_videos(path: str) -> list[tuple[float, list[tuple[list[float], str
     """Group a TVR jsonl by video: ``[(duration, [(ts, type), ...]), ...]`` sorted by name."""
     groups: dict[str, list] = defaultdict(list)
     durations: dict[str, float] = {}
-    with open(path) as f:
-        for ln, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                d = json.loads(line)
-                groups[d["vid_name"]].append(([float(d["ts"][0]), float(d["ts"][1])], str(d["type"])))
-                durations[d["vid_name"]] = float(d["duration"])
-            except (json.JSONDecodeError, KeyError, TypeError, IndexError, ValueError) as e:
-                raise ValueError(f"{path}:{ln}: not a TVR annotation line ({e!r}): {line[:120]!r}") from e
-    if not groups:
-        raise ValueError(f"{path}: no annotation lines")
+    for d in read_tvr_jsonl(path, required=("vid_name", "duration", "ts", "type")):
+        groups[d["vid_name"]].append(([float(d["ts"][0]), float(d["ts"][1])], str(d["type"])))
+        durations[d["vid_name"]] = float(d["duration"])
     return [(durations[v], groups[v]) for v in sorted(groups)]
 
 

@@ -26,6 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 from xmr.data.manifest import LabelSpec, Manifest, ModalitySpec
+from xmr.data.tvr_annotations import read_tvr_jsonl
 from xmr.data.writer import DatasetWriter
 
 CLIP_LEN = 1.5
@@ -53,26 +54,7 @@ class TvrReport:
 
 def read_annotations(path: str | Path) -> list[dict]:
     """Parse a TVR jsonl, checking each line's fields; errors name file and line."""
-    out = []
-    with open(path) as f:
-        for ln, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{ln}"
-            try:
-                d = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TvrInputError(f"{where}: not JSON ({e})") from e
-            for k in ("vid_name", "duration", "ts", "desc", "type", "desc_id"):
-                if k not in d:
-                    raise TvrInputError(f"{where}: missing field {k!r}")
-            if d["type"] not in ("v", "t", "vt"):
-                raise TvrInputError(f"{where}: type must be v, t or vt, got {d['type']!r}")
-            ts = d["ts"]
-            if not (isinstance(ts, list) and len(ts) == 2 and all(isinstance(t, (int, float)) for t in ts)):
-                raise TvrInputError(f"{where}: ts must be [start, end] seconds, got {ts!r}")
-            out.append(d)
-    return out
+    return read_tvr_jsonl(path, error=TvrInputError)
 
 
 def _key(vid_name: str, used: set[str]) -> str:

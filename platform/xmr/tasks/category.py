@@ -1,0 +1,298 @@
+"""Category retrieval (mAP, relevance = a shared class) and pair matching (Recall@K,
+relevance = the paired item): evaluation, the served gallery and its search."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+
+from xmr.data.reader import loader_for
+from xmr.distributed import world_info
+from xmr.metrics.retrieval import cosine_similarity, cross_modal_map, pair_recall_at_k, precision_at_k
+from xmr.tasks.base import TaskFamily
+from xmr.tasks.topk import half_prescan_ok, topk_scores
+
+EXACT_LIMIT = 200_000  # above this many items "auto" builds an approximate (FAISS IVF) index
+
+
+class CategoryFamily(TaskFamily):
+    name = "category"
+    dataset_task = "category"
+    main_metric = "map_mean"
+    route = "search"
+    title = "category"
+    labelled = True
+
+    def targets(self, batch: dict[str, Any]) -> torch.Tensor:
+        return batch["label"]
+
+    def bank_targets(self, cfg) -> tuple[tuple[int, ...], torch.dtype]:
+        m = cfg.model
+        if m.label_kind == "multi":
+            return (m.num_classes[0],), torch.float32
+        if m.label_kind == "hierarchical":
+            return (len(m.num_classes),), torch.long
+        return (), torch.long
+
+    def score_share(self, model, cfg, manifest, split: str):
+        rank, world = world_info()
+        loader = loader_for(cfg, split, rank=rank, world_size=world, manifest=manifest)
+        return embed_split(model, _to(loader, next(model.parameters()).device))
+
+    def score(self, shares: list, cfg) -> dict[str, float]:
+        a, b, index = (torch.cat([s[i] for s in shares]) for i in (0, 1, 3))
+        labels = torch.cat([s[2] for s in shares]) if shares[0][2] is not None else None
+        order = index.argsort()
+        return score_embeddings(a[order], b[order], labels[order] if labels is not None else None, self.name)
+
+    def build_gallery(self, model, cfg, manifest, root: str, split: str, endpoint_url: str | None = None,
+                      approx: str = "auto"):
+        g = embed_category(model, manifest, root, split, endpoint_url=endpoint_url)
+        g.recalls = add_approx(g, approx)
+        return g
+
+    def save_gallery(self, g: "CategoryGallery", out: Path) -> None:
+        from safetensors.numpy import save_file
+
+        save_file({f"emb_{r}": e.contiguous().numpy() for r, e in g.emb.items()}, str(out / "embeddings.safetensors"))
+        (out / "items.json").write_text(json.dumps({"ids": g.ids, "labels": g.labels}))
+        if g.approx:
+            import faiss
+
+            for role, index in g.approx.items():
+                faiss.write_index(index, str(out / f"faiss_{role}.index"))
+
+    def load_gallery(self, path: Path, arrays: dict, items: dict) -> "CategoryGallery":
+        g = CategoryGallery({r: torch.from_numpy(arrays[f"emb_{r}"]) for r in ("a", "b")}, items["ids"], items["labels"])
+        for role in ("a", "b"):
+            f = path / f"faiss_{role}.index"
+            if f.is_file():
+                import faiss
+
+                g.approx[role] = faiss.read_index(str(f))
+                g.approx[role].nprobe = 32
+        return g
+
+    def search(self, model, gallery: "CategoryGallery", items: list[tuple]) -> list[list[dict[str, Any]]]:
+        return search_category(model, gallery, items)
+
+
+class PairFamily(CategoryFamily):
+    """Pair matching: the only relevant item is a query's own partner."""
+
+    name = "pair"
+    title = "pair"
+    main_metric = "r1_mean"
+    labelled = False
+
+    def targets(self, batch: dict[str, Any]) -> torch.Tensor:
+        return batch["index"].reshape(-1)
+
+    def bank_targets(self, cfg) -> tuple[tuple[int, ...], torch.dtype]:
+        return (), torch.long
+
+
+def _to(batches: Iterable[dict[str, Any]], device: torch.device):
+    for batch in batches:
+        yield {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def embed_split(model: torch.nn.Module, batches: Iterable[dict[str, Any]]):
+    """(emb_a, emb_b, labels, index) over every batch, in order; eval mode, no grad."""
+    was_training = model.training
+    model.eval()
+    parts: dict[str, list[torch.Tensor]] = {"a": [], "b": [], "label": [], "index": []}
+    try:
+        for batch in batches:
+            if len(batch["index"]) == 0:
+                continue
+            parts["a"].append(model.encode("a", batch["a"]).float().cpu())
+            parts["b"].append(model.encode("b", batch["b"]).float().cpu())
+            parts["index"].append(batch["index"].cpu())
+            if "label" in batch:
+                parts["label"].append(batch["label"].cpu())
+    finally:
+        model.train(was_training)
+    if not parts["a"]:
+        raise ValueError("embed_split: the split yielded no samples")
+    labels = torch.cat(parts["label"]) if parts["label"] else None
+    return torch.cat(parts["a"]), torch.cat(parts["b"]), labels, torch.cat(parts["index"])
+
+
+def evaluate_category(model: torch.nn.Module, batches: Iterable[dict[str, Any]], task: str) -> dict[str, float]:
+    """Single-process metrics of ``model`` over ``batches`` (one process, any iterable)."""
+    emb_a, emb_b, labels, _ = embed_split(model, batches)
+    return score_embeddings(emb_a, emb_b, labels, task)
+
+
+def label_kind(labels: torch.Tensor) -> str:
+    if labels.is_floating_point():
+        return "multi"
+    return "hierarchical" if labels.dim() == 2 else "single"
+
+
+def score_embeddings(emb_a, emb_b, labels, task: str) -> dict[str, float]:
+    """Metrics from embeddings: category -> mAP@all, mAP@100 and P@10 per direction and mean
+    (and per label level for hierarchical labels); pair -> Recall@{1,5,10} and median rank
+    per direction, and their means."""
+    if task == PairFamily.name:
+        sim = cosine_similarity(emb_a, emb_b)
+        out: dict[str, float] = {}
+        for name, s in (("a2b", sim), ("b2a", sim.T)):
+            r = pair_recall_at_k(s, ks=(1, 5, 10))
+            out.update({f"r1_{name}": r["r@1"], f"r5_{name}": r["r@5"], f"r10_{name}": r["r@10"],
+                        f"median_rank_{name}": r["median_rank"]})
+        for k in (1, 5, 10):
+            out[f"r{k}_mean"] = (out[f"r{k}_a2b"] + out[f"r{k}_b2a"]) / 2
+        return out
+    if labels is None:
+        raise ValueError("category metrics need labels; use task 'pair' for unlabelled pairs")
+    kind = label_kind(labels)
+    full = cross_modal_map(emb_a, emb_b, labels, labels, label_kind=kind)
+    top = cross_modal_map(emb_a, emb_b, labels, labels, k=100, label_kind=kind)
+    sim = cosine_similarity(emb_a, emb_b)
+    p_a2b = precision_at_k(sim, labels, labels, ks=(10,), label_kind=kind)["p@10"]
+    p_b2a = precision_at_k(sim.T, labels, labels, ks=(10,), label_kind=kind)["p@10"]
+    out = {"map_a2b": full["a2b"], "map_b2a": full["b2a"], "map_mean": full["mean"],
+           "map100_mean": top["mean"], "p10_mean": (p_a2b + p_b2a) / 2,
+           "n_no_relevant": int(full["a2b_n_no_relevant"] + full["b2a_n_no_relevant"])}
+    if kind == "hierarchical" and labels.shape[1] > 1:
+        out.update(level_maps(emb_a, emb_b, labels))
+    return out
+
+
+def level_maps(emb_a, emb_b, labels) -> dict[str, float]:
+    """mAP with relevance at each label level (``map_mean_coarse`` for the first,
+    ``map_mean_fine`` for the last, ``map_mean_l{i}`` between), so a hierarchy's effect on
+    the coarse structure is measured, not only on the finest classes (``map_mean``)."""
+    n = labels.shape[1]
+    out = {}
+    for level in range(n):
+        name = "coarse" if level == 0 else "fine" if level == n - 1 else f"l{level}"
+        lv = labels[:, level]
+        out[f"map_mean_{name}"] = cross_modal_map(emb_a, emb_b, lv, lv, label_kind="single")["mean"]
+    return out
+
+
+# --------------------------------------------------------------------------- the served gallery
+
+
+def _label_json(label: torch.Tensor, kind: str) -> Any:
+    if kind == "multi":
+        return [int(i) for i in torch.nonzero(label).flatten().tolist()]
+    if label.dim() == 0:
+        return int(label)
+    return [int(x) for x in label.tolist()]
+
+
+@dataclass
+class CategoryGallery:
+    """Unit-norm embeddings of both modalities of one split, with ids and labels."""
+
+    emb: dict[str, torch.Tensor]  # role -> [N, d] float32
+    ids: list[str]
+    labels: list[Any]
+    approx: dict[str, Any] = field(default_factory=dict)  # role -> faiss index (searched side)
+    half: dict[str, torch.Tensor] = field(default_factory=dict)  # role -> float16 copy for the pre-scan
+    recalls: dict[str, float] = field(default_factory=dict)  # approximate index recall@10 vs exact
+
+    def __post_init__(self) -> None:
+        for role, e in self.emb.items():
+            if half_prescan_ok(e):
+                self.half[role] = e.half()
+
+    @property
+    def size(self) -> int:
+        return len(self.ids)
+
+
+@torch.no_grad()
+def embed_category(model, manifest, root: str, split: str, batch_size: int = 512,
+                   endpoint_url: str | None = None) -> CategoryGallery:
+    from xmr.data.reader import make_loader
+
+    model = model.eval()
+    loader = make_loader(root, split, local_batch_size=batch_size, shuffle=False, manifest=manifest,
+                         endpoint_url=endpoint_url)
+    parts: dict[str, list[torch.Tensor]] = {"a": [], "b": []}
+    ids: list[str] = []
+    labels: list[Any] = []
+    for batch in loader:
+        if len(batch["index"]) == 0:
+            continue
+        for role in ("a", "b"):
+            parts[role].append(model.encode(role, batch[role]).float())
+        ids.extend(batch["key"])
+        if "label" in batch:
+            labels.extend(_label_json(lab, manifest.labels.kind) for lab in batch["label"])
+    if not ids:
+        raise ValueError(f"{root} split {split!r}: no items to serve")
+    return CategoryGallery({r: torch.cat(p) for r, p in parts.items()}, ids, labels or [None] * len(ids))
+
+
+def build_approx(emb: torch.Tensor, nlist: int | None = None, nprobe: int = 32):
+    """An inner-product IVF index over unit vectors (cosine), trained on the gallery itself."""
+    import faiss
+
+    x = np.ascontiguousarray(emb.numpy().astype(np.float32))
+    n, d = x.shape
+    nlist = nlist or max(1, int(4 * np.sqrt(n)))
+    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+    index.train(x[np.random.default_rng(0).choice(n, min(n, 256 * nlist), replace=False)])
+    index.add(x)
+    index.nprobe = nprobe
+    return index
+
+
+def approx_recall_at_10(index, gallery: torch.Tensor, queries: torch.Tensor) -> float:
+    """Fraction of the exact top-10 that the approximate index also returns in its top 10."""
+    exact = (queries @ gallery.T).topk(10, dim=1).indices.numpy()
+    _, got = index.search(np.ascontiguousarray(queries.numpy().astype(np.float32)), 10)
+    return float(np.mean([len(set(e) & set(g)) / 10 for e, g in zip(exact, got)]))
+
+
+def add_approx(g: CategoryGallery, approx: str) -> dict[str, float]:
+    """Build FAISS indexes when asked ("on") or when the gallery is large ("auto"); returns
+    their recall@10 against exact search (on up to 1,000 of the other modality's items)."""
+    if approx not in ("auto", "on", "off"):
+        raise ValueError(f"approx = {approx!r}: use auto, on or off")
+    if approx == "off" or (approx == "auto" and g.size <= EXACT_LIMIT):
+        return {}
+    recalls = {}
+    for role, other in (("a", "b"), ("b", "a")):
+        g.approx[role] = build_approx(g.emb[role])
+        recalls[role] = approx_recall_at_10(g.approx[role], g.emb[role], g.emb[other][:1000])
+    return recalls
+
+
+@torch.inference_mode()
+def search_category(model, g: CategoryGallery, items: list[tuple]) -> list[list[dict[str, Any]]]:
+    """items: (query role, query array, k). One encoder pass and one matrix product (or FAISS
+    search) per role; results in item order."""
+    out: list[list[dict[str, Any]] | None] = [None] * len(items)
+    groups: dict[str, list[int]] = {}
+    for i, (role, _, _) in enumerate(items):
+        groups.setdefault(role, []).append(i)
+    for role, idx in groups.items():
+        other = "b" if role == "a" else "a"
+        q = model.encode(role, torch.from_numpy(np.stack([items[i][1] for i in idx]))).float()
+        k_max = max(items[i][2] for i in idx)
+        if other in g.approx:
+            scores_np, top_np = g.approx[other].search(np.ascontiguousarray(q.numpy()), k_max)
+            scores, top = torch.from_numpy(scores_np), torch.from_numpy(top_np)
+        else:
+            scores, top = topk_scores(q, g.emb[other], g.half.get(other), k_max)
+        for row, i in enumerate(idx):
+            k = items[i][2]
+            out[i] = [{"id": g.ids[j], "score": float(s), "label": g.labels[j]}
+                      for j, s in zip(top[row, :k].tolist(), scores[row, :k].tolist()) if j >= 0]
+    return out  # type: ignore[return-value]

@@ -1,0 +1,260 @@
+"""Video corpus moment retrieval (QACLN; the TVR benchmark): VR / SVMR / VCMR evaluation
+over a corpus (METHODS.md §5 inference), the served video corpus, and its search.
+
+Videos are encoded once; each query is encoded, scored against every video (φ), its top-N
+videos re-ranked by span scores P_start(i)·P_end(j)·video score (i ≤ j inclusive clips, a
+length limit) with the vectorised ``rank_moments``; the top 100 (video, t_s, t_e) are kept.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+
+from xmr.data.reader import loader_for
+from xmr.distributed import all_gather_objects, world_info
+from xmr.metrics.vcmr import clips_to_moment, rank_moments, svmr_recall, vcmr_recall, vr_recall
+from xmr.models.qacln import bucket_corpus, pad_encoding
+from xmr.tasks.base import TaskFamily
+
+
+class VcmrFamily(TaskFamily):
+    name = "vcmr"
+    dataset_task = "vcmr"
+    main_metric = "vcmr_0.7_r10"
+    route = "moments"
+    title = "VCMR"
+    train_unit = "query"
+    indexed_units = False  # a training unit is a query; its index is its video's
+    data_fields = ("data.max_clips", "data.max_query_tokens")
+
+    def score_share(self, model, cfg, manifest, split: str) -> dict[str, np.ndarray]:
+        """Encode this rank's videos, assemble the whole corpus on every rank, then rank this
+        rank's queries against it."""
+        rank, world = world_info()
+        was_training = model.training
+        model.eval()
+        try:
+            videos = loader_for(cfg, split, unit="video", rank=rank, world_size=world, manifest=manifest)
+            corpus, meta = encode_corpus(model, videos)
+            device = corpus["clip_mask"].device
+            shares = all_gather_objects(({k: v.cpu() for k, v in corpus.items()}, meta))
+            if len(shares) > 1:
+                n = max(c["h_v"].shape[1] for c, _ in shares)
+                padded = [pad_encoding(c, n) for c, _ in shares]
+                corpus = {k: torch.cat([p[k] for p in padded]).to(device) for k in padded[0]}
+                meta = {"video_index": torch.cat([m["video_index"] for _, m in shares]),
+                        "duration": torch.cat([m["duration"] for _, m in shares]),
+                        "vid_name": [name for _, m in shares for name in m["vid_name"]]}
+            queries = loader_for(cfg, split, unit="query", rank=rank, world_size=world, manifest=manifest)
+            return rank_query_batches(model, corpus, meta, queries, manifest.clip_len or 1.0, cfg.model.top_videos,
+                                      cfg.model.max_moment_clips)
+        finally:
+            model.train(was_training)
+
+    def score(self, shares: list, cfg) -> dict[str, float]:
+        shares = [s for s in shares if len(s["gt_video"])]
+        merged = {k: np.concatenate([s[k] for s in shares]) for k in shares[0]}
+        order = np.argsort(merged["index"], kind="stable")
+        return score_vcmr({k: v[order] for k, v in merged.items()})
+
+    def build_gallery(self, model, cfg, manifest, root: str, split: str, endpoint_url: str | None = None,
+                      approx: str = "auto") -> "VideoCorpus":
+        from xmr.data.reader import make_loader
+
+        loader = make_loader(root, split, local_batch_size=64, shuffle=False, unit="video", manifest=manifest,
+                             max_clips=cfg.data.max_clips, endpoint_url=endpoint_url)
+        enc, meta = encode_corpus(model.eval(), loader)
+        return VideoCorpus(enc, [str(n) for n in meta["vid_name"]], meta["duration"])
+
+    def save_gallery(self, g: "VideoCorpus", out: Path) -> None:
+        from safetensors.numpy import save_file
+
+        save_file({f"enc_{k}": v.contiguous().numpy() for k, v in g.enc.items()}, str(out / "embeddings.safetensors"))
+        (out / "items.json").write_text(json.dumps({"ids": g.ids, "durations": g.durations.tolist()}))
+
+    def load_gallery(self, path: Path, arrays: dict, items: dict) -> "VideoCorpus":
+        enc = {k[len("enc_"):]: torch.from_numpy(v) for k, v in arrays.items()}
+        return VideoCorpus(enc, items["ids"], torch.tensor(items["durations"], dtype=torch.float32))
+
+    def moments(self, model, corpus: "VideoCorpus", cfg, clip_len: float, items: list[tuple]):
+        return moments_batch(model, corpus, cfg, clip_len, items)
+
+    def svmr(self, model, corpus: "VideoCorpus", cfg, clip_len: float, tokens: np.ndarray, position: int, k: int):
+        return svmr_one(model, corpus, cfg, clip_len, tokens, position, k)
+
+
+@dataclass
+class VideoCorpus:
+    """Clip encodings of every video of a split; ids are video names."""
+
+    enc: dict[str, torch.Tensor]
+    ids: list[str]
+    durations: torch.Tensor
+    buckets: list = field(default_factory=list)  # length-grouped views for search, built once
+
+    def __post_init__(self) -> None:
+        if not self.buckets:
+            self.buckets = bucket_corpus(self.enc)
+
+    @property
+    def size(self) -> int:
+        return len(self.ids)
+
+
+@torch.no_grad()
+def encode_corpus(model, video_batches: Iterable[dict[str, Any]]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """All videos' clip encodings, padded to one clip count, plus their ids and durations."""
+    encs, ids, durations, names = [], [], [], []
+    for batch in video_batches:
+        if len(batch["index"]) == 0:
+            continue
+        device = next(model.parameters()).device
+        encs.append(model.encode_videos(*(batch[k].to(device) for k in ("visual", "subtitle", "sub_mask", "clip_mask"))))
+        ids.append(batch["video_index"])
+        durations.append(batch["duration"])
+        names.extend(batch.get("vid_name", batch["key"]))
+    if not encs:
+        raise ValueError("encode_corpus: the corpus split yielded no videos")
+    n = max(e["h_v"].shape[1] for e in encs)
+    padded = [pad_encoding(e, n) for e in encs]
+    corpus = {k: torch.cat([p[k] for p in padded]) for k in padded[0]}
+    meta = {"video_index": torch.cat(ids), "duration": torch.cat(durations), "vid_name": names}
+    return corpus, meta
+
+
+@torch.no_grad()
+def rank_queries(model, q: torch.Tensor, corpus: dict[str, torch.Tensor], top_videos: int, max_len: int,
+                 top_k: int = 100, buckets: list | None = None):
+    """(video scores [Q, V], ranked moments) for a chunk of encoded queries; ``buckets``
+    (``bucket_corpus(corpus)``) saves regrouping the corpus on every call."""
+    scores, top, start, end = model.search(q, corpus, top_videos, buckets=buckets)
+    moments = rank_moments(scores, start.softmax(-1), end.softmax(-1), corpus["clip_mask"], top, max_len, top_k)
+    return scores, moments
+
+
+@torch.no_grad()
+def rank_query_batches(model, corpus: dict[str, torch.Tensor], meta: dict[str, Any],
+                       query_batches: Iterable[dict[str, Any]], clip_len: float, top_videos: int = 100,
+                       max_len: int = 16) -> dict[str, np.ndarray]:
+    """Per-query predictions against a whole encoded corpus: the VR ranking (top 100), the
+    top-100 VCMR (video, t_s, t_e), the SVMR top-1 span in the ground-truth video, and the
+    ground truth. Arrays over queries, so shares from several ranks concatenate."""
+    position = {int(v): i for i, v in enumerate(meta["video_index"].tolist())}
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("index", "vr", "vcmr_video", "vcmr_spans", "svmr_spans",
+                                                           "gt_video", "gt_spans")}
+    device = corpus["clip_mask"].device
+    buckets = bucket_corpus(corpus)
+    for batch in query_batches:
+        if len(batch["index"]) == 0:
+            continue
+        q = model.encode_queries(batch["q_tokens"].to(device), batch["q_mask"].to(device))
+        scores, moments = rank_queries(model, q, corpus, top_videos, max_len, buckets=buckets)
+        scores, moments = scores.float().cpu(), type(moments)(*(t.cpu() for t in moments))
+        try:
+            gt = torch.tensor([position[int(v)] for v in batch["video_index"]])
+        except KeyError as exc:
+            raise ValueError(f"evaluate_vcmr: query on video index {exc} that is not in the corpus split") from None
+        durations = meta["duration"][moments.video.clamp(min=0)]
+        t_s, t_e = clips_to_moment(moments.st.numpy(), moments.ed.numpy(), clip_len, durations.numpy())
+        # SVMR: the same decoding restricted to the ground-truth video.
+        only = gt[:, None].to(device)
+        start, end = model.span_logits(q, corpus, only)
+        single = rank_moments(torch.ones(len(gt), len(position), device=device), start.softmax(-1), end.softmax(-1),
+                              corpus["clip_mask"], only, max_len, top_k=1)
+        s_s, s_e = clips_to_moment(single.st.cpu().numpy(), single.ed.cpu().numpy(), clip_len,
+                                   meta["duration"][gt][:, None].numpy())
+        parts["index"].append(batch["index"].numpy())
+        parts["vr"].append(scores.topk(min(100, scores.shape[1]), dim=1).indices.numpy())
+        parts["vcmr_video"].append(moments.video.numpy())
+        parts["vcmr_spans"].append(np.stack([t_s, t_e], axis=-1))
+        parts["svmr_spans"].append(np.stack([s_s, s_e], axis=-1))
+        parts["gt_video"].append(gt.numpy())
+        parts["gt_spans"].append(batch["ts"].numpy())
+    return {k: np.concatenate(v) if v else np.zeros((0,)) for k, v in parts.items()}
+
+
+def score_vcmr(ranked: dict[str, np.ndarray]) -> dict[str, float]:
+    """Recall metrics with flat keys: ``vr_r{k}``, ``svmr_{iou}_r1``, ``vcmr_{iou}_r{k}`` (fractions)."""
+    if len(ranked["gt_video"]) == 0:
+        raise ValueError("evaluate_vcmr: the query split yielded no queries")
+    gt_v, gt_s = ranked["gt_video"], ranked["gt_spans"]
+    out = {f"vr_{k}": v for k, v in vr_recall(ranked["vr"], gt_v, ks=(1, 10, 100)).items()}
+    svmr = svmr_recall(ranked["svmr_spans"], gt_s, ks=(1,))
+    out.update({f"svmr_{k.replace('-', '_')}": v for k, v in svmr.items()})
+    vcmr = vcmr_recall(ranked["vcmr_video"], ranked["vcmr_spans"], gt_v, gt_s, ks=(1, 10, 100))
+    out.update({f"vcmr_{k.replace('-', '_')}": v for k, v in vcmr.items()})
+    return out
+
+
+@torch.no_grad()
+def evaluate_vcmr(model, video_batches: Iterable[dict[str, Any]], query_batches: Iterable[dict[str, Any]],
+                  clip_len: float, top_videos: int = 100, max_len: int = 16) -> dict[str, float]:
+    """Single-process VR / SVMR / VCMR recalls (see ``score_vcmr`` for the keys)."""
+    was_training = model.training
+    model.eval()
+    try:
+        corpus, meta = encode_corpus(model, video_batches)
+        ranked = rank_query_batches(model, corpus, meta, query_batches, clip_len, top_videos, max_len)
+    finally:
+        model.train(was_training)
+    return score_vcmr(ranked)
+
+
+# --------------------------------------------------------------------------- search
+
+
+def _pad_tokens(arrays: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    t = max(a.shape[0] for a in arrays)
+    tokens = torch.zeros(len(arrays), t, arrays[0].shape[1])
+    mask = torch.zeros(len(arrays), t, dtype=torch.bool)
+    for i, a in enumerate(arrays):
+        tokens[i, : a.shape[0]] = torch.from_numpy(a)
+        mask[i, : a.shape[0]] = True
+    return tokens, mask
+
+
+def _moments(corpus: VideoCorpus, video: torch.Tensor, st_: torch.Tensor, ed: torch.Tensor, score: torch.Tensor,
+             clip_len: float) -> list[list[dict[str, Any]]]:
+    """Result rows for [B, k] decoded spans, converted to seconds in one vectorised pass
+    (padding entries, video -1, dropped)."""
+    v = video.numpy()
+    t_s, t_e = clips_to_moment(st_.numpy(), ed.numpy(), clip_len, corpus.durations.numpy()[np.maximum(v, 0)])
+    t_s, t_e = np.round(t_s, 3).tolist(), np.round(t_e, 3).tolist()
+    ids, rows = corpus.ids, []
+    for vr, ar, br, sr in zip(v.tolist(), t_s, t_e, score.tolist()):
+        rows.append([{"video": ids[i], "start": a, "end": b, "score": c}
+                     for i, a, b, c in zip(vr, ar, br, sr) if i >= 0])
+    return rows
+
+
+@torch.inference_mode()
+def moments_batch(model, corpus: VideoCorpus, cfg, clip_len: float, items: list[tuple]) -> list[list[dict[str, Any]]]:
+    """items: (token array [T, d], k). VCMR over the whole corpus in one batch."""
+    m = cfg.model
+    tokens, mask = _pad_tokens([tok for tok, _ in items])
+    q = model.encode_queries(tokens, mask)
+    k_max = max(k for _, k in items)
+    scores, top, start, end = model.search(q, corpus.enc, min(m.top_videos, corpus.size), buckets=corpus.buckets)
+    ranked = rank_moments(scores, start.softmax(-1), end.softmax(-1), corpus.enc["clip_mask"], top,
+                          m.max_moment_clips, k_max)
+    rows = _moments(corpus, ranked.video, ranked.st, ranked.ed, ranked.score, clip_len)
+    return [row[:k] for row, (_, k) in zip(rows, items)]
+
+
+@torch.inference_mode()
+def svmr_one(model, corpus: VideoCorpus, cfg, clip_len: float, tokens: np.ndarray, position: int,
+             k: int) -> list[dict[str, Any]]:
+    """Top-k spans within one video (the same span decoding, restricted to it)."""
+    t, mask = _pad_tokens([tokens])
+    q = model.encode_queries(t, mask)
+    only = torch.tensor([[position]])
+    start, end = model.span_logits(q, corpus.enc, only)
+    ranked = rank_moments(torch.ones(1, corpus.size), start.softmax(-1), end.softmax(-1), corpus.enc["clip_mask"],
+                          only, cfg.model.max_moment_clips, k)
+    return _moments(corpus, ranked.video, ranked.st, ranked.ed, ranked.score, clip_len)[0]

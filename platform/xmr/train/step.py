@@ -1,0 +1,169 @@
+"""One optimiser step of a Method, the same in a Ray Train worker and in process.
+
+``TrainStep`` owns the optimiser (one parameter group per role: the model and its terms'
+parameters at ``optim.lr``, a discriminator at ``loss.disc_lr``), the learning-rate
+schedule, autocast, clipping, the discriminator's extra updates (``loss.disc_steps``) and
+the per-term gradient-norm shares. ``EpochMeter`` averages what the steps record over an
+epoch and over every rank.
+
+Gradient shares (``tracking.grad_share_every``): every N steps, each term's weighted
+gradient norm on the shared model parameters (not the terms' own) over the sum of the
+terms' norms, so the shares of a step add up to 1. Why: a term scaled to nothing is
+otherwise invisible (issue 11: the center loss's gradient was 0.1–0.4% of SupCon's at the
+preset λ). Each share costs one extra backward through the encoders; they are computed
+with ``torch.autograd.grad`` (never touching ``.grad``, so DDP's reducer is not involved)
+and never on a process's first step, where DDP's static-graph set-up hooks the backward.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+
+from xmr.config import Config
+from xmr.distributed import all_reduce_sum
+
+
+def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
+    """Linear warm-up, then constant or cosine decay to 0 over ``total`` steps."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if kind == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def schedule(cfg: Config, loader_steps: int) -> tuple[int, int]:
+    """(steps per epoch, total steps): the loader's steps capped by ``optim.max_steps_per_epoch``,
+    times ``optim.epochs`` (the cosine schedule's length)."""
+    per_epoch = min(loader_steps, cfg.optim.max_steps_per_epoch or loader_steps)
+    return per_epoch, per_epoch * cfg.optim.epochs
+
+
+def autocast_for(cfg: Config, device: torch.device):
+    """bf16 autocast on GPU unless fp32 is asked for; fp32 on CPU unless bf16 is asked for."""
+    wanted = cfg.optim.precision
+    if wanted == "bf16" or (wanted == "auto" and device.type == "cuda"):
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def param_groups(method, cfg: Config) -> list[dict[str, Any]]:
+    """The model and term parameters at ``optim.lr``; an adversarial term's discriminator
+    in a group of its own at ``loss.disc_lr`` (default ``optim.lr``)."""
+    adversary = method.objective.terms["adversarial"] if "adversarial" in method.objective.terms else None
+    disc = {id(p) for p in adversary.discriminator.parameters()} if adversary is not None else set()
+    main = [p for p in method.trainable_parameters() if id(p) not in disc]
+    groups = [{"params": main, "lr": cfg.optim.lr, "name": "model"}]
+    if adversary is not None:
+        groups.append({"params": list(adversary.discriminator.parameters()), "name": "discriminator",
+                       "lr": adversary.disc_lr if adversary.disc_lr is not None else cfg.optim.lr})
+    return groups
+
+
+def make_optimizer(cfg: Config, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+    if cfg.optim.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.optim.lr, momentum=0.9, weight_decay=cfg.optim.weight_decay)
+    return torch.optim.AdamW(groups, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+
+
+class TrainStep:
+    """``step(batch)`` trains one batch and returns what it records (floats by name)."""
+
+    def __init__(self, method, cfg: Config, total_steps: int, device: torch.device | None = None,
+                 module: torch.nn.Module | None = None) -> None:
+        self.method, self.cfg = method, cfg
+        self.module = module if module is not None else method  # the DDP wrapper, when there is one
+        self.device = device or torch.device("cpu")
+        self.optimizer = make_optimizer(cfg, param_groups(method, cfg))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, total_steps, cfg.optim.warmup_steps, cfg.optim.scheduler))
+        self.params = method.trainable_parameters()
+        self.shared = [p for p in method.model.parameters() if p.requires_grad]
+        terms = method.objective.terms
+        self.adversary = terms["adversarial"] if "adversarial" in terms else None
+        self.step = 0  # optimiser steps of the run (set on resume)
+        self._calls = 0  # steps taken by this process
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "step": self.step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = int(state.get("step", self.step))
+        for st in self.optimizer.state.values():  # resumed optimiser state follows the model's device
+            for k, v in st.items():
+                if isinstance(v, torch.Tensor) and k != "step":
+                    st[k] = v.to(self.device)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, float]:
+        with autocast_for(self.cfg, self.device):
+            out = self.module(batch)
+        record = {k: float(v.detach()) for k, v in out.items() if not k.startswith("_")}
+        every = self.cfg.tracking.grad_share_every
+        if every and self._calls > 0 and self.step % every == 0 and len(out["_weighted"]) > 1:
+            record.update(self._grad_shares(out["_weighted"]))
+        self.optimizer.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        if self.cfg.optim.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.grad_clip)
+        self.optimizer.step()
+        if self.adversary is not None and self.adversary.disc_steps > 1:
+            record["adversarial_disc_extra_loss"] = self._extra_discriminator_steps()
+        self.scheduler.step()
+        self.step += 1
+        self._calls += 1
+        return record
+
+    def _grad_shares(self, weighted: dict[str, torch.Tensor]) -> dict[str, float]:
+        norms = {}
+        for name, value in weighted.items():
+            grads = torch.autograd.grad(value, self.shared, retain_graph=True, allow_unused=True)
+            norms[name] = math.sqrt(sum(float(g.float().pow(2).sum()) for g in grads if g is not None))
+        total = sum(norms.values())
+        return {f"grad_share_{name}": (n / total if total > 0 else 0.0) for name, n in norms.items()}
+
+    def _extra_discriminator_steps(self) -> float:
+        """``disc_steps - 1`` more updates of the discriminator alone on this step's (gathered,
+        detached) embeddings; identical inputs on every rank keep the ranks in step."""
+        disc = list(self.adversary.discriminator.parameters())
+        emb_a, emb_b = self.adversary.last_embeddings
+        value = float("nan")
+        for _ in range(self.adversary.disc_steps - 1):
+            loss = self.adversary.discriminator_loss(emb_a, emb_b)
+            grads = torch.autograd.grad(loss, disc)
+            self.optimizer.zero_grad(set_to_none=True)
+            for p, g in zip(disc, grads):
+                p.grad = g
+            self.optimizer.step()  # only the discriminator has gradients
+            value = float(loss.detach())
+        self.optimizer.zero_grad(set_to_none=True)
+        return value
+
+
+class EpochMeter:
+    """Means of the recorded values over an epoch's steps (each value over the steps that
+    recorded it), then over every rank."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, record: dict[str, float]) -> None:
+        for k, v in record.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+            self.counts[k] = self.counts.get(k, 0) + 1
+
+    def means(self, device: torch.device, names: list[str] | None = None) -> dict[str, float]:
+        """Every rank must pass the same ``names`` (default: its own keys, which agree when
+        every rank runs the same steps)."""
+        names = sorted(names if names is not None else self.sums)
+        t = torch.tensor([[self.sums.get(n, 0.0), float(self.counts.get(n, 0))] for n in names] or [[0.0, 0.0]],
+                         dtype=torch.float64, device=device)
+        all_reduce_sum(t)
+        return {n: float(s) / c for n, (s, c) in zip(names, t.tolist()) if c > 0}

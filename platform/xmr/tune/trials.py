@@ -1,0 +1,86 @@
+"""Ray Tune plumbing shared by sweeps (``xmr.tune.sweep``) and comparisons
+(``xmr.compare``): how many CPUs a trial takes, how many run at once, the ``Tuner`` (resumed
+when its folder exists), and what a finished sweep's trial folders say."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+
+from xmr.checkpoint import BEST
+from xmr.config import Config
+from xmr.train.runfs import RunDir, filesystem
+
+TRIAL_DRIVER_CPUS = 0.25  # a trial's driver function only waits on its trainer
+
+
+@dataclass
+class SweepResult:
+    sweep_uri: str
+    metric: str
+    mode: str
+    table: pd.DataFrame
+    best: dict[str, Any] | None
+    files: dict[str, str] = field(default_factory=dict)
+
+
+def per_trial_cpus(cfg: Config) -> float:
+    """What one trial holds: its driver, and its trainer's workers with their loader workers."""
+    return TRIAL_DRIVER_CPUS + cfg.resources.num_workers * cfg.resources.cpus_per_worker * (1 + cfg.data.num_workers)
+
+
+def concurrency(cfg: Config, requested: int, n_trials: int) -> int:
+    """``requested`` (0: as many as the cluster's CPUs hold), never more than the trials."""
+    import ray
+
+    if requested:
+        return min(requested, n_trials)
+    cpus = float(ray.cluster_resources().get("CPU", 1))
+    return max(1, min(n_trials, int(cpus // per_trial_cpus(cfg))))
+
+
+def make_tuner(trainable, cfg: Config, name: str, n_trials: int, *, metric: str | None = None,
+               mode: str | None = None, max_concurrent: int = 0, search_alg=None, param_space=None,
+               scheduler=None, root: str | None = None, resume: bool = True, what: str = "sweep"):
+    """A ``Tuner`` whose trials each reserve ``TRIAL_DRIVER_CPUS`` (their trainers reserve the
+    rest); resumed from ``<root>/<name>`` when it exists there (finished trials kept)."""
+    from ray import tune
+
+    fs, base = filesystem(root or cfg.storage.root, cfg.data.endpoint_url)
+    path = f"{base}/{name}"
+    trainable = tune.with_resources(trainable, {"CPU": TRIAL_DRIVER_CPUS})
+    if resume and tune.Tuner.can_restore(path, storage_filesystem=fs):
+        print(f"[xmr] resuming {what} {name}: finished trials are kept, unfinished ones resume", flush=True)
+        return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True,
+                                  storage_filesystem=fs)
+    return tune.Tuner(
+        trainable,
+        param_space=param_space or {},
+        tune_config=tune.TuneConfig(metric=metric, mode=mode, num_samples=n_trials if search_alg else 1,
+                                    search_alg=search_alg, scheduler=scheduler,
+                                    max_concurrent_trials=concurrency(cfg, max_concurrent, n_trials)),
+        run_config=tune.RunConfig(name=name, storage_path=base, storage_filesystem=fs),
+    )
+
+
+NOT_METRICS = {"epoch", "step", "samples_per_s", "train_s", "eval_s", "lr", "attempt", "num_workers", "num_nodes",
+                "max_rss_mb", "n_no_relevant", "training_iteration", "time_this_iter_s", "time_total_s", "timestamp",
+                "pid", "done", "iterations_since_restore", "time_since_restore"}
+
+
+def read_trial_best(trials_root: str, endpoint_url: str | None = None) -> dict[str, dict[str, Any]]:
+    """trial run name -> its best.json (checkpoint, metric, value, epoch)."""
+    import pyarrow.fs as pafs
+
+    fs, base = filesystem(trials_root, endpoint_url)
+    out = {}
+    for info in fs.get_file_info(pafs.FileSelector(base, allow_not_found=True)):
+        if info.type == pafs.FileType.Directory:
+            name = info.base_name
+            text = RunDir(trials_root, name, endpoint_url).read_text(BEST)
+            if text:
+                out[name] = json.loads(text)
+    return out
