@@ -181,6 +181,13 @@ def observe_built(cfg):
         getattr(method.model, "gather", None)
 
 
+def observe_patience(cfg):
+    from xmr.train.step import patience_exhausted
+
+    plateau = [{"epoch": e, "map_mean": v} for e, v in enumerate([0.1, 0.5, 0.5, 0.4, 0.3, 0.2])]
+    return patience_exhausted(plateau, "map_mean", "max", cfg.optim.patience)
+
+
 def observe_pretrained(cfg):
     from xmr.train.local import fit_in_process
 
@@ -191,7 +198,7 @@ def observe_pretrained(cfg):
 OBSERVERS = {"forward": observe_forward, "steps": observe_steps, "loader": observe_loader, "eval": observe_eval,
              "schedule": observe_schedule, "trainer": observe_trainer, "prepare": observe_prepare,
              "address": observe_address, "progress": observe_progress, "spec": observe_spec, "built": observe_built,
-             "pretrained": observe_pretrained}
+             "pretrained": observe_pretrained, "patience": observe_patience}
 
 PRETRAINED = "<pretrained>"
 LIVE = {
@@ -263,6 +270,7 @@ LIVE = {
     "optim.grad_clip": ("sccmrl", 1e-3, "steps"),
     "optim.precision": ("sccmrl", "bf16", "steps"),
     "optim.max_steps_per_epoch": ("sccmrl", 2, "schedule"),
+    "optim.patience": ("sccmrl", 1, "patience"),
     "resources.num_workers": ("sccmrl", 2, "trainer"),
     "resources.use_gpu": ("sccmrl", True, "trainer"),
     "resources.cpus_per_worker": ("sccmrl", 0.5, "trainer"),

@@ -139,38 +139,132 @@ def test_vcmr_deterministic_and_layout(tmp_path: Path) -> None:
                for s in _samples(tmp_path / "one", sh.path).values()) == len(seen_desc)
 
 
-def test_vcmr_planted_signal_follows_query_type() -> None:
-    cfg = SynthVcmrConfig(splits={"train": 80}, distractors_per_video=0)
-    data = generate_vcmr(cfg)
+def _query_latents(data, v):
+    """Each query's tokens read back into latents through its vocabulary: {stream: m_hat}."""
     pinv = {s: np.linalg.pinv(w) for s, w in data.maps.items()}
+    start, out = 0, []
+    for q in v.meta["queries"]:
+        tok = v.arrays["query_tokens"][start: start + q["n_tokens"]]
+        start += q["n_tokens"]
+        named = [s for s, letter in (("visual", "v"), ("subtitle", "t")) if letter in q["type"]]
+        m = {}
+        for i, stream in enumerate(named):  # a vt query's tokens alternate between the two vocabularies
+            vocab = {"visual": "query_v", "subtitle": "query_t"}[stream]
+            rows = tok[i::len(named)]
+            m[stream] = pinv[vocab] @ (rows.mean(axis=0) - data.offsets[vocab])
+        out.append((q, tok, m))
+    return out, pinv
+
+
+def test_vcmr_planted_signal_follows_query_type() -> None:
+    cfg = SynthVcmrConfig(splits={"train": 80}, distractors_per_video=0, cross_stream_distractors=0.0)
+    data = generate_vcmr(cfg)
     cos: dict[tuple[str, str], list[float]] = {}
     edges = 0
     lengths = set()
     for v in data.videos["train"]:
         n = v.meta["n_clips"]
         lengths.add(n)
-        tok_start = 0
-        for q in v.meta["queries"]:
-            tok = v.arrays["query_tokens"][tok_start: tok_start + q["n_tokens"]]
-            tok_start += q["n_tokens"]
-            m_hat = pinv["query"] @ (tok.mean(axis=0) - data.offsets["query"])
+        queries, pinv = _query_latents(data, v)
+        for q, _, m in queries:
             inside = np.zeros(n, bool)
             clips = moment_clips(q["ts"], n, cfg.clip_len)
             inside[clips.start:clips.stop] = True
             edges += q["ts"][0] == 0 or q["ts"][1] == v.meta["duration"]
+            m_hat = next(iter(m.values()))
             for stream in ("visual", "subtitle"):
                 ok = np.ones(n, bool) if stream == "visual" else v.arrays["sub_mask"].astype(bool)
                 if not (ok & inside).any() or not (ok & ~inside).any():
                     continue
+                probe = m.get(stream, m_hat)  # the stream's own latent where the type names it
                 lat = (v.arrays[stream] - data.offsets[stream]) @ pinv[stream].T
                 diff = lat[ok & inside].mean(0) - lat[ok & ~inside].mean(0)
-                c = float(diff @ m_hat / (np.linalg.norm(diff) * np.linalg.norm(m_hat) + 1e-9))
+                c = float(diff @ probe / (np.linalg.norm(diff) * np.linalg.norm(probe) + 1e-9))
                 cos.setdefault((q["type"], stream), []).append(c)
     mean = {k: float(np.mean(v)) for k, v in cos.items()}
     assert mean[("v", "visual")] > 0.5 and mean[("vt", "visual")] > 0.5, mean
     assert mean[("t", "subtitle")] > 0.5 and mean[("vt", "subtitle")] > 0.5, mean
     assert abs(mean[("v", "subtitle")]) < 0.25 and abs(mean[("t", "visual")]) < 0.25, mean
     assert edges > 0 and len(lengths) > 10, "moments at the edges and varied video lengths are expected"
+
+
+def test_vcmr_query_tokens_tell_the_query_type() -> None:
+    """A linear probe of a query's mean token predicts v / t / vt on held-out videos: the
+    tokens carry which stream holds the moment, so query-aware fusion has something to learn."""
+    from sklearn.linear_model import LogisticRegression
+
+    data = generate_vcmr(SynthVcmrConfig(splits={"train": 150, "test": 60}, seed=3))
+
+    def xy(split):
+        x, y = [], []
+        for v in data.videos[split]:
+            start = 0
+            for q in v.meta["queries"]:
+                tok = v.arrays["query_tokens"][start: start + q["n_tokens"]]
+                start += q["n_tokens"]
+                x.append(tok.mean(axis=0))
+                y.append(q["type"])
+        return np.stack(x), np.array(y)
+
+    probe = LogisticRegression(max_iter=2000).fit(*xy("train"))
+    x, y = xy("test")
+    accuracy = float((probe.predict(x) == y).mean())
+    print(f"\nlinear probe of the query type: accuracy {accuracy:.3f} on {len(y)} held-out queries (chance 0.33)")
+    assert accuracy > 0.9
+
+
+def test_vcmr_moment_clips_are_closer_to_their_query_than_other_clips() -> None:
+    """In the named stream's latent space, the moment's clips score higher against the
+    query than the video's other clips (ROC AUC over clips, averaged over queries)."""
+    from sklearn.metrics import roc_auc_score
+
+    cfg = SynthVcmrConfig(splits={"train": 60}, seed=4)
+    data = generate_vcmr(cfg)
+    aucs = []
+    for v in data.videos["train"]:
+        n = v.meta["n_clips"]
+        queries, pinv = _query_latents(data, v)
+        for q, _, m in queries:
+            inside = np.zeros(n, bool)
+            clips = moment_clips(q["ts"], n, cfg.clip_len)
+            inside[clips.start:clips.stop] = True
+            for stream, m_hat in m.items():
+                ok = np.ones(n, bool) if stream == "visual" else v.arrays["sub_mask"].astype(bool)
+                if not (ok & inside).any() or not (ok & ~inside).any():
+                    continue
+                lat = (v.arrays[stream][ok] - data.offsets[stream]) @ pinv[stream].T
+                scores = lat @ m_hat / (np.linalg.norm(lat, axis=1) * np.linalg.norm(m_hat) + 1e-9)
+                aucs.append(roc_auc_score(inside[ok], scores))
+    print(f"\nmoment clips vs other clips: mean AUC {np.mean(aucs):.3f} over {len(aucs)} (query, stream) pairs")
+    assert np.mean(aucs) > 0.85
+
+
+def test_vcmr_cross_stream_distractors_put_a_querys_content_elsewhere() -> None:
+    """With cross_stream_distractors = 1 every query's latent also lies in the *other* stream
+    of some other video; with 0 it does not."""
+    def best_elsewhere(p):
+        cfg = SynthVcmrConfig(splits={"train": 30}, distractors_per_video=0, cross_stream_distractors=p, seed=5)
+        data = generate_vcmr(cfg)
+        pinv = {s: np.linalg.pinv(w) for s, w in data.maps.items()}
+        lat = {(i, s): (v.arrays[s] - data.offsets[s]) @ pinv[s].T for i, v in enumerate(data.videos["train"])
+               for s in ("visual", "subtitle")}
+        best = []
+        for i, v in enumerate(data.videos["train"]):
+            for j in range(len(v.meta["queries"])):
+                for stream in ("visual", "subtitle"):
+                    z = v.query_latents[stream][j]
+                    if not z.any():
+                        continue
+                    other = "subtitle" if stream == "visual" else "visual"
+                    sims = [float((lat[(k, other)] @ z / (np.linalg.norm(lat[(k, other)], axis=1) * np.linalg.norm(z)
+                                                         + 1e-9)).max())
+                            for k in range(len(data.videos["train"])) if k != i]
+                    best.append(max(sims))
+        return float(np.mean(best))
+
+    with_d, without = best_elsewhere(1.0), best_elsewhere(0.0)
+    print(f"\nbest cosine of a query's latent in the other stream of another video: {with_d:.3f} vs {without:.3f}")
+    assert with_d > without + 0.1  # the max over a corpus of clips is high by chance too (~0.66)
 
 
 @pytest.mark.skipif(not TVR_VAL.is_file(), reason="needs ../shared/data/tvr/tvr_val_release.jsonl")

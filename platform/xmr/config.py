@@ -140,6 +140,7 @@ class OptimConfig:
     grad_clip: float = 1.0  # 0 = off
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU only
     max_steps_per_epoch: int = 0  # 0 = the whole split
+    patience: int = 0  # stop after this many epochs without a new best validation metric; 0 = all epochs
 
 
 @dataclass
@@ -435,6 +436,7 @@ def validate(cfg: Config) -> None:
     _require(cfg.optim.epochs >= 1, f"optim.epochs = {cfg.optim.epochs}: must be >= 1")
     _require(cfg.optim.warmup_steps >= 0, f"optim.warmup_steps = {cfg.optim.warmup_steps}: must be >= 0")
     _require(cfg.optim.grad_clip >= 0, f"optim.grad_clip = {cfg.optim.grad_clip}: must be >= 0 (0 = off)")
+    _require(cfg.optim.patience >= 0, f"optim.patience = {cfg.optim.patience}: must be >= 0 (0 = off)")
     _require(cfg.optim.max_steps_per_epoch >= 0, f"optim.max_steps_per_epoch = {cfg.optim.max_steps_per_epoch}: must be >= 0")
     _require(cfg.resources.num_workers >= 1, f"resources.num_workers = {cfg.resources.num_workers}: must be >= 1")
     _require(cfg.resources.cpus_per_worker > 0, f"resources.cpus_per_worker = {cfg.resources.cpus_per_worker}: must be > 0")

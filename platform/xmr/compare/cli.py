@@ -1,15 +1,17 @@
-"""``xmr compare``: train variants across seeds and report whether the claimed orderings hold."""
+"""``xmr compare``: tune, train and test variants across seeds; judge the claimed orderings."""
 
 from __future__ import annotations
 
 import argparse
+import time
 from typing import Any
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from xmr.compare.runner import markdown, run_comparison, update_report
-    from xmr.machine import describe
+    from xmr.compare.report import markdown, update_report, write_page
+    from xmr.compare.runner import run_comparison
     from xmr.compare.spec import SPEC_DIR, load_spec
+    from xmr.machine import describe
 
     names = sorted(p.stem for p in SPEC_DIR.glob("*.yaml")) if args.all else args.spec
     if not names:
@@ -17,30 +19,40 @@ def _compare(args: argparse.Namespace) -> int:
               + ", ".join(sorted(p.stem for p in SPEC_DIR.glob("*.yaml"))))
         return 2
     specs = [load_spec(n, data_path=args.data, seeds=args.seeds, extra=args.set) for n in names]  # all checked first
-    status = 0
+    status, done, t0 = 0, [], time.perf_counter()
     for spec in specs:
+        print(f"[xmr] comparison {spec.name}: {len(spec.variants)} variants x {len(spec.seeds)} seeds"
+              + (f" x {len(spec.map.levels)} levels of {spec.map.label}" if spec.map else "")
+              + (f", {spec.tuning_trials} tuning trials per variant" if spec.tuning_trials else ""), flush=True)
         c = run_comparison(spec, args.storage, concurrency=args.concurrency, address=args.address)
+        done.append(c)
         print(markdown(c, describe()))
-        print(f"[xmr] {spec.name}: runs, summary (CSV, Markdown) and {spec.metric}.png in {c.out}")
-        if args.report:
+        print(f"[xmr] {spec.name}: runs, tuning, summary, paired differences and plots in {c.out}", flush=True)
+        if args.report and not args.all:
             update_report(args.report, c)
             print(f"[xmr] updated {args.report}")
         status |= int((c.runs["status"] == "failed").any())
+    if args.report and args.all:
+        wall = time.perf_counter() - t0
+        write_page(args.report, done, f"The whole set took {wall / 60:.0f} min on {describe()}.")
+        print(f"[xmr] wrote {args.report} ({wall / 60:.1f} min)")
     return status
 
 
 def register(subparsers: Any) -> None:
-    p = subparsers.add_parser("compare", help="train methods / baselines / ablations across seeds and compare",
-                              description="Train every variant of a comparison spec with N seeds (concurrent Ray "
-                                          "Tune trials), score each on the test split and report mean, std and 95%% "
-                                          "confidence intervals, and whether the claimed orderings held.")
+    p = subparsers.add_parser("compare", help="tune, train and test methods / baselines / ablations across seeds",
+                              description="For every variant of a comparison spec: the same tuning budget on "
+                                          "validation, then N seeds trained until validation stops improving, the "
+                                          "best checkpoint scored on the test split; each claimed ordering judged "
+                                          "held / reversed / inconclusive from the paired differences' 95%% interval.")
     p.add_argument("--spec", action="append", default=[], help="shipped spec name or YAML path (repeatable)")
-    p.add_argument("--all", action="store_true", help="every shipped spec")
-    p.add_argument("--data", default=None, help="override the spec's dataset path")
-    p.add_argument("--seeds", type=int, default=None, help="seeds per variant (default: the spec's)")
-    p.add_argument("--set", action="append", default=[], metavar="A.B=VALUE", help="override for every variant")
-    p.add_argument("--storage", default="runs/compare", help="where runs and summaries go (local or s3://)")
-    p.add_argument("--concurrency", type=int, default=0, help="runs at a time (default: as CPUs allow)")
-    p.add_argument("--report", default=None, help="results page to update, e.g. docs/results.md")
-    p.add_argument("--address", default=None)
+    p.add_argument("--all", action="store_true", help="every shipped spec (with --report: rewrite the whole page)")
+    p.add_argument("--data", default=None, help="run on this dataset instead of the spec's (default: the spec's)")
+    p.add_argument("--seeds", type=int, default=None, help="seeds per variant (default: the spec's, 5)")
+    p.add_argument("--set", action="append", default=[], metavar="A.B=VALUE",
+                   help="a config override for every variant (repeatable)")
+    p.add_argument("--storage", default="runs/compare", help="where runs and tables go, local or s3:// (default: runs/compare)")
+    p.add_argument("--concurrency", type=int, default=0, help="runs at a time (default: as the cluster's CPUs allow)")
+    p.add_argument("--report", default=None, help="results page to write, e.g. docs/results.md (default: none)")
+    p.add_argument("--address", default=None, help="Ray cluster (default: RAY_ADDRESS, a running local one, or embedded)")
     p.set_defaults(func=_compare)

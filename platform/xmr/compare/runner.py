@@ -1,34 +1,43 @@
-"""Train every variant of a comparison with every seed as concurrent Ray Tune trials (each a
-Ray Train run sized by its config), score the best checkpoint of each on the test split,
-and summarise: a table per run, mean / std / 95% t-interval per variant and metric, a plot
-of the main metric, and the spec's claimed orderings checked."""
+"""Run a comparison: tune every variant with the same budget on validation, train every
+(variant, seed) until validation stops improving, score each best-on-validation model on
+the test split, and judge every claimed ordering by its paired differences.
+
+Each run is a Ray Tune trial. A one-worker variant trains inside its trial with the
+workers' own step and evaluation (``xmr.train.local.fit_in_process``; one thread, one
+reserved CPU), because on small data a Ray Train worker group's start-up would cost more
+than the training; a variant with more workers fits a ``TorchTrainer`` from its trial
+(``run_training``). Every run writes its result beside its folder, so a comparison rerun
+with the same storage keeps the runs that finished.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import time
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from xmr.compare.spec import ComparisonSpec
-from xmr.machine import describe
-from xmr.compare.stats import t_interval
+from xmr.compare.report import write_outputs
+from xmr.compare.results import Comparison, metric_columns
+from xmr.compare.spec import ComparisonSpec, Variant
+from xmr.compare.stats import paired_difference, t_interval, verdict
+from xmr.config import from_dict, with_values
+from xmr.tasks import family_of
 from xmr.train.runfs import RunDir
 
-TEST_METRICS = "test_metrics.json"
+RESULT = "result.json"
 
 
 def slug(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or "variant"
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", str(name)).strip("-") or "variant"
 
 
 def ensure_dataset(dataset: dict[str, Any]) -> str:
-    """The spec's dataset path; a missing synthetic dataset is generated from its ``synth`` recipe."""
+    """The dataset's path; a missing synthetic dataset is generated from its ``synth`` recipe."""
     from xmr.data import storage
 
     path = dataset["path"]
@@ -51,224 +60,292 @@ def ensure_dataset(dataset: dict[str, Any]) -> str:
     return path
 
 
-def compare_trial(config: dict[str, Any], variants: dict[str, dict[str, Any]], runs_root: str, split: str) -> None:
-    """One (variant, seed): optional pre-training run, the training run (its epochs reported
-    to Tune), then the best checkpoint scored on ``split`` into the run folder."""
-    from ray.tune.integration.ray_train import TuneReportCallback
+# --------------------------------------------------------------------------- one run
 
-    from xmr.checkpoint import fetch_checkpoint
-    from xmr.config import from_dict
+
+def train_and_score(cfg, pretrain, score_split: str, save_to: str | None) -> dict[str, Any]:
+    """Train ``cfg`` (after ``pretrain``, if any) to its best validation epoch; its metrics
+    on ``score_split``. Runs in process for one worker, through Ray Train for more."""
+    import tempfile
+
+    from xmr.checkpoint import fetch_checkpoint, save_checkpoint
+    from xmr.data.manifest import load_manifest
     from xmr.method import evaluate_checkpoint
-    from xmr.train.driver import run_training
+    from xmr.tasks.evaluate import evaluate
+    from xmr.train.driver import prepare, run_training
+    from xmr.train.local import fit_in_process
 
-    name, seed = config["variant"], int(config["seed"])
-    spec = variants[name]
-    cfg = from_dict(spec["config"])
-    cfg.seed, cfg.storage.root, cfg.storage.max_failures = seed, runs_root, 0
-    run_name = f"{slug(name)}-seed{seed}"
-    if spec.get("pretrain"):
-        pre = from_dict(spec["pretrain"])
-        pre.seed, pre.storage.root, pre.storage.max_failures = seed, runs_root, 0
-        pre_result = run_training(pre, run_name=f"{run_name}-pretrain", start_ray=False, verbose=False)
-        cfg.model.pretrained = pre_result.run_uri
-    result = run_training(cfg, run_name=run_name, callbacks=[TuneReportCallback()], start_ray=False, verbose=False)
-    metrics = evaluate_checkpoint(str(fetch_checkpoint(result.run_uri, endpoint_url=cfg.data.endpoint_url)), split)
-    RunDir(runs_root, run_name, cfg.data.endpoint_url).write_text(
-        TEST_METRICS, json.dumps({"variant": name, "seed": seed, "split": split, "metrics": metrics,
-                                  "best_epoch": result.best["epoch"] if result.best else None}, indent=2))
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="xmr-compare-") as tmp:
+        extra: dict[str, Any] = {}
+        if pretrain is not None:
+            pre, _, _ = prepare(pretrain, run_name="pretrain")
+            pre_run = fit_in_process(pre, keep_best=True, evaluate_untrained=False)
+            cfg.model.pretrained = str(save_checkpoint(f"{tmp}/pretrained", pre_run.method, pre))
+            extra["pretrain_epochs"] = len(pre_run.history)
+        if cfg.resources.num_workers == 1:
+            cfg, _, _ = prepare(cfg, run_name=cfg.storage.run_name)
+            run = fit_in_process(cfg, keep_best=True, evaluate_untrained=False)
+            manifest = load_manifest(cfg.data.path, endpoint_url=cfg.data.endpoint_url)
+            metrics = evaluate(run.method.model, cfg, manifest, score_split)
+            best, epochs = run.best_epoch, len(run.history)
+            if save_to is not None:
+                local = save_checkpoint(f"{tmp}/best", run.method, cfg, metrics=metrics, epoch=best)
+                _store(local, save_to)
+        else:
+            result = run_training(cfg, start_ray=False, verbose=False)
+            metrics = evaluate_checkpoint(str(fetch_checkpoint(result.run_uri, endpoint_url=cfg.data.endpoint_url)),
+                                          score_split)
+            best, epochs = (result.best or {}).get("epoch"), len(result.history) - 1
+    return {**metrics, **extra, "best_epoch": best, "epochs": epochs, "wall_s": time.perf_counter() - t0}
 
 
-@dataclass
-class Comparison:
-    spec: ComparisonSpec
-    runs: pd.DataFrame  # one row per (variant, seed): status, error, test metrics
-    summary: pd.DataFrame  # one row per variant: mean, std, ci_low, ci_high per metric
-    claims: list[dict[str, Any]]
-    wall_s: float
-    out: str
+def _store(local, uri: str) -> None:
+    import shutil
+
+    from xmr.data import storage
+
+    if storage.is_s3(uri):
+        storage.upload_dir(str(local), uri, progress=False)
+    else:
+        shutil.copytree(local, uri, dirs_exist_ok=True)
+
+
+def comparison_trial(config: dict[str, Any], jobs: dict[str, dict[str, Any]], runs_root: str) -> None:
+    """One job of a comparison (a tuning trial or a seed run) as a Ray Tune trial; its
+    metrics are reported once, at the end."""
+    from ray import tune
+
+    tune.report(_numbers(run_job(jobs[config["job"]], runs_root)))
+
+
+def _numbers(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def run_job(job: dict[str, Any], runs_root: str) -> dict[str, Any]:
+    """Train and score one job, or read its result when an earlier attempt finished it."""
+    import torch
+
+    run = RunDir(runs_root, job["run"], job.get("endpoint_url"))
+    done = run.read_text(RESULT)
+    if done:  # finished in an earlier attempt of this comparison
+        return json.loads(done)["metrics"]
+    torch.set_num_threads(max(1, int(job.get("threads", 1))))
+    cfg = with_values(from_dict(job["config"]), job["values"])
+    cfg.seed, cfg.storage.root, cfg.storage.run_name, cfg.storage.max_failures = job["seed"], runs_root, job["run"], 0
+    pre = None
+    if job.get("pretrain"):
+        pre = from_dict(job["pretrain"])
+        pre.seed, pre.storage.root = job["seed"], runs_root
+    save_to = run.uri("best") if job["phase"] == "seed" else None
+    metrics = train_and_score(cfg, pre, job["split"], save_to)
+    run.write_text(RESULT, json.dumps({"job": {k: job[k] for k in ("variant", "seed", "phase", "level", "values",
+                                                                    "split")}, "metrics": metrics}, indent=2,
+                                      default=float))
+    return metrics
+
+
+# --------------------------------------------------------------------------- the comparison
+
+
+def _sample_tuning(spec: ComparisonSpec) -> dict[str, list[dict[str, Any]]]:
+    """``tuning_trials`` draws per variant from its parameters (Optuna's seeded random
+    sampler: with a budget this small a model-based sampler has nothing to model)."""
+    import optuna
+
+    from xmr.tune.report import optuna_logging_quiet
+
+    optuna_logging_quiet()
+    out = {}
+    for i, (name, v) in enumerate(spec.variants.items()):
+        if not v.tune or spec.tuning_trials == 0:
+            out[name] = []
+            continue
+        study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=spec.tuning_seed + i))
+        draws = []
+        for _ in range(spec.tuning_trials):
+            trial = study.ask()
+            draws.append({p.path: p.suggest(trial) for p in v.tune})
+            study.tell(trial, 0.0)
+        out[name] = draws
+    return out
+
+
+def _job(spec: ComparisonSpec, v: Variant, *, phase: str, seed: int, values: dict, level: Any, data: str,
+         split: str, run: str) -> dict[str, Any]:
+    cfg = v.config.to_dict()
+    cfg["data"]["path"] = data
+    pre = None
+    if v.pretrain is not None:
+        pre = v.pretrain.to_dict()
+        pre["data"]["path"] = data
+    return {"variant": v.name, "phase": phase, "seed": seed, "values": values, "level": level, "split": split,
+            "config": cfg, "pretrain": pre, "run": run, "endpoint_url": v.config.data.endpoint_url}
+
+
+def _run_jobs(jobs: dict[str, dict[str, Any]], name: str, root: str, runs_root: str, concurrency: int,
+              cfg) -> dict[str, dict[str, Any]]:
+    """Every job as a Tune trial; {job id: metrics or {"error": ...}}."""
+    from ray import tune
+
+    from xmr.tune.trials import make_tuner
+
+    trainable = tune.with_parameters(comparison_trial, jobs=jobs, runs_root=runs_root)
+    grid = make_tuner(trainable, cfg, name, len(jobs), max_concurrent=concurrency, root=root, resume=False,
+                      param_space={"job": tune.grid_search(sorted(jobs))}, what="comparison", trial_cpus=1,
+                      reuse_actors=True).fit()  # one process per slot: no start-up (imports) per trial
+    out = {}
+    for result in grid:
+        job = result.config["job"]
+        out[job] = ({"error": _error_text(result.error)} if result.error is not None
+                    else {k: v for k, v in (result.metrics or {}).items() if not k.startswith(("time_", "training_"))})
+    return out
 
 
 def run_comparison(spec: ComparisonSpec, root: str, concurrency: int = 0, address: str | None = None) -> Comparison:
-    from ray import tune
+    from xmr.data import storage
+    from xmr.train.driver import ensure_ray
 
-    from xmr.train.driver import ensure_ray, prepare
-
-    ensure_dataset(spec.dataset)
-    prepared: dict[str, dict[str, Any]] = {}
-    for name, v in spec.variants.items():  # resolve paths/dims in the driver: fail before any trial
-        cfg, _, _ = prepare(v.config, run_name=slug(name))
-        entry: dict[str, Any] = {"config": cfg.to_dict()}
-        if v.pretrain is not None:
-            entry["pretrain"] = prepare(v.pretrain, run_name=f"{slug(name)}-pretrain")[0].to_dict()
-        prepared[name] = entry
+    levels = spec.map.levels if spec.map is not None else [None]
+    data = {str(level): ensure_dataset(spec.dataset_at(level)) for level in levels}
     first = next(iter(spec.variants.values())).config
-    ensure_ray(address, num_cpus=max(4, 2 * (os.cpu_count() or 1)))
-    out = RunDir(root, spec.name)
-    runs_root = out.uri("runs")
-    per_trial = 0.25 + first.resources.num_workers * first.resources.cpus_per_worker
+    in_process = all(v.config.resources.num_workers == 1 for v in spec.variants.values())
+    # In-process runs take one core each: an embedded Ray gets as many CPUs as there are cores.
+    ensure_ray(address, num_cpus=(os.cpu_count() or 1) if in_process else None)
     import ray
 
-    n = len(spec.variants) * len(spec.seeds)
-    limit = concurrency or max(1, int(float(ray.cluster_resources().get("CPU", 1)) // per_trial))
-    trainable = tune.with_resources(tune.with_parameters(compare_trial, variants=prepared, runs_root=runs_root,
-                                                         split=spec.split), {"CPU": 0.25})
-    from xmr.train.runfs import filesystem
-
-    fs, base = filesystem(root)
+    limit = concurrency or max(1, int(float(ray.cluster_resources().get("CPU", 1))))
+    out = RunDir(root, spec.name)
+    runs_root = out.uri("runs")
     t0 = time.perf_counter()
-    grid = tune.Tuner(trainable,
-                      param_space={"variant": tune.grid_search(list(spec.variants)), "seed": tune.grid_search(spec.seeds)},
-                      tune_config=tune.TuneConfig(max_concurrent_trials=min(n, limit)),
-                      run_config=tune.RunConfig(name=f"{spec.name}-tune-{int(time.time())}", storage_path=base,
-                                                storage_filesystem=fs)).fit()
+    tune_level = levels[len(levels) // 2]  # a claim map is tuned once, at its middle level
+    draws = _sample_tuning(spec)
+    tune_jobs = {f"tune-{slug(n)}-{i:02d}": _job(spec, spec.variants[n], phase="tune", seed=spec.tuning_seed, values=d,
+                                                 level=tune_level, data=data[str(tune_level)], split=first.data.val_split,
+                                                 run=f"tune-{slug(n)}-{i:02d}")
+                 for n, ds in draws.items() for i, d in enumerate(ds)}
+    tuned = _run_jobs(tune_jobs, f"{spec.name}-tuning", storage.join(root, spec.name), runs_root, limit, first) \
+        if tune_jobs else {}
+    tuning_rows, chosen = [], {}
+    for name, v in spec.variants.items():
+        metric = v.config.storage.checkpoint_metric or family_of(v.config).main_metric
+        sign = -1 if v.config.storage.checkpoint_mode == "min" else 1
+        best = None
+        for job_id, job in tune_jobs.items():
+            if job["variant"] != name:
+                continue
+            m = tuned.get(job_id, {})
+            value = m.get(metric, math.nan)  # the validation metric of the best epoch
+            tuning_rows.append({"variant": name, "trial": job_id, **job["values"], f"val_{metric}": value,
+                                "error": m.get("error")})
+            if not math.isnan(value) and (best is None or sign * value > sign * best[0]):
+                best = (value, job["values"])
+        chosen[name] = best[1] if best else {}
+    seed_jobs = {f"{slug(level)}-{slug(n)}-seed{s}" if level is not None else f"{slug(n)}-seed{s}":
+                 _job(spec, v, phase="seed", seed=s, values=chosen[n], level=level, data=data[str(level)],
+                      split=spec.split, run=(f"{slug(level)}-" if level is not None else "") + f"{slug(n)}-seed{s}")
+                 for level in levels for n, v in spec.variants.items() for s in spec.seeds}
+    results = _run_jobs(seed_jobs, f"{spec.name}-seeds", storage.join(root, spec.name), runs_root, limit, first)
     wall = time.perf_counter() - t0
     rows = []
-    for result in grid:
-        name, seed = result.config["variant"], int(result.config["seed"])
-        row: dict[str, Any] = {"variant": name, "seed": seed, "status": "ok" if result.error is None else "failed",
-                               "error": None if result.error is None else _error_text(result.error)}
-        text = RunDir(runs_root, f"{slug(name)}-seed{seed}").read_text(TEST_METRICS)
-        if text and result.error is None:
-            row.update(json.loads(text)["metrics"])
+    for job_id, job in seed_jobs.items():
+        m = results.get(job_id, {"error": "not run"})
+        row = {"level": job["level"], "variant": job["variant"], "seed": job["seed"],
+               "status": "failed" if "error" in m else "ok", "error": m.get("error")}
+        if "error" not in m:
+            row.update(m)
         rows.append(row)
-    runs = pd.DataFrame(rows).sort_values(["variant", "seed"], key=lambda s: s.map(
-        {v: i for i, v in enumerate(spec.variants)}) if s.name == "variant" else s).reset_index(drop=True)
+    runs = pd.DataFrame(rows)
     summary = summarise(spec, runs)
-    claims = check_claims(spec, summary)
-    comparison = Comparison(spec, runs, summary, claims, wall, out.uri())
-    write_outputs(comparison, out)
-    return comparison
+    claims = judge(spec, runs)
+    c = Comparison(spec, runs, pd.DataFrame(tuning_rows), chosen, summary, claims, wall, out.uri(),
+                   notes=_notes(spec, data))
+    write_outputs(c, out)
+    return c
+
+
+def _notes(spec: ComparisonSpec, data: dict[str, str]) -> dict[str, Any]:
+    """Facts a reader needs to read the claims: how many in-batch negatives an anchor really
+    has (category data), the sizes of the splits."""
+    from xmr.data.manifest import load_manifest
+
+    notes: dict[str, Any] = {}
+    path = next(iter(data.values()))
+    manifest = load_manifest(path)
+    notes["splits"] = {s: (info.num_queries if info.num_queries is not None else info.num_samples)
+                       for s, info in manifest.splits.items()}
+    first = next(iter(spec.variants.values())).config
+    if manifest.task == "category" and first.task == "category":
+        notes["in_batch_negatives"] = in_batch_negatives(first, path)
+    return notes
+
+
+def in_batch_negatives(cfg, path: str, batches: int = 20) -> dict[str, float]:
+    """Mean number of in-batch candidates per anchor (both modalities, all ranks' batch) that
+    are negatives (another class) and positives (same class, not itself)."""
+    import torch
+
+    from xmr.data.reader import make_loader
+    from xmr.tasks.category import CategoryFamily
+    from xmr.losses._pairs import relevant
+
+    loader = make_loader(path, cfg.data.train_split, local_batch_size=cfg.data.batch_size, seed=0)
+    negs, poss = [], []
+    for i, batch in enumerate(loader):
+        if i >= batches:
+            break
+        y = CategoryFamily().targets(batch)
+        yy = torch.cat([y, y])
+        rel = relevant(yy, yy)
+        negs.append(float((~rel).sum(dim=1).float().mean()))
+        poss.append(float(rel.sum(dim=1).float().mean()) - 1)
+    return {"batch": cfg.data.batch_size, "candidates": 2 * cfg.data.batch_size - 1,
+            "negatives": sum(negs) / len(negs), "positives": sum(poss) / len(poss)}
 
 
 def _error_text(error: BaseException) -> str:
     """The root cause's last line (Tune wraps the trial's exception)."""
-    text = str(error).strip().splitlines()
-    lines = [line for line in text if line.strip()]
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
     cause = next((line for line in reversed(lines) if "Error" in line or "Exception" in line), lines[-1] if lines else "")
     return f"{type(error).__name__}: {cause.strip()}"[:400]
 
 
-def metric_columns(runs: pd.DataFrame) -> list[str]:
-    skip = {"variant", "seed", "status", "error", "n_no_relevant"}
-    return [c for c in runs.columns if c not in skip and pd.api.types.is_numeric_dtype(runs[c])]
-
-
 def summarise(spec: ComparisonSpec, runs: pd.DataFrame) -> pd.DataFrame:
     rows = []
-    for name in spec.variants:
-        sub = runs[(runs["variant"] == name) & (runs["status"] == "ok")]
-        failed = runs[(runs["variant"] == name) & (runs["status"] == "failed")]
-        row: dict[str, Any] = {"variant": name, "n_ok": len(sub), "n_failed": len(failed),
-                               "error": failed["error"].iloc[0] if len(failed) else None}
-        for col in metric_columns(runs):
-            mean, std, low, high = t_interval(sub[col].tolist())
-            row.update({f"{col}_mean": mean, f"{col}_std": std, f"{col}_ci_low": low, f"{col}_ci_high": high})
-        rows.append(row)
+    levels = spec.map.levels if spec.map is not None else [None]
+    for level in levels:
+        at = runs[runs["level"].astype(str) == str(level)] if level is not None else runs
+        for name in spec.variants:
+            sub = at[(at["variant"] == name) & (at["status"] == "ok")]
+            failed = at[(at["variant"] == name) & (at["status"] == "failed")]
+            row: dict[str, Any] = {"level": level, "variant": name, "n_ok": len(sub), "n_failed": len(failed),
+                                   "error": failed["error"].iloc[0] if len(failed) else None}
+            for col in metric_columns(runs):
+                mean, std, low, high = t_interval(sub[col].tolist()) if col in sub else (math.nan,) * 4
+                row.update({f"{col}_mean": mean, f"{col}_std": std, f"{col}_ci_low": low, f"{col}_ci_high": high})
+            rows.append(row)
     return pd.DataFrame(rows)
 
 
-def check_claims(spec: ComparisonSpec, summary: pd.DataFrame) -> list[dict[str, Any]]:
-    """Each expected ordering of the main metric's means: held or not, by how much, and
-    whether the 95% intervals separate."""
-    by = summary.set_index("variant")
-    m = spec.metric
+def judge(spec: ComparisonSpec, runs: pd.DataFrame) -> list[dict[str, Any]]:
+    """Every claim at every level: the mean paired (by seed) difference of the main metric,
+    its 95% interval, the smallest detectable difference, and the verdict."""
     out = []
-    for left, op, right in spec.expect:
-        if f"{m}_mean" not in by.columns or by.loc[[left, right], "n_ok"].min() == 0:
-            out.append({"claim": f"{left} {op} {right}", "status": "not measured (runs failed)"})
-            continue
-        a, b = by.loc[left], by.loc[right]
-        diff = a[f"{m}_mean"] - b[f"{m}_mean"]
-        held = diff > 0 if op == ">" else diff < 0
-        separated = (a[f"{m}_ci_low"] > b[f"{m}_ci_high"]) or (a[f"{m}_ci_high"] < b[f"{m}_ci_low"])
-        out.append({"claim": f"{left} {op} {right}", "status": "held" if held else "did not hold",
-                    "left": float(a[f"{m}_mean"]), "right": float(b[f"{m}_mean"]), "difference": float(diff),
-                    "intervals_separate": bool(separated)})
+    levels = spec.map.levels if spec.map is not None else [None]
+    m = spec.metric
+    for level in levels:
+        at = runs[(runs["status"] == "ok")]
+        if level is not None:
+            at = at[at["level"].astype(str) == str(level)]
+        for left, op, right in spec.claims:
+            values = {}
+            for name in (left, right):
+                sub = at[at["variant"] == name]
+                values[name] = dict(zip(sub["seed"].astype(int), sub[m].astype(float))) if m in sub else {}
+            diff = paired_difference(values[left], values[right])
+            out.append({"claim": f"{left} {op} {right}", "level": level, "metric": m, **diff.to_dict(),
+                        "left": float(pd.Series(values[left]).mean()) if values[left] else math.nan,
+                        "right": float(pd.Series(values[right]).mean()) if values[right] else math.nan,
+                        "verdict": verdict(diff, op)})
     return out
-
-
-def _fmt(mean: float, std: float, low: float, high: float) -> str:
-    if pd.isna(mean):
-        return "–"
-    if pd.isna(low):
-        return f"{mean:.4f}"
-    return f"{mean:.4f} ± {std:.4f} [{low:.4f}, {high:.4f}]"
-
-
-def markdown(c: Comparison, machine: str | None = None) -> str:
-    spec, m = c.spec, c.spec.metric
-    metrics = [col for col in metric_columns(c.runs) if col == m] + \
-              [col for col in metric_columns(c.runs) if col != m][:3]
-    lines = [f"## {spec.name}", "", f"**Claim.** {spec.claim}", "",
-             f"Data `{spec.dataset['path']}`, split `{spec.split}`, {len(spec.seeds)} seeds per variant; "
-             f"mean ± std [95% t-interval]. Wall time {c.wall_s / 60:.1f} min"
-             + (f" on {machine}" if machine else "") + ".", "",
-             "| variant | " + " | ".join(metrics) + " | runs |", "|---|" + "---|" * (len(metrics) + 1)]
-    for _, r in c.summary.iterrows():
-        cells = [_fmt(r.get(f"{x}_mean"), r.get(f"{x}_std"), r.get(f"{x}_ci_low"), r.get(f"{x}_ci_high"))
-                 for x in metrics]
-        runs = f"{int(r['n_ok'])} ok" + (f", {int(r['n_failed'])} failed: {r['error']}" if r["n_failed"] else "")
-        lines.append(f"| {r['variant']} | " + " | ".join(cells) + f" | {runs} |")
-    if c.claims:
-        lines += ["", "Orderings of the main metric:", ""]
-        for cl in c.claims:
-            if "difference" in cl:
-                sep = "the 95% intervals separate" if cl["intervals_separate"] else "the 95% intervals overlap"
-                lines.append(f"- `{cl['claim']}`: **{cl['status']}** ({cl['left']:.4f} vs {cl['right']:.4f}, "
-                             f"difference {cl['difference']:+.4f}; {sep})")
-            else:
-                lines.append(f"- `{cl['claim']}`: {cl['status']}")
-    return "\n".join(lines) + "\n"
-
-
-def plot(c: Comparison, path_png: str | None = None) -> bytes:
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    m = c.spec.metric
-    s = c.summary
-    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(s), 3.6))
-    means = s[f"{m}_mean"] if f"{m}_mean" in s else pd.Series([float("nan")] * len(s))
-    lows = s[f"{m}_ci_low"] if f"{m}_ci_low" in s else means
-    highs = s[f"{m}_ci_high"] if f"{m}_ci_high" in s else means
-    err = [(means - lows).fillna(0).clip(lower=0), (highs - means).fillna(0).clip(lower=0)]
-    ax.errorbar(range(len(s)), means, yerr=err, fmt="o", capsize=5, color="#1f5fa8")
-    for i, r in s.iterrows():
-        if r["n_ok"] == 0:
-            ax.annotate("failed", (i, 0), ha="center", color="#b22222")
-    ax.set_xticks(range(len(s)), s["variant"], rotation=20, ha="right")
-    ax.set_ylabel(m)
-    ax.set_title(f"{c.spec.name}: {m} (mean, 95% CI, {len(c.spec.seeds)} seeds)", fontsize=9)
-    ax.grid(axis="y", alpha=0.3)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return buf.getvalue()
-
-
-def write_outputs(c: Comparison, out: RunDir) -> None:
-    out.write_text("runs.csv", c.runs.to_csv(index=False))
-    out.write_text("summary.csv", c.summary.to_csv(index=False))
-    out.write_text("summary.md", markdown(c, describe()))
-    out.write_text("claims.json", json.dumps(c.claims, indent=2))
-    out.write_bytes(f"{c.spec.metric}.png", plot(c))
-
-
-def update_report(report: str | Path, c: Comparison) -> None:
-    """Replace (or append) this comparison's section of a results page, keeping the others."""
-    report = Path(report)
-    text = report.read_text() if report.is_file() else (
-        "# Results: do the seeds' claims reproduce?\n\nGenerated by `xmr compare --report docs/results.md` from "
-        "the latest comparison runs; each section says which orderings held and which did not.\n\n")
-    start, end = f"<!-- xmr-compare:{c.spec.name}:start -->", f"<!-- xmr-compare:{c.spec.name}:end -->"
-    section = f"{start}\n{markdown(c, describe())}\n![{c.spec.name}]({c.spec.name}.png)\n{end}\n"
-    if start in text and end in text:
-        text = text[:text.index(start)] + section + text[text.index(end) + len(end) + 1:]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    report.write_text(text)
-    (report.parent / f"{c.spec.name}.png").write_bytes(plot(c))

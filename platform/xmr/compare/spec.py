@@ -1,31 +1,45 @@
 """Comparison specs: which variants (preset + overrides, optionally with a pre-training
-stage) to train on which dataset with how many seeds, and the orderings the papers claim.
+stage) to train on which data, how long, with what tuning budget, how many seeds, and the
+orderings the papers claim. A spec with ``map`` is a *claim map*: the same comparison at
+several levels of one property of the (synthetic) data.
 
     name: multineg_vs_triplet
     claim: Multi-negative losses beat the K = 1 triplet baseline on category retrieval.
-    dataset: {path: data/avdigits}                 # or {path: ..., synth: {kind: category, ...}}
-    metric: map_mean                                # main metric (plot, claims)
-    seeds: 3
-    common: [optim.epochs=10]                       # overrides for every variant
+    dataset: {path: data/avdigits}          # or {path: ..., synth: {kind: category, ...}}
+    metric: map_mean                        # the metric claims are judged by (on the test split)
+    seeds: 5
+    common: [model.embed_dim=64]            # overrides for every variant
+    training: {max_epochs: 30, patience: 3} # optim.epochs (the cap) and optim.patience, every variant
+    tuning:                                 # every variant gets the same budget, on validation
+      trials: 4
+      params: {optim.lr: {type: loguniform, low: 3.0e-4, high: 3.0e-3}}
     variants:
-      sccmrl: {preset: sccmrl}
-      triplet: {preset: triplet_category}
-      sccmrl_no_center: {preset: sccmrl, set: [loss.lambdas.center=0]}
+      sccmrl: {preset: sccmrl, tune: {loss.temperature: {type: loguniform, low: 0.05, high: 0.3}}}
+      triplet: {preset: triplet_category, tune: {loss.margin: {type: uniform, low: 0.1, high: 0.5}}}
       mixer: {preset: mixer_mae, pretrain: {preset: mixer_mae_pretrain}}
-    expect: [sccmrl > triplet]                      # orderings of the main metric's means
+    claims: [sccmrl > triplet]
+    map:                                    # optional: a claim map
+      property: offset_scale                # a key of dataset.synth (dotted for nested keys)
+      levels: [0.0, 1.0, 3.0]
+      label: modality gap (offset scale)
 """
 
 from __future__ import annotations
 
+import copy
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from xmr.config import Config, ConfigError, load_config, read_yaml_mapping, resolve_named_yaml
+from xmr.checks import check
+from xmr.config import Config, ConfigError, load_config, read_yaml_mapping, resolve_named_yaml, with_values
+from xmr.tune.space import Param, SpaceError, parse_param
 
 SPEC_DIR = Path(__file__).resolve().parent / "specs"
-_EXPECT = re.compile(r"^\s*([\w.\-]+)\s*(>|<)\s*([\w.\-]+)\s*$")
+_CLAIM = re.compile(r"^\s*([\w.\-]+)\s*(>|<)\s*([\w.\-]+)\s*$")
+_KEYS = {"name", "claim", "dataset", "metric", "seeds", "common", "variants", "claims", "expect", "split",
+         "training", "tuning", "map"}
 
 
 class SpecError(ValueError):
@@ -38,6 +52,14 @@ class Variant:
     config: Config
     pretrain: Config | None = None
     overrides: list[str] = field(default_factory=list)
+    tune: list[Param] = field(default_factory=list)  # the spec's common tuning parameters and its own
+
+
+@dataclass
+class ClaimMap:
+    property: str
+    levels: list[Any]
+    label: str
 
 
 @dataclass
@@ -48,63 +70,137 @@ class ComparisonSpec:
     metric: str
     seeds: list[int]
     variants: dict[str, Variant]
-    expect: list[tuple[str, str, str]]
+    claims: list[tuple[str, str, str]]
     split: str = "test"
+    max_epochs: int | None = None
+    patience: int = 0
+    tuning_trials: int = 0
+    tuning_seed: int = 1000
+    map: ClaimMap | None = None
+    source: str = ""
+
+    def dataset_at(self, level: Any) -> dict[str, Any]:
+        """The dataset recipe at one level of the claim map (a path of its own per level)."""
+        if self.map is None:
+            return self.dataset
+        recipe = copy.deepcopy(self.dataset)
+        node = recipe["synth"]
+        *parents, last = self.map.property.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = level
+        recipe["path"] = f"{self.dataset['path']}-{_slug(self.map.property)}-{_slug(str(level))}"
+        return recipe
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-")
 
 
 def resolve_spec(name_or_path: str) -> Path:
     return resolve_named_yaml(name_or_path, SPEC_DIR, "comparison spec", SpecError)
 
 
-def _variant_config(name: str, raw: Any, common: list[str], data_path: str, where: str) -> tuple[Config, list[str]]:
+def _params(raw: Any, where: str) -> list[Param]:
+    if raw is None:
+        return []
+    if not isinstance(raw, dict):
+        raise SpecError(f"{where}: expected a mapping of config path -> distribution")
+    try:
+        return [parse_param(str(path), spec) for path, spec in raw.items()]
+    except SpaceError as exc:
+        raise SpecError(f"{where}: {exc}") from None
+
+
+def _variant_config(raw: Any, overrides: list[str], where: str) -> tuple[Config, list[str]]:
     if not isinstance(raw, dict) or "preset" not in raw:
-        raise SpecError(f"{where}: expected a mapping with a 'preset' (and optional 'set', 'pretrain')")
-    unknown = set(raw) - {"preset", "set", "pretrain"}
+        raise SpecError(f"{where}: expected a mapping with a 'preset' (and optional 'set', 'pretrain', 'tune')")
+    unknown = set(raw) - {"preset", "set", "pretrain", "tune"}
     if unknown:
         raise SpecError(f"{where}: unknown keys {sorted(unknown)}")
-    overrides = [f"data.path={data_path}", *common, *(raw.get("set") or [])]
+    own = list(raw.get("set") or [])
     try:
-        return load_config(str(raw["preset"]), overrides), list(raw.get("set") or [])
+        return check(load_config(str(raw["preset"]), [*overrides, *own])), own
     except ConfigError as exc:
         raise SpecError(f"{where}: {exc}") from None
 
 
+def _int(raw: dict, key: str, default: int, where: str, minimum: int = 0) -> int:
+    value = raw.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise SpecError(f"{where}.{key} = {value!r}: expected an integer >= {minimum}")
+    return value
+
+
 def load_spec(name_or_path: str, data_path: str | None = None, seeds: int | None = None,
               extra: list[str] | None = None) -> ComparisonSpec:
-    """Parse and validate a spec; every variant's config is built (and checked) here."""
+    """Parse and validate a spec; every variant's config (and every tuning parameter's
+    range) is built and checked here, before anything runs."""
     path = resolve_spec(name_or_path)
     raw = read_yaml_mapping(path, SpecError)
-    unknown = set(raw) - {"name", "claim", "dataset", "metric", "seeds", "common", "variants", "expect", "split"}
+    unknown = set(raw) - _KEYS
     if unknown:
-        raise SpecError(f"{path}: unknown keys {sorted(unknown)}")
+        raise SpecError(f"{path}: unknown keys {sorted(unknown)} (known: {sorted(_KEYS)})")
     dataset = dict(raw.get("dataset") or {})
     if data_path:
         dataset = {"path": data_path}
     if "path" not in dataset:
         raise SpecError(f"{path}: dataset.path is required")
-    common = [*(raw.get("common") or []), *(extra or [])]
+    training = raw.get("training") or {}
+    if not isinstance(training, dict) or set(training) - {"max_epochs", "patience"}:
+        raise SpecError(f"{path}: training must be a mapping with max_epochs and/or patience")
+    max_epochs = _int(training, "max_epochs", 0, "training", 0) or None
+    patience = _int(training, "patience", 0, "training", 0)
+    schedule = ([f"optim.epochs={max_epochs}"] if max_epochs else []) + ([f"optim.patience={patience}"] if patience else [])
+    common = [f"data.path={dataset['path']}", *(raw.get("common") or []), *schedule, *(extra or [])]
+    tuning = raw.get("tuning") or {}
+    if not isinstance(tuning, dict) or set(tuning) - {"trials", "seed", "params"}:
+        raise SpecError(f"{path}: tuning must be a mapping with trials, seed and params")
+    shared = _params(tuning.get("params"), "tuning.params")
     variants_raw = raw.get("variants")
-    if not isinstance(variants_raw, dict) or len(variants_raw) < 1:
+    if not isinstance(variants_raw, dict) or not variants_raw:
         raise SpecError(f"{path}: variants must be a non-empty mapping")
     variants = {}
     for name, v in variants_raw.items():
-        cfg, overrides = _variant_config(name, v, common, dataset["path"], f"variants.{name}")
+        where = f"variants.{name}"
+        cfg, own = _variant_config(v, common, where)
         pre = None
-        if isinstance(v, dict) and v.get("pretrain") is not None:
-            pre, _ = _variant_config(name, v["pretrain"], common, dataset["path"], f"variants.{name}.pretrain")
-        variants[str(name)] = Variant(str(name), cfg, pre, overrides)
-    expect = []
-    for i, text in enumerate(raw.get("expect") or []):
-        m = _EXPECT.match(str(text))
+        if v.get("pretrain") is not None:
+            pre, _ = _variant_config(v["pretrain"], common, f"{where}.pretrain")
+        params = shared + _params(v.get("tune"), f"{where}.tune")
+        for p in params:  # every tuned value must fit this variant's config
+            probes = p.choices if p.kind == "categorical" else [p.low, p.high]
+            for value in probes:
+                try:
+                    check(with_values(cfg, {p.path: int(value) if p.kind == "int" else value}))
+                except ConfigError as exc:
+                    raise SpecError(f"{where}: tuning {p.path} = {value!r} does not fit ({exc})") from None
+        variants[str(name)] = Variant(str(name), cfg, pre, own, params)
+    claims = []
+    texts = raw.get("claims", raw.get("expect")) or []
+    for i, text in enumerate(texts):
+        m = _CLAIM.match(str(text))
         if not m or m.group(1) not in variants or m.group(3) not in variants:
-            raise SpecError(f"expect[{i}] = {text!r}: use '<variant> > <variant>' with variants {sorted(variants)}")
-        expect.append((m.group(1), m.group(2), m.group(3)))
-    n_seeds = seeds or int(raw.get("seeds", 3))
-    if n_seeds < 1:
-        raise SpecError(f"seeds = {n_seeds}: must be >= 1")
+            raise SpecError(f"claims[{i}] = {text!r}: use '<variant> > <variant>' with variants {sorted(variants)}")
+        claims.append((m.group(1), m.group(2), m.group(3)))
+    n_seeds = seeds or _int(raw, "seeds", 5, "seeds", 1)
     metric = str(raw.get("metric") or "")
     if not metric:
         raise SpecError(f"{path}: metric is required (e.g. map_mean, r1_mean, vcmr_0.7_r10)")
-    return ComparisonSpec(name=str(raw.get("name") or path.stem), claim=str(raw.get("claim", "")), dataset=dataset,
-                          metric=metric, seeds=list(range(n_seeds)), variants=variants, expect=expect,
-                          split=str(raw["split"]) if "split" in raw else next(iter(variants.values())).config.data.test_split)
+    claim_map = None
+    if raw.get("map") is not None:
+        m = raw["map"]
+        if not isinstance(m, dict) or set(m) - {"property", "levels", "label"} or "property" not in m:
+            raise SpecError(f"{path}: map needs property and levels (and an optional label)")
+        levels = m.get("levels")
+        if not isinstance(levels, list) or len(levels) < 2:
+            raise SpecError(f"{path}: map.levels must list at least 2 values")
+        if "synth" not in dataset:
+            raise SpecError(f"{path}: a claim map varies the generated data: dataset.synth is required")
+        claim_map = ClaimMap(str(m["property"]), levels, str(m.get("label") or m["property"]))
+    first = next(iter(variants.values())).config
+    return ComparisonSpec(name=str(raw.get("name") or path.stem), claim=" ".join(str(raw.get("claim", "")).split()),
+                          dataset=dataset, metric=metric, seeds=list(range(n_seeds)), variants=variants,
+                          claims=claims, split=str(raw.get("split") or first.data.test_split), max_epochs=max_epochs,
+                          patience=patience, tuning_trials=_int(tuning, "trials", 0, "tuning"),
+                          tuning_seed=_int(tuning, "seed", 1000, "tuning"), map=claim_map, source=str(path))

@@ -64,21 +64,37 @@ def cluster_address(cfg: Config, address: str | None = None) -> str | None:
     return address or cfg.resources.address or os.environ.get("RAY_ADDRESS")
 
 
-def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
-    """Attach to ``address`` / ``RAY_ADDRESS`` or start an embedded local Ray (idempotent)."""
+def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, quiet: bool = False,
+               extra_env: dict[str, str] | None = None) -> str:
+    """Attach to whatever Ray is there, or start one (idempotent); returns how.
+
+    ``address`` / ``RAY_ADDRESS`` -> that cluster; else a cluster already running on this
+    machine (``ray start``) -> attach to it; else start an embedded local Ray with
+    ``num_cpus``. Start-only arguments are never passed when attaching (Ray refuses them).
+    """
     import ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "token")
     if ray.is_initialized():
-        return
+        return "already connected"
+    env = code_runtime_env(extra_env)
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, runtime_env=code_runtime_env())
+        ray.init(address=address, runtime_env=env)
+        how = f"attached to the Ray cluster at {address}"
     else:
-        # The dashboard (bound to 127.0.0.1) serves Ray's state API, which Ray Train uses to
-        # release a stopped run's placement group (e.g. a trial ASHA ends early).
-        ray.init(num_cpus=num_cpus or max(4, 2 * (os.cpu_count() or 1)), include_dashboard=True,
-                 dashboard_host="127.0.0.1", runtime_env=code_runtime_env(), configure_logging=False)
+        try:
+            ray.init(address="auto", runtime_env=env)
+            how = "attached to the Ray cluster running on this machine (set RAY_ADDRESS or --address for another)"
+        except ConnectionError:
+            # The dashboard (bound to 127.0.0.1) serves Ray's state API, which Ray Train uses to
+            # release a stopped run's placement group (e.g. a trial ASHA ends early).
+            ray.init(num_cpus=num_cpus or max(4, 2 * (os.cpu_count() or 1)), include_dashboard=True,
+                     dashboard_host="127.0.0.1", runtime_env=env, configure_logging=False)
+            how = "started an embedded local Ray"
+    if not quiet and not how.startswith("started"):
+        print(f"[xmr] {how}", flush=True)
+    return how
 
 
 def prepare(cfg: Config, run_name: str | None = None) -> tuple[Config, str, str]:

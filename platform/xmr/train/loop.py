@@ -34,7 +34,7 @@ from xmr.tasks.evaluate import evaluate
 from xmr.train.pretrained import load_pretrained
 from xmr.train.progress import EpochProgress, epoch_line, say
 from xmr.train.runfs import RunDir
-from xmr.train.step import EpochMeter, TrainStep, schedule
+from xmr.train.step import EpochMeter, TrainStep, patience_exhausted, schedule
 
 _P = 2_147_483_647  # prime modulus keeping Σ index² in int64 for any split size
 
@@ -87,6 +87,10 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
         score_untrained(w, state)
     first, started = state.epoch, time.perf_counter()
     for epoch in range(first, w.cfg.optim.epochs):
+        if patience_exhausted(state.history, w.metric, w.mode, w.cfg.optim.patience):  # the same on every rank
+            if w.rank == 0:
+                say(f"[xmr] early stop after epoch {epoch}: no better {w.metric} for {w.cfg.optim.patience} epoch(s)")
+            break
         stats = train_epoch(w, epoch)
         per_epoch = (time.perf_counter() - started) / (epoch + 1 - first)
         evaluate_and_report(w, state, epoch, stats, eta_s=per_epoch * (w.cfg.optim.epochs - epoch - 1))

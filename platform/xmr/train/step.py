@@ -44,6 +44,26 @@ def schedule(cfg: Config, loader_steps: int) -> tuple[int, int]:
     return per_epoch, per_epoch * cfg.optim.epochs
 
 
+def best_epoch(history: list[dict[str, Any]], metric: str, mode: str) -> int | None:
+    """The epoch with the best ``metric`` (ties to the later epoch, as checkpoints keep), or None."""
+    best, value = None, None
+    for row in history:
+        v = row.get(metric)
+        if row.get("epoch", 0) < 1 or v is None or v != v:
+            continue
+        if value is None or (v >= value if mode == "max" else v <= value):
+            best, value = int(row["epoch"]), v
+    return best
+
+
+def patience_exhausted(history: list[dict[str, Any]], metric: str, mode: str, patience: int) -> bool:
+    """Early stopping: ``patience`` > 0 epochs have passed since the best validation metric."""
+    if patience <= 0 or not history:
+        return False
+    best = best_epoch(history, metric, mode)
+    return best is not None and int(history[-1]["epoch"]) - best >= patience
+
+
 def autocast_for(cfg: Config, device: torch.device):
     """bf16 autocast on GPU unless fp32 is asked for; fp32 on CPU unless bf16 is asked for."""
     wanted = cfg.optim.precision

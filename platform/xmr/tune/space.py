@@ -100,7 +100,7 @@ def _number(value: Any, where: str) -> float:
         raise SpaceError(f"{where} = {value!r}: expected a number") from None
 
 
-def _parse_param(path: str, spec: Any) -> Param:
+def parse_param(path: str, spec: Any) -> Param:
     where = f"params.{path}"
     if not isinstance(spec, dict):
         raise SpaceError(f"{where}: expected a mapping with 'type', got {spec!r}")
@@ -198,7 +198,7 @@ def load_space(path: str | Path, base: Config | None = None) -> SearchSpace:
     mode = raw.get("mode", "max")
     if mode not in ("max", "min"):
         raise SpaceError(f"{path}: mode = {mode!r}: must be max or min")
-    declared = {str(name): _parse_param(str(name), spec) for name, spec in params_raw.items()}
+    declared = {str(name): parse_param(str(name), spec) for name, spec in params_raw.items()}
     space = SearchSpace(preset=str(raw.get("preset", "")), params=_resolve_conditions(declared),
                         metric=str(raw.get("metric", "") or ""), mode=mode, source=str(path))
     try:

@@ -44,14 +44,16 @@ def concurrency(cfg: Config, requested: int, n_trials: int) -> int:
 
 def make_tuner(trainable, cfg: Config, name: str, n_trials: int, *, metric: str | None = None,
                mode: str | None = None, max_concurrent: int = 0, search_alg=None, param_space=None,
-               scheduler=None, root: str | None = None, resume: bool = True, what: str = "sweep"):
-    """A ``Tuner`` whose trials each reserve ``TRIAL_DRIVER_CPUS`` (their trainers reserve the
-    rest); resumed from ``<root>/<name>`` when it exists there (finished trials kept)."""
+               scheduler=None, root: str | None = None, resume: bool = True, what: str = "sweep",
+               trial_cpus: float = TRIAL_DRIVER_CPUS, reuse_actors: bool = False):
+    """A ``Tuner`` whose trials each reserve ``trial_cpus`` (default: a driver that only waits
+    on its trainer, whose workers reserve the rest); resumed from ``<root>/<name>`` when it
+    exists there (finished trials kept)."""
     from ray import tune
 
     fs, base = filesystem(root or cfg.storage.root, cfg.data.endpoint_url)
     path = f"{base}/{name}"
-    trainable = tune.with_resources(trainable, {"CPU": TRIAL_DRIVER_CPUS})
+    trainable = tune.with_resources(trainable, {"CPU": trial_cpus})
     if resume and tune.Tuner.can_restore(path, storage_filesystem=fs):
         print(f"[xmr] resuming {what} {name}: finished trials are kept, unfinished ones resume", flush=True)
         return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True,
@@ -60,7 +62,7 @@ def make_tuner(trainable, cfg: Config, name: str, n_trials: int, *, metric: str 
         trainable,
         param_space=param_space or {},
         tune_config=tune.TuneConfig(metric=metric, mode=mode, num_samples=n_trials if search_alg else 1,
-                                    search_alg=search_alg, scheduler=scheduler,
+                                    search_alg=search_alg, scheduler=scheduler, reuse_actors=reuse_actors,
                                     max_concurrent_trials=concurrency(cfg, max_concurrent, n_trials)),
         run_config=tune.RunConfig(name=name, storage_path=base, storage_filesystem=fs),
     )

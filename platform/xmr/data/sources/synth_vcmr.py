@@ -1,15 +1,21 @@
-"""Synthetic video corpus moment retrieval (VCMR) data with a planted ground truth.
+"""Synthetic video corpus moment retrieval (VCMR) data where QACLN's premise is true and measurable.
 
-Each video has a topic latent and per-clip content latents (distractor content, separately
-for the visual and the subtitle stream). Each query j gets its own moment latent ``m_j``,
-added (times ``signal``) to the latents of the clips overlapping its moment, in the stream(s)
-its TVR-style type names: ``v`` visual only, ``t`` subtitle only, ``vt`` both. So a model
-must weigh the streams per query (query-aware fusion) to find the moment. Features are each
-stream's own fixed random linear map of its latents plus an offset and noise; subtitles are
-missing (mask 0, zero row) on a fraction of clips, but a ``t``/``vt`` moment always keeps at
-least one subtitled clip. A query is a sequence of noisy tokens whose mean carries ``m_j``.
-Extra distractor moments (random latents in random segments) make "any salient segment" a
-wrong answer. Durations, moment positions and types can be drawn from a real TVR jsonl.
+As in TVR, a ``v`` query describes what is seen, a ``t`` query what is said, a ``vt`` query
+both. Each video has a topic latent and per-clip content latents, separately for the visual
+and the subtitle stream. A query's moment gets a visual latent ``m_v`` (``v`` and ``vt``),
+planted (times ``signal``) into the visual clips of its moment, and/or a subtitle latent
+``m_s`` (``t`` and ``vt``) planted into its subtitle clips. The query's tokens are drawn from
+the latent(s) of the stream(s) its type names, through a query "vocabulary" per stream (its
+own fixed map and offset: words for what is seen differ from words for what is said), so
+the tokens say which stream holds the moment: query-aware fusion has something to learn
+(a linear probe of the mean token predicts the type). Features are each stream's fixed
+random linear map of its latents plus an offset and noise; subtitles are missing (mask 0,
+zero row) on ``sub_missing`` of the clips, but a ``t``/``vt`` moment keeps at least one
+subtitled clip. Distractors: ``distractors_per_video`` random-latent segments, and, with
+probability ``cross_stream_distractors`` per query, the query's own latent planted in the
+*other* stream of a random other video of the split: similar content elsewhere in the
+corpus, a wrong answer for a model that does not weigh the streams by query. Durations,
+moment positions and types can be drawn from a real TVR jsonl.
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ class SynthVcmrConfig:
     max_moment: float = 15.0
     edge_prob: float = 0.2             # share of moments snapped to the video start or end
     type_probs: dict[str, float] = field(default_factory=lambda: {"v": 1 / 3, "t": 1 / 3, "vt": 1 / 3})
+    single_stream_share: float | None = None  # set: P(v) = P(t) = share / 2, P(vt) = 1 - share (overrides type_probs)
     sub_missing: float = 0.3           # share of clips without a subtitle
     signal: float = 2.0
     content_scale: float = 1.0
@@ -54,7 +61,9 @@ class SynthVcmrConfig:
     min_tokens: int = 4
     max_tokens: int = 12
     token_noise: float = 0.5
+    query_offset_scale: float = 1.0    # how far apart the two query vocabularies' means lie
     distractors_per_video: int = 1
+    cross_stream_distractors: float = 0.5  # P(a query's latent also sits in the other stream of another video)
     durations_from: str | None = None  # TVR jsonl: sample real (duration, ts, type) per video
     seed: int = 0
     dtype: str = "float16"
@@ -77,6 +86,10 @@ class SynthVcmrConfig:
             raise ValueError(f"type_probs must be non-negative weights over {QUERY_TYPES}, got {self.type_probs}")
         if not 0 <= self.sub_missing < 1:
             raise ValueError(f"sub_missing must be in [0, 1), got {self.sub_missing}")
+        if self.single_stream_share is not None and not 0 <= self.single_stream_share <= 1:
+            raise ValueError(f"single_stream_share must be in [0, 1], got {self.single_stream_share}")
+        if not 0 <= self.cross_stream_distractors <= 1:
+            raise ValueError(f"cross_stream_distractors must be in [0, 1], got {self.cross_stream_distractors}")
         if self.durations_from is not None and not Path(self.durations_from).is_file():
             raise FileNotFoundError(f"durations_from: no such TVR jsonl file {self.durations_from!r}")
 
@@ -88,12 +101,12 @@ class VcmrVideo:
     key: str
     arrays: dict[str, np.ndarray]
     meta: dict
-    query_latents: np.ndarray      # [n_queries, latent_dim]
+    query_latents: dict[str, np.ndarray]  # stream -> [n_queries, latent_dim] (zero where the type does not name it)
 
 
 @dataclass
 class SynthVcmrData:
-    """All splits plus the planted maps/offsets (``visual``, ``subtitle``, ``query``)."""
+    """All splits plus the planted maps/offsets (``visual``, ``subtitle``, ``query_v``, ``query_t``)."""
 
     videos: dict[str, list[VcmrVideo]]
     maps: dict[str, np.ndarray]
@@ -130,8 +143,10 @@ def _plan_video(cfg: SynthVcmrConfig, rng: np.random.Generator, real: list | Non
         return duration, [([min(max(qs[i][0][0], 0.0), duration), min(max(qs[i][0][1], 0.0), duration)],
                            qs[i][1]) for i in sorted(order)]
     duration = round(float(rng.uniform(cfg.min_duration, cfg.max_duration)), 2)
-    types = list(cfg.type_probs)
-    p = np.array([cfg.type_probs[t] for t in types], dtype=np.float64)
+    probs = cfg.type_probs if cfg.single_stream_share is None else \
+        {"v": cfg.single_stream_share / 2, "t": cfg.single_stream_share / 2, "vt": 1 - cfg.single_stream_share}
+    types = [t for t in probs if probs[t] > 0]
+    p = np.array([probs[t] for t in types], dtype=np.float64)
     queries = []
     for _ in range(int(rng.integers(cfg.min_queries, cfg.max_queries + 1))):
         length = min(float(rng.uniform(cfg.min_moment, cfg.max_moment)), duration)
@@ -147,65 +162,118 @@ def _plan_video(cfg: SynthVcmrConfig, rng: np.random.Generator, real: list | Non
     return duration, queries
 
 
-def _make_video(cfg: SynthVcmrConfig, rng: np.random.Generator, maps: dict, offsets: dict, duration: float,
-                queries: list, names: tuple[str, int, int]) -> VcmrVideo:
+STREAMS = ("visual", "subtitle")
+QUERY_MAP = {"visual": "query_v", "subtitle": "query_t"}  # each stream's query vocabulary
+
+
+@dataclass
+class _Draft:
+    """A video's latents and queries before they become features (distractors go in between)."""
+
+    key: str
+    video_index: int
+    first_desc_id: int
+    duration: float
+    queries: list
+    lat: dict[str, np.ndarray]
+    mask: np.ndarray
+    q_lat: dict[str, np.ndarray]
+
+
+def _draft_video(cfg: SynthVcmrConfig, rng: np.random.Generator, duration: float, queries: list,
+                 names: tuple[str, int, int]) -> _Draft:
     key, video_index, first_desc_id = names
     k, n = cfg.latent_dim, max(1, int(math.ceil(duration / cfg.clip_len)))
     topic = rng.normal(0, cfg.content_scale, k)
-    lat = {s: topic + rng.normal(0, 0.5 * cfg.content_scale, (n, k)) for s in ("visual", "subtitle")}
+    lat = {s: topic + rng.normal(0, 0.5 * cfg.content_scale, (n, k)) for s in STREAMS}
     mask = (rng.random(n) >= cfg.sub_missing).astype(np.uint8)
-    q_lat = rng.normal(0, 1.0, (len(queries), k))
+    q_lat = {s: np.zeros((len(queries), k)) for s in STREAMS}
     for j, (ts, typ) in enumerate(queries):
         clips = moment_clips(ts, n, cfg.clip_len)
-        if "v" in typ:
-            lat["visual"][clips.start:clips.stop] += cfg.signal * q_lat[j]
-        if "t" in typ:
-            lat["subtitle"][clips.start:clips.stop] += cfg.signal * q_lat[j]
-            if not mask[clips.start:clips.stop].any():
-                mask[int(rng.integers(clips.start, clips.stop))] = 1
+        for stream, letter in (("visual", "v"), ("subtitle", "t")):
+            if letter in typ:
+                q_lat[stream][j] = rng.normal(0, 1.0, k)
+                lat[stream][clips.start:clips.stop] += cfg.signal * q_lat[stream][j]
+        if "t" in typ and not mask[clips.start:clips.stop].any():
+            mask[int(rng.integers(clips.start, clips.stop))] = 1
     for _ in range(cfg.distractors_per_video):
         st = int(rng.integers(n))
         ed = min(n, st + int(rng.integers(1, max(2, int(cfg.max_moment / cfg.clip_len)))))
-        lat[("visual", "subtitle")[int(rng.integers(2))]][st:ed] += cfg.signal * rng.normal(0, 1.0, k)
-    feats = {s: lat[s] @ maps[s].T + offsets[s] + rng.normal(0, cfg.noise, (n, maps[s].shape[0]))
-             for s in ("visual", "subtitle")}
-    feats["subtitle"] *= mask[:, None]
+        lat[STREAMS[int(rng.integers(2))]][st:ed] += cfg.signal * rng.normal(0, 1.0, k)
+    return _Draft(key, video_index, first_desc_id, duration, queries, lat, mask, q_lat)
+
+
+def _plant_cross_stream(cfg: SynthVcmrConfig, rng: np.random.Generator, drafts: list[_Draft]) -> None:
+    """Each query's latent, with probability ``cross_stream_distractors``, into the other
+    stream of a random segment of another video (its own stream's content, elsewhere)."""
+    if len(drafts) < 2 or cfg.cross_stream_distractors <= 0:
+        return
+    for i, d in enumerate(drafts):
+        for j in range(len(d.queries)):
+            if rng.random() >= cfg.cross_stream_distractors:
+                continue
+            named = [s for s in STREAMS if d.q_lat[s][j].any()]
+            source = named[int(rng.integers(len(named)))]
+            other = drafts[(i + 1 + int(rng.integers(len(drafts) - 1))) % len(drafts)]
+            n = other.lat["visual"].shape[0]
+            st = int(rng.integers(n))
+            ed = min(n, st + int(rng.integers(1, max(2, int(cfg.max_moment / cfg.clip_len)))))
+            target = "subtitle" if source == "visual" else "visual"
+            other.lat[target][st:ed] += cfg.signal * d.q_lat[source][j]
+            if target == "subtitle":
+                other.mask[st:ed] = 1  # the distractor is heard, so its clips have subtitles
+
+
+def _finish_video(cfg: SynthVcmrConfig, rng: np.random.Generator, maps: dict, offsets: dict, d: _Draft) -> VcmrVideo:
+    k, n = cfg.latent_dim, d.lat["visual"].shape[0]
+    feats = {s: d.lat[s] @ maps[s].T + offsets[s] + rng.normal(0, cfg.noise, (n, maps[s].shape[0])) for s in STREAMS}
+    feats["subtitle"] *= d.mask[:, None]
     tokens, qmeta = [], []
-    for j, (ts, typ) in enumerate(queries):
+    for j, (ts, typ) in enumerate(d.queries):
         nt = int(rng.integers(cfg.min_tokens, cfg.max_tokens + 1))
-        zt = q_lat[j][None, :] + rng.normal(0, cfg.token_noise, (nt, k))
-        tokens.append(zt @ maps["query"].T + offsets["query"] + rng.normal(0, cfg.noise, (nt, cfg.dim_query)))
-        qmeta.append({"desc_id": first_desc_id + j, "desc": f"synthetic {typ} query {first_desc_id + j} on {key}",
+        named = [s for s, letter in (("visual", "v"), ("subtitle", "t")) if letter in typ]
+        rows = []
+        for t in range(nt):  # a vt query's tokens alternate between its two vocabularies
+            stream = named[t % len(named)]
+            z = d.q_lat[stream][j] + rng.normal(0, cfg.token_noise, k)
+            vocab = QUERY_MAP[stream]
+            rows.append(z @ maps[vocab].T + offsets[vocab] + rng.normal(0, cfg.noise, cfg.dim_query))
+        tokens.append(np.stack(rows))
+        desc_id = d.first_desc_id + j
+        qmeta.append({"desc_id": desc_id, "desc": f"synthetic {typ} query {desc_id} on {d.key}",
                       "type": typ, "ts": [float(ts[0]), float(ts[1])], "n_tokens": nt})
     arrays = {"visual": feats["visual"].astype(np.float32), "subtitle": feats["subtitle"].astype(np.float32),
-              "sub_mask": mask,
+              "sub_mask": d.mask,
               "query_tokens": (np.concatenate(tokens).astype(np.float32) if tokens
                                else np.zeros((0, cfg.dim_query), np.float32))}
-    meta = {"vid_name": key, "duration": float(duration), "n_clips": n, "video_index": video_index,
+    meta = {"vid_name": d.key, "duration": float(d.duration), "n_clips": n, "video_index": d.video_index,
             "queries": qmeta}
-    return VcmrVideo(key=key, arrays=arrays, meta=meta, query_latents=q_lat)
+    return VcmrVideo(key=d.key, arrays=arrays, meta=meta, query_latents=d.q_lat)
 
 
 def generate_vcmr(cfg: SynthVcmrConfig, progress: bool = False) -> SynthVcmrData:
     """The whole corpus in memory, deterministic in ``cfg.seed`` (and the jsonl, if given)."""
     cfg.validate()
     rng0 = np.random.default_rng(cfg.seed)
-    dims = {"visual": cfg.dim_visual, "subtitle": cfg.dim_subtitle, "query": cfg.dim_query}
+    dims = {"visual": cfg.dim_visual, "subtitle": cfg.dim_subtitle, "query_v": cfg.dim_query, "query_t": cfg.dim_query}
     maps = {s: rng0.normal(0, 1 / np.sqrt(cfg.latent_dim), (d, cfg.latent_dim)) for s, d in dims.items()}
     offsets = {s: rng0.normal(0, 1.0, d) for s, d in dims.items()}
+    for vocab in ("query_v", "query_t"):
+        offsets[vocab] = rng0.normal(0, cfg.query_offset_scale, cfg.dim_query)
     real = load_real_videos(cfg.durations_from) if cfg.durations_from else None
     videos: dict[str, list[VcmrVideo]] = {}
     video_index, desc_id = 0, 0
     for split, n_videos in cfg.splits.items():
         rng = _split_rng(cfg.seed, split)
-        out = []
-        for i in tqdm(range(n_videos), desc=f"synth vcmr {split}", disable=not progress):
+        drafts = []
+        for i in range(n_videos):
             duration, queries = _plan_video(cfg, rng, real)
-            key = f"synth_{split}_{i:05d}"
-            out.append(_make_video(cfg, rng, maps, offsets, duration, queries, (key, video_index, desc_id)))
+            drafts.append(_draft_video(cfg, rng, duration, queries, (f"synth_{split}_{i:05d}", video_index, desc_id)))
             video_index += 1
             desc_id += len(queries)
-        videos[split] = out
+        _plant_cross_stream(cfg, rng, drafts)
+        videos[split] = [_finish_video(cfg, rng, maps, offsets, d)
+                         for d in tqdm(drafts, desc=f"synth vcmr {split}", disable=not progress)]
     return SynthVcmrData(videos=videos, maps=maps, offsets=offsets)
 
 
