@@ -114,7 +114,7 @@ def test_shipped_specs_load():
     assert k.variants["k_past_batch_bank"].config.negatives.memory_bank > 0
 
 
-def test_tiny_claim_map_end_to_end(tmp_path):
+def test_tiny_claim_map_end_to_end(tmp_path, monkeypatch):
     """2 levels x 2 seeds x 3 variants (one broken) with one tuning trial each, on the local
     Ray: the broken variant is reported failed while the others finish, verdicts are the
     scipy-checked paired intervals, and the page is rebuilt with its overview."""
@@ -123,10 +123,11 @@ def test_tiny_claim_map_end_to_end(tmp_path):
     from xmr.compare.report import update_report
     from xmr.compare.runner import run_comparison
 
+    monkeypatch.chdir(tmp_path)  # relative paths, as a user writes them: trials run in working dirs of their own
     spec_path = tmp_path / "spec.yaml"
     spec_path.write_text(yaml.safe_dump({
         "name": "tiny", "claim": "SCCMRL beats the triplet baseline whatever the number of classes.",
-        "dataset": {"path": str(tmp_path / "data"),
+        "dataset": {"path": "data",
                     "synth": {"kind": "category", "splits": {"train": 96, "val": 32, "test": 32}, "seed": 1}},
         "metric": "map_mean", "seeds": 2,
         "common": ["data.batch_size=32", "model.embed_dim=16", "model.hidden_dim=32"],
@@ -138,7 +139,7 @@ def test_tiny_claim_map_end_to_end(tmp_path):
         "map": {"property": "n_classes", "levels": [4, 8], "label": "classes"}}))
     spec = load_spec(str(spec_path))
     try:
-        c = run_comparison(spec, str(tmp_path / "out"), concurrency=2)
+        c = run_comparison(spec, "out", concurrency=2)
     finally:
         ray.shutdown()
     runs = c.runs

@@ -24,7 +24,8 @@ def _compare(args: argparse.Namespace) -> int:
         print(f"[xmr] comparison {spec.name}: {len(spec.variants)} variants x {len(spec.seeds)} seeds"
               + (f" x {len(spec.map.levels)} levels of {spec.map.label}" if spec.map else "")
               + (f", {spec.tuning_trials} tuning trials per variant" if spec.tuning_trials else ""), flush=True)
-        c = run_comparison(spec, args.storage, concurrency=args.concurrency, address=args.address)
+        c = run_comparison(spec, args.storage, concurrency=args.concurrency, address=args.address,
+                           verbose=args.verbose)
         done.append(c)
         print(markdown(c, describe()))
         print(f"[xmr] {spec.name}: runs, tuning, summary, paired differences and plots in {c.out}", flush=True)
@@ -55,4 +56,5 @@ def register(subparsers: Any) -> None:
     p.add_argument("--concurrency", type=int, default=0, help="runs at a time (default: as the cluster's CPUs allow)")
     p.add_argument("--report", default=None, help="results page to write, e.g. docs/results.md (default: none)")
     p.add_argument("--address", default=None, help="Ray cluster (default: RAY_ADDRESS, a running local one, or embedded)")
+    p.add_argument("--verbose", action="store_true", help="show Ray Tune's own trial tables and logs (default: xmr's lines)")
     p.set_defaults(func=_compare)

@@ -60,6 +60,12 @@ def ensure_dataset(dataset: dict[str, Any]) -> str:
     return path
 
 
+def _absolute(path: str) -> str:
+    from xmr.data import storage
+
+    return path if storage.is_s3(path) else os.path.abspath(path)
+
+
 # --------------------------------------------------------------------------- one run
 
 
@@ -185,7 +191,7 @@ def _job(spec: ComparisonSpec, v: Variant, *, phase: str, seed: int, values: dic
 
 
 def _run_jobs(jobs: dict[str, dict[str, Any]], name: str, root: str, runs_root: str, concurrency: int,
-              cfg) -> dict[str, dict[str, Any]]:
+              cfg, metric: str | None = None, verbose: bool = False) -> dict[str, dict[str, Any]]:
     """Every job as a Tune trial; {job id: metrics or {"error": ...}}."""
     from ray import tune
 
@@ -193,8 +199,9 @@ def _run_jobs(jobs: dict[str, dict[str, Any]], name: str, root: str, runs_root: 
 
     trainable = tune.with_parameters(comparison_trial, jobs=jobs, runs_root=runs_root)
     grid = make_tuner(trainable, cfg, name, len(jobs), max_concurrent=concurrency, root=root, resume=False,
-                      param_space={"job": tune.grid_search(sorted(jobs))}, what="comparison", trial_cpus=1,
-                      reuse_actors=True).fit()  # one process per slot: no start-up (imports) per trial
+                      param_space={"job": tune.grid_search(sorted(jobs))}, what=name, trial_cpus=1,
+                      reuse_actors=True,  # one process per slot: no start-up (imports) per trial
+                      verbose=verbose, progress_metric=metric).fit()
     out = {}
     for result in grid:
         job = result.config["job"]
@@ -203,12 +210,14 @@ def _run_jobs(jobs: dict[str, dict[str, Any]], name: str, root: str, runs_root: 
     return out
 
 
-def run_comparison(spec: ComparisonSpec, root: str, concurrency: int = 0, address: str | None = None) -> Comparison:
+def run_comparison(spec: ComparisonSpec, root: str, concurrency: int = 0, address: str | None = None,
+                   verbose: bool = False) -> Comparison:
     from xmr.data import storage
     from xmr.train.driver import ensure_ray
 
     levels = spec.map.levels if spec.map is not None else [None]
-    data = {str(level): ensure_dataset(spec.dataset_at(level)) for level in levels}
+    # absolute local paths: trials run in working directories of their own
+    data = {str(level): _absolute(ensure_dataset(spec.dataset_at(level))) for level in levels}
     first = next(iter(spec.variants.values())).config
     in_process = all(v.config.resources.num_workers == 1 for v in spec.variants.values())
     # In-process runs take one core each: an embedded Ray gets as many CPUs as there are cores.
@@ -216,6 +225,7 @@ def run_comparison(spec: ComparisonSpec, root: str, concurrency: int = 0, addres
     import ray
 
     limit = concurrency or max(1, int(float(ray.cluster_resources().get("CPU", 1))))
+    root = _absolute(root)
     out = RunDir(root, spec.name)
     runs_root = out.uri("runs")
     t0 = time.perf_counter()
@@ -225,8 +235,9 @@ def run_comparison(spec: ComparisonSpec, root: str, concurrency: int = 0, addres
                                                  level=tune_level, data=data[str(tune_level)], split=first.data.val_split,
                                                  run=f"tune-{slug(n)}-{i:02d}")
                  for n, ds in draws.items() for i, d in enumerate(ds)}
-    tuned = _run_jobs(tune_jobs, f"{spec.name}-tuning", storage.join(root, spec.name), runs_root, limit, first) \
-        if tune_jobs else {}
+    val_metric = first.storage.checkpoint_metric or family_of(first).main_metric
+    tuned = _run_jobs(tune_jobs, f"{spec.name}-tuning", storage.join(root, spec.name), runs_root, limit, first,
+                      val_metric, verbose) if tune_jobs else {}
     tuning_rows, chosen = [], {}
     for name, v in spec.variants.items():
         metric = v.config.storage.checkpoint_metric or family_of(v.config).main_metric
@@ -246,7 +257,8 @@ def run_comparison(spec: ComparisonSpec, root: str, concurrency: int = 0, addres
                  _job(spec, v, phase="seed", seed=s, values=chosen[n], level=level, data=data[str(level)],
                       split=spec.split, run=(f"{slug(level)}-" if level is not None else "") + f"{slug(n)}-seed{s}")
                  for level in levels for n, v in spec.variants.items() for s in spec.seeds}
-    results = _run_jobs(seed_jobs, f"{spec.name}-seeds", storage.join(root, spec.name), runs_root, limit, first)
+    results = _run_jobs(seed_jobs, f"{spec.name}-seeds", storage.join(root, spec.name), runs_root, limit, first,
+                        spec.metric, verbose)
     wall = time.perf_counter() - t0
     rows = []
     for job_id, job in seed_jobs.items():

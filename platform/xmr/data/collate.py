@@ -59,6 +59,8 @@ def collate_vcmr_query(units: list[dict]) -> dict[str, Any]:
         "desc_id": torch.tensor([u["desc_id"] for u in units], dtype=torch.long),
         "index": torch.tensor([u["video"]["index"] for u in units], dtype=torch.long),
         "type": [u["type"] for u in units],
+        "desc": [u["desc"] for u in units],
+        "vid_name": [u["video"]["vid_name"] for u in units],
         "key": [u["key"] for u in units],
     })
     return batch

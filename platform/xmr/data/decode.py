@@ -183,5 +183,6 @@ def decode(raw: dict, spec: DecodeSpec, meta: dict) -> list[dict]:
             q_tok = q_tok[:spec.max_query_tokens]
         offset += length
         units.append({"video": video, "q_tokens": q_tok, "st": st, "ed": ed, "ts": [float(ts[0]), float(ts[1])],
-                      "desc_id": int(q.get("desc_id", -1)), "type": str(q.get("type", "")), "key": key})
+                      "desc_id": int(q.get("desc_id", -1)), "type": str(q.get("type", "")),
+                      "desc": str(q.get("desc", "")), "key": key})
     return units

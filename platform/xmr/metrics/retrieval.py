@@ -144,6 +144,26 @@ def mean_average_precision(
     }
 
 
+def per_query_ap(
+    sim: Any,
+    query_labels: Any,
+    gallery_labels: Any,
+    label_kind: LabelKind = "single",
+    chunk_size: int = DEFAULT_CHUNK,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per query: AP@all (NaN without a relevant item) and the 1-based rank of its first
+    relevant gallery item (0 without one); the same ranking and ties as ``mean_average_precision``."""
+    aps, firsts = [], []
+    for ranked in _ranked_relevance_chunks(sim, query_labels, gallery_labels, label_kind, chunk_size):
+        hits = np.cumsum(ranked, axis=1, dtype=np.float64)
+        n_rel = hits[:, -1]
+        precision = hits / np.arange(1, ranked.shape[1] + 1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            aps.append(np.where(n_rel > 0, (precision * ranked).sum(axis=1) / n_rel, np.nan))
+        firsts.append(np.where(n_rel > 0, ranked.argmax(axis=1) + 1, 0))
+    return np.concatenate(aps), np.concatenate(firsts)
+
+
 def precision_at_k(
     sim: Any,
     query_labels: Any,

@@ -244,6 +244,34 @@ def _decode_chunk(
     return (video.masked_fill(pad, -1), st.masked_fill(pad, -1), ed.masked_fill(pad, -1), top_scores)
 
 
+def nms_spans(video: np.ndarray, t_s: np.ndarray, t_e: np.ndarray, score: np.ndarray, iou: float,
+              keep: int) -> tuple[np.ndarray, ...]:
+    """Non-maximum suppression of each query's ranked moments [Q, K]: in rank order, drop a
+    moment whose temporal IoU with a kept moment of the same video exceeds ``iou``; the first
+    ``keep`` survivors, ranking order kept, padded with video -1 / score -inf."""
+    q = video.shape[0]
+    out_v = np.full((q, keep), -1, dtype=np.int64)
+    out_s, out_e = np.zeros((q, keep)), np.zeros((q, keep))
+    out_score = np.full((q, keep), -np.inf)
+    for i in range(q):
+        kept: list[int] = []
+        for j in range(video.shape[1]):
+            if len(kept) == keep:
+                break
+            if video[i, j] < 0 or not np.isfinite(score[i, j]):
+                continue
+            same = [k for k in kept if video[i, k] == video[i, j]]
+            if same:
+                overlap = temporal_iou(np.stack([t_s[i, same], t_e[i, same]], -1), np.array([t_s[i, j], t_e[i, j]]))
+                if (overlap > iou).any():
+                    continue
+            kept.append(j)
+        n = len(kept)
+        out_v[i, :n], out_s[i, :n], out_e[i, :n], out_score[i, :n] = (video[i, kept], t_s[i, kept], t_e[i, kept],
+                                                                      score[i, kept])
+    return out_v, out_s, out_e, out_score
+
+
 NO_HIT = np.iinfo(np.int64).max  # first_hit's value for a query without a correct prediction
 
 
@@ -354,6 +382,7 @@ __all__ = [
     "first_hit",
     "moment_to_clips",
     "n_clips_for",
+    "nms_spans",
     "rank_moments",
     "recall_from_first_hit",
     "round_trip_iou",

@@ -27,6 +27,7 @@ class TaskFamily:
     labelled: ClassVar[bool] = False  # items carry class labels (loss terms check their label kind)
     extends: ClassVar[tuple[str, ...]] = ()  # families whose models and loss terms also fit this one
     data_fields: ClassVar[tuple[str, ...]] = ()  # data.* fields only this family's loader reads
+    output_files: ClassVar[tuple[str, ...]] = ()  # what ``outputs`` writes beside metrics.json
 
     def fits(self, families: tuple[str, ...]) -> bool:
         """Whether a model or loss term declared for ``families`` applies to this family."""
@@ -43,13 +44,19 @@ class TaskFamily:
         raise NotImplementedError(f"the {self.name} family has no memory bank")
 
     # ------------------------------------------------------------------ evaluation
-    def score_share(self, model, cfg, manifest, split: str) -> Any:
-        """This rank's part of the evaluation (plain Python / tensors, gathered to rank 0)."""
+    def score_share(self, model, cfg, manifest, split: str, detailed: bool = False, nms: float | None = None) -> Any:
+        """This rank's part of the evaluation (plain Python / tensors, gathered to rank 0);
+        ``detailed`` keeps what ``outputs`` needs for per-query files."""
         raise NotImplementedError
 
     def score(self, shares: list[Any], cfg) -> dict[str, float]:
         """The metrics of the whole split from every rank's share (on rank 0)."""
         raise NotImplementedError
+
+    def outputs(self, shares: list[Any], cfg, manifest, nms: float | None = None) -> tuple[dict, dict[str, str]]:
+        """``xmr eval``: (metrics, {file name: text}) from detailed shares; by default the
+        metrics alone."""
+        return self.score(shares, cfg), {}
 
     # ------------------------------------------------------------------ serving
     def build_gallery(self, model, cfg, manifest, root: str, split: str, endpoint_url: str | None = None,

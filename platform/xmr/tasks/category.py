@@ -27,6 +27,7 @@ class CategoryFamily(TaskFamily):
     route = "search"
     title = "category"
     labelled = True
+    output_files = ("per_query.csv",)
 
     def targets(self, batch: dict[str, Any]) -> torch.Tensor:
         return batch["label"]
@@ -39,16 +40,45 @@ class CategoryFamily(TaskFamily):
             return (len(m.num_classes),), torch.long
         return (), torch.long
 
-    def score_share(self, model, cfg, manifest, split: str):
+    def score_share(self, model, cfg, manifest, split: str, detailed: bool = False, nms: float | None = None):
         rank, world = world_info()
         loader = loader_for(cfg, split, rank=rank, world_size=world, manifest=manifest)
-        return embed_split(model, _to(loader, next(model.parameters()).device))
+        keys: list[str] = []
+        share = embed_split(model, _to(_keys_of(loader, keys), next(model.parameters()).device))
+        return (*share, keys) if detailed else share
 
-    def score(self, shares: list, cfg) -> dict[str, float]:
+    def _merged(self, shares: list):
         a, b, index = (torch.cat([s[i] for s in shares]) for i in (0, 1, 3))
         labels = torch.cat([s[2] for s in shares]) if shares[0][2] is not None else None
         order = index.argsort()
-        return score_embeddings(a[order], b[order], labels[order] if labels is not None else None, self.name)
+        keys = [k for s in shares for k in s[4]] if len(shares[0]) > 4 else []
+        return a[order], b[order], labels[order] if labels is not None else None, \
+            [keys[i] for i in order.tolist()] if keys else []
+
+    def score(self, shares: list, cfg) -> dict[str, float]:
+        a, b, labels, _ = self._merged(shares)
+        return score_embeddings(a, b, labels, self.name)
+
+    def outputs(self, shares: list, cfg, manifest, nms: float | None = None) -> tuple[dict, dict[str, str]]:
+        """Metrics per direction, and ``per_query.csv``: each query's id, direction, the
+        1-based rank of its first relevant item (0: none) and its AP."""
+        import pandas as pd
+
+        from xmr.metrics.retrieval import per_query_ap
+
+        a, b, labels, keys = self._merged(shares)
+        metrics = score_embeddings(a, b, labels, self.name)
+        sim = cosine_similarity(a, b)
+        if self.name == PairFamily.name:
+            q_lab, kind = torch.arange(len(a)), "single"
+        else:
+            q_lab, kind = labels, label_kind(labels)
+        rows = []
+        for direction, s in (("a2b", sim), ("b2a", sim.T)):
+            ap, first = per_query_ap(s, q_lab, q_lab, label_kind=kind)
+            rows += [{"query": keys[i] if keys else i, "direction": direction, "first_relevant_rank": int(first[i]),
+                      "ap": float(ap[i])} for i in range(len(ap))]
+        return metrics, {"per_query.csv": pd.DataFrame(rows).to_csv(index=False)}
 
     def build_gallery(self, model, cfg, manifest, root: str, split: str, endpoint_url: str | None = None,
                       approx: str = "auto"):
@@ -95,6 +125,13 @@ class PairFamily(CategoryFamily):
 
     def bank_targets(self, cfg) -> tuple[tuple[int, ...], torch.dtype]:
         return (), torch.long
+
+
+def _keys_of(batches: Iterable[dict[str, Any]], keys: list[str]):
+    """The batches, recording their item keys on the way (for per-query files)."""
+    for batch in batches:
+        keys.extend(batch.get("key", []))
+        yield batch
 
 
 def _to(batches: Iterable[dict[str, Any]], device: torch.device):

@@ -23,6 +23,9 @@ from xmr.models.qacln import bucket_corpus, pad_encoding
 from xmr.tasks.base import TaskFamily
 
 
+NMS_CANDIDATES = 300  # moments kept per query before non-maximum suppression leaves 100
+
+
 class VcmrFamily(TaskFamily):
     name = "vcmr"
     dataset_task = "vcmr"
@@ -32,8 +35,10 @@ class VcmrFamily(TaskFamily):
     train_unit = "query"
     indexed_units = False  # a training unit is a query; its index is its video's
     data_fields = ("data.max_clips", "data.max_query_tokens")
+    output_files = ("predictions.json",)
 
-    def score_share(self, model, cfg, manifest, split: str) -> dict[str, np.ndarray]:
+    def score_share(self, model, cfg, manifest, split: str, detailed: bool = False,
+                    nms: float | None = None) -> dict[str, np.ndarray]:
         """Encode this rank's videos, assemble the whole corpus on every rank, then rank this
         rank's queries against it."""
         rank, world = world_info()
@@ -52,16 +57,56 @@ class VcmrFamily(TaskFamily):
                         "duration": torch.cat([m["duration"] for _, m in shares]),
                         "vid_name": [name for _, m in shares for name in m["vid_name"]]}
             queries = loader_for(cfg, split, unit="query", rank=rank, world_size=world, manifest=manifest)
-            return rank_query_batches(model, corpus, meta, queries, manifest.clip_len or 1.0, cfg.model.top_videos,
-                                      cfg.model.max_moment_clips)
+            share = rank_query_batches(model, corpus, meta, queries, manifest.clip_len or 1.0, cfg.model.top_videos,
+                                       cfg.model.max_moment_clips, detailed=detailed,
+                                       candidates=NMS_CANDIDATES if nms is not None else 100)
+            if detailed:  # the corpus, for the prediction file's video2idx
+                share["corpus"] = {"vid_name": list(meta["vid_name"]), "video_index": meta["video_index"].tolist()}
+            return share
         finally:
             model.train(was_training)
 
-    def score(self, shares: list, cfg) -> dict[str, float]:
+    @staticmethod
+    def _merged(shares: list) -> dict[str, np.ndarray]:
         shares = [s for s in shares if len(s["gt_video"])]
-        merged = {k: np.concatenate([s[k] for s in shares]) for k in shares[0]}
+        merged = {k: np.concatenate([s[k] for s in shares]) for k in shares[0] if k != "corpus"}
         order = np.argsort(merged["index"], kind="stable")
-        return score_vcmr({k: v[order] for k, v in merged.items()})
+        return {k: v[order] for k, v in merged.items()}
+
+    def score(self, shares: list, cfg) -> dict[str, float]:
+        return score_vcmr(self._merged(shares))
+
+    def outputs(self, shares: list, cfg, manifest, nms: float | None = None) -> tuple[dict, dict[str, str]]:
+        """Metrics (overall and per query type v / t / vt), and ``predictions.json`` in the
+        public TVR evaluation layout (``video2idx``; ``VR``, ``SVMR``, ``VCMR``, at most 100
+        per query, ranked), optionally after non-maximum suppression of overlapping spans."""
+        from xmr.metrics.tvr import RankedPredictions, export_predictions
+        from xmr.metrics.vcmr import nms_spans
+
+        r = self._merged(shares)
+        corpus = shares[0]["corpus"]
+        video2idx = dict(zip(corpus["vid_name"], corpus["video_index"]))
+        v, spans, score = r["vcmr_video"], r["vcmr_spans"], r["vcmr_scores"]
+        if nms is not None:
+            v, t_s, t_e, score = nms_spans(v, spans[..., 0], spans[..., 1], score, nms, keep=100)
+            spans = np.stack([t_s, t_e], axis=-1)
+        v, spans, score = v[:, :100], spans[:, :100], score[:, :100]
+        r = {**r, "vcmr_video": v, "vcmr_spans": spans, "vcmr_scores": score}
+        metrics: dict[str, Any] = score_vcmr(r)
+        by_type = {}
+        for t in ("v", "t", "vt"):
+            keep = r["type"] == t
+            if keep.any():
+                by_type[t] = {"queries": int(keep.sum()), **score_vcmr({k: a[keep] for k, a in r.items()})}
+        metrics["by_type"] = by_type
+        gt = r["gt_video"]
+        sub = export_predictions(
+            r["desc_id"].tolist(), r["desc"].tolist(), video2idx, corpus["vid_name"],
+            vcmr=RankedPredictions(v, spans[..., 0], spans[..., 1], score),
+            svmr=RankedPredictions(np.repeat(gt[:, None], r["svmr_spans"].shape[1], axis=1), r["svmr_spans"][..., 0],
+                                   r["svmr_spans"][..., 1], r["svmr_scores"]),
+            vr=RankedPredictions.videos_only(r["vr"], r["vr_scores"]))
+        return metrics, {"predictions.json": json.dumps(sub)}
 
     def build_gallery(self, model, cfg, manifest, root: str, split: str, endpoint_url: str | None = None,
                       approx: str = "auto") -> "VideoCorpus":
@@ -141,20 +186,24 @@ def rank_queries(model, q: torch.Tensor, corpus: dict[str, torch.Tensor], top_vi
 @torch.no_grad()
 def rank_query_batches(model, corpus: dict[str, torch.Tensor], meta: dict[str, Any],
                        query_batches: Iterable[dict[str, Any]], clip_len: float, top_videos: int = 100,
-                       max_len: int = 16) -> dict[str, np.ndarray]:
+                       max_len: int = 16, detailed: bool = False, candidates: int = 100) -> dict[str, np.ndarray]:
     """Per-query predictions against a whole encoded corpus: the VR ranking (top 100), the
-    top-100 VCMR (video, t_s, t_e), the SVMR top-1 span in the ground-truth video, and the
-    ground truth. Arrays over queries, so shares from several ranks concatenate."""
+    top ``candidates`` VCMR (video, t_s, t_e), the SVMR top span in the ground-truth video,
+    and the ground truth. Arrays over queries, so shares from several ranks concatenate.
+    ``detailed`` adds what a prediction file needs: every score, the SVMR top 100, the
+    queries' desc_id, type and text."""
     position = {int(v): i for i, v in enumerate(meta["video_index"].tolist())}
-    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("index", "vr", "vcmr_video", "vcmr_spans", "svmr_spans",
-                                                           "gt_video", "gt_spans")}
+    keys = ["index", "vr", "vcmr_video", "vcmr_spans", "svmr_spans", "gt_video", "gt_spans"]
+    if detailed:
+        keys += ["vr_scores", "vcmr_scores", "svmr_scores", "desc_id", "type", "desc"]
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in keys}
     device = corpus["clip_mask"].device
     buckets = bucket_corpus(corpus)
     for batch in query_batches:
         if len(batch["index"]) == 0:
             continue
         q = model.encode_queries(batch["q_tokens"].to(device), batch["q_mask"].to(device))
-        scores, moments = rank_queries(model, q, corpus, top_videos, max_len, buckets=buckets)
+        scores, moments = rank_queries(model, q, corpus, top_videos, max_len, top_k=candidates, buckets=buckets)
         scores, moments = scores.float().cpu(), type(moments)(*(t.cpu() for t in moments))
         try:
             gt = torch.tensor([position[int(v)] for v in batch["video_index"]])
@@ -166,11 +215,19 @@ def rank_query_batches(model, corpus: dict[str, torch.Tensor], meta: dict[str, A
         only = gt[:, None].to(device)
         start, end = model.span_logits(q, corpus, only)
         single = rank_moments(torch.ones(len(gt), len(position), device=device), start.softmax(-1), end.softmax(-1),
-                              corpus["clip_mask"], only, max_len, top_k=1)
+                              corpus["clip_mask"], only, max_len, top_k=100 if detailed else 1)
         s_s, s_e = clips_to_moment(single.st.cpu().numpy(), single.ed.cpu().numpy(), clip_len,
                                    meta["duration"][gt][:, None].numpy())
         parts["index"].append(batch["index"].numpy())
-        parts["vr"].append(scores.topk(min(100, scores.shape[1]), dim=1).indices.numpy())
+        vr = scores.topk(min(100, scores.shape[1]), dim=1)
+        parts["vr"].append(vr.indices.numpy())
+        if detailed:
+            parts["vr_scores"].append(vr.values.numpy())
+            parts["vcmr_scores"].append(moments.score.numpy())
+            parts["svmr_scores"].append(single.score.cpu().numpy())
+            parts["desc_id"].append(batch["desc_id"].numpy())
+            parts["type"].append(np.array(batch["type"], dtype=object))
+            parts["desc"].append(np.array(batch["desc"], dtype=object))
         parts["vcmr_video"].append(moments.video.numpy())
         parts["vcmr_spans"].append(np.stack([t_s, t_e], axis=-1))
         parts["svmr_spans"].append(np.stack([s_s, s_e], axis=-1))

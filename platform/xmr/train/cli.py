@@ -25,7 +25,39 @@ def _train(args: argparse.Namespace) -> int:
     return 0 if result.history else 1
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from xmr.train.eval import run_eval
+
+    run_eval(args.checkpoint, args.out, data=args.data, split=args.split, nms=args.nms, workers=args.workers,
+             address=args.address, endpoint_url=args.endpoint_url)
+    return 0
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True,
+                        help="a checkpoint dir, a run dir or a sweep dir (its best checkpoint), local or s3://")
+    parser.add_argument("--data", default=None, help="dataset root to score (default: the checkpoint's data.path)")
+    parser.add_argument("--split", default=None, help="split to score (default: the checkpoint's data.test_split)")
+    parser.add_argument("--out", required=True, help="folder for metrics.json and the family's files (local or s3://)")
+    parser.add_argument("--nms", type=float, default=None, metavar="IOU",
+                        help="VCMR: drop a moment overlapping a better one of the same video above this temporal IoU "
+                             "(0.5 is XML's setting; default: none)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="Ray Train workers sharing the corpus and queries (default 1: in this process)")
+    parser.add_argument("--address", default=None, help="Ray cluster for --workers > 1 (default: RAY_ADDRESS, a "
+                                                        "running local one, or embedded)")
+    parser.add_argument("--endpoint-url", default=None, help="S3 endpoint (default: the AWS environment's)")
+
+
 def register(subparsers: Any) -> None:
+    ev = subparsers.add_parser("eval", help="score a checkpoint on a dataset split (metrics + TVR predictions / "
+                                            "per-query ranks)",
+                               description="Score a checkpoint (or a run's / sweep's best) on a split with the "
+                                           "evaluation training uses; writes metrics.json and, for VCMR, "
+                                           "predictions.json in the public TVR evaluation layout, for category / "
+                                           "pair per_query.csv.")
+    add_eval_arguments(ev)
+    ev.set_defaults(func=_eval)
     parser = subparsers.add_parser("train", help="train a method on Ray Train (local Ray or a cluster)",
                                    description="Train a preset with Ray Train. Relaunching with the same "
                                                "--run-name resumes from the run's latest checkpoint.")

@@ -45,7 +45,8 @@ def concurrency(cfg: Config, requested: int, n_trials: int) -> int:
 def make_tuner(trainable, cfg: Config, name: str, n_trials: int, *, metric: str | None = None,
                mode: str | None = None, max_concurrent: int = 0, search_alg=None, param_space=None,
                scheduler=None, root: str | None = None, resume: bool = True, what: str = "sweep",
-               trial_cpus: float = TRIAL_DRIVER_CPUS, reuse_actors: bool = False):
+               trial_cpus: float = TRIAL_DRIVER_CPUS, reuse_actors: bool = False, verbose: bool = False,
+               progress_metric: str | None = None):
     """A ``Tuner`` whose trials each reserve ``trial_cpus`` (default: a driver that only waits
     on its trainer, whose workers reserve the rest); resumed from ``<root>/<name>`` when it
     exists there (finished trials kept)."""
@@ -58,14 +59,43 @@ def make_tuner(trainable, cfg: Config, name: str, n_trials: int, *, metric: str 
         print(f"[xmr] resuming {what} {name}: finished trials are kept, unfinished ones resume", flush=True)
         return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True,
                                   storage_filesystem=fs)
+    quiet = {} if verbose else {"verbose": 0, "callbacks": [progress_callback(n_trials, progress_metric or metric, what)]}
     return tune.Tuner(
         trainable,
         param_space=param_space or {},
         tune_config=tune.TuneConfig(metric=metric, mode=mode, num_samples=n_trials if search_alg else 1,
                                     search_alg=search_alg, scheduler=scheduler, reuse_actors=reuse_actors,
                                     max_concurrent_trials=concurrency(cfg, max_concurrent, n_trials)),
-        run_config=tune.RunConfig(name=name, storage_path=base, storage_filesystem=fs),
+        run_config=tune.RunConfig(name=name, storage_path=base, storage_filesystem=fs, **quiet),
     )
+
+
+def progress_callback(total: int, metric: str | None, what: str):
+    """Tune's own trial tables replaced by one line per finished trial (``--verbose`` brings them back)."""
+    import time
+
+    from ray.tune import Callback
+
+    class Progress(Callback):
+        def __init__(self) -> None:
+            self.done, self.t0 = 0, time.perf_counter()
+
+        def _line(self, trial, outcome: str) -> None:
+            self.done += 1
+            elapsed = time.perf_counter() - self.t0
+            eta = elapsed / self.done * (total - self.done)
+            config = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in (trial.config or {}).items())
+            print(f"[xmr] {what} {self.done}/{total} {outcome}: {config}  ({elapsed / 60:.1f} min, ETA {eta / 60:.1f} min)",
+                  flush=True)
+
+        def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+            value = (trial.last_result or {}).get(metric) if metric else None
+            self._line(trial, f"{metric} {value:.4f}" if isinstance(value, float) else "done")
+
+        def on_trial_error(self, iteration, trials, trial, **info) -> None:
+            self._line(trial, "FAILED")
+
+    return Progress()
 
 
 NOT_METRICS = {"epoch", "step", "samples_per_s", "train_s", "eval_s", "lr", "attempt", "num_workers", "num_nodes",
