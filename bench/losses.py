@@ -1,10 +1,16 @@
-"""Cost of one forward+backward of each multi-negative term, and VCMR inference per query.
+"""Cost of one forward + backward of each multi-negative term, peak memory, and VCMR
+inference per query. One thread throughout.
 
-Part 1: supcon / multineg / triplet at B in {64, 256, 1024}, K in {1, 16, 255}, d = 256,
-against pytorch-metric-learning's SupConLoss / NTXentLoss on the same inputs (ratio):
-median time of a forward+backward and peak extra memory (tensor bytes allocated by the
-step, measured with torch's CPU allocator profiler).
-Part 2: QACLN VCMR inference at TVR validation scale: 2,179 videos with their real
+Part 1: supcon / multineg / triplet at B in {64, 256, 1024, 4096} x K in {1, 16, 255, all},
+d = 256, uniform negatives, interleaved with (a) pytorch-metric-learning computing the same
+loss where it has one (K = all: SupConLoss; SupConLoss with pair labels for multineg, which
+is NT-Xent; TripletMarginLoss for triplet on the pair task) and (b) a minimal reference (one
+similarity matmul + logsumexp + backward): median of 7 rounds (5 at B = 4096), the order
+rotated each round. Achieved GFLOP/s counts the three matmuls (forward and backward) beside
+the machine's own matmul GFLOP/s at that shape.
+Part 2: peak extra resident memory of supcon at B = 1024 .. 4096, row-chunked (the default
+``loss.chunk_mb``) and not, each in a fresh process.
+Part 3: QACLN VCMR inference at TVR validation scale: 2,179 videos with their real
 durations (1.5 s clips, capped at 100), d = 384, random weights and features; video
 encodings once, then per query: encode, score every video, top-100 videos, span decoding,
 top-100 moments. Median ms per query over batched chunks.
@@ -15,6 +21,7 @@ top-100 moments. Median ms per query over batched chunks.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -31,82 +38,179 @@ from xmr.losses.registry import TermContext, build_term  # noqa: E402
 from xmr.outputs import PairOutputs  # noqa: E402
 
 
-
-def timed(fn, repeats: int) -> tuple[float, float]:
-    """(median ms, peak MB of memory allocated during one call)."""
-    fn()  # warm-up
+def timed(fn, repeats: int) -> float:
+    """Median ms of ``repeats`` calls after a warm-up (used where nothing is interleaved)."""
+    fn()
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t) * 1000)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+    return statistics.median(times)
+
+
+def interleaved(steps: dict[str, callable], repeats: int) -> dict[str, float]:
+    """Median ms per step, the steps run in turn (order rotated every round) so a noisy
+    neighbour slows them alike; one warm-up call each."""
+    for fn in steps.values():
         fn()
-    peak = max((e.cpu_memory_usage for e in prof.key_averages()), default=0) / 2**20
-    return statistics.median(times), peak
+    names, times = list(steps), {n: [] for n in steps}
+    for r in range(repeats):
+        for n in names[r % len(names):] + names[: r % len(names)]:
+            t = time.perf_counter()
+            steps[n]()
+            times[n].append((time.perf_counter() - t) * 1000)
+    return {n: statistics.median(v) for n, v in times.items()}
 
 
-def term_step(name: str, task: str, b: int, k: int, d: int):
-    cfg = Config()
-    cfg.task, cfg.model.embed_dim, cfg.model.num_classes = task, d, [32]
-    cfg.negatives.k, cfg.negatives.strategy = k, "uniform"
-    term = build_term(name, cfg)
+def _inputs(b: int, d: int, task: str):
     g = torch.Generator().manual_seed(0)
     a = torch.randn(b, d, generator=g, requires_grad=True)
     bb = torch.randn(b, d, generator=g, requires_grad=True)
-    labels = torch.randint(0, 32, (b,), generator=g)
+    labels = torch.randint(0, 32, (b,), generator=g) if task == "category" else torch.arange(b)
+    return a, bb, labels
+
+
+def term_step(name: str, task: str, b: int, k: int, d: int, chunk_mb: float = 64.0):
+    """xmr's term, forward + backward, on L2-normalised embeddings (K = None: every negative)."""
+    cfg = Config()
+    cfg.task, cfg.model.embed_dim, cfg.model.num_classes = task, d, [32]
+    cfg.negatives.k, cfg.negatives.strategy = (k if k is not None else 10**9), "uniform"
+    cfg.loss.chunk_mb, cfg.loss.temperature, cfg.loss.margin = chunk_mb, 0.1, 0.2
+    term = build_term(name, cfg)
+    a, bb, labels = _inputs(b, d, task)
     batch = {"label": labels, "index": torch.arange(b)}
-    ctx = TermContext(targets=torch.arange(b) if task == "pair" else labels)
 
     def step():
-        loss = term(PairOutputs(F.normalize(a, dim=1), F.normalize(bb, dim=1)), batch, ctx)
+        loss = term(PairOutputs(F.normalize(a, dim=1), F.normalize(bb, dim=1)), batch, TermContext(targets=labels))
         loss.backward()
 
     return step
 
 
-def pml_step(name: str, b: int, d: int):
-    from pytorch_metric_learning import losses
+def pml_step(name: str, task: str, b: int, d: int):
+    """pytorch-metric-learning on the same inputs, computing the same loss as xmr's term at
+    K = all: SupConLoss (supcon), SupConLoss with pair labels (multineg: NT-Xent, the
+    partner the only positive, every other item in the denominator; PML's NTXentLoss itself
+    builds a [pairs x pairs] mask, 34 GB at B = 1024), TripletMarginLoss with cosine
+    similarity, every triplet, mean reduction, a -> b and b -> a against ``ref_emb``
+    (triplet, pair task: every anchor has B - 1 negatives, so the means agree)."""
+    from pytorch_metric_learning import distances, losses, reducers
 
-    g = torch.Generator().manual_seed(0)
-    a = torch.randn(b, d, generator=g, requires_grad=True)
-    bb = torch.randn(b, d, generator=g, requires_grad=True)
-    if name == "SupConLoss":
-        fn, labels = losses.SupConLoss(temperature=0.1), torch.randint(0, 32, (b,), generator=g)
-        lab = torch.cat([labels, labels])
+    a, bb, labels = _inputs(b, d, task)
+    if name in ("supcon", "multineg"):
+        fn = losses.SupConLoss(temperature=0.1)
+
+        def step():
+            fn(torch.cat([a, bb]), torch.cat([labels, labels])).backward()
     else:
-        fn, lab = losses.NTXentLoss(temperature=0.1), torch.cat([torch.arange(b), torch.arange(b)])
+        fn = losses.TripletMarginLoss(margin=0.2, distance=distances.CosineSimilarity(), reducer=reducers.MeanReducer())
+
+        def step():
+            ((fn(a, labels, ref_emb=bb, ref_labels=labels.clone())
+              + fn(bb, labels, ref_emb=a, ref_labels=labels.clone())) / 2).backward()
+    return step
+
+
+def reference_step(b: int, d: int, cross: bool = False):
+    """The floor: one similarity matmul, a logsumexp and the backward of both; over both
+    modalities pooled ([2B, 2B], as supcon and multineg) or across them ([B, B], triplet)."""
+    a, bb, _ = _inputs(b, d, "pair")
 
     def step():
-        fn(torch.cat([a, bb]), lab).backward()
+        if cross:
+            x, y = F.normalize(a, dim=1), F.normalize(bb, dim=1)
+        else:
+            x = y = F.normalize(torch.cat([a, bb]), dim=1)
+        torch.logsumexp(x @ y.T / 0.1, dim=1).mean().backward()
 
     return step
 
 
-def bench_terms(sizes, ks, repeats) -> list[dict]:
+REFERENCE = {"supcon": "reference", "multineg": "reference", "triplet": "reference_cross"}
+
+
+def matmul_gflops(b: int, d: int, repeats: int) -> float:
+    x = torch.randn(2 * b, d)
+    ms = timed(lambda: x @ x.T, repeats)
+    return 2 * (2 * b) ** 2 * d / (ms / 1000) / 1e9
+
+
+PML_SAME = {"supcon": "category", "multineg": "pair", "triplet": "pair"}  # task where PML has the same loss
+
+
+def bench_terms(sizes, ks, repeats, d=256) -> list[dict]:
     rows = []
-    d = 256
     for b in sizes:
-        ref, failed = {}, {}
-        for name, pml in (("supcon", "SupConLoss"), ("multineg", "NTXentLoss")):
-            try:  # PML's NTXent builds a [2B]^2 x [2B]^2 pair mask: at B = 1024 that is 34 GB
-                ref[name] = timed(pml_step(pml, b, d), repeats)
-            except (RuntimeError, MemoryError) as exc:
-                failed[name] = f"PML {pml} failed: {str(exc).splitlines()[0][:160]}"
-                print(f"B={b}: {failed[name]}")
-        for k in ks:
-            for name, task in (("supcon", "category"), ("multineg", "pair"), ("triplet", "category")):
-                if name == "triplet" and k != 1:
-                    continue
-                ms, mb = timed(term_step(name, task, b, k, d), repeats)
-                row = {"term": name, "B": b, "K": k, "d": d, "ms": ms, "peak_mb": mb}
-                if name in ref:
-                    row.update(pml_ms=ref[name][0], pml_peak_mb=ref[name][1], ratio_vs_pml=ms / ref[name][0])
-                elif name in failed:
-                    row["pml_error"] = failed[name]
+        reps = repeats if b < 4096 else max(3, repeats - 2)
+        steps = {"reference": reference_step(b, d), "reference_cross": reference_step(b, d, cross=True)}
+        for name, task in PML_SAME.items():
+            for k in ks:
+                steps[f"{name}|{k}"] = term_step(name, task, b, k, d)
+            steps[f"pml|{name}"] = pml_step(name, task, b, d)
+        ms = interleaved(steps, reps)
+        gemm = matmul_gflops(b, d, reps)
+        for name in PML_SAME:
+            rows_of_sim = b if name == "triplet" else 2 * b  # triplet: a·bᵀ once, b -> a its transpose
+            flops = 3 * 2 * rows_of_sim ** 2 * d  # the forward matmul and the two of its backward
+            ref = ms[REFERENCE[name]]
+            for k in ks:
+                t = ms[f"{name}|{k}"]
+                row = {"term": name, "task": PML_SAME[name], "B": b, "K": "all" if k is None else k, "d": d, "ms": t,
+                       "reference_ms": ref, "vs_reference": t / ref,
+                       "gflops": flops / (t / 1000) / 1e9, "matmul_gflops": gemm, "repeats": reps}
+                if k is None:  # PML computes this same loss
+                    row.update(pml_ms=ms[f"pml|{name}"], vs_pml=t / ms[f"pml|{name}"])
                 rows.append(row)
-                print(f"{name:9s} B={b:5d} K={k:4d}  {ms:8.2f} ms  {mb:8.1f} MB"
-                      + (f"   PML {ref[name][0]:8.2f} ms  ours/PML {ms / ref[name][0]:5.2f}" if name in ref else ""))
+                print(f"{name:9s} B={b:5d} K={row['K']!s:>4}  {t:9.2f} ms  x{row['vs_reference']:4.2f} of reference"
+                      f"  {row['gflops']:5.1f} GFLOP/s (matmul {gemm:5.1f})"
+                      + (f"   PML {row['pml_ms']:9.2f} ms  ours/PML {row['vs_pml']:4.2f}" if "pml_ms" in row else ""))
+    return rows
+
+
+def peak_memory(sizes, d=256) -> list[dict]:
+    """Peak extra resident memory of one supcon forward + backward (K = all), chunked (the
+    default ``loss.chunk_mb``) and not, each in a fresh process: resident set size sampled
+    every 0.5 ms during the step, over its value before (after a warm-up step)."""
+    import json as _json
+    import subprocess
+
+    code = """
+import json, sys, threading, time, torch
+sys.path.insert(0, {bench!r}); sys.path.insert(0, {platform!r})
+torch.set_num_threads(1)
+from losses import term_step
+page = 4096
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * page
+step = term_step("supcon", "category", {b}, None, {d}, chunk_mb={chunk})
+step()  # warm-up: the allocator's pools, the autograd engine
+base, peak, done = rss(), [0], [False]
+def watch():
+    while not done[0]:
+        peak[0] = max(peak[0], rss())
+        time.sleep(0.0005)
+w = threading.Thread(target=watch); w.start()
+step()
+done[0] = True; w.join()
+print(json.dumps(max(0, peak[0] - base) / 2**20))
+"""
+    rows = []
+    here = str(Path(__file__).resolve().parent)
+    plat = str(Path(__file__).resolve().parents[1] / "platform")
+    for b in sizes:
+        row = {"B": b, "logits_mb": (2 * b) ** 2 * 4 / 2**20}
+        for label, chunk in (("chunked_mb", 64.0), ("unchunked_mb", 0.0)):
+            # a fixed mmap threshold: every large tensor is its own mapping, returned when freed,
+            # so the resident set follows what is alive (glibc's adaptive threshold hides it)
+            env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
+            out = subprocess.run([sys.executable, "-c", code.format(bench=here, platform=plat, b=b, d=d, chunk=chunk)],
+                                 capture_output=True, text=True, check=True, env=env)
+            row[label] = _json.loads(out.stdout.strip().splitlines()[-1])
+        rows.append(row)
+        print(f"supcon peak extra memory B={b:5d}: chunked {row['chunked_mb']:7.1f} MB, unchunked "
+              f"{row['unchunked_mb']:7.1f} MB (the logits alone: {row['logits_mb']:.0f} MB)")
     return rows
 
 
@@ -153,21 +257,30 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller grid, for a smoke run")
     args = parser.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    sizes, ks, repeats = ([64, 256], [1, 16], 3) if args.quick else ([64, 256, 1024], [1, 16, 255], 5)
+    torch.set_num_threads(1)  # one thread, as the issue's figures
+    sizes, ks, repeats = ([64, 256], [1, 16, None], 3) if args.quick else ([64, 256, 1024, 4096], [1, 16, 255, None], 7)
+    t0 = time.perf_counter()
     rows = bench_terms(sizes, ks, repeats)
+    memory = peak_memory([1024, 2048] if args.quick else [1024, 2048, 4096])
     vcmr = bench_vcmr(n_queries=256 if args.quick else 1024, chunk=64)
     by = {(r["term"], r["B"], r["K"]): r for r in rows}
-    big = max(sizes)
+    mem = {m["B"]: m for m in memory}
+    big = 1024 if 1024 in sizes else max(sizes)
+    pml_rows = [r for r in rows if "vs_pml" in r]
     headline = {
-        f"supcon_b{big}_k255_ms": by.get(("supcon", big, max(ks)), {}).get("ms"),
-        f"supcon_vs_pml_ratio_b{big}": by.get(("supcon", big, max(ks)), {}).get("ratio_vs_pml"),
-        f"multineg_vs_pml_ratio_b{big}": by.get(("multineg", big, max(ks)), {}).get("ratio_vs_pml"),
-        f"multineg_b{big}_k1_ms": by.get(("multineg", big, 1), {}).get("ms"),
+        f"supcon_vs_pml_b{big}": by[("supcon", big, "all")]["vs_pml"],
+        f"multineg_vs_pml_b{big}": by[("multineg", big, "all")]["vs_pml"],
+        f"triplet_vs_pml_b{big}": by[("triplet", big, "all")]["vs_pml"],
+        "worst_vs_pml": max(r["vs_pml"] for r in pml_rows),
+        "worst_vs_reference": max(r["vs_reference"] for r in rows),
+        "worst_vs_reference_k_all": max(r["vs_reference"] for r in rows if r["K"] == "all"),
+        f"peak_mb_b{max(mem)}": mem[max(mem)]["chunked_mb"],
+        f"peak_mb_b{max(mem)}_unchunked": mem[max(mem)]["unchunked_mb"],
         "vcmr_ms_per_query_median": vcmr["ms_per_query_median"],
-        "vcmr_single_query_ms": vcmr["single_query_ms_median"],
+        "wall_s": time.perf_counter() - t0,
     }
-    write_results(__file__, {"terms": rows, "vcmr_inference": vcmr, "quick": args.quick}, headline)
+    write_results(__file__, {"terms": rows, "peak_memory": memory, "vcmr_inference": vcmr, "quick": args.quick,
+                             "threads": 1}, headline)
 
 
 if __name__ == "__main__":

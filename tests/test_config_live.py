@@ -195,10 +195,47 @@ def observe_pretrained(cfg):
     return run.history[0]
 
 
+def observe_saved(cfg):
+    """Bytes the objective keeps for backward (what ``loss.chunk_mb`` bounds)."""
+    from xmr.method import Method
+
+    torch.manual_seed(0)
+    method = Method(cfg).train()
+    batch = _fixed_batches(cfg, 1)[0]
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    out = method.model(batch)
+    from xmr.losses.registry import TermContext
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        method.objective(out, batch, TermContext(targets=method.family.targets(batch)))
+    return sum(saved)
+
+
+def observe_tracking(cfg):
+    """Whether and where a run tracks, and under which parent."""
+    import uuid
+
+    from xmr.train.runfs import RunDir
+    from xmr.train.tracking import Tracker, tracking_uri
+
+    run = RunDir(str(Path(cfg.storage.root) / "tracked"), uuid.uuid4().hex[:8])
+    tracker = Tracker.for_run(cfg, run, say=lambda *_: None)
+    parent = None
+    if tracker.active:
+        parent = tracker._client().get_run(tracker.run_id).data.tags.get("mlflow.parentRunId")
+    return tracker.active, tracking_uri(cfg, cfg.tracking.folder or run.uri()), parent
+
+
 OBSERVERS = {"forward": observe_forward, "steps": observe_steps, "loader": observe_loader, "eval": observe_eval,
              "schedule": observe_schedule, "trainer": observe_trainer, "prepare": observe_prepare,
              "address": observe_address, "progress": observe_progress, "spec": observe_spec, "built": observe_built,
-             "pretrained": observe_pretrained, "patience": observe_patience}
+             "pretrained": observe_pretrained, "patience": observe_patience, "saved": observe_saved,
+             "tracking": observe_tracking}
 
 PRETRAINED = "<pretrained>"
 LIVE = {
@@ -285,6 +322,11 @@ LIVE = {
     "storage.max_failures": ("sccmrl", 7, "trainer"),
     "tracking.grad_share_every": ("sccmrl", 1, "steps"),
     "tracking.progress_every_s": ("sccmrl", 5.0, "progress"),
+    "tracking.enabled": ("sccmrl", False, "tracking"),
+    "tracking.uri": ("sccmrl", "<other-db>", "tracking"),
+    "tracking.folder": ("sccmrl", "<other-root>", "tracking"),
+    "tracking.parent_run_id": ("sccmrl", "0123456789abcdef", "tracking"),
+    "loss.chunk_mb": ("sccmrl", 1e-4, "saved"),
 }
 
 # Where a field does not apply, the check says so (field, base, value).
@@ -300,7 +342,7 @@ REJECTED = [
     ("loss.poly_pos", "sccmrl", [1.0]), ("loss.poly_neg", "sccmrl", [1.0]), ("loss.adversarial_mode", "sccmrl", "flip"),
     ("loss.grl_scale", "sccmrl", 2.0), ("loss.disc_lr", "sccmrl", 0.1), ("loss.disc_steps", "sccmrl", 2),
     ("loss.label_scale", "triplet", 20.0), ("loss.level_weights", "triplet", [1.0]),
-    ("loss.vr_query_negatives", "sccmrl", True), ("loss.video_cl_k", "sccmrl", 4),
+    ("loss.vr_query_negatives", "sccmrl", True), ("loss.video_cl_k", "sccmrl", 4), ("loss.chunk_mb", "qacln", 1.0),
     ("negatives.k", "pretrain", 4), ("negatives.strategy", "pretrain", "hardest"), ("negatives.gather", "pretrain", False),
     ("negatives.memory_bank", "qacln", 64), ("negatives.bank_warmup_steps", "sccmrl", 5),
     ("negatives.momentum", "sccmrl", 0.9), ("negatives.strategy", "sccmrl", "semi_hard"),
@@ -320,6 +362,8 @@ def _set(cfg, field, value, data):
         value = data["hier"]
     elif value == "<other-root>":
         value = str(data["root"] / "elsewhere")
+    elif value == "<other-db>":
+        value = f"sqlite:///{data['root'] / 'other-mlflow.db'}"
     return with_values(cfg, {field: value})
 
 

@@ -146,3 +146,14 @@ def test_ray_workers_give_what_one_process_gives(vcmr):
     pa, pb = (json.loads((p / "predictions.json").read_text()) for p in (one, two))
     assert [e["desc_id"] for e in pa["VCMR"]] == [e["desc_id"] for e in pb["VCMR"]]
     assert pa["VR"][0]["predictions"][:5] == pb["VR"][0]["predictions"][:5]
+
+
+def test_eval_prints_progress_over_the_corpus_and_the_queries(vcmr, monkeypatch, capsys):
+    monkeypatch.setenv("XMR_PROGRESS_EVERY_S", "1e-9")  # a line after every batch
+    run_eval(vcmr["ckpt"], str(vcmr["root"] / "progress"), split="val", verbose=False)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[xmr] val: ")]
+    encoding = [line for line in lines if "encoding videos" in line]
+    ranking = [line for line in lines if "ranking queries" in line]
+    assert encoding and encoding[-1].startswith("[xmr] val: encoding videos: 30/30 videos")
+    n_queries = load_manifest(vcmr["data"]).splits["val"].num_queries
+    assert ranking and f"{n_queries}/{n_queries} queries" in ranking[-1] and "/s" in ranking[-1]

@@ -135,3 +135,14 @@ def test_relaunch_with_same_run_name_resumes(cluster, tmp_path):
     assert h2.loc[1, "map_mean"] == h1.loc[1, "map_mean"]  # epoch 1 was not trained again
     assert h2.loc[2, "attempt"] == 2 and h2.loc[2, "step"] == 2 * h2.loc[1, "step"]
     assert (tmp_path / "runs" / "again" / "config.yaml").is_file()
+    # the relaunch continued the same MLflow run: one run, every epoch once, and it is finished
+    from mlflow.tracking import MlflowClient
+
+    from train_helpers import mlflow_runs
+
+    run_dir = tmp_path / "runs" / "again"
+    uri = f"sqlite:///{run_dir}/mlflow.db"
+    (run,) = mlflow_runs(uri)
+    assert run.info.run_id == (run_dir / "mlflow_run_id").read_text().strip() and run.info.status == "FINISHED"
+    steps = [m.step for m in MlflowClient(uri).get_metric_history(run.info.run_id, "map_mean")]
+    assert sorted(steps) == [0, 1, 2]

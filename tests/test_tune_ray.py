@@ -100,6 +100,12 @@ def test_interrupted_sweep_resumes_without_redoing_trials(tmp_path, synth, space
     for name, mtime in before.items():
         assert after[name] == mtime, f"{name} was trained again"
     assert set(before) <= set(table["trial"])
+    # the Optuna study lives in the sweep folder and was resumed, not started again
+    import optuna
+
+    study = optuna.load_study(study_name="resumable", storage=f"sqlite:///{tmp_path / 'sw' / 'resumable' / 'optuna.db'}")
+    assert len([t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]) == 4
+    assert "Reporting training result" not in out and "Configuration for experiment" not in out
 
 
 def test_sweep_six_trials_asha_best_checkpoint_reproduces(tmp_path, synth, space_file):
@@ -140,6 +146,27 @@ def test_sweep_six_trials_asha_best_checkpoint_reproduces(tmp_path, synth, space
             assert node == pytest.approx(value)
     val = make_loader(synth, "val", local_batch_size=64, shuffle=False)
     assert evaluate_category(method.model, val, "category")["map_mean"] == pytest.approx(best["value"], abs=1e-5)
+    # tracking: one MLflow parent for the sweep, a child per trial with its params and epochs;
+    # the Optuna study in a SQLite file in the sweep folder (what optuna-dashboard opens)
+    import optuna
+    from mlflow.tracking import MlflowClient
+
+    from train_helpers import mlflow_runs
+
+    uri = f"sqlite:///{sweep}/mlflow.db"
+    runs = mlflow_runs(uri)
+    (parent,) = [r for r in runs if r.data.tags.get("xmr.parent") == "true"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(runs) == 7 and len(children) == 6
+    assert {r.info.run_name for r in children} == set(table["trial"])
+    client = MlflowClient(uri)
+    for child in children:
+        row = table.loc[table["trial"] == child.info.run_name].iloc[0]
+        assert child.data.params["optim.lr"] == str(row["optim.lr"]) or \
+            float(child.data.params["optim.lr"]) == pytest.approx(row["optim.lr"])
+        assert len(client.get_metric_history(child.info.run_id, "map_mean")) == row["epochs"] + 1
+    study = optuna.load_study(study_name="six", storage=f"sqlite:///{sweep}/optuna.db")
+    assert len(study.trials) == 6
 
 
 def test_ablation_one_command(tmp_path, synth):

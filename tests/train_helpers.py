@@ -44,3 +44,21 @@ def train(method: Method, cfg, steps: int, lr: float | None = None, unit=None, r
 
 def mean(xs):
     return sum(xs) / len(xs)
+
+
+def mlflow_runs(uri: str) -> list:
+    """``mlflow.search_runs`` over the "xmr" experiment of the store at ``uri``, leaving the
+    process's tracking URI as it was (``mlflow.set_tracking_uri`` also sets
+    MLFLOW_TRACKING_URI, which later runs in this process would follow)."""
+    import os
+
+    import mlflow
+
+    saved = os.environ.get("MLFLOW_TRACKING_URI")
+    try:
+        mlflow.set_tracking_uri(uri)
+        return mlflow.search_runs(experiment_names=["xmr"], output_format="list")
+    finally:
+        mlflow.set_tracking_uri(saved or "")
+        if saved is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)

@@ -39,6 +39,28 @@ def _register_config(subparsers) -> None:
     show.set_defaults(func=_config_show)
 
 
+def _no_default(value) -> bool:
+    return value is None or value is False or value is argparse.SUPPRESS or (isinstance(value, list) and not value)
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Every option's help says its default: appended where the text does not already."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text.lower() or _no_default(action.default) or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _use_formatter(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = DefaultsHelpFormatter
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _use_formatter(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from xmr.compare.cli import register as register_compare
     from xmr.data.cli import register as register_data
@@ -58,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_data(subparsers)
     register_metrics(subparsers)
     _register_config(subparsers)
+    _use_formatter(parser)
     return parser
 
 

@@ -105,6 +105,10 @@ class LossConfig:
     level_weights: list[float] = field(default_factory=list)  # per label level, coarse -> fine; [] = 1 each
     vr_query_negatives: bool = False  # L_VR also over K negative queries per video (not in the paper)
     video_cl_k: int = 0  # VideoCL negatives per anchor; 0 = every other video of the gathered batch
+    # Cross-modal terms compute their logits in row chunks (recomputed in backward) once the
+    # full [anchors, candidates] matrix would pass this many MB: memory linear in the batch.
+    # Same values and gradients; 0 = never chunk.
+    chunk_mb: float = 64.0
 
 
 @dataclass
@@ -173,6 +177,10 @@ class TrackingConfig:
 
     grad_share_every: int = 10  # per-term gradient-norm shares every N steps; 0 = off
     progress_every_s: float = 30.0  # an in-epoch progress line every N seconds (rank 0); 0 = off
+    enabled: bool = True  # MLflow tracking (xmr.train.tracking)
+    uri: str = ""  # MLflow tracking URI; empty: MLFLOW_TRACKING_URI, else SQLite in the run folder
+    folder: str = ""  # where the local store lives; empty: the run folder (a sweep sets its own)
+    parent_run_id: str = ""  # MLflow parent run (set by sweeps and comparisons for their trials)
 
 
 @dataclass
@@ -414,6 +422,7 @@ def validate(cfg: Config) -> None:
     _require(loss.disc_lr is None or loss.disc_lr > 0, f"loss.disc_lr = {loss.disc_lr}: must be > 0 (or unset: optim.lr)")
     _require(loss.disc_steps >= 1, f"loss.disc_steps = {loss.disc_steps}: must be >= 1")
     _require(loss.video_cl_k >= 0, f"loss.video_cl_k = {loss.video_cl_k}: must be >= 0 (0 = the whole batch)")
+    _require(loss.chunk_mb >= 0, f"loss.chunk_mb = {loss.chunk_mb}: must be >= 0 (0 = never chunk the logits)")
     _require(cfg.data.path != "", "data.path is empty: give a dataset root (local dir or s3://bucket/prefix)")
     for name in ("batch_size", "eval_batch_size"):
         value = getattr(cfg.data, name)

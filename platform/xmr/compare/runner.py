@@ -69,9 +69,9 @@ def _absolute(path: str) -> str:
 # --------------------------------------------------------------------------- one run
 
 
-def train_and_score(cfg, pretrain, score_split: str, save_to: str | None) -> dict[str, Any]:
-    """Train ``cfg`` (after ``pretrain``, if any) to its best validation epoch; its metrics
-    on ``score_split``. Runs in process for one worker, through Ray Train for more."""
+def train_and_score(cfg, pretrain, score_split: str, save_to: str | None) -> tuple[dict[str, Any], list[dict]]:
+    """Train ``cfg`` (after ``pretrain``, if any) to its best validation epoch: (its metrics on
+    ``score_split``, its per-epoch history). In process for one worker, Ray Train for more."""
     import tempfile
 
     from xmr.checkpoint import fetch_checkpoint, save_checkpoint
@@ -94,7 +94,7 @@ def train_and_score(cfg, pretrain, score_split: str, save_to: str | None) -> dic
             run = fit_in_process(cfg, keep_best=True, evaluate_untrained=False)
             manifest = load_manifest(cfg.data.path, endpoint_url=cfg.data.endpoint_url)
             metrics = evaluate(run.method.model, cfg, manifest, score_split)
-            best, epochs = run.best_epoch, len(run.history)
+            best, epochs, history = run.best_epoch, len(run.history), run.history
             if save_to is not None:
                 local = save_checkpoint(f"{tmp}/best", run.method, cfg, metrics=metrics, epoch=best)
                 _store(local, save_to)
@@ -102,8 +102,8 @@ def train_and_score(cfg, pretrain, score_split: str, save_to: str | None) -> dic
             result = run_training(cfg, start_ray=False, verbose=False)
             metrics = evaluate_checkpoint(str(fetch_checkpoint(result.run_uri, endpoint_url=cfg.data.endpoint_url)),
                                           score_split)
-            best, epochs = (result.best or {}).get("epoch"), len(result.history) - 1
-    return {**metrics, **extra, "best_epoch": best, "epochs": epochs, "wall_s": time.perf_counter() - t0}
+            best, epochs, history = (result.best or {}).get("epoch"), len(result.history) - 1, result.history
+    return {**metrics, **extra, "best_epoch": best, "epochs": epochs, "wall_s": time.perf_counter() - t0}, history
 
 
 def _store(local, uri: str) -> None:
@@ -145,7 +145,16 @@ def run_job(job: dict[str, Any], runs_root: str) -> dict[str, Any]:
         pre = from_dict(job["pretrain"])
         pre.seed, pre.storage.root = job["seed"], runs_root
     save_to = run.uri("best") if job["phase"] == "seed" else None
-    metrics = train_and_score(cfg, pre, job["split"], save_to)
+    if job.get("tracking"):  # the job logs one MLflow run itself, under the spec's parent
+        cfg.tracking.enabled = False
+    metrics, history = train_and_score(cfg, pre, job["split"], save_to)
+    if job.get("tracking"):
+        from xmr.train.tracking import log_finished_run
+
+        t = job["tracking"]
+        log_finished_run(t["uri"], t["parent"], job["run"], {"variant": job["variant"], "seed": job["seed"],
+                                                              "phase": job["phase"], "level": job["level"],
+                                                              **job["values"]}, history, metrics, t["folder"])
     run.write_text(RESULT, json.dumps({"job": {k: job[k] for k in ("variant", "seed", "phase", "level", "values",
                                                                     "split")}, "metrics": metrics}, indent=2,
                                       default=float))
@@ -179,7 +188,7 @@ def _sample_tuning(spec: ComparisonSpec) -> dict[str, list[dict[str, Any]]]:
 
 
 def _job(spec: ComparisonSpec, v: Variant, *, phase: str, seed: int, values: dict, level: Any, data: str,
-         split: str, run: str) -> dict[str, Any]:
+         split: str, run: str, tracking: dict | None = None) -> dict[str, Any]:
     cfg = v.config.to_dict()
     cfg["data"]["path"] = data
     pre = None
@@ -187,7 +196,8 @@ def _job(spec: ComparisonSpec, v: Variant, *, phase: str, seed: int, values: dic
         pre = v.pretrain.to_dict()
         pre["data"]["path"] = data
     return {"variant": v.name, "phase": phase, "seed": seed, "values": values, "level": level, "split": split,
-            "config": cfg, "pretrain": pre, "run": run, "endpoint_url": v.config.data.endpoint_url}
+            "config": cfg, "pretrain": pre, "run": run, "endpoint_url": v.config.data.endpoint_url,
+            "tracking": tracking}
 
 
 def _run_jobs(jobs: dict[str, dict[str, Any]], name: str, root: str, runs_root: str, concurrency: int,
@@ -230,10 +240,15 @@ def run_comparison(spec: ComparisonSpec, root: str, concurrency: int = 0, addres
     runs_root = out.uri("runs")
     t0 = time.perf_counter()
     tune_level = levels[len(levels) // 2]  # a claim map is tuned once, at its middle level
+    from xmr.train.tracking import start_parent
+
+    parent, uri = start_parent(first, out.uri(), spec.name, {"claim": spec.claim, "seeds": len(spec.seeds),
+                                                            "tuning_trials": spec.tuning_trials})
+    tracking = {"uri": uri, "parent": parent, "folder": out.uri()} if parent else None
     draws = _sample_tuning(spec)
     tune_jobs = {f"tune-{slug(n)}-{i:02d}": _job(spec, spec.variants[n], phase="tune", seed=spec.tuning_seed, values=d,
                                                  level=tune_level, data=data[str(tune_level)], split=first.data.val_split,
-                                                 run=f"tune-{slug(n)}-{i:02d}")
+                                                 run=f"tune-{slug(n)}-{i:02d}", tracking=tracking)
                  for n, ds in draws.items() for i, d in enumerate(ds)}
     val_metric = first.storage.checkpoint_metric or family_of(first).main_metric
     tuned = _run_jobs(tune_jobs, f"{spec.name}-tuning", storage.join(root, spec.name), runs_root, limit, first,
@@ -255,7 +270,8 @@ def run_comparison(spec: ComparisonSpec, root: str, concurrency: int = 0, addres
         chosen[name] = best[1] if best else {}
     seed_jobs = {f"{slug(level)}-{slug(n)}-seed{s}" if level is not None else f"{slug(n)}-seed{s}":
                  _job(spec, v, phase="seed", seed=s, values=chosen[n], level=level, data=data[str(level)],
-                      split=spec.split, run=(f"{slug(level)}-" if level is not None else "") + f"{slug(n)}-seed{s}")
+                      split=spec.split, run=(f"{slug(level)}-" if level is not None else "") + f"{slug(n)}-seed{s}",
+                      tracking=tracking)
                  for level in levels for n, v in spec.variants.items() for s in spec.seeds}
     results = _run_jobs(seed_jobs, f"{spec.name}-seeds", storage.join(root, spec.name), runs_root, limit, first,
                         spec.metric, verbose)

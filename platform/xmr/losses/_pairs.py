@@ -1,10 +1,14 @@
-"""Shared by the category / pair terms: relevance, and the candidates an anchor is scored
-against (the gathered batch of both modalities, then the memory bank)."""
+"""Shared by the category / pair terms: relevance, the candidates an anchor is scored
+against (the gathered batch of both modalities, then the memory bank), once per step, and
+row-chunked evaluation of a term's logits for large batches."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
+
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from xmr.distributed import gather_rows, gather_with_grad
 from xmr.losses.negatives import BankView
@@ -64,3 +68,56 @@ def candidates(emb_a: torch.Tensor, emb_b: torch.Tensor, y: torch.Tensor, gather
         ys = torch.cat([ys, bank.labels.to(ys.dtype).reshape(len(bank), *ys.shape[1:])])
         modality = torch.cat([modality, bank.modality.long()])
     return Candidates(emb, ys, modality, 2 * n, offset, n)
+
+
+def step_candidates(ctx, emb_a: torch.Tensor, emb_b: torch.Tensor, y: torch.Tensor, gather: bool) -> Candidates:
+    """``candidates`` once per step (one all-gather), shared by every term that asks."""
+    return ctx.shared(("candidates", id(emb_a), id(emb_b), gather),
+                      lambda: candidates(emb_a, emb_b, y, gather, ctx.bank))
+
+
+def rows_per_chunk(n_rows: int, n_cols: int, budget_mb: float) -> int:
+    """How many anchor rows keep one chunk's float32 logits within ``budget_mb`` (0: all)."""
+    if budget_mb <= 0 or n_rows == 0:
+        return max(n_rows, 1)
+    return max(1, min(n_rows, int(budget_mb * 2**20 // (4 * max(n_cols, 1)))))
+
+
+def by_rows_fits(n_rows: int, n_cols: int, budget_mb: float) -> bool:
+    """Whether all rows' logits fit the budget in one piece."""
+    return rows_per_chunk(n_rows, n_cols, budget_mb) >= n_rows
+
+
+def by_rows(fn: Callable[..., torch.Tensor], rows: tuple[torch.Tensor, ...], n_cols: int,
+            budget_mb: float) -> torch.Tensor:
+    """``fn(*rows)`` -> one value per row, computed in chunks of rows when the logits of all
+    rows against ``n_cols`` candidates would pass ``budget_mb``. Each chunk is checkpointed
+    (its logits are recomputed in backward rather than kept), so peak extra memory is one
+    chunk's logits: linear in the batch, as open_clip's per-rank local loss. Rows are
+    independent given the candidates (which ``fn`` closes over), so the values and
+    gradients are those of the unchunked form; the RNG state is restored for the
+    recomputation, so even uniform sampling draws the same negatives twice."""
+    n = rows[0].shape[0]
+    size = rows_per_chunk(n, n_cols, budget_mb)
+    if size >= n:
+        return fn(*rows)
+    parts = [checkpoint(fn, *(r[lo:lo + size] for r in rows), use_reentrant=False) if torch.is_grad_enabled()
+             else fn(*(r[lo:lo + size] for r in rows)) for lo in range(0, n, size)]
+    return torch.cat(parts)
+
+
+def both_directions(fn, out, y: torch.Tensor, c: Candidates, ctx, chunk_mb: float) -> list[torch.Tensor]:
+    """``fn(sim, positive column, anchor targets, candidates)`` for a -> b and b -> a.
+
+    One process without a bank: the candidates are the batch itself, so b -> a is the
+    transpose of a -> b's similarity and one matmul serves both (shared through ``ctx`` with
+    any other term of the step). Otherwise each direction against its candidates, in row
+    chunks past ``chunk_mb``."""
+    b = out.emb_a.shape[0]
+    to_b, to_a = c.of_modality(1), c.of_modality(0)
+    pos_col = torch.arange(b, device=out.emb_a.device) + c.offset
+    if c.emb.shape[0] == c.n_batch and c.n_global == b and by_rows_fits(b, b, chunk_mb):
+        sim = ctx.similarity(out.emb_a, out.emb_b)
+        return [fn(sim, pos_col, y, to_b), fn(sim.T, pos_col, y, to_a)]
+    return [by_rows(lambda a, p, ry, cc=cands: fn(a @ cc.emb.T, p, ry, cc), (anchors, pos_col, y), cands.emb.shape[0],
+                    chunk_mb) for anchors, cands in ((out.emb_a, to_b), (out.emb_b, to_a))]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from xmr.losses._pairs import candidates, class_of, relevant
+from xmr.losses._pairs import Candidates, by_rows, class_of, relevant, step_candidates
 from xmr.losses.negatives import NegativeSampler
 from xmr.losses.registry import LossTerm, register_term
 
@@ -19,25 +19,31 @@ from xmr.losses.registry import LossTerm, register_term
 @register_term("multineg")
 class MultiNegative(LossTerm):
     reads = {"temperature": "loss.temperature", "k": "negatives.k",
-             "strategy": "negatives.strategy", "gather": "negatives.gather"}
+             "strategy": "negatives.strategy", "gather": "negatives.gather", "chunk_mb": "loss.chunk_mb"}
     strategies = ("uniform", "hardest", "semi_hard", "class_aware")
     uses_bank = True
 
-    def __init__(self, temperature: float, k: int, strategy: str, gather: bool) -> None:
+    def __init__(self, temperature: float, k: int, strategy: str, gather: bool, chunk_mb: float = 64.0) -> None:
         super().__init__()
-        self.temperature, self.gather = temperature, gather
+        self.temperature, self.gather, self.chunk_mb = temperature, gather, chunk_mb
         self.sampler = NegativeSampler(k, strategy)
 
     def per_anchor(self, out, batch, ctx):
         y = ctx.targets
-        c = candidates(out.emb_a, out.emb_b, y, self.gather, ctx.bank)
+        c = step_candidates(ctx, out.emb_a, out.emb_b, y, self.gather)
         b = out.emb_a.shape[0]
         anchors = torch.cat([out.emb_a, out.emb_b])
         local = torch.arange(b, device=anchors.device) + c.offset
         partner = torch.cat([local + c.n_global, local])  # a's partner is in the b-half and vice versa
+        return by_rows(lambda a, p, ry: self._rows(a, p, ry, c), (anchors, partner, torch.cat([y, y])),
+                       c.emb.shape[0], self.chunk_mb)
+
+    def _rows(self, anchors, partner, rows_y, c: Candidates):
         logits = anchors @ c.emb.T / self.temperature
-        pos_logit = logits[torch.arange(2 * b, device=anchors.device), partner]
-        neg = self.sampler(logits, ~relevant(torch.cat([y, y]), c.y), n_batch=c.n_batch, labels=class_of(c.y),
-                           pos_sim=pos_logit)
-        neg_lse = torch.logsumexp(logits.masked_fill(~neg, float("-inf")), dim=1)
-        return torch.logaddexp(pos_logit, neg_lse) - pos_logit
+        pos_logit = logits[torch.arange(anchors.shape[0], device=anchors.device), partner]
+        relevant_ = relevant(rows_y, c.y)
+        allowed = ~relevant_
+        neg = self.sampler(logits, allowed, n_batch=c.n_batch, labels=class_of(c.y), pos_sim=pos_logit)
+        # K covering every candidate returns the allowed set itself: mask by its complement, no third pass
+        masked = logits.masked_fill(relevant_ if neg is allowed else ~neg, float("-inf"))
+        return torch.logaddexp(pos_logit, torch.logsumexp(masked, dim=1)) - pos_logit

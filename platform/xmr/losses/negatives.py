@@ -52,7 +52,7 @@ class NegativeSampler:
         """True when K reaches every allowed candidate of every row (the mask is the answer)."""
         if self.k >= allowed.shape[1] or allowed.shape[0] == 0:
             return True
-        return int(allowed.sum(dim=1).max()) <= self.k
+        return int(torch.count_nonzero(allowed, dim=1).max()) <= self.k
 
     def __call__(self, sim: torch.Tensor, allowed: torch.Tensor, *, n_batch: int | None = None,
                  labels: torch.Tensor | None = None, pos_sim: torch.Tensor | None = None,
@@ -86,10 +86,10 @@ class NegativeSampler:
 def _top_k_mask(keys: torch.Tensor, allowed: torch.Tensor, k: int) -> torch.Tensor:
     keys = keys.masked_fill(~allowed, float("-inf"))
     take = min(k, keys.shape[1])
-    top = keys.topk(take, dim=1).indices
-    rank = torch.arange(take, device=keys.device).expand_as(top)
-    mask = torch.zeros_like(allowed)
-    mask.scatter_(1, top, rank < allowed.sum(dim=1, keepdim=True))  # rows with fewer allowed keep them all
+    top = keys.topk(take, dim=1, sorted=False).indices
+    # A row with fewer than K allowed keeps them all: its top-k reaches disallowed (-inf) columns,
+    # which the final ``& allowed`` drops (top-k unsorted, so no rank test is needed).
+    mask = torch.zeros_like(allowed).scatter_(1, top, True)
     return mask & allowed
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from xmr.losses._pairs import Candidates, candidates, class_of, relevant
+from xmr.losses._pairs import Candidates, both_directions, class_of, relevant, step_candidates
 from xmr.losses.negatives import NegativeSampler
 from xmr.losses.registry import LossTerm, register_term
 
@@ -32,19 +32,19 @@ def polyval(coeffs: list[float], s: torch.Tensor) -> torch.Tensor:
 @register_term("polynomial")
 class Polynomial(LossTerm):
     reads = {"margin": "loss.margin", "poly_pos": "loss.poly_pos", "poly_neg": "loss.poly_neg",
-             "k": "negatives.k", "strategy": "negatives.strategy", "gather": "negatives.gather"}
+             "k": "negatives.k", "strategy": "negatives.strategy", "gather": "negatives.gather",
+             "chunk_mb": "loss.chunk_mb"}
     strategies = ("uniform", "hardest", "class_aware")
     uses_bank = True
 
     def __init__(self, margin: float, poly_pos: list[float], poly_neg: list[float], k: int,
-                 strategy: str, gather: bool) -> None:
+                 strategy: str, gather: bool, chunk_mb: float = 64.0) -> None:
         super().__init__()
-        self.margin, self.gather = margin, gather
+        self.margin, self.gather, self.chunk_mb = margin, gather, chunk_mb
         self.poly_pos, self.poly_neg = list(poly_pos), list(poly_neg)
         self.sampler = NegativeSampler(k, strategy)
 
-    def _direction(self, anchors: torch.Tensor, anchor_y: torch.Tensor, c: Candidates) -> torch.Tensor:
-        sim = anchors @ c.emb.T
+    def _pairs(self, sim: torch.Tensor, pos_col: torch.Tensor, anchor_y: torch.Tensor, c: Candidates) -> torch.Tensor:
         s = sim.detach()
         rel = relevant(anchor_y, c.y)
         pos_ok = rel.clone()
@@ -60,6 +60,5 @@ class Polynomial(LossTerm):
 
     def per_anchor(self, out, batch, ctx):
         y = ctx.targets
-        c = candidates(out.emb_a, out.emb_b, y, self.gather, ctx.bank)
-        return torch.cat([self._direction(out.emb_a, y, c.of_modality(1)),
-                          self._direction(out.emb_b, y, c.of_modality(0))])
+        c = step_candidates(ctx, out.emb_a, out.emb_b, y, self.gather)
+        return torch.cat(both_directions(self._pairs, out, y, c, ctx, self.chunk_mb))

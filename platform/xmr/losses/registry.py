@@ -19,7 +19,7 @@ A term whose λ is 0 is never built, so it costs nothing.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import torch
@@ -36,13 +36,26 @@ _TERMS: dict[str, type["LossTerm"]] = {}
 
 @dataclass
 class TermContext:
-    """What a term gets besides the model's outputs and the batch."""
+    """What a term gets besides the model's outputs and the batch, and what the terms of
+    one step share: ``shared(key, make)`` computes a value once per step (the gathered
+    candidates, a similarity matrix) for every term that asks for it. A context lives for
+    one step; ``Objective`` and ``LossTerm`` make a fresh one when none is given."""
 
     targets: torch.Tensor | None = None  # per-row relevance ids (the task family's ``targets``)
     bank: "BankView | None" = None  # memory-bank entries usable as extra negatives this step
+    cache: dict = field(default_factory=dict, repr=False)
 
+    def shared(self, key: Any, make: Callable[[], Any]) -> Any:
+        if key not in self.cache:
+            self.cache[key] = make()
+        return self.cache[key]
 
-NO_CONTEXT = TermContext()
+    def similarity(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """x @ yᵀ, once per step: a term (or direction) asking for y @ xᵀ gets its transpose."""
+        key, flipped = ("sim", id(x), id(y)), ("sim", id(y), id(x))
+        if flipped in self.cache and key not in self.cache:
+            return self.cache[flipped].T
+        return self.shared(key, lambda: x @ y.T)
 
 
 class LossTerm(nn.Module):
@@ -66,9 +79,9 @@ class LossTerm(nn.Module):
     def per_anchor(self, out: Any, batch: dict[str, Any], ctx: TermContext) -> torch.Tensor:
         raise TypeError(f"{type(self).__name__} must define per_anchor(out, batch, ctx)")
 
-    def forward(self, out: Any, batch: dict[str, Any], ctx: TermContext = NO_CONTEXT) -> torch.Tensor:
+    def forward(self, out: Any, batch: dict[str, Any], ctx: TermContext | None = None) -> torch.Tensor:
         self.diagnostics = {}
-        return local_mean(self.per_anchor(out, batch, ctx))
+        return local_mean(self.per_anchor(out, batch, ctx if ctx is not None else TermContext()))
 
 
 def register_term(name: str) -> Callable[[type[LossTerm]], type[LossTerm]]:
@@ -124,7 +137,8 @@ class Objective(nn.Module):
         self.weights = {name: float(w) for name, w in cfg.loss.lambdas.items() if w > 0}
         self.terms = nn.ModuleDict({name: build_term(name, cfg) for name in self.weights})
 
-    def forward(self, out: Any, batch: dict[str, Any], ctx: TermContext = NO_CONTEXT) -> dict[str, Any]:
+    def forward(self, out: Any, batch: dict[str, Any], ctx: TermContext | None = None) -> dict[str, Any]:
+        ctx = ctx if ctx is not None else TermContext()
         weighted = {name: self.weights[name] * term(out, batch, ctx) for name, term in self.terms.items()}
         result: dict[str, Any] = {"loss": sum(weighted.values())}
         for name, term in self.terms.items():

@@ -13,38 +13,80 @@ from __future__ import annotations
 
 import torch
 
-from xmr.losses._pairs import candidates, class_of, relevant
+from xmr.losses._pairs import Candidates, by_rows, class_of, finest, relevant, step_candidates
 from xmr.losses.negatives import NegativeSampler
 from xmr.losses.registry import LossTerm, register_term
 
 
 @register_term("supcon")
 class SupervisedContrastive(LossTerm):
+    """Cost: one similarity matmul and one logsumexp when K covers every candidate (exact
+    SupCon) with single labels: the positives' summed logits come from per-class sums of
+    the candidates (a·Σ_p c_p), so no [anchors, candidates] mask is built. Multi-label rows,
+    a memory bank or K below the candidates take the masked form."""
+
     reads = {"temperature": "loss.temperature", "k": "negatives.k",
-             "strategy": "negatives.strategy", "gather": "negatives.gather"}
+             "strategy": "negatives.strategy", "gather": "negatives.gather", "chunk_mb": "loss.chunk_mb"}
     strategies = ("uniform", "hardest", "class_aware")
     uses_bank = True
 
-    def __init__(self, temperature: float, k: int, strategy: str, gather: bool) -> None:
+    def __init__(self, temperature: float, k: int, strategy: str, gather: bool, chunk_mb: float = 64.0) -> None:
         super().__init__()
-        self.temperature, self.gather = temperature, gather
+        self.temperature, self.gather, self.chunk_mb = temperature, gather, chunk_mb
         self.sampler = NegativeSampler(k, strategy)
 
     def per_anchor(self, out, batch, ctx):
         y = ctx.targets
-        c = candidates(out.emb_a, out.emb_b, y, self.gather, ctx.bank)
+        c = step_candidates(ctx, out.emb_a, out.emb_b, y, self.gather)
         b = out.emb_a.shape[0]
         anchors = torch.cat([out.emb_a, out.emb_b])
         local = torch.arange(b, device=anchors.device) + c.offset
         self_col = torch.cat([local, local + c.n_global])  # the anchors' own columns
+        rows_y = torch.cat([y, y])
+        every = self.sampler.strategy != "class_aware" and self.sampler.k >= c.emb.shape[0] - 1
+        if every and not y.is_floating_point() and c.emb.shape[0] == c.n_batch:
+            sums = _class_sums(c, rows_y)
+            return by_rows(lambda a, s, ry: self._exact(a, s, ry, c, sums), (anchors, self_col, rows_y),
+                           c.emb.shape[0], self.chunk_mb)
+        return by_rows(lambda a, s, ry: self._masked(a, s, ry, c), (anchors, self_col, rows_y),
+                       c.emb.shape[0], self.chunk_mb)
+
+    def _exact(self, anchors, self_col, rows_y, c: Candidates, sums):
+        """Every other candidate in the denominator; Σ_p s_p = a·(Σ_class c − c_self)."""
+        class_sum, class_count, row_class = sums
+        rows = torch.arange(anchors.shape[0], device=anchors.device)
         logits = anchors @ c.emb.T / self.temperature
-        rel = relevant(torch.cat([y, y]), c.y)
+        denom = torch.logsumexp(logits.index_put((rows, self_col), logits.new_tensor(float("-inf"))), dim=1)
+        cls = row_class(rows_y)
+        pos_sum = (anchors * (class_sum[cls] - c.emb[self_col])).sum(dim=1) / self.temperature
+        n_pos = class_count[cls] - 1
+        has_pos = n_pos > 0
+        return (denom - pos_sum / n_pos.clamp(min=1))[has_pos]
+
+    def _masked(self, anchors, self_col, rows_y, c: Candidates):
+        rows = torch.arange(anchors.shape[0], device=anchors.device)
+        logits = anchors @ c.emb.T / self.temperature
+        rel = relevant(rows_y, c.y)
         pos = rel.clone()
         pos[:, c.n_batch:] = False
-        pos[torch.arange(2 * b, device=anchors.device), self_col] = False
+        pos[rows, self_col] = False
         neg = self.sampler(logits, ~rel, n_batch=c.n_batch, labels=class_of(c.y))
         denom = torch.logsumexp(logits.masked_fill(~(pos | neg), float("-inf")), dim=1, keepdim=True)
         log_prob = (logits - denom).masked_fill(~pos, 0.0)
         n_pos = pos.sum(dim=1)
         has_pos = n_pos > 0
         return -(log_prob.sum(dim=1)[has_pos] / n_pos[has_pos])
+
+
+def _class_sums(c: Candidates, rows_y: torch.Tensor):
+    """Per class of the batch candidates: the sum of their embeddings and their count, and a
+    map from row labels to class slots (single labels, finest level)."""
+    cand = finest(c.y[: c.n_batch])
+    classes, slot = torch.unique(cand, return_inverse=True)
+    class_sum = c.emb.new_zeros(len(classes), c.emb.shape[1]).index_add(0, slot, c.emb[: c.n_batch])
+    class_count = torch.bincount(slot, minlength=len(classes))
+
+    def row_class(ry: torch.Tensor) -> torch.Tensor:
+        return torch.searchsorted(classes, finest(ry).contiguous())
+
+    return class_sum, class_count, row_class

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from xmr.losses._pairs import Candidates, candidates, class_of, relevant
+from xmr.losses._pairs import Candidates, both_directions, class_of, relevant, step_candidates
 from xmr.losses.negatives import NegativeSampler
 from xmr.losses.registry import LossTerm, register_term
 
@@ -20,25 +20,23 @@ from xmr.losses.registry import LossTerm, register_term
 @register_term("triplet")
 class Triplet(LossTerm):
     reads = {"margin": "loss.margin", "k": "negatives.k", "strategy": "negatives.strategy",
-             "gather": "negatives.gather"}
+             "gather": "negatives.gather", "chunk_mb": "loss.chunk_mb"}
     strategies = ("uniform", "hardest", "semi_hard", "class_aware")
     uses_bank = True
 
-    def __init__(self, margin: float, k: int, strategy: str, gather: bool) -> None:
+    def __init__(self, margin: float, k: int, strategy: str, gather: bool, chunk_mb: float = 64.0) -> None:
         super().__init__()
-        self.margin, self.gather = margin, gather
+        self.margin, self.gather, self.chunk_mb = margin, gather, chunk_mb
         self.sampler = NegativeSampler(k, strategy)
 
-    def _direction(self, anchors: torch.Tensor, anchor_y: torch.Tensor, c: Candidates) -> torch.Tensor:
-        sim = anchors @ c.emb.T
-        rows = torch.arange(anchors.shape[0], device=sim.device)
-        pos = sim[rows, rows + c.offset]
+    def _hinge(self, sim: torch.Tensor, pos_col: torch.Tensor, anchor_y: torch.Tensor, c: Candidates) -> torch.Tensor:
+        pos = sim[torch.arange(sim.shape[0], device=sim.device), pos_col]
         neg = self.sampler(sim, ~relevant(anchor_y, c.y), n_batch=c.n_batch, labels=class_of(c.y), pos_sim=pos)
         hinge = (self.margin + sim - pos[:, None]).clamp(min=0)
         return (hinge * neg).sum(dim=1) / neg.sum(dim=1).clamp(min=1)
 
     def per_anchor(self, out, batch, ctx):
         y = ctx.targets
-        c = candidates(out.emb_a, out.emb_b, y, self.gather, ctx.bank)
-        return torch.cat([self._direction(out.emb_a, y, c.of_modality(1)),
-                          self._direction(out.emb_b, y, c.of_modality(0))])
+        c = step_candidates(ctx, out.emb_a, out.emb_b, y, self.gather)
+        return torch.cat(both_directions(self._hinge, out, y, c, ctx, self.chunk_mb))
+

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from xmr.distributed import gather_rows, gather_with_grad, world_info
+from xmr.models.attention import Encoder, MultiHeadAttention
 from xmr.models.encoders import AttentionPool
 from xmr.models.registry import register_model
 from xmr.outputs import CrossScores, VcmrOutputs
@@ -49,9 +50,10 @@ def sinusoid(n: int, d: int, device) -> torch.Tensor:
     return out
 
 
-def encoder(d: int, layers: int, heads: int, dropout: float) -> nn.TransformerEncoder:
-    layer = nn.TransformerEncoderLayer(d, heads, 2 * d, dropout, batch_first=True, norm_first=True)
-    return nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+def encoder(d: int, layers: int, heads: int, dropout: float) -> Encoder:
+    """Pre-norm layers on fused attention, dropout on sub-layer outputs only (see
+    ``xmr.models.attention``: the paper does not say where dropout goes)."""
+    return Encoder(d, layers, heads, dropout)
 
 
 def subtitle_keys(sub_mask: torch.Tensor, clip_mask: torch.Tensor) -> torch.Tensor:
@@ -62,19 +64,20 @@ def subtitle_keys(sub_mask: torch.Tensor, clip_mask: torch.Tensor) -> torch.Tens
 
 
 class CoAttention(nn.Module):
-    """One joint layer: visual attends to subtitle and subtitle to visual (residual)."""
+    """One joint layer: visual attends to subtitle and subtitle to visual (residual, with
+    dropout on each attention's output as in the encoders)."""
 
     def __init__(self, d: int, heads: int, dropout: float) -> None:
         super().__init__()
-        self.v_from_s = nn.MultiheadAttention(d, heads, dropout=dropout, batch_first=True)
-        self.s_from_v = nn.MultiheadAttention(d, heads, dropout=dropout, batch_first=True)
+        self.v_from_s, self.s_from_v = MultiHeadAttention(d, heads), MultiHeadAttention(d, heads)
         self.norm_v, self.norm_s = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.dropout = nn.Dropout(dropout)
 
     def forward(self, hv, hs, clip_mask, sub_mask):
         # A clip without subtitle offers nothing to attend to.
-        v2, _ = self.v_from_s(self.norm_v(hv), hs, hs, key_padding_mask=~subtitle_keys(sub_mask, clip_mask))
-        s2, _ = self.s_from_v(self.norm_s(hs), hv, hv, key_padding_mask=~clip_mask)
-        return hv + v2, hs + s2
+        v2 = self.v_from_s(self.norm_v(hv), hs, key_padding_mask=~subtitle_keys(sub_mask, clip_mask))
+        s2 = self.s_from_v(self.norm_s(hs), hv, key_padding_mask=~clip_mask)
+        return hv + self.dropout(v2), hs + self.dropout(s2)
 
 
 class NetVLAD(nn.Module):
@@ -132,6 +135,7 @@ class QACLN(nn.Module):
         self.video_head, self.query_head = nn.Linear(d, d), nn.Linear(d, d)  # f(c), g(q)
         lam = cfg.loss.lambdas
         self.need_vr = lam.get("vr_hinge", 0) > 0
+        self.need_vr_v2q = self.need_vr and cfg.loss.vr_query_negatives  # L_VR's query side, off in the paper
         self.need_video_cl = lam.get("video_cl", 0) > 0
         self.gather = cfg.negatives.gather  # contrast against the videos of every rank's batch
 
@@ -293,14 +297,18 @@ class QACLN(nn.Module):
             all_videos = gather_rows(video_index)
         else:
             all_q, offset, all_enc, all_videos = q, 0, enc, video_index
-        local_enc = pad_encoding(enc, all_enc["h_v"].shape[1])
         out = CrossScores(video_index=video_index, all_video_index=all_videos, offset=offset)
+        # One process: the batch is the whole batch, so the video side is the query side's
+        # transpose (no second pass over the clips).
+        alone = all_q is q and all_enc is enc
+        local_enc = enc if alone else pad_encoding(enc, all_enc["h_v"].shape[1])
         if self.need_vr:
             out.phi_q2v = self.phi(q, all_enc)  # [b, B]
-            out.phi_v2q = self.phi(all_q, local_enc).T  # [b, B]: local video i vs query j
+            if self.need_vr_v2q:  # [b, B]: local video i vs query j
+                out.phi_v2q = out.phi_q2v.T if alone else self.phi(all_q, local_enc).T
         if self.need_video_cl:
             out.nce_q2v = self.video_cl_scores(q, all_enc)
-            out.nce_v2q = self.video_cl_scores(all_q, local_enc).T
+            out.nce_v2q = out.nce_q2v.T if alone else self.video_cl_scores(all_q, local_enc).T
         return out
 
 

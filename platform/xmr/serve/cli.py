@@ -107,13 +107,13 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser("serve", help="serve a checkpoint as a retrieval endpoint (Ray Serve)")
     p.add_argument("--checkpoint", required=True, help="checkpoint dir, run dir (its best checkpoint), or s3://...")
     p.add_argument("--gallery", default=None, help="dataset root whose split is searched (default: the run's data)")
-    p.add_argument("--split", default="test")
+    p.add_argument("--split", default="test", help="gallery split to search")
     p.add_argument("--index", default=None, help="a saved index from `xmr index build` instead of encoding")
     p.add_argument("--approx", default="auto", choices=["auto", "on", "off"], help="FAISS index for large galleries")
-    p.add_argument("--replicas", type=int, default=1)
+    p.add_argument("--replicas", type=int, default=1, help="replicas of the retriever deployment")
     p.add_argument("--host", default=os.environ.get("XMR_SERVE_HOST", "127.0.0.1"),
                    help="bind address (default 127.0.0.1; 0.0.0.0 exposes the endpoint)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="HTTP port of Serve's proxy")
     p.add_argument("--address", default=None, help="Ray cluster (default: RAY_ADDRESS or a local Ray)")
     p.add_argument("--direct", action="store_true",
                    help=f"throughput-optimised Serve ({THROUGHPUT_ENV}=1): replicas also answer HTTP on ports "
@@ -125,9 +125,9 @@ def register(subparsers: Any) -> None:
     sub = idx.add_subparsers(dest="index_command", required=True, metavar="COMMAND")
     b = sub.add_parser("build", help="encode a gallery split once (category: and a FAISS index; vcmr: the corpus's "
                                      "clip encodings) for `xmr serve --index`")
-    b.add_argument("--checkpoint", required=True)
-    b.add_argument("--gallery", default=None)
-    b.add_argument("--split", default="test")
-    b.add_argument("--out", required=True)
-    b.add_argument("--approx", default="auto", choices=["auto", "on", "off"])
+    b.add_argument("--checkpoint", required=True, help="checkpoint dir, run dir (its best checkpoint), or s3://...")
+    b.add_argument("--gallery", default=None, help="dataset root whose split is encoded (default: the run's data)")
+    b.add_argument("--split", default="test", help="split to encode")
+    b.add_argument("--out", required=True, help="folder to write the index to")
+    b.add_argument("--approx", default="auto", choices=["auto", "on", "off"], help="FAISS index: on, off, or auto (past 200,000 items)")
     b.set_defaults(func=_index_build)

@@ -14,6 +14,7 @@ import torch
 from xmr.data.reader import loader_for
 from xmr.distributed import world_info
 from xmr.metrics.retrieval import cosine_similarity, cross_modal_map, pair_recall_at_k, precision_at_k
+from xmr.progress_line import units_in, with_progress
 from xmr.tasks.base import TaskFamily
 from xmr.tasks.topk import half_prescan_ok, topk_scores
 
@@ -44,7 +45,10 @@ class CategoryFamily(TaskFamily):
         rank, world = world_info()
         loader = loader_for(cfg, split, rank=rank, world_size=world, manifest=manifest)
         keys: list[str] = []
-        share = embed_split(model, _to(_keys_of(loader, keys), next(model.parameters()).device))
+        total = -(-manifest.splits[split].num_samples // world)
+        batches = with_progress(_keys_of(loader, keys), f"{split}: encoding pairs", total, "pairs", units_in,
+                                speak=rank == 0)
+        share = embed_split(model, _to(batches, next(model.parameters()).device))
         return (*share, keys) if detailed else share
 
     def _merged(self, shares: list):
@@ -263,7 +267,7 @@ def embed_category(model, manifest, root: str, split: str, batch_size: int = 512
     parts: dict[str, list[torch.Tensor]] = {"a": [], "b": []}
     ids: list[str] = []
     labels: list[Any] = []
-    for batch in loader:
+    for batch in with_progress(loader, f"index {split}: encoding", manifest.splits[split].num_samples, "items", units_in):
         if len(batch["index"]) == 0:
             continue
         for role in ("a", "b"):

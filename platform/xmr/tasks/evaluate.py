@@ -12,7 +12,7 @@ from xmr.config import Config
 from xmr.data.manifest import Manifest
 from xmr.data.reader import loader_for, to_device
 from xmr.distributed import all_gather_objects, all_reduce_sum, broadcast_object, world_info
-from xmr.losses.registry import NO_CONTEXT
+from xmr.losses.registry import TermContext
 from xmr.tasks import family_of
 
 
@@ -50,7 +50,7 @@ def validation_losses(method, cfg: Config, manifest: Manifest, split: str) -> di
                     continue
                 out = method.model(batch)
                 for i, term in enumerate(terms.values()):
-                    sums[i] += term.per_anchor(out, batch, NO_CONTEXT).double().sum()
+                    sums[i] += term.per_anchor(out, batch, TermContext()).double().sum()
                 sums[-1] += len(batch["index"])
     finally:
         method.train(was_training)

@@ -20,6 +20,7 @@ from xmr.data.reader import loader_for
 from xmr.distributed import all_gather_objects, world_info
 from xmr.metrics.vcmr import clips_to_moment, rank_moments, svmr_recall, vcmr_recall, vr_recall
 from xmr.models.qacln import bucket_corpus, pad_encoding
+from xmr.progress_line import units_in, with_progress
 from xmr.tasks.base import TaskFamily
 
 
@@ -45,7 +46,10 @@ class VcmrFamily(TaskFamily):
         was_training = model.training
         model.eval()
         try:
-            videos = loader_for(cfg, split, unit="video", rank=rank, world_size=world, manifest=manifest)
+            info, share_of = manifest.splits[split], (lambda n: -(-n // world) if n else None)
+            videos = with_progress(loader_for(cfg, split, unit="video", rank=rank, world_size=world, manifest=manifest),
+                                   f"{split}: encoding videos", share_of(info.num_samples), "videos", units_in,
+                                   speak=rank == 0)
             corpus, meta = encode_corpus(model, videos)
             device = corpus["clip_mask"].device
             shares = all_gather_objects(({k: v.cpu() for k, v in corpus.items()}, meta))
@@ -56,7 +60,9 @@ class VcmrFamily(TaskFamily):
                 meta = {"video_index": torch.cat([m["video_index"] for _, m in shares]),
                         "duration": torch.cat([m["duration"] for _, m in shares]),
                         "vid_name": [name for _, m in shares for name in m["vid_name"]]}
-            queries = loader_for(cfg, split, unit="query", rank=rank, world_size=world, manifest=manifest)
+            queries = with_progress(loader_for(cfg, split, unit="query", rank=rank, world_size=world, manifest=manifest),
+                                    f"{split}: ranking queries", share_of(info.num_queries or 0), "queries",
+                                    units_in, speak=rank == 0)
             share = rank_query_batches(model, corpus, meta, queries, manifest.clip_len or 1.0, cfg.model.top_videos,
                                        cfg.model.max_moment_clips, detailed=detailed,
                                        candidates=NMS_CANDIDATES if nms is not None else 100)
@@ -112,8 +118,9 @@ class VcmrFamily(TaskFamily):
                       approx: str = "auto") -> "VideoCorpus":
         from xmr.data.reader import make_loader
 
-        loader = make_loader(root, split, local_batch_size=64, shuffle=False, unit="video", manifest=manifest,
-                             max_clips=cfg.data.max_clips, endpoint_url=endpoint_url)
+        loader = with_progress(make_loader(root, split, local_batch_size=64, shuffle=False, unit="video",
+                                           manifest=manifest, max_clips=cfg.data.max_clips, endpoint_url=endpoint_url),
+                               f"index {split}: encoding", manifest.splits[split].num_samples, "videos", units_in)
         enc, meta = encode_corpus(model.eval(), loader)
         return VideoCorpus(enc, [str(n) for n in meta["vid_name"]], meta["duration"])
 

@@ -11,7 +11,24 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="A.B=VALUE",
                         help="override a config field (repeatable), e.g. --set loss.lambdas.center=0.1")
     parser.add_argument("--address", default=None,
-                        help="Ray cluster to attach to (default: RAY_ADDRESS, else an embedded local Ray)")
+                        help="Ray cluster to attach to (default: RAY_ADDRESS, a Ray running on this machine, "
+                             "else an embedded local Ray)")
+    parser.add_argument("--verbose", action="store_true", help="show Ray's own logs beside xmr's lines")
+    parser.add_argument("--tracking-uri", default=None,
+                        help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else SQLite in the run folder)")
+    parser.add_argument("--no-tracking", action="store_true", help="no MLflow tracking (tracking.enabled=false)")
+
+
+def apply_common(args: argparse.Namespace, cfg) -> None:
+    """--verbose, --tracking-uri, --no-tracking onto the environment and config."""
+    import os
+
+    if getattr(args, "verbose", False):
+        os.environ["XMR_VERBOSE"] = "1"
+    if getattr(args, "tracking_uri", None):
+        cfg.tracking.uri = args.tracking_uri
+    if getattr(args, "no_tracking", False):
+        cfg.tracking.enabled = False
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -19,6 +36,7 @@ def _train(args: argparse.Namespace) -> int:
     from xmr.train.driver import run_training
 
     cfg = load_config(args.config, args.set)
+    apply_common(args, cfg)
     if args.storage:
         cfg.storage.root = args.storage
     result = run_training(cfg, address=args.address, run_name=args.run_name)

@@ -45,7 +45,8 @@ def code_runtime_env(extra_env: dict[str, str] | None = None) -> dict[str, Any]:
     """Ship the xmr package to every worker (``py_modules``), so a cluster runs this checkout's
     code whether or not the package is installed there."""
     env = {"RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token")}
-    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "XMR_CACHE"):
+    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "XMR_CACHE",
+                 "XMR_VERBOSE", "MLFLOW_TRACKING_URI"):
         if os.environ.get(name):
             env[name] = os.environ[name]
     env.update(extra_env or {})
@@ -88,9 +89,13 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, quiet
             how = "attached to the Ray cluster running on this machine (set RAY_ADDRESS or --address for another)"
         except ConnectionError:
             # The dashboard (bound to 127.0.0.1) serves Ray's state API, which Ray Train uses to
-            # release a stopped run's placement group (e.g. a trial ASHA ends early).
+            # release a stopped run's placement group (e.g. a trial ASHA ends early). A local Ray
+            # is never preempted: Ray Train's preemption watcher (for spot nodes) only adds an
+            # error line about its constructor arguments, so it is off here.
+            local_env = {**env, "env_vars": {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", **env["env_vars"]}}
             ray.init(num_cpus=num_cpus or max(4, 2 * (os.cpu_count() or 1)), include_dashboard=True,
-                     dashboard_host="127.0.0.1", runtime_env=env, configure_logging=False)
+                     dashboard_host="127.0.0.1", runtime_env=local_env, configure_logging=False,
+                     log_to_driver=True)
             how = "started an embedded local Ray"
     if not quiet and not how.startswith("started"):
         print(f"[xmr] {how}", flush=True)
@@ -146,7 +151,8 @@ def build_trainer(cfg: Config, metric: str, mode: str, callbacks: list | None = 
                                                checkpoint_score_attribute=metric, checkpoint_score_order=mode),
             callbacks=callbacks or None,
             # xmr prints one line per epoch itself; Ray Train's per-report INFO lines would bury it
-            logging_config=LoggingConfig(log_level=os.environ.get("XMR_TRAIN_LOG_LEVEL", "WARNING"))),
+            logging_config=LoggingConfig(log_level="INFO" if os.environ.get("XMR_VERBOSE") == "1"
+                                         else os.environ.get("XMR_TRAIN_LOG_LEVEL", "WARNING"))),
     )
 
 

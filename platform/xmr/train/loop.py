@@ -11,6 +11,8 @@ scheduler + resolved config + metrics) from rank 0.
 from __future__ import annotations
 
 import json
+import logging
+import os
 import resource
 import tempfile
 import time
@@ -35,6 +37,7 @@ from xmr.train.pretrained import load_pretrained
 from xmr.train.progress import EpochProgress, epoch_line, say
 from xmr.train.runfs import RunDir
 from xmr.train.step import EpochMeter, TrainStep, patience_exhausted, schedule
+from xmr.train.tracking import Tracker
 
 _P = 2_147_483_647  # prime modulus keeping Σ index² in int64 for any split size
 
@@ -57,6 +60,7 @@ class Worker:
     step: TrainStep
     run: RunDir  # the run folder (every rank reads it on resume; rank 0 writes it)
     num_nodes: int = 1
+    tracker: Tracker = field(default_factory=Tracker)  # MLflow, rank 0 only
 
 
 @dataclass
@@ -78,11 +82,13 @@ class EpochStats:
 
 
 def train_loop_per_worker(payload: dict[str, Any]) -> None:
+    quiet_ray_train()
     w = set_up(payload)
     state = resume(w)
     if state.epoch >= w.cfg.optim.epochs:  # nothing left: report the final row again so the run ends cleanly
         _report(w, state.history[-1] if state.history else {"epoch": state.epoch})
         return
+    w.tracker = Tracker.for_run(w.cfg, w.run, w.rank, w.cfg.tracking.parent_run_id or None, say=say)
     if state.epoch == 0:
         score_untrained(w, state)
     first, started = state.epoch, time.perf_counter()
@@ -94,6 +100,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
         stats = train_epoch(w, epoch)
         per_epoch = (time.perf_counter() - started) / (epoch + 1 - first)
         evaluate_and_report(w, state, epoch, stats, eta_s=per_epoch * (w.cfg.optim.epochs - epoch - 1))
+    w.tracker.finish()
 
 
 def set_up(payload: dict[str, Any]) -> Worker:
@@ -168,6 +175,7 @@ def score_untrained(w: Worker, state: RunState) -> None:
     before = evaluate(w.method, w.cfg, w.manifest, w.cfg.data.val_split)
     check_metric_name(w.metric, before)
     state.history.append({"epoch": 0, "step": 0, **before})
+    w.tracker.log(before, step=0)
     if w.rank == 0:
         say(f"[xmr] before training: {w.metric} {before[w.metric]:.4f}")
 
@@ -189,7 +197,9 @@ def train_epoch(w: Worker, epoch: int) -> EpochStats:
         n_steps += 1
         index = batch["index"].detach().to("cpu", torch.int64)
         seen += torch.stack([torch.tensor(len(index)), index.sum(), (index * index % _P).sum() % _P])
-        progress.update(n_steps, len(index) * w.world, record["loss"])
+        figures = progress.update(n_steps, len(index) * w.world, record["loss"])
+        if figures:
+            w.tracker.log({f"progress_{k}": v for k, v in figures.items()}, step=w.step.step)
     train_s = time.perf_counter() - t0
     seen = all_reduce_sum(seen.to(w.device))
     names = sorted(set().union(*all_gather_objects(sorted(meter.sums))))  # a share may appear on some steps only
@@ -228,10 +238,26 @@ def evaluate_and_report(w: Worker, state: RunState, epoch: int, stats: EpochStat
         w.run.write_text("metrics.csv", pd.DataFrame(state.history).to_csv(index=False))
         if state.best is not None:
             w.run.write_text(BEST, json.dumps(state.best, indent=2, default=float) + "\n")
+        w.tracker.log(row, step=epoch + 1)
+        w.tracker.log_best(state.best)
         say(epoch_line(row, w.cfg.optim.epochs, w.metric, eta_s=eta_s))
     else:
         _report(w, row)
     state.best = broadcast_object(state.best)
+
+
+def quiet_ray_train() -> None:
+    """xmr prints its own epoch lines; Ray Train V2 also logs every report (a full metrics dict)
+    through a logger named by its file path, which LoggingConfig does not reach. Quieted
+    unless XMR_VERBOSE=1 (``--verbose``)."""
+    if os.environ.get("XMR_VERBOSE") == "1":
+        return
+    try:
+        from ray.train.v2._internal.execution import context
+
+        logging.getLogger(context.__file__).setLevel(logging.WARNING)
+    except ImportError:  # another Ray version: its logs stay
+        pass
 
 
 def _report(w: Worker, row: dict[str, Any], checkpoint_dir: str | None = None, name: str | None = None) -> None:

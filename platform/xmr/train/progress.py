@@ -38,18 +38,22 @@ class EpochProgress:
     def for_run(cls, cfg, steps: int, epoch: int, enabled: bool) -> "EpochProgress":
         return cls(steps, cfg.tracking.progress_every_s, enabled=enabled, epoch=epoch + 1, epochs=cfg.optim.epochs)
 
-    def update(self, step: int, samples: int, loss: float) -> None:
+    def update(self, step: int, samples: int, loss: float) -> dict[str, float] | None:
+        """Prints a line when one is due; returns its figures then (for tracking), else None."""
         self.samples += samples
         self.loss_sum += loss
         self.n += 1
         now = time.perf_counter()
         if not self.enabled or now - self.last < self.every_s or step >= self.steps:
-            return
+            return None
         self.last = now
         elapsed = now - self.t0
+        figures = {"samples_per_s": self.samples / max(elapsed, 1e-9), "running_loss": self.loss_sum / self.n,
+                   "epoch_eta_s": elapsed / step * (self.steps - step)}
         say(f"[xmr] epoch {self.epoch}/{self.epochs}  step {step}/{self.steps}  "
-            f"{self.samples / max(elapsed, 1e-9):.0f} samples/s  loss {self.loss_sum / self.n:.4f}  "
-            f"epoch ETA {_duration(elapsed / step * (self.steps - step))}")
+            f"{figures['samples_per_s']:.0f} samples/s  loss {figures['running_loss']:.4f}  "
+            f"epoch ETA {_duration(figures['epoch_eta_s'])}")
+        return figures
 
 
 def epoch_line(row: dict[str, Any], epochs: int, metric: str, eta_s: float) -> str:

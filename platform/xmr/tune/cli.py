@@ -16,7 +16,10 @@ def _tune(args: argparse.Namespace) -> int:
     from xmr.tune.sweep import SweepSettings, run_ablation, run_sweep
 
     space_path = args.space or str(SPACES / f"{args.config}.yaml")
+    from xmr.train.cli import apply_common
+
     cfg = load_config(args.config, args.set)
+    apply_common(args, cfg)
     if args.storage:
         cfg.storage.root = args.storage
     space = load_space(space_path, base=cfg)  # a bad space fails here, before Ray starts
@@ -41,11 +44,11 @@ def register(subparsers: Any) -> None:
                                           "and ASHA early stopping; relaunching with the same --name resumes it.")
     add_config_arguments(p)
     p.add_argument("--space", default=None, help="search space YAML (default: search_spaces/<config>.yaml)")
-    p.add_argument("--trials", type=int, default=20)
+    p.add_argument("--trials", type=int, default=20, help="trials to sample")
     p.add_argument("--concurrency", type=int, default=0, help="trials at a time (default: as many as CPUs allow)")
     p.add_argument("--name", default=None, help="sweep name (relaunch with the same name to resume)")
     p.add_argument("--storage", default=None, help="root for sweeps and trial runs (storage.root), local or s3://")
-    p.add_argument("--searcher", default="tpe", choices=["tpe", "random"])
+    p.add_argument("--searcher", default="tpe", choices=["tpe", "random"], help="Optuna sampler: TPE (seeded) or random search")
     p.add_argument("--no-asha", action="store_true", help="no early stopping")
     p.add_argument("--grace-period", type=int, default=1, help="ASHA: epochs before a trial can be stopped")
     p.add_argument("--optuna-storage", default=None, help="Optuna storage URL, e.g. sqlite:///sweeps.db")

@@ -21,6 +21,7 @@ from xmr.config import Config, apply_overrides, from_dict, with_values
 from xmr.data import storage
 from xmr.train.driver import prepare
 from xmr.tune.report import write_ablation_report, write_sweep_report
+from xmr.train.runfs import RunDir
 from xmr.tune.trials import NOT_METRICS, SweepResult, make_tuner, per_trial_cpus
 
 @dataclass
@@ -33,7 +34,7 @@ class SweepSettings:
     scheduler: str = "asha"  # asha | none
     grace_period: int = 1
     reduction_factor: int = 2
-    optuna_storage: str | None = None  # e.g. sqlite:///sweeps.db: the study outlives the sweep
+    optuna_storage: str | None = None  # default: sqlite in the sweep folder (local storage); a URL for another
     multi_objective: bool = False  # Optuna over (metric, training seconds per epoch): a Pareto front
 
 
@@ -74,7 +75,13 @@ def run_sweep(cfg: Config, space, settings: SweepSettings, address: str | None =
         raise ValueError(f"searcher = {settings.searcher!r}: use tpe or random")
     sampler = (optuna.samplers.TPESampler(seed=settings.seed, n_startup_trials=max(2, min(10, settings.trials // 3)))
                if settings.searcher == "tpe" else optuna.samplers.RandomSampler(seed=settings.seed))
-    study_storage = optuna.storages.RDBStorage(settings.optuna_storage) if settings.optuna_storage else None
+    storage_url = settings.optuna_storage or default_study_storage(cfg, settings.name)
+    study_storage = optuna.storages.RDBStorage(storage_url) if storage_url else None
+    if storage_url:
+        print(f"[xmr] Optuna study {settings.name!r} in {storage_url} (watch it: optuna-dashboard {storage_url})",
+              flush=True)
+    track_under_parent(cfg, settings.name, {"trials": settings.trials, "searcher": settings.searcher,
+                                            "space": [p.path for p in space.params]})
     if settings.multi_objective:  # ASHA needs one metric; TPE handles several (Pareto-based)
         settings.scheduler = "none"
         search = OptunaSearch(space=space.suggest, metric=[metric, "train_s"], mode=[mode, "min"], sampler=sampler,
@@ -96,6 +103,33 @@ def run_sweep(cfg: Config, space, settings: SweepSettings, address: str | None =
     return write_sweep_report(cfg, settings, space, table, metric, mode, wall_s=time.perf_counter() - t0)
 
 
+def default_study_storage(cfg: Config, name: str) -> str | None:
+    """A SQLite file in the sweep folder for a local storage root (the study survives the
+    sweep, ``optuna-dashboard`` can open it while it runs, and a resumed sweep resumes it);
+    in memory for an S3 root (pass --optuna-storage to keep it)."""
+    if storage.is_s3(cfg.storage.root):
+        return None
+    folder = os.path.join(cfg.storage.root, name)
+    os.makedirs(folder, exist_ok=True)
+    return f"sqlite:///{os.path.abspath(folder)}/optuna.db"
+
+
+def track_under_parent(cfg: Config, name: str, params: dict[str, Any]) -> None:
+    """One MLflow parent run for the sweep (kept in its folder, so a resumed sweep reuses it);
+    the trials' runs are its children, in the sweep's store."""
+    from xmr.train.tracking import RUN_ID_FILE, start_parent
+
+    folder = storage.join(cfg.storage.root, name)
+    sweep = RunDir(cfg.storage.root, name, cfg.data.endpoint_url)
+    parent = sweep.read_text(RUN_ID_FILE)
+    if not parent:
+        parent, _ = start_parent(cfg, folder, name, params)
+        if parent:
+            sweep.write_text(RUN_ID_FILE, parent)
+    if parent:
+        cfg.tracking.folder, cfg.tracking.parent_run_id = cfg.tracking.folder or folder, parent.strip()
+
+
 def run_ablation(cfg: Config, variants: dict[str, list[str]], settings: SweepSettings, seeds: list[int],
                  address: str | None = None) -> SweepResult:
     """Every named variant (``{"full": [], "w/o X": [...]}``) x every seed, same data and
@@ -107,6 +141,7 @@ def run_ablation(cfg: Config, variants: dict[str, list[str]], settings: SweepSet
     cfg, metric, mode = prepare(cfg, run_name=settings.name)
     for name, overrides in variants.items():  # every variant must be a valid config before anything runs
         from_dict(apply_overrides(cfg.to_dict(), overrides))
+    track_under_parent(cfg, settings.name, {"variants": list(variants), "seeds": seeds})
     ensure_ray(address, num_cpus=max(local_cpus(cfg), int(2 * per_trial_cpus(cfg)) + 2))
     trials_root = storage.join(cfg.storage.root, settings.name, "trials")
     trainable = tune.with_parameters(trial_driver, base=cfg.to_dict(), trials_root=trials_root, variants=variants)

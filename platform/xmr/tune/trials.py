@@ -5,6 +5,7 @@ when its folder exists), and what a finished sweep's trial folders say."""
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,6 +61,8 @@ def make_tuner(trainable, cfg: Config, name: str, n_trials: int, *, metric: str 
         return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True,
                                   storage_filesystem=fs)
     quiet = {} if verbose else {"verbose": 0, "callbacks": [progress_callback(n_trials, progress_metric or metric, what)]}
+    if not verbose:  # Tune's new output engine prints its experiment box and paths even at verbose=0
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     return tune.Tuner(
         trainable,
         param_space=param_space or {},

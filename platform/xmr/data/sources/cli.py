@@ -55,7 +55,7 @@ def _reported(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Nam
 def _common(p: argparse.ArgumentParser, shard_default: int) -> None:
     p.add_argument("--out", required=True, help="dataset root: local directory or s3://bucket/prefix")
     p.add_argument("--overwrite", action="store_true", help="replace a dataset already at --out")
-    p.add_argument("--samples-per-shard", type=int, default=shard_default)
+    p.add_argument("--samples-per-shard", type=int, default=shard_default, help="samples (videos for vcmr) per tar shard")
     p.add_argument("--endpoint-url", default=None, help="S3 endpoint (e.g. a local moto/MinIO server)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -84,14 +84,36 @@ def _synth_vcmr(a: argparse.Namespace) -> int:
                           dim_subtitle=a.dim_subtitle, dim_query=a.dim_query, latent_dim=a.latent_dim,
                           min_duration=a.min_duration, max_duration=a.max_duration, max_queries=a.max_queries,
                           sub_missing=a.sub_missing, signal=a.signal, noise=a.noise,
-                          durations_from=a.durations_from, seed=a.seed, dtype=a.dtype)
+                          durations_from=a.durations_from, single_stream_share=a.single_stream_share,
+                          cross_stream_distractors=a.cross_stream_distractors,
+                          distractors_per_video=a.distractors_per_video, seed=a.seed, dtype=a.dtype)
     _summary(write_synth_vcmr(a.out, cfg, name=a.name, **_writer_kw(a)), a.out)
     return 0
 
 
+def _synth_tvr_release(a: argparse.Namespace) -> int:
+    from xmr.data.sources.synth_vcmr import SynthVcmrConfig
+    from xmr.data.sources.tvr_release import TvrReleaseConfig, convert_command, summary, write_tvr_release
+
+    base = TvrReleaseConfig()
+    cfg = TvrReleaseConfig(splits=_sizes(a.splits, base.splits), annotations=a.annotations, video2dur=a.video2dur,
+                           dim_visual=a.dim_visual, dim_subtitle=a.dim_subtitle, dim_query=a.dim_query,
+                           max_tokens=a.max_tokens, seed=a.seed,
+                           synth=SynthVcmrConfig(**{**base.synth.__dict__, "signal": a.signal, "noise": a.noise,
+                                                    "sub_missing": a.sub_missing}))
+    rep = write_tvr_release(a.out, cfg, progress=not a.quiet, overwrite=a.overwrite)
+    print(f"wrote {a.out}: {summary(rep)}")
+    print(f"convert with: {convert_command(a.out, list(cfg.splits))}")
+    return 0
+
+
 def _convert_tvr(a: argparse.Namespace) -> int:
+    import resource
+    import time
+
     from xmr.data.sources.tvr import convert_tvr
 
+    t0 = time.perf_counter()
     m, rep = convert_tvr(a.out, splits=_kv(a.splits, "--splits"), video_feats=a.video_feats,
                          sub_feats=a.sub_feats, query_feats=a.query_feats, video2dur=a.video2dur,
                          max_clips=a.max_clips, max_query_tokens=a.max_query_tokens, skip_missing=a.skip_missing,
@@ -101,6 +123,8 @@ def _convert_tvr(a: argparse.Namespace) -> int:
           f"clip-count mismatches {rep.clip_count_mismatch}; query tokens truncated {rep.tokens_truncated}; "
           f"ts clamped {rep.ts_clamped}; skipped videos {len(rep.skipped_videos)}, "
           f"queries {len(rep.skipped_queries)}")
+    print(f"converted in {time.perf_counter() - t0:.0f} s, peak memory "
+          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
     return 0
 
 
@@ -129,44 +153,67 @@ def _add_synth(sub: Any) -> None:
     kinds = synth.add_subparsers(dest="synth_kind", required=True, metavar="KIND")
     c = kinds.add_parser("category", help="paired a/b features with class (and instance) structure")
     _common(c, 256)
-    c.add_argument("--name", default="synth-category")
+    c.add_argument("--name", default="synth-category", help="dataset name recorded in the manifest")
     c.add_argument("--splits", nargs="*", metavar="SPLIT=N", help="sizes (default train=400 val=100 test=100)")
-    c.add_argument("--n-classes", type=int, default=10)
-    c.add_argument("--dim-a", type=int, default=32)
-    c.add_argument("--dim-b", type=int, default=48)
+    c.add_argument("--n-classes", type=int, default=10, help="number of (fine) classes")
+    c.add_argument("--dim-a", type=int, default=32, help="feature dimension of modality a")
+    c.add_argument("--dim-b", type=int, default=48, help="feature dimension of modality b")
     c.add_argument("--seq-len-a", type=int, default=None, help="make modality a a [T, D] token sequence")
     c.add_argument("--seq-len-b", type=int, default=None, help="make modality b a [T, D] token sequence")
-    c.add_argument("--latent-dim", type=int, default=16)
+    c.add_argument("--latent-dim", type=int, default=16, help="dimension of the shared latent both modalities are made from")
     c.add_argument("--class-scale", type=float, default=0.6, help="spread of class means")
     c.add_argument("--instance-scale", type=float, default=0.7, help="per-pair latent shared by a and b")
-    c.add_argument("--noise-a", type=float, default=0.8)
-    c.add_argument("--noise-b", type=float, default=0.8)
+    c.add_argument("--noise-a", type=float, default=0.8, help="feature noise of modality a")
+    c.add_argument("--noise-b", type=float, default=0.8, help="feature noise of modality b")
     c.add_argument("--offset-scale", type=float, default=1.0, help="modality offset (modality gap)")
     c.add_argument("--hierarchy", type=int, default=None, metavar="K_COARSE",
                    help="group the classes into K coarse classes; labels become label_path")
     c.add_argument("--multi-label", action="store_true", help="1-3 labels per sample (label_set)")
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--dtype", default="float16", choices=("float16", "float32"))
+    c.add_argument("--seed", type=int, default=0, help="generator seed (the same seed writes the same shards)")
+    c.add_argument("--dtype", default="float16", choices=("float16", "float32"), help="feature dtype in the shards")
     c.set_defaults(func=_reported(_synth_category))
     v = kinds.add_parser("vcmr", help="video corpus with v / t / vt moment queries")
     _common(v, 64)
-    v.add_argument("--name", default="synth-vcmr")
+    v.add_argument("--name", default="synth-vcmr", help="dataset name recorded in the manifest")
     v.add_argument("--splits", nargs="*", metavar="SPLIT=N", help="videos (default train=60 val=20 test=20)")
-    v.add_argument("--dim-visual", type=int, default=32)
-    v.add_argument("--dim-subtitle", type=int, default=24)
-    v.add_argument("--dim-query", type=int, default=24)
-    v.add_argument("--latent-dim", type=int, default=16)
-    v.add_argument("--min-duration", type=float, default=12.0)
-    v.add_argument("--max-duration", type=float, default=90.0)
-    v.add_argument("--max-queries", type=int, default=4)
+    v.add_argument("--dim-visual", type=int, default=32, help="visual feature dimension per clip")
+    v.add_argument("--dim-subtitle", type=int, default=24, help="subtitle feature dimension per clip")
+    v.add_argument("--dim-query", type=int, default=24, help="query token feature dimension")
+    v.add_argument("--latent-dim", type=int, default=16, help="dimension of the clip and moment latents")
+    v.add_argument("--min-duration", type=float, default=12.0, help="shortest video, seconds")
+    v.add_argument("--max-duration", type=float, default=90.0, help="longest video, seconds")
+    v.add_argument("--max-queries", type=int, default=4, help="most queries per video (at least 1)")
     v.add_argument("--sub-missing", type=float, default=0.3, help="share of clips without a subtitle")
     v.add_argument("--signal", type=float, default=2.0, help="strength of the planted moment latent")
-    v.add_argument("--noise", type=float, default=0.3)
+    v.add_argument("--noise", type=float, default=0.3, help="feature noise of clips and query tokens")
     v.add_argument("--durations-from", default=None, metavar="TVR_JSONL",
                    help="sample durations, moments and query types from real TVR annotations")
-    v.add_argument("--seed", type=int, default=0)
-    v.add_argument("--dtype", default="float16", choices=("float16", "float32"))
+    v.add_argument("--single-stream-share", type=float, default=None,
+                   help="share of v / t (single-stream) queries, the rest vt (default: a third each)")
+    v.add_argument("--cross-stream-distractors", type=float, default=0.5,
+                   help="chance that a query's content also sits in the other stream of another video")
+    v.add_argument("--distractors-per-video", type=int, default=1, help="random-content segments per video")
+    v.add_argument("--seed", type=int, default=0, help="generator seed (the same seed writes the same shards)")
+    v.add_argument("--dtype", default="float16", choices=("float16", "float32"), help="feature dtype in the shards")
     v.set_defaults(func=_reported(_synth_vcmr))
+    r = kinds.add_parser("tvr-release", help="a TVR-sized corpus in the public release's layout (jsonl + HDF5)")
+    r.add_argument("--out", required=True, help="local directory for the release files")
+    r.add_argument("--overwrite", action="store_true", help="replace files already in --out")
+    r.add_argument("--quiet", action="store_true", help="no progress bars")
+    r.add_argument("--splits", nargs="*", metavar="SPLIT=N", help="videos per split (default: train=17435 val=2179, TVR's)")
+    r.add_argument("--annotations", default=None, metavar="TVR_JSONL",
+                   help="real validation annotations: val queries taken, train queries drawn from them (default: drawn)")
+    r.add_argument("--video2dur", default=None, metavar="JSON",
+                   help="real tvr_video2dur_idx.json: the splits' video names and durations (default: drawn)")
+    r.add_argument("--dim-visual", type=int, default=3072, help="visual feature dimension per 1.5 s clip")
+    r.add_argument("--dim-subtitle", type=int, default=768, help="subtitle feature dimension per clip")
+    r.add_argument("--dim-query", type=int, default=768, help="query token feature dimension")
+    r.add_argument("--max-tokens", type=int, default=30, help="most tokens a query has")
+    r.add_argument("--signal", type=float, default=2.0, help="strength of a moment's planted latent")
+    r.add_argument("--noise", type=float, default=0.3, help="feature noise")
+    r.add_argument("--sub-missing", type=float, default=0.3, help="share of clips without a subtitle")
+    r.add_argument("--seed", type=int, default=0, help="random seed")
+    r.set_defaults(func=_reported(_synth_tvr_release))
 
 
 def _add_convert(sub: Any) -> None:
@@ -174,16 +221,16 @@ def _add_convert(sub: Any) -> None:
     kinds = conv.add_subparsers(dest="convert_kind", required=True, metavar="KIND")
     t = kinds.add_parser("tvr", help="TVR annotations jsonl + HDF5 features -> vcmr shards")
     _common(t, 64)
-    t.add_argument("--name", default="tvr")
+    t.add_argument("--name", default="tvr", help="dataset name recorded in the manifest")
     t.add_argument("--splits", nargs="+", required=True, metavar="SPLIT=JSONL", help="e.g. train=PATH val=PATH")
     t.add_argument("--video-feats", required=True, help="HDF5: vid_name -> [n_clips, Dv]")
     t.add_argument("--sub-feats", required=True, help="HDF5: vid_name -> [n_clips, Ds] (+ optional vid_name-mask)")
     t.add_argument("--query-feats", required=True, help="HDF5: str(desc_id) -> [n_tokens, Dq]")
     t.add_argument("--video2dur", required=True, help="json {split: {vid_name: [duration, video_index]}}")
-    t.add_argument("--max-clips", type=int, default=None)
-    t.add_argument("--max-query-tokens", type=int, default=None)
+    t.add_argument("--max-clips", type=int, default=None, help="keep at most this many clips per video (default: all)")
+    t.add_argument("--max-query-tokens", type=int, default=None, help="keep at most this many tokens per query (default: all)")
     t.add_argument("--skip-missing", action="store_true", help="skip (and count) videos/queries missing in HDF5")
-    t.add_argument("--dtype", default="float16", choices=("float16", "float32"))
+    t.add_argument("--dtype", default="float16", choices=("float16", "float32"), help="feature dtype in the shards")
     t.set_defaults(func=_reported(_convert_tvr))
     f = kinds.add_parser("features", help="paired feature matrices (.npz / .mat / .h5) -> category shards")
     _common(f, 256)
@@ -192,10 +239,10 @@ def _add_convert(sub: Any) -> None:
     f.add_argument("--keys", nargs="*", default=[], metavar="ROLE_SPLIT=NAME",
                    help="array names, e.g. a_train=I_tr,b_train=T_tr,label_train=L_tr (others auto-detected)")
     f.add_argument("--val-fraction", type=float, default=0.0, help="carve a seeded val split from train")
-    f.add_argument("--seed", type=int, default=0)
-    f.add_argument("--a-name", default="image")
-    f.add_argument("--b-name", default="text")
-    f.add_argument("--dtype", default="float16", choices=("float16", "float32"))
+    f.add_argument("--seed", type=int, default=0, help="seed of the train/val/test split when the file has none")
+    f.add_argument("--a-name", default="image", help="name of modality a in the manifest")
+    f.add_argument("--b-name", default="text", help="name of modality b in the manifest")
+    f.add_argument("--dtype", default="float16", choices=("float16", "float32"), help="feature dtype in the shards")
     f.set_defaults(func=_reported(_convert_features))
 
 
@@ -205,8 +252,8 @@ def register_sources(data_subparsers: Any) -> None:
     _add_convert(data_subparsers)
     av = data_subparsers.add_parser("avdigits", help="build the avdigits audio-visual dataset (needs espeak-ng)")
     _common(av, 256)
-    av.add_argument("--name", default="avdigits")
+    av.add_argument("--name", default="avdigits", help="dataset name recorded in the manifest")
     av.add_argument("--per-class", type=int, default=90, help="images per digit (0: all 1,797)")
     av.add_argument("--limit", type=int, default=None, help="total samples cap, stratified (quick builds)")
-    av.add_argument("--seed", type=int, default=0)
+    av.add_argument("--seed", type=int, default=0, help="seed of voices, noise and the split")
     av.set_defaults(func=_reported(_avdigits))

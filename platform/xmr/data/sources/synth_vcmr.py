@@ -224,13 +224,15 @@ def _plant_cross_stream(cfg: SynthVcmrConfig, rng: np.random.Generator, drafts: 
                 other.mask[st:ed] = 1  # the distractor is heard, so its clips have subtitles
 
 
-def _finish_video(cfg: SynthVcmrConfig, rng: np.random.Generator, maps: dict, offsets: dict, d: _Draft) -> VcmrVideo:
+def _finish_video(cfg: SynthVcmrConfig, rng: np.random.Generator, maps: dict, offsets: dict, d: _Draft,
+                  token_counts: list[int] | None = None) -> VcmrVideo:
+    """Features of a drafted video; ``token_counts`` fixes each query's token count (else drawn)."""
     k, n = cfg.latent_dim, d.lat["visual"].shape[0]
     feats = {s: d.lat[s] @ maps[s].T + offsets[s] + rng.normal(0, cfg.noise, (n, maps[s].shape[0])) for s in STREAMS}
     feats["subtitle"] *= d.mask[:, None]
     tokens, qmeta = [], []
     for j, (ts, typ) in enumerate(d.queries):
-        nt = int(rng.integers(cfg.min_tokens, cfg.max_tokens + 1))
+        nt = int(token_counts[j]) if token_counts is not None else int(rng.integers(cfg.min_tokens, cfg.max_tokens + 1))
         named = [s for s, letter in (("visual", "v"), ("subtitle", "t")) if letter in typ]
         rows = []
         for t in range(nt):  # a vt query's tokens alternate between its two vocabularies
@@ -251,15 +253,21 @@ def _finish_video(cfg: SynthVcmrConfig, rng: np.random.Generator, maps: dict, of
     return VcmrVideo(key=d.key, arrays=arrays, meta=meta, query_latents=d.q_lat)
 
 
-def generate_vcmr(cfg: SynthVcmrConfig, progress: bool = False) -> SynthVcmrData:
-    """The whole corpus in memory, deterministic in ``cfg.seed`` (and the jsonl, if given)."""
-    cfg.validate()
+def planted_maps(cfg: SynthVcmrConfig) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Each stream's and each query vocabulary's fixed linear map and offset (from ``cfg.seed``)."""
     rng0 = np.random.default_rng(cfg.seed)
     dims = {"visual": cfg.dim_visual, "subtitle": cfg.dim_subtitle, "query_v": cfg.dim_query, "query_t": cfg.dim_query}
     maps = {s: rng0.normal(0, 1 / np.sqrt(cfg.latent_dim), (d, cfg.latent_dim)) for s, d in dims.items()}
     offsets = {s: rng0.normal(0, 1.0, d) for s, d in dims.items()}
     for vocab in ("query_v", "query_t"):
         offsets[vocab] = rng0.normal(0, cfg.query_offset_scale, cfg.dim_query)
+    return maps, offsets
+
+
+def generate_vcmr(cfg: SynthVcmrConfig, progress: bool = False) -> SynthVcmrData:
+    """The whole corpus in memory, deterministic in ``cfg.seed`` (and the jsonl, if given)."""
+    cfg.validate()
+    maps, offsets = planted_maps(cfg)
     real = load_real_videos(cfg.durations_from) if cfg.durations_from else None
     videos: dict[str, list[VcmrVideo]] = {}
     video_index, desc_id = 0, 0

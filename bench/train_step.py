@@ -1,0 +1,145 @@
+"""The training step, today's against the step before issue 14, side by side in one run.
+
+QACLN: the preset's configuration (d = 128, 32 videos a batch, dropout 0.1) on the synthetic
+VCMR corpus (``xmr data synth vcmr`` defaults, 256 training videos). "Before" is the frozen
+copy of the model in ``bench/_frozen/qacln_before.py`` (``nn.TransformerEncoderLayer`` and
+``nn.MultiheadAttention``, the video-to-query scores computed though unused, the query-side
+ones computed a second time); "after" is ``xmr.models.qacln``. Both start from the same
+weights; each round runs one step of each on the same batch, in rotated order; the speedup
+is the median of the per-round ratios. The same for a category method (SCCMRL preset on
+the synthetic category set): before = the frozen supcon term (``bench/_frozen/supcon_before.py``).
+
+Before the timing, the two are checked to compute the same thing: in eval mode (dropout
+off) every loss term and every parameter gradient of one batch, max abs difference.
+One thread; the per-term gradient shares (``tracking.grad_share_every``) are off in both, so
+the step itself is measured.
+
+    python bench/train_step.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import write_results  # noqa: E402
+from _frozen.qacln_before import QACLNBefore  # noqa: E402
+from _frozen.supcon_before import SupConBefore  # noqa: E402
+
+from xmr.checks import resolve  # noqa: E402
+from xmr.config import load_config  # noqa: E402
+from xmr.data.reader import loader_for  # noqa: E402
+from xmr.method import Method  # noqa: E402
+from xmr.train.step import TrainStep  # noqa: E402
+
+
+def qacln_pair(data: str):
+    """(before, after) Methods of the QACLN preset with identical weights."""
+    cfg, _ = resolve(load_config("qacln", [f"data.path={data}", "tracking.grad_share_every=0"]))
+    torch.manual_seed(0)
+    after = Method(cfg)
+    before = Method(cfg)
+    before.model = QACLNBefore(cfg)
+    before.load_state_dict(after.state_dict())  # same parameter names: the old layers' weights
+    return cfg, before, after
+
+
+def category_pair(data: str):
+    cfg, _ = resolve(load_config("sccmrl", [f"data.path={data}", "tracking.grad_share_every=0"]))
+    torch.manual_seed(0)
+    after = Method(cfg)
+    before = Method(cfg)
+    before.load_state_dict(after.state_dict())
+    before.objective.terms["supcon"] = SupConBefore(cfg.loss.temperature, cfg.negatives.k, cfg.negatives.strategy,
+                                                    cfg.negatives.gather)
+    return cfg, before, after
+
+
+def same_computation(cfg, before: Method, after: Method, batch) -> dict[str, float]:
+    """Max abs difference of every loss term and every gradient, eval mode (no dropout)."""
+    diffs = {}
+    results = []
+    for m in (before, after):
+        m.eval()
+        m.zero_grad(set_to_none=True)
+        torch.manual_seed(0)  # the same uniform negatives (L_VR's K) for both
+        out = m(batch)
+        out["loss"].backward()
+        results.append(({k: float(v.detach()) for k, v in out.items() if not k.startswith("_")},
+                        {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}))
+        m.zero_grad(set_to_none=True)
+        m.train()
+    (lb, gb), (la, ga) = results
+    diffs["loss_max_abs_diff"] = max(abs(lb[k] - la[k]) for k in la)
+    diffs["grad_max_abs_diff"] = max(float((gb[n] - ga[n]).abs().max()) for n in ga)
+    diffs["grads_compared"] = len(ga)
+    assert set(gb) == set(ga), sorted(set(gb) ^ set(ga))
+    return diffs
+
+
+def race(cfg, before: Method, after: Method, batches, rounds: int) -> dict[str, float]:
+    steps = {"before": TrainStep(before, cfg, total_steps=10_000), "after": TrainStep(after, cfg, total_steps=10_000)}
+    for name, step in steps.items():  # warm-up
+        step(batches[0])
+    times: dict[str, list[float]] = {"before": [], "after": []}
+    ratios = []
+    for r in range(rounds):
+        batch = batches[r % len(batches)]
+        order = ["before", "after"] if r % 2 == 0 else ["after", "before"]
+        took = {}
+        for name in order:
+            t = time.perf_counter()
+            steps[name](batch)
+            took[name] = time.perf_counter() - t
+            times[name].append(took[name] * 1000)
+        ratios.append(took["before"] / took["after"])
+    units = len(batches[0]["video_index"] if "video_index" in batches[0] else batches[0]["index"])
+    return {"before_ms": statistics.median(times["before"]), "after_ms": statistics.median(times["after"]),
+            "speedup": statistics.median(ratios), "rounds": rounds, "batch": units,
+            "before_per_s": units / (statistics.median(times["before"]) / 1000),
+            "after_per_s": units / (statistics.median(times["after"]) / 1000)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer rounds, for a smoke run")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    rounds = 6 if args.quick else 21
+    from xmr.data.sources.synth_category import SynthCategoryConfig, write_synth_category
+    from xmr.data.sources.synth_vcmr import SynthVcmrConfig, write_synth_vcmr
+
+    t0 = time.perf_counter()
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        write_synth_vcmr(f"{tmp}/vcmr", SynthVcmrConfig(splits={"train": 256, "val": 32}), progress=False)
+        write_synth_category(f"{tmp}/cat", SynthCategoryConfig(), progress=False)
+        for name, make, data in (("qacln", qacln_pair, f"{tmp}/vcmr"), ("sccmrl", category_pair, f"{tmp}/cat")):
+            cfg, before, after = make(data)
+            batches = [b for _, b in zip(range(8), loader_for(cfg, "train", train=True))]
+            check = same_computation(cfg, before, after, batches[0])
+            timing = race(cfg, before, after, batches, rounds)
+            results[name] = {**check, **timing}
+            unit = "videos" if name == "qacln" else "pairs"
+            print(f"{name:7s} step: before {timing['before_ms']:7.1f} ms ({timing['before_per_s']:6.1f} {unit}/s)  "
+                  f"after {timing['after_ms']:7.1f} ms ({timing['after_per_s']:6.1f} {unit}/s)  "
+                  f"speedup x{timing['speedup']:.2f} (median of {rounds} interleaved rounds)  "
+                  f"eval-mode max |Δloss| {check['loss_max_abs_diff']:.1e}, max |Δgrad| {check['grad_max_abs_diff']:.1e}")
+    headline = {"qacln_step_speedup": results["qacln"]["speedup"],
+                "qacln_videos_per_s_before": results["qacln"]["before_per_s"],
+                "qacln_videos_per_s_after": results["qacln"]["after_per_s"],
+                "category_step_speedup": results["sccmrl"]["speedup"],
+                "qacln_eval_grad_max_abs_diff": results["qacln"]["grad_max_abs_diff"],
+                "wall_s": time.perf_counter() - t0}
+    write_results(__file__, {"steps": results, "threads": 1, "quick": args.quick}, headline)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""One progress line every N seconds for long loops outside training (evaluation's corpus
+encoding and query ranking, ``xmr eval``, ``xmr index build``): what is done of how much,
+the rate and an ETA. Quiet for loops shorter than N seconds (the default 30 s;
+``XMR_PROGRESS_EVERY_S`` sets it, 0 turns it off); only rank 0 of a data-parallel group speaks.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def every_s() -> float:
+    return float(os.environ.get("XMR_PROGRESS_EVERY_S", "30"))
+
+
+def _duration(s: float) -> str:
+    s = int(max(s, 0))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def with_progress(items: Iterable[T], what: str, total: int | None, unit: str,
+                  count: Callable[[T], int] = lambda _: 1, speak: bool = True) -> Iterator[T]:
+    """Yield ``items``; every ``every_s()`` seconds print ``[xmr] <what>: done/total <unit>
+    (rate/s, ETA)``. ``count(item)`` is how many units an item holds (a batch's size)."""
+    period = every_s()
+    start = last = time.perf_counter()
+    done = 0
+    for item in items:
+        yield item
+        done += count(item)
+        now = time.perf_counter()
+        if speak and period > 0 and now - last >= period:
+            last = now
+            rate = done / max(now - start, 1e-9)
+            of = f"/{total}" if total else ""
+            eta = f", ETA {_duration((total - done) / rate)}" if total and rate > 0 and total > done else ""
+            print(f"[xmr] {what}: {done}{of} {unit} ({rate:.0f}/s{eta})", flush=True)
+
+
+def units_in(batch: Any) -> int:
+    """How many samples a batch holds (its ``index`` length)."""
+    return len(batch["index"]) if isinstance(batch, dict) and "index" in batch else 1
