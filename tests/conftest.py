@@ -147,3 +147,30 @@ def tiny_category_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_vcmr_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """24 train / 7 val videos with 0..3 queries each, shards of 4 videos; read-only."""
     return write_tiny_vcmr(tmp_path_factory.mktemp("tiny_vcmr"))
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory):
+    """Two briefly trained SCCMRL checkpoints on the audio-visual digits (different seeds)
+    and an untrained QACLN checkpoint on a tiny VCMR corpus; shared by the serving tests."""
+    import torch
+
+    from train_helpers import preset_cfg, train
+    from xmr.checkpoint import save_checkpoint
+    from xmr.method import Method
+
+    avdigits = str(Path(__file__).resolve().parents[1] / "data" / "avdigits")
+    root = tmp_path_factory.mktemp("serve")
+    out = {}
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        cfg = preset_cfg("sccmrl", avdigits, f"seed={seed}", "model.embed_dim=32", "model.hidden_dim=64")
+        method = Method(cfg)
+        train(method, cfg, steps=15)
+        out[f"cat{seed}"] = str(save_checkpoint(root / f"cat{seed}", method.eval(), cfg))
+    vdata = write_tiny_vcmr(root / "vcmr", splits={"train": 8, "val": 9})
+    cfg = preset_cfg("qacln", str(vdata), "model.embed_dim=16", "model.num_heads=2")
+    torch.manual_seed(0)
+    out["vcmr"] = str(save_checkpoint(root / "qacln", Method(cfg).eval(), cfg))
+    out["vcmr_data"] = str(vdata)
+    return out

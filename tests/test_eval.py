@@ -11,7 +11,6 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from xmr.checkpoint import save_checkpoint
 from xmr.checks import resolve
@@ -145,7 +144,11 @@ def test_ray_workers_give_what_one_process_gives(vcmr):
             assert b[key] == pytest.approx(value, abs=1e-6) or (math.isnan(value) and math.isnan(b[key])), key
     pa, pb = (json.loads((p / "predictions.json").read_text()) for p in (one, two))
     assert [e["desc_id"] for e in pa["VCMR"]] == [e["desc_id"] for e in pb["VCMR"]]
-    assert pa["VR"][0]["predictions"][:5] == pb["VR"][0]["predictions"][:5]
+    # the same videos and spans; scores equal to float32 rounding (the workers' encoder batches
+    # differ from the one process's, so the last bits of a dot product may too)
+    top_a, top_b = pa["VR"][0]["predictions"][:5], pb["VR"][0]["predictions"][:5]
+    assert [p[:3] for p in top_a] == [p[:3] for p in top_b]
+    assert [p[3] for p in top_a] == pytest.approx([p[3] for p in top_b], rel=1e-5, abs=1e-6)
 
 
 def test_eval_prints_progress_over_the_corpus_and_the_queries(vcmr, monkeypatch, capsys):

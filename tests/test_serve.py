@@ -1,16 +1,25 @@
 """The endpoint over real HTTP on a real local Ray Serve: results equal offline retrieval
 with the same checkpoint, every bad input gets a 4xx JSON error, a checkpoint swap under a
-stream of requests loses none, and fuzzed bodies never produce a 500."""
+stream of requests loses none, fuzzed bodies never produce a 500; and the production
+section below (error shape, binary bodies, a bearer token, a replica killed under load).
+One module, one Ray: a Serve cluster costs half a minute to start on 2 cores."""
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
+import time
 import wave
+from pathlib import Path
+from urllib.parse import urlparse
 
 import numpy as np
 import pytest
@@ -19,9 +28,6 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import write_tiny_vcmr
-from train_helpers import preset_cfg, train
-from xmr.checkpoint import save_checkpoint
 from xmr.data.manifest import load_manifest
 from xmr.data.reader import make_loader
 from xmr.method import Method
@@ -38,26 +44,6 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    """Two briefly trained SCCMRL checkpoints on the audio-visual digits (different seeds)
-    and an untrained QACLN checkpoint on a tiny VCMR corpus."""
-    root = tmp_path_factory.mktemp("serve")
-    out = {}
-    for seed in (0, 1):
-        torch.manual_seed(seed)
-        cfg = preset_cfg("sccmrl", AVDIGITS, f"seed={seed}", "model.embed_dim=32", "model.hidden_dim=64")
-        method = Method(cfg)
-        train(method, cfg, steps=15)
-        out[f"cat{seed}"] = str(save_checkpoint(root / f"cat{seed}", method.eval(), cfg))
-    vdata = write_tiny_vcmr(root / "vcmr", splits={"train": 8, "val": 9})
-    cfg = preset_cfg("qacln", str(vdata), "model.embed_dim=16", "model.num_heads=2")
-    torch.manual_seed(0)
-    out["vcmr"] = str(save_checkpoint(root / "qacln", Method(cfg).eval(), cfg))
-    out["vcmr_data"] = str(vdata)
-    return out
-
-
-@pytest.fixture(scope="module")
 def endpoint(checkpoints):
     import ray
     from ray import serve
@@ -65,12 +51,13 @@ def endpoint(checkpoints):
     from xmr.serve.cli import start
 
     os.environ["RAY_AUTH_MODE"] = "token"
-    ray.init(num_cpus=4, include_dashboard=False)
+    # the dashboard serves Ray's state API, which the replica-kill test uses to find a PID
+    ray.init(num_cpus=8, include_dashboard=True, dashboard_host="127.0.0.1")
     port = free_port()
     url = start({"checkpoint": checkpoints["cat0"], "gallery": AVDIGITS, "split": "test"}, port=port, name="cat")
     vurl = start({"checkpoint": checkpoints["vcmr"], "gallery": checkpoints["vcmr_data"], "split": "val"},
                  port=port, name="vcmr", route_prefix="/v")
-    yield {"cat": url, "vcmr": vurl}
+    yield {"cat": url, "vcmr": vurl, "port": port}
     serve.shutdown()
     ray.shutdown()
 
@@ -193,7 +180,7 @@ BAD_SEARCH = [
     ({"audio_wav_base64": base64.b64encode(b"RIFF0000WAVEjunk").decode()}, 422, "not a readable PCM WAV"),
     ({"audio_wav_base64": base64.b64encode(wav_bytes(np.zeros(0))).decode()}, 422, "no samples"),
     ({"audio_wav_base64": base64.b64encode(wav_bytes(np.zeros(16000 * 40))).decode()}, 413, "at most"),
-    ('{"query": [0.1, ', 422, "JSON"),
+    ('{"query": [0.1, ', 400, "not valid JSON"),
     ("[1, 2, 3]", 422, ""),
 ]
 
@@ -275,3 +262,151 @@ def test_fuzzed_bodies_never_get_a_500(endpoint, body, path):
     assert r.status_code < 500, (body, r.status_code, r.text)
     if r.status_code >= 400:
         assert "error" in r.json()
+
+
+# --------------------------------------------------------------------------- production
+# One error shape for every failure (body parse, unknown route, wrong method); binary query
+# bodies (base64 float32, application/x-npy) answering as the JSON list does; a bearer token
+# when one is configured (and `xmr serve` refusing a non-loopback bind without one); two
+# retriever replicas, one SIGKILLed by PID from Ray's state API under a steady load, losing
+# no request. (The process's life, SIGTERM and attaching to `ray start`: test_serve_lifecycle.)
+
+REPO = Path(__file__).resolve().parents[1]
+KEY = "correct-horse-battery-staple-42"
+
+
+@pytest.fixture(scope="module")
+def served(endpoint, checkpoints):
+    """Beside the endpoint's apps, on the same Ray and port: an app with 2 retriever replicas
+    and an app that needs a bearer token."""
+    from xmr.serve.cli import start
+
+    port = endpoint["port"]
+    url = start({"checkpoint": checkpoints["cat0"], "gallery": AVDIGITS, "split": "test", "replicas": 2},
+                port=port, name="two", route_prefix="/two")
+    locked = start({"checkpoint": checkpoints["cat0"], "gallery": AVDIGITS, "split": "test",
+                    "api_key_sha256": hashlib.sha256(KEY.encode()).hexdigest()}, port=port, name="locked",
+                   route_prefix="/locked")
+    for base in (url, locked):
+        _wait_healthy(base)
+    return {"url": url, "locked": locked}
+
+
+def _wait_healthy(base: str, timeout: float = 120.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if requests.get(f"{base}/healthz", timeout=10).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"{base} never became healthy")
+
+
+def _query() -> list[float]:
+    from xmr.data.reader import make_loader
+
+    return next(iter(make_loader(AVDIGITS, "val", local_batch_size=1, shuffle=False)))["a"][0].float().tolist()
+
+
+def test_every_failure_has_the_one_error_shape(served):
+    url = served["url"]
+    prefix = urlparse(url).path  # the app's route prefix, which the messages name as the client sent it
+    cases = [
+        (lambda: post(f"{url}/search", b'{"query": [0.1, '), 400, "not valid JSON"),
+        (lambda: post(f"{url}/search", b"[1, 2]"), 422, "expected a JSON object"),
+        (lambda: requests.get(f"{url}/nowhere", timeout=30), 404, f"no route GET {prefix}/nowhere"),
+        (lambda: requests.get(f"{url}/search", timeout=30), 405, f"GET is not allowed on {prefix}/search"),
+        (lambda: requests.post(f"{url}/search", data=b"not npy", timeout=30,
+                               headers={"Content-Type": "application/x-npy"}), 400, "not a valid .npy"),
+        (lambda: post(f"{url}/search", {"query_base64": "!!!", "k": 3}), 422, "not valid base64"),
+    ]
+    for call, status, message in cases:
+        r = call()
+        assert r.status_code == status, (message, r.status_code, r.text)
+        assert set(r.json()) == {"error"} and message in r.json()["error"], r.text
+    assert "POST /search" in requests.get(f"{url}/nowhere", timeout=30).json()["error"]  # says what exists
+
+
+def test_binary_bodies_answer_as_the_json_list(served):
+    url, q = served["url"], _query()
+    by_list = post(f"{url}/search", {"query": q, "k": 5})
+    packed = base64.b64encode(np.asarray(q, dtype="<f4").tobytes()).decode()
+    by_b64 = post(f"{url}/search", {"query_base64": packed, "k": 5})
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(q, dtype=np.float32))
+    by_npy = requests.post(f"{url}/search?k=5", data=buf.getvalue(), timeout=30,
+                           headers={"Content-Type": "application/x-npy"})
+    assert by_list.status_code == by_b64.status_code == by_npy.status_code == 200, (by_b64.text, by_npy.text)
+    assert by_list.json() == by_b64.json() == by_npy.json()
+    wrong = base64.b64encode(np.zeros(5, dtype="<f4").tobytes()).decode()  # validated the same way
+    r = post(f"{url}/search", {"query_base64": wrong, "k": 5})
+    assert r.status_code == 422 and "expected shape" in r.json()["error"]
+
+
+def test_a_configured_key_is_required_and_never_shown(served):
+    locked, q = served["locked"], _query()
+    assert requests.get(f"{locked}/healthz", timeout=30).status_code == 200  # load balancers probe it
+    r = post(f"{locked}/search", {"query": q, "k": 3})
+    assert r.status_code == 401 and "missing bearer token" in r.json()["error"]
+    r = post(f"{locked}/search", {"query": q, "k": 3}, headers={"Authorization": "Bearer not-the-key"})
+    assert r.status_code == 401 and "wrong bearer token" in r.json()["error"]
+    auth = {"Authorization": f"Bearer {KEY}"}
+    assert post(f"{locked}/search", {"query": q, "k": 3}, headers=auth).status_code == 200
+    info = requests.get(f"{locked}/info", headers=auth, timeout=30)
+    docs = requests.get(f"{locked}/openapi.json", headers=auth, timeout=30)
+    assert info.status_code == docs.status_code == 200 and info.json()["auth"] is True
+    digest = hashlib.sha256(KEY.encode()).hexdigest()
+    for text in (info.text, docs.text):
+        assert KEY not in text and digest not in text
+
+
+def test_a_non_loopback_bind_needs_a_key(checkpoints, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "XMR_API_KEY"}
+    out = subprocess.run([sys.executable, "-m", "xmr.cli", "serve", "--checkpoint", checkpoints["cat0"],
+                          "--host", "0.0.0.0"], capture_output=True, text=True, timeout=60, env=env, cwd=REPO)
+    assert out.returncode == 2 and "XMR_API_KEY" in out.stderr and "Traceback" not in out.stderr
+    short = tmp_path / "key"
+    short.write_text("short")
+    out = subprocess.run([sys.executable, "-m", "xmr.cli", "serve", "--checkpoint", checkpoints["cat0"],
+                          "--api-key-file", str(short)], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert out.returncode != 0 and "at least 16 characters" in out.stderr
+
+
+def _load(url: str, body: dict, stop: threading.Event, statuses: list) -> None:
+    with requests.Session() as s:
+        while not stop.is_set():
+            try:
+                statuses.append(s.post(f"{url}/search", data=json.dumps(body), timeout=60,
+                                       headers={"Content-Type": "application/json"}).status_code)
+            except requests.RequestException as exc:
+                statuses.append(repr(exc))
+
+
+def test_killing_a_replica_under_load_loses_no_request(served):
+    from ray.util.state import list_actors
+
+    url = served["url"]
+    replicas = [a for a in list_actors(filters=[("state", "=", "ALIVE")])
+                if a.class_name.endswith("two:Retriever")]
+    assert len(replicas) == 2, [a.class_name for a in replicas]
+    statuses: list = []
+    stop = threading.Event()
+    body = {"query": _query(), "k": 5}
+    threads = [threading.Thread(target=_load, args=(url, body, stop, statuses)) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(2.0)
+        before = len(statuses)
+        os.kill(int(replicas[0].pid), signal.SIGKILL)
+        time.sleep(8.0)  # Serve notices, routes around it and starts a replacement
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert before > 10 and len(statuses) > before + 10, (before, len(statuses))
+    assert set(statuses) == {200}, [s for s in statuses if s != 200][:5]
+    info = requests.get(f"{url}/info", timeout=30).json()
+    print(f"{len(statuses)} requests, {info['retried_calls']} resent after the kill, all 200")

@@ -12,7 +12,7 @@ import pytest
 import requests
 import torch
 
-from test_serve import (AVDIGITS, BAD_SEARCH, assert_error, checkpoints, free_port,  # noqa: F401 (fixture reuse)
+from test_serve import (AVDIGITS, BAD_SEARCH, assert_error, free_port,
                         offline_category, post)
 from xmr.data.reader import make_loader
 
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.timeout(300)
 
 
 @pytest.fixture(scope="module")
-def direct(checkpoints):  # noqa: F811
+def direct(checkpoints):
     import ray
 
     from xmr.serve.cli import THROUGHPUT_ENV, direct_urls, start

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -37,13 +38,24 @@ def trained(tiny_category_dataset, tmp_path_factory):
     return root / "tracked", proc.stdout + proc.stderr
 
 
+WORKER_PREFIX = re.compile(r"^(\x1b\[\d+m)?\((RayTrainWorker|TrainController)[^)]*\)(\x1b\[0m)? ?")
+
+
 def test_default_output_is_xmrs_own_lines(trained):
+    """Every line is xmr's: the driver's, rank 0's (which Ray prefixes with the worker's pid),
+    or the closing epoch table; none of Ray Train's own report dumps or controller chatter."""
     _, out = trained
     assert "[xmr] epoch 2/2" in out, out[-3000:]
-    for noise in ("Reporting training result", "TrainingReport(", "PreemptionWatcher", "(RayTrainWorker pid=",
-                  "Configuration for experiment"):
+    for noise in ("Reporting training result", "TrainingReport(", "PreemptionWatcher", "TrainController pid=",
+                  "Configuration for experiment", "Started training worker group"):
         assert noise not in out, f"{noise!r} in the default output:\n{out[-3000:]}"
-    others = [line for line in out.splitlines() if line.strip() and not line.startswith("[xmr]")]
+    lines = [WORKER_PREFIX.sub("", line) for line in out.splitlines() if line.strip()]
+    table = [i for i, line in enumerate(lines) if line.split()[:2] == ["epoch", "train_loss"]]
+    assert len(table) == 1, out[-3000:]
+    rows = lines[table[0] + 1: table[0] + 4]
+    assert [row.split()[0] for row in rows] == ["0", "1", "2"], out[-3000:]
+    others = [line for i, line in enumerate(lines)
+              if not line.startswith("[xmr]") and not table[0] <= i < table[0] + 4]
     assert all("warn" in line.lower() or "error" in line.lower() for line in others), others
 
 

@@ -45,7 +45,7 @@ def register(subparsers: Any) -> None:
                               description="For every variant of a comparison spec: the same tuning budget on "
                                           "validation, then N seeds trained until validation stops improving, the "
                                           "best checkpoint scored on the test split; each claimed ordering judged "
-                                          "held / reversed / inconclusive from the paired differences' 95%% interval.")
+                                          "held / reversed / inconclusive from the paired differences' 95% interval.")
     p.add_argument("--spec", action="append", default=[], help="shipped spec name or YAML path (repeatable)")
     p.add_argument("--all", action="store_true", help="every shipped spec (with --report: rewrite the whole page)")
     p.add_argument("--data", default=None, help="run on this dataset instead of the spec's (default: the spec's)")

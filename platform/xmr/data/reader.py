@@ -17,9 +17,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
-import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from xmr.data import storage
 from xmr.data.collate import collate
@@ -106,6 +104,10 @@ class ShardUnits:
         """Units at positions ``[job.lo, job.hi)`` of the shard, in tar order."""
         url, pos, last_key, n_samples = src["url"], 0, None, 0
         by_query = self.spec.unit == "query"
+        # imported where shards are read: the model / loss / evaluation side of the library
+        # (bench/gpu_check.py on a machine without webdataset) imports this module too
+        from webdataset.tariterators import group_by_keys, tar_file_expander
+
         samples = group_by_keys(tar_file_expander([{"url": url, "stream": src["stream"]}]))
         try:
             for raw in samples:
@@ -191,6 +193,8 @@ class XmrIterable(IterableDataset):
         return self.plan.workers[wid]
 
     def __iter__(self) -> Iterator[dict]:
+        import webdataset as wds
+
         wp = self.worker_plan()
         stages: list[Any] = [
             lambda: iter([{"url": self.shard_urls[j.shard], "job": j} for j in wp.jobs]),

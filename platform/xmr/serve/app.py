@@ -1,56 +1,71 @@
-"""The Ray Serve application: one deployment with a FastAPI ingress.
+"""The Ray Serve application: a light HTTP gateway composed with the retriever.
 
-- ``POST /search``: category / pair retrieval (feature array, or a WAV file where the
-  dataset has an audio featuriser) -> top-k items of the other modality.
-- ``POST /moments``: video corpus moment retrieval (token features) -> top-k (video, start,
-  end, score); ``video`` restricts it to one video (SVMR).
-- ``GET /healthz``, ``GET /info``.
+- ``Gateway`` (FastAPI ingress): bounds and parses bodies (JSON lists, base64 float32, or an
+  ``application/x-npy`` body), checks the bearer token when one is configured, answers every
+  error as ``{"error": ...}``, and forwards each query to the retriever through a deployment
+  handle. Searches are idempotent, so a call that dies with its replica (SIGKILL, a node
+  lost) is sent again to another one; only when no replica answers within the retry budget
+  does the client get 503 with ``Retry-After``.
+- ``Retriever``: the checkpoint's model and gallery, queries batched with ``@serve.batch``
+  and scored by one matrix product (or a FAISS index past a size threshold). The checkpoint
+  and gallery are its ``user_config``: deploying a new one loads it beside the old in a
+  thread and swaps it in when ready, so requests keep being answered throughout.
 
-Queries are batched with ``@serve.batch`` and scored by one matrix product against the
-gallery (or a FAISS index past a size threshold). The checkpoint and gallery are the
-deployment's ``user_config``: deploying a new one loads it beside the old in a thread and
-swaps it in when ready, so requests keep being answered throughout.
+Routes: ``POST /search`` (category / pair: a feature array or, where the dataset has an
+audio featuriser, a WAV file), ``POST /moments`` (VCMR: token features; ``video``
+restricts it to one video, SVMR), ``GET /healthz``, ``GET /info``, OpenAPI at ``/docs``.
 """
 
 # no `from __future__ import annotations`: FastAPI reads the request models from real annotations
 
 import asyncio
+import base64
+import binascii
+import io
 import json
 import os
 import time
 from typing import Any
 
+import numpy as np
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
 from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from xmr.serve.featurise import audio_featuriser
-from xmr.tasks import FAMILIES
 from xmr.serve.gallery import Loaded, load_for_serving
-from xmr.serve.requests import (MAX_BODY_BYTES, MomentsRequest, MomentsResponse, RequestError, SearchRequest,
-                                SearchResponse, as_array, decode_wav_base64, error_text, tokens_array)
+from xmr.serve.middleware import BearerToken, BoundedBody, error_response as _error, key_configured, set_key_digest
+from xmr.serve.requests import (MAX_ELEMENTS, MomentsRequest, MomentsResponse, RequestError,
+                                SearchRequest, SearchResponse, as_array, decode_wav_base64, error_text,
+                                tokens_array)
 from xmr.serve.search import moments_items, search_items, svmr_one
+from xmr.tasks import FAMILIES
 
 BATCH_SIZE = int(os.environ.get("XMR_SERVE_BATCH", "32"))
 # How long a batch waits to fill when other requests are already in flight; a lone request
 # never waits (its latency is the search itself).
 BATCH_WAIT_S = float(os.environ.get("XMR_SERVE_BATCH_WAIT_S", "0.01"))
-
 INLINE_LONE = os.environ.get("XMR_SERVE_INLINE_LONE", "1") == "1"
+# A call whose replica died is sent again this many times, backing off, within this budget.
+RETRIES = int(os.environ.get("XMR_SERVE_RETRIES", "8"))
+RETRY_BUDGET_S = float(os.environ.get("XMR_SERVE_RETRY_BUDGET_S", "20"))
+ROUTES = "POST /search, POST /moments, GET /healthz, GET /info, GET /docs"
 
 api = FastAPI(title="xmr retrieval", version="1",
-              description="Cross-modal retrieval and video corpus moment retrieval from an xmr checkpoint.")
+              description="Cross-modal retrieval and video corpus moment retrieval from an xmr checkpoint. "
+                          "Bodies: JSON, or application/x-npy with k / modality / video as query parameters.")
 
 
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"error": message})
+# --------------------------------------------------------------------------- errors: one shape
 
 
 @api.exception_handler(RequestError)
 async def _request_error(_: Request, exc: RequestError) -> JSONResponse:
-    return _error(exc.status, exc.message)
+    return _error(exc.status, exc.message, {"Retry-After": "1"} if exc.status == 503 else None)
 
 
 @api.exception_handler(RequestValidationError)
@@ -58,34 +73,24 @@ async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResp
     return _error(422, error_text(exc.errors()))
 
 
-class BoundedBody:
-    """Pure ASGI middleware: oversized or unsized POST bodies are refused before they are
-    read. (Starlette's ``@app.middleware("http")`` wraps every request in a task group and
-    memory streams, a visible share of a few-millisecond request.)"""
-
-    def __init__(self, app) -> None:
-        self.app = app
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http" and scope["method"] in ("POST", "PUT", "PATCH"):
-            problem = _body_problem(dict(scope["headers"]).get(b"content-length"))
-            if problem is not None:
-                await _error(*problem)(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    if exc.status_code == 404:
+        message = f"no route {request.method} {request.url.path}: this endpoint serves {ROUTES}"
+    elif exc.status_code == 405:
+        message = f"{request.method} is not allowed on {request.url.path}: this endpoint serves {ROUTES}"
+    else:
+        message = str(exc.detail)
+    return _error(exc.status_code, message)
 
 
-def _body_problem(length: bytes | None) -> tuple[int, str] | None:
-    if length is None:
-        return 411, "a Content-Length header is required"
-    if not length.isdigit():
-        return 400, f"invalid Content-Length {length[:32].decode('latin-1')!r}"
-    if int(length) > MAX_BODY_BYTES:
-        return 413, f"request body of {int(length)} bytes exceeds the {MAX_BODY_BYTES}-byte limit"
-    return None
+@api.exception_handler(Exception)
+async def _internal_error(_: Request, exc: Exception) -> JSONResponse:
+    return _error(500, f"internal error ({type(exc).__name__}); the request may be retried")
 
 
 api.add_middleware(BoundedBody)
+api.add_middleware(BearerToken)
 
 
 class JSONBytes(Response):
@@ -99,12 +104,89 @@ class JSONBytes(Response):
         return json.dumps(content, separators=(",", ":"), allow_nan=False).encode()
 
 
-# No per-request access log by default: at a few ms per request it is a visible share of
-# the endpoint's own cost (XMR_SERVE_ACCESS_LOG=1 turns it on).
+# --------------------------------------------------------------------------- bodies
+
+
+NPY = "application/x-npy"
+
+
+def _body_schema(model) -> dict[str, Any]:
+    return {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": model.model_json_schema()},
+        NPY: {"schema": {"type": "string", "format": "binary",
+                         "description": "a float32 .npy array (np.save); k, modality, video as query parameters"}}}}}
+
+
+def _npy(body: bytes) -> np.ndarray:
+    try:
+        arr = np.load(io.BytesIO(body), allow_pickle=False)
+    except (ValueError, OSError, EOFError):
+        raise RequestError(400, "the body is not a valid .npy array (write it with numpy.save; no pickled objects)") from None
+    if arr.dtype.kind not in "iuf":
+        raise RequestError(422, f"query: a .npy array of numbers is expected, got dtype {arr.dtype}")
+    if arr.size == 0 or arr.size > MAX_ELEMENTS:
+        raise RequestError(422 if arr.size == 0 else 413, f"query: {arr.size} numbers (1..{MAX_ELEMENTS} allowed)")
+    return arr.astype(np.float32)
+
+
+def _base64_floats(text: str) -> np.ndarray:
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise RequestError(422, "query_base64: not valid base64") from None
+    if not raw or len(raw) % 4:
+        raise RequestError(422, f"query_base64: {len(raw)} bytes is not a whole number of float32 values")
+    if len(raw) // 4 > MAX_ELEMENTS:
+        raise RequestError(413, f"query_base64: {len(raw) // 4} numbers, at most {MAX_ELEMENTS}")
+    return np.frombuffer(raw, dtype="<f4").astype(np.float32)
+
+
+async def _parse(request: Request, model) -> tuple[Any, np.ndarray | None]:
+    """(validated request model, binary query array or None) from a JSON or .npy body."""
+    body = await request.body()
+    if request.headers.get("content-type", "").split(";")[0].strip() == NPY:
+        params = dict(request.query_params)
+        if "k" in params:
+            try:
+                params["k"] = int(params["k"])
+            except ValueError:
+                raise RequestError(422, f"k: expected an integer query parameter, got {params['k'][:20]!r}") from None
+        req, binary = _validated(model, params), _npy(body)
+        return req, binary
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RequestError(400, f"the body is not valid JSON ({exc.__class__.__name__} at position "
+                                f"{getattr(exc, 'pos', '?')}): send a JSON object, or a .npy body with "
+                                f"Content-Type {NPY}") from None
+    if not isinstance(data, dict):
+        raise RequestError(422, f"body: expected a JSON object, got {type(data).__name__}")
+    encoded = data.pop("query_base64", None)
+    req = _validated(model, data)
+    if encoded is None:
+        return req, None
+    if not isinstance(encoded, str):
+        raise RequestError(422, "query_base64: expected a base64 string of float32 values")
+    if req.query is not None:
+        raise RequestError(422, "give one of query (a JSON list) or query_base64, not both")
+    return req, _base64_floats(encoded)
+
+
+def _validated(model, data: dict[str, Any]):
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise RequestError(422, error_text(exc.errors())) from None
+
+
+# --------------------------------------------------------------------------- the retriever
+
+
 @serve.deployment(max_ongoing_requests=64, ray_actor_options={"num_cpus": 1},
                   logging_config={"enable_access_log": os.environ.get("XMR_SERVE_ACCESS_LOG") == "1"})
-@serve.ingress(api)
 class Retriever:
+    """The model and gallery of one checkpoint; every query validated against them."""
+
     def __init__(self) -> None:
         self.state: "Loaded | None" = None
         self.featurise: Any = None
@@ -112,10 +194,7 @@ class Retriever:
         # [batches, queries, compute seconds] per endpoint: is batching paying, and how much
         # of a request is the search itself?
         self.batches = {"search": [0, 0, 0.0], "moments": [0, 0, 0.0]}
-        self.inflight = 0  # requests inside a handler now
-
-    def _batch_wait(self, batched) -> None:
-        batched.set_batch_wait_timeout_s(BATCH_WAIT_S if self.inflight > 1 else 0.0)
+        self.inflight = 0  # requests inside a method now
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Load the configured checkpoint and gallery off the event loop, then swap."""
@@ -134,14 +213,12 @@ class Retriever:
                                     f"(use /{st.family.route})")
         return st
 
-    @api.get("/healthz")
-    async def healthz(self) -> dict[str, Any]:
+    def healthy(self) -> bool:
         if self.state is None:
             raise RequestError(503, "loading")
-        return {"status": "ok"}
+        return True
 
-    @api.get("/info")
-    async def info(self) -> dict[str, Any]:
+    def info(self) -> dict[str, Any]:
         st = self.state
         if st is None:
             raise RequestError(503, "the model is still loading")
@@ -149,14 +226,15 @@ class Retriever:
                         "compute_ms_per_batch": round(1000 * sec / b, 3) if b else 0.0, "compute_s": sec}
                     for k, (b, n, sec) in self.batches.items()}
         return {**st.info, "loading": self.loading, "batch_size": BATCH_SIZE, "batching": batching,
-                "torch_threads": torch.get_num_threads(),
+                "torch_threads": torch.get_num_threads(), "replica": serve.get_replica_context().replica_tag,
                 "featurisers": ["audio_wav_base64"] if self.featurise else []}
 
-    @api.post("/search", response_model=SearchResponse)
-    async def search(self, req: SearchRequest) -> Response:
+    async def search(self, req: SearchRequest, binary: np.ndarray | None) -> dict[str, Any]:
         st = self._ready("search")
-        if (req.query is None) == (req.audio_wav_base64 is None):
-            raise RequestError(422, "give exactly one of query (features) or audio_wav_base64")
+        given = sum(x is not None for x in (req.query, req.audio_wav_base64, binary))
+        if given != 1:
+            raise RequestError(422, "give exactly one of query (features), query_base64 / a .npy body, "
+                                    "or audio_wav_base64")
         if req.audio_wav_base64 is not None:
             if self.featurise is None:
                 raise RequestError(422, "audio_wav_base64: this gallery's dataset has no audio featuriser; send features")
@@ -166,22 +244,59 @@ class Retriever:
             vec = featurise(decode_wav_base64(req.audio_wav_base64))
         else:
             role = req.modality or "a"
-            vec = as_array(req.query, st.cfg.model.dims[role], "query")
+            dims = st.cfg.model.dims[role]
+            value = req.query
+            if binary is not None:  # flat base64 floats take the modality's shape; a .npy keeps its own
+                value = binary.reshape(dims) if binary.ndim == 1 and binary.size == int(np.prod(dims)) else binary
+            vec = as_array(value, dims, "query")
         g = st.gallery
         if req.k > g.size:
             raise RequestError(422, f"k = {req.k}: the gallery holds {g.size} items")
         other = "b" if role == "a" else "a"
+        hits = await self._admitted(self._search_batched, (st, role, vec, req.k))
+        return {"modality": other, "k": req.k, "results": hits}
+
+    async def moments(self, req: MomentsRequest, binary: np.ndarray | None, text_tokens: np.ndarray | None = None):
+        st = self._ready("moments")
+        dim = st.cfg.model.dims["query"][-1]
+        if text_tokens is not None:
+            value = text_tokens
+        elif binary is not None:
+            value = binary.reshape(-1, dim) if binary.ndim == 1 and binary.size % dim == 0 else binary
+        elif req.text is not None:
+            raise RequestError(422, "text: this dataset's query features come from no text encoder this endpoint "
+                                    "has; send token features in 'query'")
+        else:
+            value = req.query
+        if value is None:
+            raise RequestError(422, "query: required (token features [T, d_query])")
+        q = tokens_array(value, dim, st.cfg.data.max_query_tokens)
+        corpus = st.gallery
+        if req.video is not None:
+            try:
+                position = corpus.ids.index(req.video)
+            except ValueError:
+                raise RequestError(404, f"video {req.video[:80]!r}: not in the served corpus") from None
+            hits = await asyncio.to_thread(svmr_one, st, q, position, req.k)
+            return {"k": req.k, "video": req.video, "results": hits}
+        hits = await self._admitted(self._moments_batched, (st, q, req.k))
+        return {"k": req.k, "results": hits}
+
+    async def _admitted(self, batched, item: tuple):
         self.inflight += 1
         try:
-            self._batch_wait(self._search_batched)
-            hits = await self._search_batched((st, role, vec, req.k))
+            batched.set_batch_wait_timeout_s(BATCH_WAIT_S if self.inflight > 1 else 0.0)
+            return await batched(item)
         finally:
             self.inflight -= 1
-        return JSONBytes({"modality": other, "k": req.k, "results": hits})
 
     @serve.batch(max_batch_size=BATCH_SIZE, batch_wait_timeout_s=0.0)
     async def _search_batched(self, items: list[tuple]) -> list[list[dict[str, Any]]]:
         return await self._timed("search", search_items, items)
+
+    @serve.batch(max_batch_size=BATCH_SIZE, batch_wait_timeout_s=0.0)
+    async def _moments_batched(self, items: list[tuple]) -> list[list[dict[str, Any]]]:
+        return await self._timed("moments", moments_items, items)
 
     async def _timed(self, endpoint: str, compute, items: list[tuple]) -> list[list[dict[str, Any]]]:
         """Run one batch off the event loop, which keeps accepting the next batch's requests;
@@ -198,34 +313,101 @@ class Retriever:
         counters[2] += time.perf_counter() - t0
         return out
 
-    @api.post("/moments", response_model=MomentsResponse)
-    async def moments(self, req: MomentsRequest) -> Response:
-        st = self._ready("moments")
-        if req.text is not None:
-            raise RequestError(422, "text: this dataset's query features come from no text encoder available "
-                                    "offline; send token features in 'query'")
-        if req.query is None:
-            raise RequestError(422, "query: required (token features [T, d_query])")
-        q = tokens_array(req.query, st.cfg.model.dims["query"][-1], st.cfg.data.max_query_tokens)
-        corpus = st.gallery
-        if req.video is not None:
-            try:
-                position = corpus.ids.index(req.video)
-            except ValueError:
-                raise RequestError(404, f"video {req.video[:80]!r}: not in the served corpus") from None
-            hits = await asyncio.to_thread(svmr_one, st, q, position, req.k)
-            return JSONBytes({"k": req.k, "video": req.video, "results": hits})
-        self.inflight += 1
-        try:
-            self._batch_wait(self._moments_batched)
-            hits = await self._moments_batched((st, q, req.k))
-        finally:
-            self.inflight -= 1
-        return JSONBytes({"k": req.k, "results": hits})
 
-    @serve.batch(max_batch_size=BATCH_SIZE, batch_wait_timeout_s=0.0)
-    async def _moments_batched(self, items: list[tuple]) -> list[list[dict[str, Any]]]:
-        return await self._timed("moments", moments_items, items)
+# --------------------------------------------------------------------------- the gateway
+
+
+def _retryable() -> tuple[type[BaseException], ...]:
+    """The errors of a call whose replica went away (not of the request itself)."""
+    from ray import exceptions as rex
+    from ray.serve import exceptions as sex
+
+    names = [getattr(rex, n, None) for n in ("RayActorError", "ActorDiedError", "ActorUnavailableError")]
+    names += [getattr(sex, n, None) for n in ("ReplicaUnavailableError", "DeploymentUnavailableError")]
+    return tuple(n for n in names if n is not None)
+
+
+def _as_request_error(exc: BaseException) -> RequestError | None:
+    """A RequestError raised in the retriever arrives wrapped (RayTaskError); unwrap it."""
+    for e in (exc, getattr(exc, "cause", None), exc.__cause__):
+        if isinstance(e, RequestError) and hasattr(e, "status"):
+            return RequestError(e.status, e.message)
+    return None
+
+
+@serve.deployment(max_ongoing_requests=256, ray_actor_options={"num_cpus": 0.25},
+                  logging_config={"enable_access_log": os.environ.get("XMR_SERVE_ACCESS_LOG") == "1"})
+@serve.ingress(api)
+class Gateway:
+    def __init__(self, retriever) -> None:
+        self.retriever = retriever
+        self.retryable = _retryable()
+        self.retried = 0  # calls sent again after their replica died
+
+    def reconfigure(self, config: dict[str, Any]) -> None:
+        set_key_digest(config.get("api_key_sha256"))
+
+    async def _call(self, method: str, *args):
+        deadline, delay = time.monotonic() + RETRY_BUDGET_S, 0.05
+        for attempt in range(RETRIES + 1):
+            try:
+                return await getattr(self.retriever, method).remote(*args)
+            except self.retryable:
+                if attempt == RETRIES or time.monotonic() + delay > deadline:
+                    break
+                self.retried += 1
+                await asyncio.sleep(delay)
+                delay = min(1.0, 2 * delay)
+            except Exception as exc:  # noqa: BLE001 - the request's own error, or an internal one
+                mapped = _as_request_error(exc)
+                if mapped is not None:
+                    raise mapped from None
+                raise
+        raise RequestError(503, "no retriever replica is ready (restarting or scaling); retry shortly")
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict[str, Any]:
+        await self._call("healthy")
+        return {"status": "ok"}
+
+    @api.get("/info")
+    async def info(self) -> dict[str, Any]:
+        return {**await self._call("info"), "retried_calls": self.retried, "auth": key_configured()}
+
+    @api.post("/search", response_model=SearchResponse, openapi_extra=_body_schema(SearchRequest))
+    async def search(self, request: Request) -> Response:
+        req, binary = await _parse(request, SearchRequest)
+        return JSONBytes(await self._call("search", req, binary))
+
+    @api.post("/moments", response_model=MomentsResponse, openapi_extra=_body_schema(MomentsRequest))
+    async def moments(self, request: Request) -> Response:
+        req, binary = await _parse(request, MomentsRequest)
+        return JSONBytes(await self._call("moments", req, binary))
+
+
+# --------------------------------------------------------------------------- the application
+
+
+def replica_options(args: dict[str, Any]) -> dict[str, Any]:
+    """``replicas: N`` or ``autoscaling: {min_replicas, max_replicas, target_ongoing_requests}``."""
+    scaling = args.get("autoscaling")
+    if scaling:
+        if not isinstance(scaling, dict):
+            raise ValueError(f"autoscaling: expected a mapping (min_replicas, max_replicas, target_ongoing_requests), "
+                             f"got {scaling!r}")
+        unknown = set(scaling) - {"min_replicas", "max_replicas", "target_ongoing_requests", "initial_replicas"}
+        if unknown:
+            raise ValueError(f"autoscaling: unknown keys {sorted(unknown)}")
+        lo, hi = int(scaling.get("min_replicas", 1)), int(scaling.get("max_replicas", 2))
+        if not 1 <= lo <= hi:
+            raise ValueError(f"autoscaling: need 1 <= min_replicas <= max_replicas, got {lo}, {hi}")
+        return {"autoscaling_config": {"min_replicas": lo, "max_replicas": hi,
+                                       "target_ongoing_requests": float(scaling.get("target_ongoing_requests", 16)),
+                                       "initial_replicas": int(scaling.get("initial_replicas", lo))}}
+    n = int(args.get("replicas", 1))
+    if n < 1:
+        raise ValueError(f"replicas = {n}: at least 1")
+    return {"num_replicas": n}
 
 
 def build_app(args: dict[str, Any]):
@@ -233,9 +415,13 @@ def build_app(args: dict[str, Any]):
 
     args: checkpoint (dir, run dir or s3://; required), gallery (dataset root; default the
     checkpoint's data.path), split (default test), index (a saved ``xmr index build`` dir),
-    approx (auto|on|off), replicas, batch options via XMR_SERVE_BATCH / XMR_SERVE_BATCH_WAIT_S.
+    approx (auto|on|off), replicas or autoscaling, max_ongoing_requests, api_key_sha256 (the
+    hex SHA-256 of the bearer token; ``xmr serve`` derives it from XMR_API_KEY /
+    --api-key-file), drain_s (graceful shutdown bound); batch options via XMR_SERVE_BATCH /
+    XMR_SERVE_BATCH_WAIT_S.
     """
-    known = {"checkpoint", "gallery", "split", "index", "approx", "endpoint_url", "replicas", "max_ongoing_requests"}
+    known = {"checkpoint", "gallery", "split", "index", "approx", "endpoint_url", "replicas", "autoscaling",
+             "max_ongoing_requests", "api_key_sha256", "drain_s"}
     unknown = set(args) - known
     if unknown:
         raise ValueError(f"unknown application args {sorted(unknown)} (known: {sorted(known)})")
@@ -250,5 +436,13 @@ def build_app(args: dict[str, Any]):
     if max_ongoing < BATCH_SIZE:
         raise ValueError(f"max_ongoing_requests = {max_ongoing} must be >= the batch size {BATCH_SIZE}, "
                          "or batches can never fill")
-    return Retriever.options(user_config=user_config, num_replicas=int(args.get("replicas", 1)),
-                             max_ongoing_requests=max_ongoing).bind()
+    digest = args.get("api_key_sha256")
+    if digest is not None and not (isinstance(digest, str) and len(digest) == 64
+                                   and all(c in "0123456789abcdef" for c in digest)):
+        raise ValueError("api_key_sha256: expected the key's SHA-256 as 64 lowercase hex digits")
+    scaling = replica_options(args)
+    # on delete / scale-down / SIGTERM a replica stops taking requests and finishes those in flight
+    drain = {"graceful_shutdown_timeout_s": float(args.get("drain_s", 20.0)), "graceful_shutdown_wait_loop_s": 0.5}
+    retriever = Retriever.options(user_config=user_config, max_ongoing_requests=max_ongoing, **scaling, **drain).bind()
+    gateways = scaling.get("num_replicas") or scaling["autoscaling_config"]["min_replicas"]
+    return Gateway.options(user_config={"api_key_sha256": digest}, num_replicas=gateways, **drain).bind(retriever)

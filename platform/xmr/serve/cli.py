@@ -21,18 +21,26 @@ def start(args: dict[str, Any], host: str = "127.0.0.1", port: int = 8000, addre
           name: str = "xmr", route_prefix: str = "/", direct: bool = False):
     """Start (or update) the application on Serve; returns its base URL once it answers.
     ``direct`` starts an embedded Ray in throughput-optimised mode (see THROUGHPUT_ENV)."""
-    import ray
     from ray import serve
 
     from xmr.serve.app import build_app
+
+    connect(address, direct)
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(build_app(args), name=name, route_prefix=route_prefix, blocking=False)
+    return f"http://{host}:{port}{route_prefix.rstrip('/')}"
+
+
+def connect(address: str | None = None, direct: bool = False) -> str:
+    """Attach to the Ray there is, or start an embedded one (in throughput-optimised mode with
+    ``direct``); idempotent. Returns how (``ensure_ray``'s words: "started ..." if embedded)."""
+    import ray
+
     from xmr.train.driver import ensure_ray
 
     if direct and not ray.is_initialized() and not (address or os.environ.get("RAY_ADDRESS")):
         os.environ[THROUGHPUT_ENV] = "1"
-    ensure_ray(address)
-    serve.start(http_options={"host": host, "port": port})
-    serve.run(build_app(args), name=name, route_prefix=route_prefix, blocking=False)
-    return f"http://{host}:{port}{route_prefix.rstrip('/')}"
+    return ensure_ray(address)
 
 
 def direct_urls(name: str, route_prefix: str = "/", timeout_s: float = 60.0) -> list[str]:
@@ -60,16 +68,50 @@ def direct_urls(name: str, route_prefix: str = "/", timeout_s: float = 60.0) -> 
     return urls
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def api_key_digest(key_file: str | None) -> str | None:
+    """SHA-256 (hex) of the bearer token from ``--api-key-file`` or XMR_API_KEY, or None.
+    Only the digest travels to the replicas; the key itself is never printed or stored."""
+    import hashlib
+
+    key = None
+    if key_file:
+        try:
+            key = open(key_file, encoding="utf-8").read().strip()
+        except OSError as exc:
+            raise SystemExit(f"xmr serve: --api-key-file {key_file}: {exc.strerror}") from None
+        if not key:
+            raise SystemExit(f"xmr serve: --api-key-file {key_file} is empty")
+    elif os.environ.get("XMR_API_KEY"):
+        key = os.environ["XMR_API_KEY"].strip()
+    if key is not None and len(key) < 16:
+        raise SystemExit("xmr serve: the API key must be at least 16 characters")
+    return hashlib.sha256(key.encode()).hexdigest() if key else None
+
+
 def _serve(ns: argparse.Namespace) -> int:
-    args = {"checkpoint": ns.checkpoint, "gallery": ns.gallery, "split": ns.split, "index": ns.index,
-            "approx": ns.approx, "replicas": ns.replicas}
-    url = start({k: v for k, v in args.items() if v is not None}, host=ns.host, port=ns.port, address=ns.address,
-                direct=ns.direct)
+    import signal
+    import threading
     import urllib.request
 
-    info = json.loads(urllib.request.urlopen(f"{url}/info", timeout=60).read())
+    digest = api_key_digest(ns.api_key_file)
+    if ns.host not in LOOPBACK and digest is None:
+        print(f"[xmr] error: --host {ns.host} exposes the endpoint beyond this machine; set XMR_API_KEY or "
+              f"--api-key-file (clients then send 'Authorization: Bearer <key>'), or bind 127.0.0.1",
+              file=sys.stderr)
+        return 2
+    args = {"checkpoint": ns.checkpoint, "gallery": ns.gallery, "split": ns.split, "index": ns.index,
+            "approx": ns.approx, "replicas": ns.replicas, "api_key_sha256": digest, "drain_s": ns.drain_s}
+    embedded = connect(ns.address, ns.direct).startswith("started")  # else: leave the cluster running on exit
+    url = start({k: v for k, v in args.items() if v is not None}, host=ns.host, port=ns.port, address=ns.address,
+                direct=ns.direct)
+    headers = {"Authorization": f"Bearer {_key(ns.api_key_file)}"} if digest else {}
+    info = json.loads(urllib.request.urlopen(urllib.request.Request(f"{url}/info", headers=headers), timeout=60).read())
     print(f"[xmr] serving {info['method']} ({info['task']}) from {info['checkpoint']}: gallery {info['gallery']} "
-          f"split {info['split']}, {info['gallery_size']} items, {info['search']} search; {url}/docs")
+          f"split {info['split']}, {info['gallery_size']} items, {info['search']} search, "
+          f"{ns.replicas} replica(s){', bearer token required' if digest else ''}; {url}/docs", flush=True)
     if ns.direct:
         try:
             urls = direct_urls("xmr")
@@ -79,13 +121,42 @@ def _serve(ns: argparse.Namespace) -> int:
         print(f"[xmr] replicas answering directly (no proxy hop): {', '.join(urls)}")
     if ns.detach:
         return 0
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        from ray import serve
+    stop = threading.Event()
+    received: list[str] = []
 
-        serve.shutdown()
+    def on_signal(signum, _frame) -> None:  # replaces Ray's handler, which dumps a C++ stack
+        received.append(signal.Signals(signum).name)
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+    while not stop.wait(3600):
+        pass
+    return shutdown(embedded, received[0] if received else "stop")
+
+
+def _key(key_file: str | None) -> str:
+    return open(key_file, encoding="utf-8").read().strip() if key_file else os.environ["XMR_API_KEY"].strip()
+
+
+def shutdown(embedded: bool, why: str, name: str = "xmr") -> int:
+    """Stop taking requests, let the ones in flight finish (Serve's graceful shutdown, at most
+    the deployments' ``graceful_shutdown_timeout_s``: ``--drain-s``), delete the application,
+    stop the embedded Ray; one line, exit 0."""
+    import ray
+    from ray import serve
+
+    t0 = time.perf_counter()
+    try:
+        serve.delete(name, _blocking=True)
+        if embedded:
+            serve.shutdown()
+            ray.shutdown()
+    except Exception as exc:  # noqa: BLE001 - report and still exit: the process is going away
+        print(f"[xmr] warning: shutdown incomplete ({type(exc).__name__}: {exc})", file=sys.stderr)
+    where = "embedded Ray stopped" if embedded else "the cluster keeps running"
+    print(f"[xmr] {why}: stopped serving after draining in-flight requests ({time.perf_counter() - t0:.1f} s); "
+          f"{where}", flush=True)
     return 0
 
 
@@ -119,6 +190,11 @@ def register(subparsers: Any) -> None:
                    help=f"throughput-optimised Serve ({THROUGHPUT_ENV}=1): replicas also answer HTTP on ports "
                         "of their own, bypassing the proxy (lowest latency); the proxy port keeps working")
     p.add_argument("--detach", action="store_true", help="return once the endpoint answers")
+    p.add_argument("--api-key-file", default=None,
+                   help="file holding the bearer token clients must send (default: XMR_API_KEY; required "
+                        "when --host is not loopback)")
+    p.add_argument("--drain-s", type=float, default=20.0,
+                   help="on SIGTERM / SIGINT, how long in-flight requests may take to finish")
     p.set_defaults(func=_serve)
 
     idx = subparsers.add_parser("index", help="build saved gallery indexes for the endpoint")

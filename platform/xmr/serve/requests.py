@@ -27,6 +27,9 @@ class RequestError(Exception):
         super().__init__(message)
         self.status, self.message = status, message
 
+    def __reduce__(self):  # crosses process boundaries (a replica's error reaching the gateway)
+        return RequestError, (self.status, self.message)
+
 
 class SearchRequest(BaseModel):
     """Category / pair retrieval: a query of one modality, answered from the other."""

@@ -56,13 +56,13 @@ def make_tuner(trainable, cfg: Config, name: str, n_trials: int, *, metric: str 
     fs, base = filesystem(root or cfg.storage.root, cfg.data.endpoint_url)
     path = f"{base}/{name}"
     trainable = tune.with_resources(trainable, {"CPU": trial_cpus})
+    if not verbose:  # Tune's new output engine prints its experiment box and paths even at verbose=0
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     if resume and tune.Tuner.can_restore(path, storage_filesystem=fs):
         print(f"[xmr] resuming {what} {name}: finished trials are kept, unfinished ones resume", flush=True)
         return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True,
                                   storage_filesystem=fs)
     quiet = {} if verbose else {"verbose": 0, "callbacks": [progress_callback(n_trials, progress_metric or metric, what)]}
-    if not verbose:  # Tune's new output engine prints its experiment box and paths even at verbose=0
-        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     return tune.Tuner(
         trainable,
         param_space=param_space or {},

@@ -1,0 +1,85 @@
+"""The gateway's pure ASGI middleware: a bound on request bodies and an optional bearer token.
+
+Pure ASGI (not Starlette's ``@app.middleware("http")``, which wraps every request in a task
+group and memory streams, a visible share of a few-millisecond request). They live in their
+own importable module for a Serve reason: a ``@serve.deployment`` class is shipped to its
+replica by value, module globals it touches included, so state the deployment sets for the
+middleware must sit in a module both import by name (``set_key_digest``), not in a global of
+the deployment's own module (it would set a copy)."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+
+from fastapi.responses import JSONResponse
+
+from xmr.serve.requests import MAX_BODY_BYTES
+
+OPEN_PATHS = ("/healthz",)  # load balancers probe it without a token
+
+_KEY_DIGEST: list[bytes | None] = [None]  # this process's configured key digest
+
+
+def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    """Every error the endpoint gives has this one shape: ``{"error": "..."}``."""
+    return JSONResponse(status_code=status, content={"error": message}, headers=headers)
+
+
+def set_key_digest(hex_digest: str | None) -> None:
+    """The key's SHA-256 (hex), or None for no key; called from the deployment's config."""
+    _KEY_DIGEST[0] = bytes.fromhex(hex_digest) if hex_digest else None
+
+
+def key_configured() -> bool:
+    return _KEY_DIGEST[0] is not None
+
+
+class BoundedBody:
+    """Oversized or unsized POST bodies are refused before they are read."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["method"] in ("POST", "PUT", "PATCH"):
+            problem = _body_problem(dict(scope["headers"]).get(b"content-length"))
+            if problem is not None:
+                await error_response(*problem)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _body_problem(length: bytes | None) -> tuple[int, str] | None:
+    if length is None:
+        return 411, "a Content-Length header is required"
+    if not length.isdigit():
+        return 400, f"invalid Content-Length {length[:32].decode('latin-1')!r}"
+    if int(length) > MAX_BODY_BYTES:
+        return 413, f"request body of {int(length)} bytes exceeds the {MAX_BODY_BYTES}-byte limit"
+    return None
+
+
+class BearerToken:
+    """With a key configured, every request but ``/healthz`` needs
+    ``Authorization: Bearer <key>``. The replica holds only the key's SHA-256 (the key never
+    reaches Serve's config, logs or ``/info``); the comparison is constant-time. The digest
+    is set from the deployment's config before the replica takes its first request."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        digest = _KEY_DIGEST[0]
+        if scope["type"] == "http" and digest is not None and not scope["path"].endswith(OPEN_PATHS):
+            header = dict(scope["headers"]).get(b"authorization", b"")
+            token = header[7:] if header[:7].lower() == b"bearer " else b""
+            if not hmac.compare_digest(hashlib.sha256(token).digest(), digest):
+                why = "missing" if not token else "wrong"
+                message = (f"{why} bearer token: send the header 'Authorization: Bearer <key>' "
+                           f"(the key the endpoint was started with)")
+                await error_response(401, message, {"WWW-Authenticate": "Bearer"})(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
