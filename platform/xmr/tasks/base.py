@@ -10,13 +10,14 @@ family (say text-to-audio moment retrieval) is one module here and one line in
 
 from __future__ import annotations
 
+import abc
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 
 
-class TaskFamily:
+class TaskFamily(abc.ABC):
     name: ClassVar[str]
     dataset_task: ClassVar[str]  # the manifest task it reads ("category" or "vcmr" shards)
     main_metric: ClassVar[str]  # what checkpoints and sweeps select by (higher is better)
@@ -41,17 +42,19 @@ class TaskFamily:
 
     def bank_targets(self, cfg) -> tuple[tuple[int, ...], torch.dtype]:
         """(shape, dtype) of one row's ``targets`` (what a memory bank stores beside a key)."""
-        raise NotImplementedError(f"the {self.name} family has no memory bank")
+        raise ValueError(f"the {self.name} family has no memory bank (negatives.memory_bank must be 0)")
 
     # ------------------------------------------------------------------ evaluation
+    @abc.abstractmethod
     def score_share(self, model, cfg, manifest, split: str, detailed: bool = False, nms: float | None = None) -> Any:
         """This rank's part of the evaluation (plain Python / tensors, gathered to rank 0);
         ``detailed`` keeps what ``outputs`` needs for per-query files."""
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def score(self, shares: list[Any], cfg) -> dict[str, float]:
         """The metrics of the whole split from every rank's share (on rank 0)."""
-        raise NotImplementedError
+        ...
 
     def outputs(self, shares: list[Any], cfg, manifest, nms: float | None = None) -> tuple[dict, dict[str, str]]:
         """``xmr eval``: (metrics, {file name: text}) from detailed shares; by default the
@@ -59,12 +62,15 @@ class TaskFamily:
         return self.score(shares, cfg), {}
 
     # ------------------------------------------------------------------ serving
+    @abc.abstractmethod
     def build_gallery(self, model, cfg, manifest, root: str, split: str, endpoint_url: str | None = None,
                       approx: str = "auto"):
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def save_gallery(self, gallery, out: Path) -> None:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def load_gallery(self, path: Path, arrays: dict, items: dict):
-        raise NotImplementedError
+        ...
