@@ -13,11 +13,16 @@ endpoint, for both ways HTTP reaches a replica, all in one run.
   actor -> replica) and ``direct`` (``xmr serve --direct``: RAY_SERVE_THROUGHPUT_OPTIMIZED,
   the replica answers HTTP on its own port).
 - Per load phase, the replica's batching counters (/info): mean batch and compute per batch.
+- ``--million`` (or ``--only-million``, which updates that section of the last results):
+  ``/search`` over 1,000,000 x 256 items through the saved approximate index of
+  bench/_million.py (both kinds measured, the faster one at recall@10 >= 0.95 kept):
+  the raw index's and the endpoint's in-process p50 / p99 on one thread, the reload time,
+  and HTTP p50 / p99 / QPS at concurrency 1, 8 and 32 on each ingress path.
 
 In-process figures are taken first, with no Ray running. Load comes from an asyncio HTTP
 client (aiohttp) in the driver process; on a 2-core machine it competes with the server.
 
-    RAY_AUTH_MODE=token python bench/serve_latency.py [--quick] [--modes proxy,direct]
+    RAY_AUTH_MODE=token python bench/serve_latency.py [--quick] [--modes proxy,direct] [--million | --only-million]
 """
 
 from __future__ import annotations
@@ -282,7 +287,7 @@ def child(mode: str, plan: dict) -> dict:
         url = base(f"cat{n}", f"/c{n}")
         loaded = load_for_serving(paths["ckpt"], index=paths["index"])
         side = side_by_side(f"{url}/search", noop_url, bodies[:per_c[1]],
-                            lambda i: search_items([(loaded, "a", queries[i], 10)]))
+                            lambda i, loaded=loaded: search_items([(loaded, "a", queries[i], 10)]))
         del loaded
         out["search"][n] = {"side_by_side_c1": side,
                             "http": [phase(f"{url}/search", f"{url}/info", bodies[:m], c, "search")
@@ -300,13 +305,82 @@ def child(mode: str, plan: dict) -> dict:
     return out
 
 
-def run_children(modes: list[str], plan_path: Path) -> dict:
+def million_child(mode: str, plan: dict) -> dict:
+    """HTTP figures of /search over the million-item index, on a fresh local Ray."""
+    from ray import serve
+
+    from xmr.serve.app import build_app
+    from xmr.serve.cli import direct_urls
+    from xmr.train.driver import ensure_ray
+
+    m = plan["million"]
+    ensure_ray(None, num_cpus=4)
+    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
+    t = time.perf_counter()
+    serve.run(build_app({"checkpoint": m["ckpt"], "index": m["index"]}), name="million", route_prefix="/m",
+              blocking=False)
+    url = direct_urls("million", "/m")[0] if mode == "direct" else f"http://127.0.0.1:{PORT}/m"
+    while True:  # the replica loads 1M items before it answers
+        try:
+            _json(f"{url}/info")
+            break
+        except Exception:  # noqa: BLE001 - not up yet
+            if time.perf_counter() - t > 900:
+                raise
+            time.sleep(1.0)
+    ready_s = time.perf_counter() - t
+    queries = np.load(m["queries"])
+    bodies = [json.dumps({"query": q.tolist(), "k": 10}).encode() for q in queries]
+    phase(f"{url}/search", "", bodies[:50], 4, "search")  # warm
+    rows = [phase(f"{url}/search", f"{url}/info", bodies[:n], int(c), "search") for c, n in plan["per_c"].items()]
+    return {"ready_s": ready_s, "http": rows}
+
+
+def million_section(cache: Path, items: int, modes: list[str], quick: bool) -> dict:
+    from _million import ensure_million_index, reload_check
+
+    m = ensure_million_index(cache, n=items, log=lambda s: print(s, flush=True))
+    queries_path = Path(m["index"]).parent / "queries.npy"
+    print("[bench] million: in-process (reload, endpoint search on 1 thread) ...", flush=True)
+    inproc = reload_check(m["ckpt"], m["index"], np.load(queries_path))
+    plan = {"million": {"ckpt": m["ckpt"], "index": m["index"], "queries": str(queries_path)},
+            "per_c": {"1": 150, "8": 400, "32": 960} if not quick else {"1": 40, "8": 80, "32": 160}}
+    plan_path = cache / "million_plan.json"
+    plan_path.write_text(json.dumps(plan))
+    http = run_children(modes, plan_path, child_flag="--child-million")
+    chosen = m["choice"][m["chosen"]]
+    return {"gallery": m["gallery"], "choice": m["choice"], "chosen": m["chosen"], "index_cached": m["cached"],
+            "in_process": inproc, "http": http,
+            "headline": {"million_index_kind": m["chosen"], "million_recall10": chosen["recall_at_10"],
+                         "million_index_p50_ms": chosen["p50_ms_1thread"],
+                         "million_endpoint_p50_ms_in_process": inproc["endpoint_search_p50_ms_1thread"],
+                         "million_reload_s": inproc["load_s"],
+                         **{f"million_http_p50_ms_c1_{mode}": next(r["p50_ms"] for r in f["http"]
+                                                                    if r["concurrency"] == 1)
+                            for mode, f in http.items()}}}
+
+
+def print_million(sec: dict) -> None:
+    print(f"\n/search over {sec['gallery']['items']:,} x {sec['gallery']['dim']} (index chosen: {sec['chosen']}):")
+    for kind, f in sec["choice"].items():
+        print(f"  {kind:<6} built {f['build_s']:.0f} s, recall@10 {f['recall_at_10']:.4f} {f['search_params']}, "
+              f"{f['bytes_per_item']:.0f} B/item, index p50 {f['p50_ms_1thread']:.2f} / p99 {f['p99_ms_1thread']:.2f} ms")
+    ip = sec["in_process"]
+    print(f"  reload {ip['load_s']:.1f} s; endpoint search in process (encoder + index, 1 thread): p50 "
+          f"{ip['endpoint_search_p50_ms_1thread']:.2f} / p99 {ip['endpoint_search_p99_ms_1thread']:.2f} ms")
+    for mode, f in sec["http"].items():
+        for r in f["http"]:
+            print(f"  {mode:<7} c={r['concurrency']:<3} p50 {r['p50_ms']:.1f} p99 {r['p99_ms']:.1f} ms, "
+                  f"{r['qps']:.0f} QPS, mean batch {r.get('mean_batch', float('nan')):.1f}, errors {r['errors']}")
+
+
+def run_children(modes: list[str], plan_path: Path, child_flag: str = "--child") -> dict:
     results = {}
     for mode in modes:
-        out = plan_path.with_name(f"http_{mode}.json")
+        out = plan_path.with_name(f"http_{mode}{child_flag.replace('--child', '')}.json")
         env = {**os.environ, **MODE_ENV[mode]}
         print(f"[bench] HTTP figures, {mode} ingress ...", flush=True)
-        proc = subprocess.run([sys.executable, __file__, "--child", mode, "--plan", str(plan_path), "--out", str(out)],
+        proc = subprocess.run([sys.executable, __file__, child_flag, mode, "--plan", str(plan_path), "--out", str(out)],
                               env=env, timeout=1500)
         if proc.returncode != 0:
             raise SystemExit(f"the {mode} run failed (exit {proc.returncode})")
@@ -359,17 +433,29 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--modes", default="proxy,direct")
+    parser.add_argument("--million", action="store_true", help="add /search over a 1,000,000-item index")
+    parser.add_argument("--only-million", action="store_true",
+                        help="measure only the million-item section and update it in the last results file")
+    parser.add_argument("--items", type=int, default=1_000_000, help=argparse.SUPPRESS)
+    parser.add_argument("--cache", default=os.environ.get("XMR_BENCH_CACHE", "/tmp/xmr-bench-cache"),
+                        help="where the million-item index is kept between runs")
     parser.add_argument("--child", choices=list(MODE_ENV), help=argparse.SUPPRESS)
+    parser.add_argument("--child-million", choices=list(MODE_ENV), help=argparse.SUPPRESS)
     parser.add_argument("--plan", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         Path(args.out).write_text(json.dumps(child(args.child, json.loads(Path(args.plan).read_text()))))
         return 0
+    if args.child_million:
+        Path(args.out).write_text(json.dumps(million_child(args.child_million, json.loads(Path(args.plan).read_text()))))
+        return 0
     modes = [m for m in args.modes.split(",") if m]
     unknown = set(modes) - set(MODE_ENV)
     if unknown:
         parser.error(f"unknown modes {sorted(unknown)} (known: {sorted(MODE_ENV)})")
+    if args.only_million:
+        return update_million(Path(args.cache), args.items, modes, args.quick)
     tmp = Path(tempfile.mkdtemp(prefix="xmr-bench-serve-"))
     sizes = [10_000, 100_000] if not args.quick else [10_000]
     plan: dict = {"search": {}, "per_c": {1: 150, 8: 400, 32: 960} if not args.quick else {1: 40, 8: 80, 32: 160}}
@@ -398,13 +484,40 @@ def main() -> int:
               f"in-process {t['search_in_process_p50_ms']:.2f} + {t['endpoint_overhead_ms']:.2f} ms (target <= 2): "
               f"{'met' if t['latency_target_met'] else 'MISSED'}; QPS c32/c1 {t['qps_c32_over_c1']:.2f} "
               f"(target >= 4): {'met' if t['batching_target_met'] else 'MISSED'}")
+    million = million_section(Path(args.cache), args.items, modes, args.quick) if args.million else None
+    if million:
+        print_million(million)
     lead = "direct" if "direct" in targets else modes[0]
     headline = {"moments_mean_ms_in_process": mo,
                 **{k: v for k, v in targets[lead].items() if not k.endswith("_met")}, "search_gallery_size": int(big),
                 "headline_ingress": lead,
                 **{f"{k}_{m}": v for m, t in targets.items() if m != lead for k, v in t.items() if not k.endswith("_met")}}
-    write_results(__file__, {"in_process_quiet": inproc, "http": http, "targets": targets, "moments_corpus": facts,
-                             "replica_threads": threads, "quick": args.quick}, headline)
+    figures = {"in_process_quiet": inproc, "http": http, "targets": targets, "moments_corpus": facts,
+               "replica_threads": threads, "quick": args.quick}
+    if million:
+        figures["million"] = million
+        headline.update(million["headline"])
+    write_results(__file__, figures, headline)
+    return 0
+
+
+def update_million(cache: Path, items: int, modes: list[str], quick: bool) -> int:
+    """``--only-million``: measure that section and put it into the last results, dated."""
+    import datetime
+
+    from _common import RESULTS, machine
+
+    path = RESULTS / "serve_latency.json"
+    last = json.loads(path.read_text()) if path.is_file() else {"figures": {}, "headline": {}}
+    sec = million_section(cache, items, modes, quick)
+    print_million(sec)
+    sec["measured"] = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                       "machine": machine(), "note": "measured alone (--only-million); the other sections are "
+                                                     "from the date at the top of this file"}
+    last["figures"]["million"] = sec
+    last["headline"].update(sec["headline"])
+    path.write_text(json.dumps(last, indent=2, default=float))
+    print(f"updated {path}")
     return 0
 
 

@@ -13,6 +13,17 @@ if ! command -v espeak-ng >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 
     || echo "[setup] espeak-ng install failed; the avdigits build test will be skipped"
 fi
 
+# hey (an HTTP load generator) only drives bench/serve_load.py: `make bench` asks for it.
+if [ "${XMR_SETUP_BENCH:-0}" = 1 ] && ! command -v hey >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    echo "[setup] installing hey (Debian) for bench/serve_load.py"
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq hey >/dev/null) \
+      || echo "[setup] hey install failed; bench/serve_load.py will say so"
+  else
+    echo "[setup] bench/serve_load.py needs hey: apt-get install hey (as root)"
+  fi
+fi
+
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   echo "[setup] creating .venv with $($PY --version)"
@@ -23,8 +34,8 @@ want=$(cat pyproject.toml requirements/constraints.txt | sha256sum | cut -d' ' -
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "[setup] installing pinned packages into .venv (torch 2.13.0 CPU build from local disk when available)"
   .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
-  .venv/bin/python -m pip install -q -c requirements/constraints.txt -e ".[test]" 2>&1 | grep -v "is ignored" || true
-  .venv/bin/python -c "import xmr, torch, ray, webdataset, boto3, optuna" \
+  .venv/bin/python -m pip install -q -c requirements/constraints.txt -e ".[test,text]" 2>&1 | grep -v "is ignored" || true
+  .venv/bin/python -c "import xmr, torch, ray, webdataset, boto3, optuna, sentence_transformers" \
     || { echo "[setup] install failed" >&2; exit 1; }
   echo "$want" > "$stamp"
 fi

@@ -5,6 +5,7 @@ end on the local Ray."""
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 import pandas as pd
@@ -51,6 +52,18 @@ def test_paired_interval_equals_scipys(seed):
 def test_pairing_is_by_seed_and_skips_missing_runs():
     d = paired_difference({0: 0.9, 1: 0.8, 2: 0.7, 3: float("nan")}, {1: 0.5, 2: 0.6, 3: 0.4, 4: 0.1})
     assert d.seeds == [1, 2] and d.n == 2 and d.mean == pytest.approx(0.2)
+
+
+def test_busy_seconds_counts_concurrent_runs_once():
+    from xmr.compare.runner import busy_seconds
+
+    runs = [{"finished_at": 110.0, "wall_s": 10.0},  # [100, 110]
+            {"finished_at": 115.0, "wall_s": 10.0},  # [105, 115]: overlaps the first
+            {"finished_at": 130.0, "wall_s": 5.0},   # [125, 130]: after a gap
+            {"error": "boom"}]                       # a failed run has no interval
+    assert busy_seconds(runs, fallback=-1.0) == pytest.approx(20.0)
+    assert busy_seconds([{"wall_s": 3.0}], fallback=7.0) == 7.0  # an interval unknown: this call's time
+    assert busy_seconds([], fallback=7.0) == 7.0
 
 
 def test_verdicts_on_constructed_data():
@@ -138,10 +151,12 @@ def test_tiny_claim_map_end_to_end(tmp_path, monkeypatch):
         "claims": ["sccmrl > triplet"],
         "map": {"property": "n_classes", "levels": [4, 8], "label": "classes"}}))
     spec = load_spec(str(spec_path))
+    t0 = time.perf_counter()
     try:
         c = run_comparison(spec, "out", concurrency=2)
     finally:
         ray.shutdown()
+    call_s = time.perf_counter() - t0
     runs = c.runs
     assert len(runs) == 12 and set(runs["level"]) == {4, 8}
     ok = runs[runs["variant"] != "broken"]
@@ -149,6 +164,7 @@ def test_tiny_claim_map_end_to_end(tmp_path, monkeypatch):
     broken = runs[runs["variant"] == "broken"]
     assert (broken["status"] == "failed").all() and broken["error"].str.contains("no-such-checkpoint").all()
     assert len(c.tuning) == 3 and set(c.chosen) == {"sccmrl", "triplet", "broken"}
+    assert ok["wall_s"].max() <= c.wall_s < call_s  # the runs' busy time: within the call, not the call itself
     assert "optim.lr" in c.chosen["sccmrl"] and c.chosen["broken"] == {}  # its tuning trial failed too
     for level in (4, 8):
         at = ok[ok["level"] == level]

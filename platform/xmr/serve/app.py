@@ -11,9 +11,14 @@
   and gallery are its ``user_config``: deploying a new one loads it beside the old in a
   thread and swaps it in when ready, so requests keep being answered throughout.
 
+- ``TextFeaturiser`` (only where the served dataset's query tokens came from a text encoder,
+  ``xmr data synth vcmr --text-encoder``): ``"text"`` -> token features with that encoder,
+  a deployment of its own composed with the retriever through the gateway.
+
 Routes: ``POST /search`` (category / pair: a feature array or, where the dataset has an
-audio featuriser, a WAV file), ``POST /moments`` (VCMR: token features; ``video``
-restricts it to one video, SVMR), ``GET /healthz``, ``GET /info``, OpenAPI at ``/docs``.
+audio featuriser, a WAV file), ``POST /moments`` (VCMR: token features, or ``text`` where
+the dataset has a text encoder; ``video`` restricts it to one video, SVMR), ``GET
+/healthz``, ``GET /info``, OpenAPI at ``/docs``.
 """
 
 # no `from __future__ import annotations`: FastAPI reads the request models from real annotations
@@ -37,7 +42,7 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from xmr.serve.featurise import audio_featuriser
-from xmr.serve.gallery import Loaded, load_for_serving
+from xmr.serve.gallery import Loaded, load_for_serving, served_manifest, text_encoder_of
 from xmr.serve.middleware import BearerToken, BoundedBody, error_response as _error, key_configured, set_key_digest
 from xmr.serve.requests import (MAX_ELEMENTS, MomentsRequest, MomentsResponse, RequestError,
                                 SearchRequest, SearchResponse, as_array, decode_wav_base64, error_text,
@@ -190,6 +195,7 @@ class Retriever:
     def __init__(self) -> None:
         self.state: "Loaded | None" = None
         self.featurise: Any = None
+        self.text_encoder: dict[str, Any] | None = None  # the dataset's, when its query tokens came from text
         self.loading: str | None = None
         # [batches, queries, compute seconds] per endpoint: is batching paying, and how much
         # of a request is the search itself?
@@ -202,6 +208,7 @@ class Retriever:
         loaded = await asyncio.to_thread(load_for_serving, **user_config)
         featurise = audio_featuriser(loaded.manifest)  # None unless the dataset was built from audio
         self.state, self.featurise, self.loading = loaded, featurise, None
+        self.text_encoder = text_encoder_of(loaded.manifest)
 
     def _ready(self, route: str) -> Loaded:
         st = self.state
@@ -227,10 +234,14 @@ class Retriever:
                     for k, (b, n, sec) in self.batches.items()}
         return {**st.info, "loading": self.loading, "batch_size": BATCH_SIZE, "batching": batching,
                 "torch_threads": torch.get_num_threads(), "replica": serve.get_replica_context().replica_tag,
-                "featurisers": ["audio_wav_base64"] if self.featurise else []}
+                "featurisers": (["audio_wav_base64"] if self.featurise else []) + (["text"] if self.text_encoder else []),
+                "text_encoder": self.text_encoder}
 
     async def search(self, req: SearchRequest, binary: np.ndarray | None) -> dict[str, Any]:
         st = self._ready("search")
+        if req.text is not None:
+            raise RequestError(422, "text: this dataset's features come from no text encoder this endpoint has "
+                                    "(only VCMR corpora built with --text-encoder take text); send features in 'query'")
         given = sum(x is not None for x in (req.query, req.audio_wav_base64, binary))
         if given != 1:
             raise RequestError(422, "give exactly one of query (features), query_base64 / a .npy body, "
@@ -259,13 +270,18 @@ class Retriever:
     async def moments(self, req: MomentsRequest, binary: np.ndarray | None, text_tokens: np.ndarray | None = None):
         st = self._ready("moments")
         dim = st.cfg.model.dims["query"][-1]
+        if req.text is not None and (req.query is not None or binary is not None):
+            raise RequestError(422, "give one of text or query (token features), not both")
         if text_tokens is not None:
             value = text_tokens
         elif binary is not None:
             value = binary.reshape(-1, dim) if binary.ndim == 1 and binary.size % dim == 0 else binary
         elif req.text is not None:
+            if self.text_encoder is not None:
+                raise RequestError(503, "text: the text featuriser is not ready; retry shortly")
             raise RequestError(422, "text: this dataset's query features come from no text encoder this endpoint "
-                                    "has; send token features in 'query'")
+                                    "has (build the corpus with xmr data synth vcmr --text-encoder); send token "
+                                    "features in 'query'")
         else:
             value = req.query
         if value is None:
@@ -314,6 +330,31 @@ class Retriever:
         return out
 
 
+# --------------------------------------------------------------------------- the text featuriser
+
+
+@serve.deployment(max_ongoing_requests=64, ray_actor_options={"num_cpus": 0.5},
+                  logging_config={"enable_access_log": os.environ.get("XMR_SERVE_ACCESS_LOG") == "1"})
+class TextFeaturiser:
+    """Text -> query token features with the encoder the dataset was built with (all-MiniLM-L6-v2
+    from the ``[text]`` extra, loaded from the package's files). Its own deployment, so it
+    scales apart from the retriever (text encoding and search cost differently); texts that
+    arrive together are encoded as one batch."""
+
+    def __init__(self, name: str, expected: dict[str, Any]) -> None:
+        from xmr.data.text_encoder import load_text_encoder
+
+        self.encoder = load_text_encoder(name)
+        got = self.encoder.info.get("package_version")
+        if got != expected.get("package_version"):  # a different model version: other features
+            raise RuntimeError(f"text encoder {name}: the dataset was built with {expected.get('package')} "
+                               f"{expected.get('package_version')}, this replica has {got}")
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    async def __call__(self, texts: list[str]) -> list[np.ndarray]:
+        return await asyncio.to_thread(self.encoder.tokens, texts)
+
+
 # --------------------------------------------------------------------------- the gateway
 
 
@@ -339,19 +380,21 @@ def _as_request_error(exc: BaseException) -> RequestError | None:
                   logging_config={"enable_access_log": os.environ.get("XMR_SERVE_ACCESS_LOG") == "1"})
 @serve.ingress(api)
 class Gateway:
-    def __init__(self, retriever) -> None:
+    def __init__(self, retriever, featuriser=None) -> None:
         self.retriever = retriever
+        self.featuriser = featuriser  # TextFeaturiser, bound when the dataset's queries came from text
         self.retryable = _retryable()
         self.retried = 0  # calls sent again after their replica died
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         set_key_digest(config.get("api_key_sha256"))
 
-    async def _call(self, method: str, *args):
+    async def _call(self, method: str, *args, handle=None):
         deadline, delay = time.monotonic() + RETRY_BUDGET_S, 0.05
+        target = self.retriever if handle is None else handle
         for attempt in range(RETRIES + 1):
             try:
-                return await getattr(self.retriever, method).remote(*args)
+                return await (getattr(target, method) if method else target).remote(*args)
             except self.retryable:
                 if attempt == RETRIES or time.monotonic() + delay > deadline:
                     break
@@ -382,6 +425,9 @@ class Gateway:
     @api.post("/moments", response_model=MomentsResponse, openapi_extra=_body_schema(MomentsRequest))
     async def moments(self, request: Request) -> Response:
         req, binary = await _parse(request, MomentsRequest)
+        if req.text is not None and self.featuriser is not None and req.query is None and binary is None:
+            tokens = await self._call("", req.text, handle=self.featuriser)
+            return JSONBytes(await self._call("moments", req, None, tokens))
         return JSONBytes(await self._call("moments", req, binary))
 
 
@@ -445,4 +491,7 @@ def build_app(args: dict[str, Any]):
     drain = {"graceful_shutdown_timeout_s": float(args.get("drain_s", 20.0)), "graceful_shutdown_wait_loop_s": 0.5}
     retriever = Retriever.options(user_config=user_config, max_ongoing_requests=max_ongoing, **scaling, **drain).bind()
     gateways = scaling.get("num_replicas") or scaling["autoscaling_config"]["min_replicas"]
-    return Gateway.options(user_config={"api_key_sha256": digest}, num_replicas=gateways, **drain).bind(retriever)
+    encoder = text_encoder_of(served_manifest(**user_config))
+    featuriser = TextFeaturiser.options(**drain).bind(encoder["name"], encoder) if encoder else None
+    return Gateway.options(user_config={"api_key_sha256": digest}, num_replicas=gateways, **drain).bind(
+        retriever, featuriser)

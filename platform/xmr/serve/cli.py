@@ -162,13 +162,29 @@ def shutdown(embedded: bool, why: str, name: str = "xmr") -> int:
 
 def _index_build(ns: argparse.Namespace) -> int:
     from xmr.serve.gallery import load_for_serving, save_index
+    from xmr.tasks.ann import AnnConfig
 
-    loaded = load_for_serving(ns.checkpoint, ns.gallery, ns.split, approx=ns.approx)
+    try:
+        ann = AnnConfig(kind=ns.ann_kind, recall_target=ns.recall_target, hnsw_m=ns.hnsw_m,
+                        hnsw_ef_construction=ns.ef_construction, ivf_nlist=ns.nlist, pq_m=ns.pq_m)
+    except ValueError as exc:
+        print(f"xmr index build: {exc}", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    loaded = load_for_serving(ns.checkpoint, ns.gallery, ns.split, approx=ns.approx, ann=ann)
     recalls = getattr(loaded.gallery, "recalls", {})  # the family's approximate-index check, if it built one
     out = save_index(ns.out, loaded, recalls)
-    print(f"[xmr] index of {loaded.gallery.size} items ({loaded.info['embed_dim']}-d) -> {out}")
-    for role, r in recalls.items():
-        print(f"[xmr] approximate index over modality {role}: recall@10 vs exact search = {r:.4f}")
+    print(f"[xmr] index of {loaded.gallery.size} items ({loaded.info['embed_dim']}-d) -> {out} "
+          f"({time.perf_counter() - t0:.1f} s with encoding)")
+    for role, a in sorted(getattr(loaded.gallery, "approx", {}).items()):
+        knobs = {k: v for k, v in a.build.items() if k in {"hnsw": ("hnsw_m", "hnsw_ef_construction"),
+                                                            "ivfpq": ("nlist", "pq_m"), "ivf": ("nlist",)}[a.kind]}
+        print(f"[xmr] approximate index over modality {role}: {a.kind} {knobs}, search {a.search_params}; "
+              f"built in {a.build_s:.1f} s; recall@10 vs exact search = {a.recall_at_10:.4f} (held-out probes); "
+              f"{a.bytes_per_item:.0f} bytes per item")
+        if not a.met_target:
+            print(f"[xmr] warning: modality {role}'s index stays below recall@10 {ann.recall_target} at its most "
+                  "thorough setting; raise --ef-construction / --hnsw-m (hnsw) or --nlist (ivf*)", file=sys.stderr)
     if not recalls:
         print("[xmr] exact search (gallery below the approximate-index threshold, or --approx off)")
     return 0
@@ -205,5 +221,14 @@ def register(subparsers: Any) -> None:
     b.add_argument("--gallery", default=None, help="dataset root whose split is encoded (default: the run's data)")
     b.add_argument("--split", default="test", help="split to encode")
     b.add_argument("--out", required=True, help="folder to write the index to")
-    b.add_argument("--approx", default="auto", choices=["auto", "on", "off"], help="FAISS index: on, off, or auto (past 200,000 items)")
+    b.add_argument("--approx", default="auto", choices=["auto", "on", "off"],
+                   help="approximate index: on, off, or auto (past 200,000 items)")
+    b.add_argument("--ann-kind", default="hnsw", choices=["hnsw", "ivfpq", "ivf"],
+                   help="approximate index kind (default hnsw: the measured choice at 1M items, bench/serve_latency.py)")
+    b.add_argument("--recall-target", type=float, default=0.95,
+                   help="recall@10 vs exact search the search setting must reach (default 0.95)")
+    b.add_argument("--hnsw-m", type=int, default=32, help="hnsw: links per item (default 32)")
+    b.add_argument("--ef-construction", type=int, default=64, help="hnsw: build breadth (default 64)")
+    b.add_argument("--nlist", type=int, default=0, help="ivf / ivfpq: inverted lists (default 4 x sqrt(n))")
+    b.add_argument("--pq-m", type=int, default=32, help="ivfpq: sub-quantisers, dividing the embedding size (default 32)")
     b.set_defaults(func=_index_build)

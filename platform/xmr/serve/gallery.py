@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from safetensors.numpy import load_file
 
-from xmr.checkpoint import fetch_checkpoint
+from xmr.checkpoint import CONFIG, fetch_checkpoint
 from xmr.config import Config
 from xmr.data.manifest import Manifest, load_manifest
 from xmr.method import load_model
@@ -37,7 +37,7 @@ class Loaded:
 
 
 def load_for_serving(checkpoint: str, gallery: str | None = None, split: str = "test", index: str | None = None,
-                     approx: str = "auto", endpoint_url: str | None = None) -> Loaded:
+                     approx: str = "auto", endpoint_url: str | None = None, ann=None) -> Loaded:
     """Load a checkpoint (dir, run dir or s3://) and its gallery (a dataset split or a saved index)."""
     t0 = time.perf_counter()
     local = fetch_checkpoint(checkpoint, endpoint_url=endpoint_url)
@@ -53,11 +53,14 @@ def load_for_serving(checkpoint: str, gallery: str | None = None, split: str = "
         manifest = load_manifest(root, endpoint_url=endpoint_url)
         if split not in manifest.splits:
             raise ValueError(f"gallery {root!r} has no split {split!r} (splits: {sorted(manifest.splits)})")
-        g = fam.build_gallery(model, cfg, manifest, root, split, endpoint_url=endpoint_url, approx=approx)
+        g = fam.build_gallery(model, cfg, manifest, root, split, endpoint_url=endpoint_url, approx=approx, ann=ann)
+    approx_index = getattr(g, "approx", None) or {}
+    search = ("approximate (" + ", ".join(sorted({a.kind for a in approx_index.values()})) + ")" if approx_index
+              else "exact")
     info = {"method": cfg.method, "task": cfg.task, "model": cfg.model.name, "checkpoint": checkpoint,
             "checkpoint_local": str(local), "gallery": root, "split": split, "gallery_size": g.size,
             "embed_dim": cfg.model.embed_dim, "input_dims": cfg.model.dims,
-            "search": "approximate (faiss IVF)" if getattr(g, "approx", None) else "exact",
+            "search": search,
             "build_s": round(time.perf_counter() - t0, 3), "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     return Loaded(model, cfg, manifest, g, info)
 
@@ -85,3 +88,32 @@ def load_index(path: str, cfg: Config) -> tuple[Manifest, Any]:
         raise ValueError(f"{path}: an index of a {meta.get('task')!r} model with embed_dim {meta.get('embed_dim')} "
                          f"does not fit this {cfg.task!r} checkpoint ({cfg.model.embed_dim})")
     return Manifest.from_dict(meta["manifest"]), family_of(cfg).load_gallery(p, arrays, items)
+
+
+def text_encoder_of(manifest: Manifest) -> dict[str, Any] | None:
+    """The text encoder a dataset's query features came from (``source.details.text_encoder``,
+    written by ``xmr data synth vcmr --queries-from ... --text-encoder``), or None."""
+    source = manifest.source if isinstance(manifest.source, dict) else {}
+    enc = (source.get("details") or {}).get("text_encoder")
+    return enc if isinstance(enc, dict) and enc.get("name") else None
+
+
+def served_manifest(checkpoint: str, gallery: str | None = None, index: str | None = None,
+                    endpoint_url: str | None = None, **_: Any) -> Manifest:
+    """The manifest of the dataset an application will serve, read without loading the model
+    (the application builder decides from it which featurisers to deploy)."""
+    if index:
+        try:
+            return Manifest.from_dict(json.loads((Path(index) / "index.json").read_text())["manifest"])
+        except (OSError, ValueError, KeyError) as exc:
+            raise ValueError(f"{index}: not a readable xmr index ({exc})") from None
+    root = gallery
+    if root is None:
+        import yaml
+
+        local = fetch_checkpoint(checkpoint, endpoint_url=endpoint_url)
+        try:
+            root = (yaml.safe_load((Path(local) / CONFIG).read_text()) or {})["data"]["path"]
+        except (OSError, KeyError, TypeError, yaml.YAMLError) as exc:
+            raise ValueError(f"{checkpoint}: cannot read the checkpoint's data.path ({exc})") from None
+    return load_manifest(root, endpoint_url=endpoint_url)

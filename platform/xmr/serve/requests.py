@@ -39,6 +39,8 @@ class SearchRequest(BaseModel):
                                        "(shape = the dataset's dims for that modality)")
     audio_wav_base64: str | None = Field(None, max_length=MAX_BODY_BYTES,
                                          description="a WAV file, base64 (datasets with an audio featuriser)")
+    text: str | None = Field(None, min_length=1, max_length=2000,
+                             description="raw text (datasets whose query features came from a text encoder)")
     modality: Literal["a", "b"] | None = Field(None, description="the query's modality; results are the other")
     k: StrictInt = Field(10, ge=1, le=MAX_K)
 
@@ -48,7 +50,9 @@ class MomentsRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     query: FeatureArray | None = Field(None, description="query token features [T, d_query]")
-    text: str | None = Field(None, max_length=2000, description="raw text (needs an offline text featuriser)")
+    text: str | None = Field(None, min_length=1, max_length=2000,
+                             description="raw text, for datasets whose query tokens came from a text encoder "
+                                         "(xmr data synth vcmr --text-encoder): featurised by the same encoder")
     k: StrictInt = Field(10, ge=1, le=100)
     video: str | None = Field(None, min_length=1, max_length=512, description="video id: search only this video")
 

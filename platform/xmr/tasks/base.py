@@ -64,7 +64,9 @@ class TaskFamily(abc.ABC):
     # ------------------------------------------------------------------ serving
     @abc.abstractmethod
     def build_gallery(self, model, cfg, manifest, root: str, split: str, endpoint_url: str | None = None,
-                      approx: str = "auto"):
+                      approx: str = "auto", ann=None):
+        """The gallery a replica searches. ``approx`` (auto / on / off) and ``ann`` (an
+        ``xmr.tasks.ann.AnnConfig``) concern families with an approximate index; others ignore them."""
         ...
 
     @abc.abstractmethod

@@ -15,10 +15,11 @@ from xmr.data.reader import loader_for
 from xmr.distributed import world_info
 from xmr.metrics.retrieval import cosine_similarity, cross_modal_map, pair_recall_at_k, precision_at_k
 from xmr.progress_line import units_in, with_progress
+from xmr.tasks.ann import AnnConfig, AnnIndex, build_ann
 from xmr.tasks.base import TaskFamily
 from xmr.tasks.topk import half_prescan_ok, topk_scores
 
-EXACT_LIMIT = 200_000  # above this many items "auto" builds an approximate (FAISS IVF) index
+EXACT_LIMIT = 200_000  # above this many items "auto" builds an approximate index (xmr.tasks.ann)
 
 
 class CategoryFamily(TaskFamily):
@@ -85,9 +86,9 @@ class CategoryFamily(TaskFamily):
         return metrics, {"per_query.csv": pd.DataFrame(rows).to_csv(index=False)}
 
     def build_gallery(self, model, cfg, manifest, root: str, split: str, endpoint_url: str | None = None,
-                      approx: str = "auto"):
+                      approx: str = "auto", ann: AnnConfig | None = None):
         g = embed_category(model, manifest, root, split, endpoint_url=endpoint_url)
-        g.recalls = add_approx(g, approx)
+        g.recalls = add_approx(g, approx, ann)
         return g
 
     def save_gallery(self, g: "CategoryGallery", out: Path) -> None:
@@ -95,21 +96,17 @@ class CategoryFamily(TaskFamily):
 
         save_file({f"emb_{r}": e.contiguous().numpy() for r, e in g.emb.items()}, str(out / "embeddings.safetensors"))
         (out / "items.json").write_text(json.dumps({"ids": g.ids, "labels": g.labels}))
-        if g.approx:
-            import faiss
-
-            for role, index in g.approx.items():
-                faiss.write_index(index, str(out / f"faiss_{role}.index"))
+        for role, index in g.approx.items():
+            meta = index.save(str(out / f"faiss_{role}.index"))
+            (out / f"faiss_{role}.json").write_text(json.dumps(meta, indent=2))
 
     def load_gallery(self, path: Path, arrays: dict, items: dict) -> "CategoryGallery":
         g = CategoryGallery({r: torch.from_numpy(arrays[f"emb_{r}"]) for r in ("a", "b")}, items["ids"], items["labels"])
         for role in ("a", "b"):
-            f = path / f"faiss_{role}.index"
+            f, meta = path / f"faiss_{role}.index", path / f"faiss_{role}.json"
             if f.is_file():
-                import faiss
-
-                g.approx[role] = faiss.read_index(str(f))
-                g.approx[role].nprobe = 32
+                g.approx[role] = AnnIndex.load(str(f), json.loads(meta.read_text()) if meta.is_file() else None)
+                g.recalls[role] = g.approx[role].recall_at_10
         return g
 
     def search(self, model, gallery: "CategoryGallery", items: list[tuple]) -> list[list[dict[str, Any]]]:
@@ -242,7 +239,7 @@ class CategoryGallery:
     emb: dict[str, torch.Tensor]  # role -> [N, d] float32
     ids: list[str]
     labels: list[Any]
-    approx: dict[str, Any] = field(default_factory=dict)  # role -> faiss index (searched side)
+    approx: dict[str, AnnIndex] = field(default_factory=dict)  # role -> approximate index (searched side)
     half: dict[str, torch.Tensor] = field(default_factory=dict)  # role -> float16 copy for the pre-scan
     recalls: dict[str, float] = field(default_factory=dict)  # approximate index recall@10 vs exact
 
@@ -280,39 +277,17 @@ def embed_category(model, manifest, root: str, split: str, batch_size: int = 512
     return CategoryGallery({r: torch.cat(p) for r, p in parts.items()}, ids, labels or [None] * len(ids))
 
 
-def build_approx(emb: torch.Tensor, nlist: int | None = None, nprobe: int = 32):
-    """An inner-product IVF index over unit vectors (cosine), trained on the gallery itself."""
-    import faiss
-
-    x = np.ascontiguousarray(emb.numpy().astype(np.float32))
-    n, d = x.shape
-    nlist = nlist or max(1, int(4 * np.sqrt(n)))
-    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
-    index.train(x[np.random.default_rng(0).choice(n, min(n, 256 * nlist), replace=False)])
-    index.add(x)
-    index.nprobe = nprobe
-    return index
-
-
-def approx_recall_at_10(index, gallery: torch.Tensor, queries: torch.Tensor) -> float:
-    """Fraction of the exact top-10 that the approximate index also returns in its top 10."""
-    exact = (queries @ gallery.T).topk(10, dim=1).indices.numpy()
-    _, got = index.search(np.ascontiguousarray(queries.numpy().astype(np.float32)), 10)
-    return float(np.mean([len(set(e) & set(g)) / 10 for e, g in zip(exact, got)]))
-
-
-def add_approx(g: CategoryGallery, approx: str) -> dict[str, float]:
-    """Build FAISS indexes when asked ("on") or when the gallery is large ("auto"); returns
-    their recall@10 against exact search (on up to 1,000 of the other modality's items)."""
+def add_approx(g: CategoryGallery, approx: str, ann: AnnConfig | None = None) -> dict[str, float]:
+    """Build an approximate index per side when asked ("on") or when the gallery is large
+    ("auto"), its search setting chosen on the other side's embeddings as probe queries;
+    returns each index's held-out recall@10 against exact search."""
     if approx not in ("auto", "on", "off"):
         raise ValueError(f"approx = {approx!r}: use auto, on or off")
     if approx == "off" or (approx == "auto" and g.size <= EXACT_LIMIT):
         return {}
-    recalls = {}
     for role, other in (("a", "b"), ("b", "a")):
-        g.approx[role] = build_approx(g.emb[role])
-        recalls[role] = approx_recall_at_10(g.approx[role], g.emb[role], g.emb[other][:1000])
-    return recalls
+        g.approx[role] = build_ann(g.emb[role].numpy(), g.emb[other].numpy(), ann)
+    return {role: a.recall_at_10 for role, a in g.approx.items()}
 
 
 @torch.inference_mode()
@@ -328,7 +303,7 @@ def search_category(model, g: CategoryGallery, items: list[tuple]) -> list[list[
         q = model.encode(role, torch.from_numpy(np.stack([items[i][1] for i in idx]))).float()
         k_max = max(items[i][2] for i in idx)
         if other in g.approx:
-            scores_np, top_np = g.approx[other].search(np.ascontiguousarray(q.numpy()), k_max)
+            scores_np, top_np = g.approx[other].search(q.numpy(), k_max)
             scores, top = torch.from_numpy(scores_np), torch.from_numpy(top_np)
         else:
             scores, top = topk_scores(q, g.emb[other], g.half.get(other), k_max)

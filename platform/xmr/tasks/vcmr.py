@@ -115,7 +115,7 @@ class VcmrFamily(TaskFamily):
         return metrics, {"predictions.json": json.dumps(sub)}
 
     def build_gallery(self, model, cfg, manifest, root: str, split: str, endpoint_url: str | None = None,
-                      approx: str = "auto") -> "VideoCorpus":
+                      approx: str = "auto", ann=None) -> "VideoCorpus":
         from xmr.data.reader import make_loader
 
         loader = with_progress(make_loader(root, split, local_batch_size=64, shuffle=False, unit="video",

@@ -80,9 +80,25 @@ def _synth_category(a: argparse.Namespace) -> int:
 def _synth_vcmr(a: argparse.Namespace) -> int:
     from xmr.data.sources.synth_vcmr import SynthVcmrConfig, write_synth_vcmr
 
+    if (a.queries_from is None) != (a.text_encoder is None):
+        raise ValueError("--queries-from and --text-encoder go together: real annotations' text encoded by a real "
+                         "encoder (e.g. --queries-from tvr_val_release.jsonl --text-encoder minilm)")
+    if a.queries_from is not None:
+        from xmr.data.sources.text_vcmr import TextVcmrConfig, write_text_vcmr
+
+        base = TextVcmrConfig()
+        cfg = TextVcmrConfig(queries_from=a.queries_from, text_encoder=a.text_encoder,
+                             splits=_sizes(a.splits, base.splits), dim_visual=a.dim_visual,
+                             dim_subtitle=a.dim_subtitle, max_queries=a.max_queries or 0,
+                             signal=a.signal, noise=a.noise, sub_missing=a.sub_missing, seed=a.seed, dtype=a.dtype)
+        name = a.name if a.name != "synth-vcmr" else "text-vcmr"
+        _summary(write_text_vcmr(a.out, cfg, name=name, **_writer_kw(a)), a.out)
+        return 0
+
     cfg = SynthVcmrConfig(splits=_sizes(a.splits, SynthVcmrConfig().splits), dim_visual=a.dim_visual,
                           dim_subtitle=a.dim_subtitle, dim_query=a.dim_query, latent_dim=a.latent_dim,
-                          min_duration=a.min_duration, max_duration=a.max_duration, max_queries=a.max_queries,
+                          min_duration=a.min_duration, max_duration=a.max_duration,
+                          max_queries=a.max_queries if a.max_queries is not None else 4,
                           sub_missing=a.sub_missing, signal=a.signal, noise=a.noise,
                           durations_from=a.durations_from, single_stream_share=a.single_stream_share,
                           cross_stream_distractors=a.cross_stream_distractors,
@@ -182,7 +198,8 @@ def _add_synth(sub: Any) -> None:
     v.add_argument("--latent-dim", type=int, default=16, help="dimension of the clip and moment latents")
     v.add_argument("--min-duration", type=float, default=12.0, help="shortest video, seconds")
     v.add_argument("--max-duration", type=float, default=90.0, help="longest video, seconds")
-    v.add_argument("--max-queries", type=int, default=4, help="most queries per video (at least 1)")
+    v.add_argument("--max-queries", type=int, default=None, help="most queries per video (default 4; with "
+                                                                 "--queries-from: all of the video's)")
     v.add_argument("--sub-missing", type=float, default=0.3, help="share of clips without a subtitle")
     v.add_argument("--signal", type=float, default=2.0, help="strength of the planted moment latent")
     v.add_argument("--noise", type=float, default=0.3, help="feature noise of clips and query tokens")
@@ -195,6 +212,12 @@ def _add_synth(sub: Any) -> None:
     v.add_argument("--distractors-per-video", type=int, default=1, help="random-content segments per video")
     v.add_argument("--seed", type=int, default=0, help="generator seed (the same seed writes the same shards)")
     v.add_argument("--dtype", default="float16", choices=("float16", "float32"), help="feature dtype in the shards")
+    v.add_argument("--queries-from", default=None, metavar="ANNOTATIONS_JSONL",
+                   help="real TVR-style annotations (vid_name, duration, ts, desc, type, desc_id): their videos, "
+                        "moments and query text (with --text-encoder); --dim-query is then the encoder's")
+    v.add_argument("--text-encoder", default=None, choices=["minilm"],
+                   help="encode each query's text (all-MiniLM-L6-v2 from the [text] extra, offline) into its token "
+                        "features and plant its sentence embedding in its moment's clips")
     v.set_defaults(func=_reported(_synth_vcmr))
     r = kinds.add_parser("tvr-release", help="a TVR-sized corpus in the public release's layout (jsonl + HDF5)")
     r.add_argument("--out", required=True, help="local directory for the release files")
