@@ -139,7 +139,10 @@ def reload_check(ckpt: str, index: str, queries: np.ndarray) -> dict:
     t = time.perf_counter()
     loaded = load_for_serving(ckpt, index=index)
     load_s = time.perf_counter() - t
-    torch.set_num_threads(1)
+    import faiss
+
+    torch.set_num_threads(1)  # as a replica (num_cpus 1: Ray sets OMP_NUM_THREADS=1)
+    faiss.omp_set_num_threads(1)
     search_items([(loaded, "a", queries[0], 10)])
     lat = []
     for q in queries[:500]:

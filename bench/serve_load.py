@@ -230,7 +230,11 @@ def main() -> int:
             row["npy"].append(hey(f"{url}/search?k=10", body_npy, "application/x-npy", per_c[c], c))
         if mode == "proxy":
             print("[bench]   replica kill under load ...", flush=True)
-            row["kill"] = kill_phase(url, body_json, 3000 if not args.quick else 800)
+            try:
+                row["kill"] = kill_phase(url, body_json, 3000 if not args.quick else 800)
+            except Exception as exc:  # noqa: BLE001 - record it; the other phases still count
+                print(f"[bench]   replica kill phase failed: {type(exc).__name__}: {exc}", flush=True)
+                row["kill"] = {"error": f"{type(exc).__name__}: {exc}"}
         row["shutdown"] = stop_server(proc)
         phases[mode] = row
     print_tables(million, costs, phases)
@@ -266,7 +270,7 @@ def print_tables(million: dict, costs: dict, phases: dict) -> None:
             for r in p[form]:
                 print(f"{mode:<8}{form:<6}{r['concurrency']:>4}{r['requests']:>6}{r['p50_ms']:>9.1f}{r['p99_ms']:>9.1f}"
                       f"{r['qps']:>8.1f}{r['errors']:>8}")
-        if "kill" in p:
+        if "kill" in p and "error" not in p["kill"]:
             k = p["kill"]
             print(f"{mode:<8}kill  {k['concurrency']:>4}{k['requests']:>6}{k['p50_ms']:>9.1f}{k['p99_ms']:>9.1f}"
                   f"{k['qps']:>8.1f}{k['errors']:>8}  (replicas after: {k['replicas_after']})")

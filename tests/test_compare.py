@@ -54,6 +54,17 @@ def test_pairing_is_by_seed_and_skips_missing_runs():
     assert d.seeds == [1, 2] and d.n == 2 and d.mean == pytest.approx(0.2)
 
 
+def test_seeds_to_detect_is_where_the_detectable_difference_reaches_the_mean():
+    from xmr.compare.stats import seeds_to_detect
+
+    n = seeds_to_detect(0.01, 0.02)
+    assert detectable_difference(0.02, n) <= 0.01 < detectable_difference(0.02, n - 1)
+    # the normal approximation ((z_a/2 + z_b) sd / d)^2 is a lower bound the t-test needs a few more than
+    z = stats.norm.ppf(0.975) + stats.norm.ppf(0.8)
+    assert math.ceil((z * 0.02 / 0.01) ** 2) <= n <= math.ceil((z * 0.02 / 0.01) ** 2) + 3
+    assert seeds_to_detect(0.0, 0.02) is None and seeds_to_detect(1e-6, 1.0, most=50) is None
+
+
 def test_busy_seconds_counts_concurrent_runs_once():
     from xmr.compare.runner import busy_seconds
 

@@ -14,6 +14,7 @@ from typing import Any
 import pandas as pd
 
 from xmr.compare.results import Comparison, metric_columns
+from xmr.compare.stats import seeds_to_detect
 from xmr.machine import describe
 from xmr.train.runfs import RunDir
 
@@ -188,7 +189,31 @@ def _overview(sections: dict[str, str]) -> str:
     counts = {v: sum(r["verdict"] == v for r in rows) for v in ("held", "reversed", "inconclusive")}
     lines += ["", f"{counts['held']} held, {counts['reversed']} reversed, {counts['inconclusive']} inconclusive "
               f"of {len(rows)} (claim, level) tests.", ""]
-    return "\n".join(lines)
+    return "\n".join(lines + _larger_budget(rows))
+
+
+def _larger_budget(rows: list[dict]) -> list[str]:
+    """What more seeds would change: per inconclusive claim, the seeds at which a difference
+    the size of the observed one would be detected at the observed spread."""
+    out = []
+    for r in rows:
+        if r["verdict"] != "inconclusive" or not isinstance(r.get("sd"), (int, float)):
+            continue
+        n = seeds_to_detect(float(r["mean"]), float(r["sd"]))
+        level = f" at {_level(r.get('level'))}" if r.get("level") is not None else ""
+        out.append(f"| {r['spec']}{level} | `{r['claim']}` | {r['mean']:+.4f} | {r['n']} | "
+                   + (f"{n}" if n is not None else "more than 1,000") + " |")
+    if not out:
+        return []
+    return ["### What a larger budget changes", "",
+            "More seeds narrow every interval by about 1/√n; they cannot make a difference appear that is "
+            "not there. For each inconclusive claim: the seeds at which a true difference the size of the "
+            "observed mean would be detected (paired t-test, α = 0.05, power 0.8, the observed spread; a "
+            "negative one would make the claim reversed). "
+            "Longer training and more tuning trials change the models rather than the statistics (each "
+            "spec states its budget); with 5 seeds, each extra seed costs at most a fifth of the spec's "
+            "time.", "", "| spec | claim | observed | seeds now | seeds to detect it |", "|---|---|---|---|---|",
+            *out, ""]
 
 
 def update_report(report: str | Path, c: Comparison, wall_note: str | None = None) -> None:

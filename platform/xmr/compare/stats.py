@@ -45,6 +45,21 @@ def detectable_difference(sd: float, n: int, alpha: float = 0.05, power: float =
     return (float(stats.t.ppf(1 - alpha / 2, n - 1)) + float(stats.t.ppf(power, n - 1))) * sd / math.sqrt(n)
 
 
+def seeds_to_detect(mean: float, sd: float, alpha: float = 0.05, power: float = 0.8, most: int = 1000) -> int | None:
+    """How many paired seeds a design needs before ``detectable_difference`` (same spread)
+    falls to ``|mean|``: the budget at which an observed difference of this size would be
+    told from 0 with the given power. None when no difference was seen or it needs more
+    than ``most``."""
+    if math.isnan(mean) or math.isnan(sd) or mean == 0:
+        return None
+    if sd == 0:
+        return 2
+    for n in range(2, most + 1):
+        if detectable_difference(sd, n, alpha, power) <= abs(mean):
+            return n
+    return None
+
+
 @dataclass
 class PairedDifference:
     """left − right over the seeds both finished."""
