@@ -59,7 +59,9 @@ XMR = str(ROOT / ".venv" / "bin" / "xmr") if (ROOT / ".venv" / "bin" / "xmr").ex
 
 
 def hey(url: str, body: Path, content_type: str, n: int, c: int) -> dict:
-    """One phase: ``n`` requests at concurrency ``c``; figures from hey's per-answer CSV."""
+    """One phase: ``n`` requests at concurrency ``c`` (hey sends n // c per worker, so n is
+    rounded down to a multiple of c); figures from hey's per-answer CSV."""
+    n = (n // c) * c
     out = subprocess.run(["hey", "-n", str(n), "-c", str(c), "-m", "POST", "-T", content_type, "-D", str(body),
                           "-t", "30", "-o", "csv", url], capture_output=True, text=True, timeout=900)
     rows = [ln.split(",") for ln in out.stdout.splitlines()[1:] if ln.count(",") == 7]
@@ -213,7 +215,7 @@ def main() -> int:
     body_json.write_text(json.dumps({"query": q.tolist(), "k": 10}))
     body_npy = tmp / "query.npy"
     np.save(body_npy, q)
-    per_c = {1: 200, 8: 800, 32: 1600, 64: 2400} if not args.quick else {1: 40, 8: 160, 32: 320, 64: 640}
+    per_c = {1: 200, 8: 800, 32: 1600, 64: 2560} if not args.quick else {1: 40, 8: 160, 32: 320, 64: 640}
     print("[bench] body parse costs (in process) ...", flush=True)
     costs = parse_costs()
     phases: dict = {}
