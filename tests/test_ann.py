@@ -22,12 +22,12 @@ def unit(x: np.ndarray) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def clustered():
-    """6,000 items around 60 centres in 32-d, and queries drawn the same way."""
+    """4,000 items around 60 centres in 32-d, and queries drawn the same way."""
     rng = np.random.default_rng(0)
     centres = rng.standard_normal((60, 32))
     def draw(n):
         return unit(centres[rng.integers(0, 60, n)] + 0.6 * rng.standard_normal((n, 32)))
-    return draw(6000), draw(800), draw(300)
+    return draw(4000), draw(800), draw(300)
 
 
 def test_exact_top10_matches_numpy(clustered):
