@@ -36,6 +36,17 @@ def tvr_val_corpus(model) -> tuple[dict, list[str], list[float], float]:
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}, names, durations, time.perf_counter() - t0
 
 
+def fake_manifest(task: str, dims: dict[str, list[int]], n: int, clip_len: float | None = None,
+                  queries: int | None = None) -> dict:
+    """A valid manifest describing the benchmark's in-memory gallery (no shards are read)."""
+    q = {"num_queries": queries} if task == "vcmr" else {}
+    return {"schema_version": 1, "name": f"bench-{task}", "task": task, "created": "",
+            "modalities": {r: {"name": r, "shape": s, "dtype": "float16"} for r, s in dims.items()},
+            "labels": {"kind": "none", "num_classes": []}, "clip_len": clip_len, "source": {"kind": "bench"},
+            "splits": {"test": {"num_samples": n, **q, "shards": [{"path": "none.tar", "num_samples": n, **q,
+                                                                   "sha256": "0" * 64, "bytes": 1}]}}}
+
+
 def machine() -> dict:
     """``xmr.machine.machine()`` and the commit the figures were measured at."""
     from xmr.machine import machine as facts

@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from _common import fake_manifest
+
 N_ITEMS = 1_000_000
 DIM = 256
 CLASSES = 2_000
@@ -109,7 +111,7 @@ def ensure_million_index(cache: Path, n: int = N_ITEMS, log=print) -> dict:
     gallery = CategoryGallery({"a": emb, "b": emb}, [f"item-{i:07d}" for i in range(n)], [None] * n,
                               approx={"b": built[chosen]}, recalls={"b": built[chosen].recall_at_10})
     del built
-    manifest = Manifest.from_dict(_manifest(n))
+    manifest = Manifest.from_dict(fake_manifest("category", {"a": [DIM], "b": [DIM]}, n))
     info = {"method": cfg.method, "task": cfg.task, "model": cfg.model.name, "embed_dim": DIM, "gallery_size": n}
     t = time.perf_counter()
     index = str(save_index(cache / "index", Loaded(method.model, cfg, manifest, gallery, info),
@@ -120,14 +122,6 @@ def ensure_million_index(cache: Path, n: int = N_ITEMS, log=print) -> dict:
            "gallery": {"items": n, "dim": DIM, "classes": CLASSES, "noise": NOISE}}
     done.write_text(json.dumps(out, indent=2, default=float))
     return {**out, "cached": False}
-
-
-def _manifest(n: int) -> dict:
-    return {"schema_version": 1, "name": "bench-million", "task": "category", "created": "",
-            "modalities": {r: {"name": r, "shape": [DIM], "dtype": "float16"} for r in ("a", "b")},
-            "labels": {"kind": "none", "num_classes": []}, "clip_len": None, "source": {"kind": "bench"},
-            "splits": {"test": {"num_samples": n, "shards": [{"path": "none.tar", "num_samples": n,
-                                                               "sha256": "0" * 64, "bytes": 1}]}}}
 
 
 def reload_check(ckpt: str, index: str, queries: np.ndarray) -> dict:

@@ -46,24 +46,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from _common import TVR, tvr_val_corpus, write_results  # noqa: E402
+from _common import TVR, fake_manifest, tvr_val_corpus, write_results  # noqa: E402
 
 PORT = 8321
 REPLICA_THREADS = 1  # the Retriever's ray_actor_options num_cpus: Ray sets OMP_NUM_THREADS to it
 MODE_ENV = {"proxy": {}, "direct": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
                                     # deleting an app otherwise drains its replica for 30 s
                                     "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"}}
-
-
-def fake_manifest(task: str, dims: dict[str, list[int]], n: int, clip_len: float | None = None,
-                  queries: int | None = None) -> dict:
-    """A valid manifest describing the benchmark's in-memory gallery (no shards are read)."""
-    q = {"num_queries": queries} if task == "vcmr" else {}
-    return {"schema_version": 1, "name": f"bench-{task}", "task": task, "created": "",
-            "modalities": {r: {"name": r, "shape": s, "dtype": "float16"} for r, s in dims.items()},
-            "labels": {"kind": "none", "num_classes": []}, "clip_len": clip_len, "source": {"kind": "bench"},
-            "splits": {"test": {"num_samples": n, **q, "shards": [{"path": "none.tar", "num_samples": n, **q,
-                                                                   "sha256": "0" * 64, "bytes": 1}]}}}
 
 
 def category_index(root: Path, n: int, d: int = 256) -> tuple[str, str]:
