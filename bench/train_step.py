@@ -4,7 +4,9 @@ QACLN: the preset's configuration (d = 128, 32 videos a batch, dropout 0.1) on t
 VCMR corpus (``xmr data synth vcmr`` defaults, 256 training videos). "Before" is the frozen
 copy of the model in ``bench/_frozen/qacln_before.py`` (``nn.TransformerEncoderLayer`` and
 ``nn.MultiheadAttention``, the video-to-query scores computed though unused, the query-side
-ones computed a second time); "after" is ``xmr.models.qacln``. Both start from the same
+ones computed a second time) stepped by AdamW parameter by parameter, as then; "after" is
+``xmr.models.qacln`` (packed, length-grouped layers, the CPU dropout, VVCL on the moment's
+anchors) with the fused AdamW of ``xmr.train.step``. Both start from the same
 weights; each round runs one step of each on the same batch, in rotated order; the speedup
 is the median of the per-round ratios. The same for a category method (SCCMRL preset on
 the synthetic category set): before = the frozen supcon term (``bench/_frozen/supcon_before.py``).
@@ -37,7 +39,7 @@ from xmr.checks import resolve  # noqa: E402
 from xmr.config import load_config  # noqa: E402
 from xmr.data.reader import loader_for  # noqa: E402
 from xmr.method import Method  # noqa: E402
-from xmr.train.step import TrainStep  # noqa: E402
+from xmr.train.step import TrainStep, param_groups  # noqa: E402
 
 
 def qacln_pair(data: str):
@@ -86,6 +88,10 @@ def same_computation(cfg, before: Method, after: Method, batch) -> dict[str, flo
 
 def race(cfg, before: Method, after: Method, batches, rounds: int) -> dict[str, float]:
     steps = {"before": TrainStep(before, cfg, total_steps=10_000), "after": TrainStep(after, cfg, total_steps=10_000)}
+    # Today's step before issue 14 stepped AdamW parameter by parameter (not fused).
+    old = steps["before"]
+    old.optimizer = torch.optim.AdamW(param_groups(before, cfg), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    old.scheduler = torch.optim.lr_scheduler.LambdaLR(old.optimizer, old.scheduler.lr_lambdas[0])
     for name, step in steps.items():  # warm-up
         step(batches[0])
     times: dict[str, list[float]] = {"before": [], "after": []}

@@ -76,6 +76,47 @@ def step_candidates(ctx, emb_a: torch.Tensor, emb_b: torch.Tensor, y: torch.Tens
                       lambda: candidates(emb_a, emb_b, y, gather, ctx.bank))
 
 
+GRAM_ONE_MATMUL_MAX_ROWS = 512  # bench on this machine, [n, n] grad, d = 256, one thread:
+# (G + Gᵀ) E against G E + Gᵀ E took 0.62x at n = 128, 0.82x at 512, 1.30x at 2048, 1.55x at
+# 8192: the transposed read of G costs more than the matmul it saves once G leaves the cache.
+
+
+class _Gram(torch.autograd.Function):
+    """E Eᵀ whose backward is one matmul, (G + Gᵀ) E, for small E (autograd's ``e @ e.T``
+    runs two); past ``GRAM_ONE_MATMUL_MAX_ROWS`` rows the two, as one ``addmm``."""
+
+    @staticmethod
+    def forward(ctx, e: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(e)
+        return e @ e.T
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (e,) = ctx.saved_tensors
+        if e.shape[0] <= GRAM_ONE_MATMUL_MAX_ROWS:
+            return (grad + grad.T) @ e
+        return torch.addmm(grad @ e, grad.T, e)
+
+
+def pooled_anchors(emb_a: torch.Tensor, emb_b: torch.Tensor, c: Candidates) -> torch.Tensor:
+    """The anchors of a pooled term (both modalities, a then b). With one process and no
+    bank they are the candidates themselves, and this returns ``c.emb`` (the same tensor),
+    which ``candidate_logits`` turns into a Gram matrix."""
+    if c.emb.shape[0] == c.n_batch and c.n_global == emb_a.shape[0] and c.offset == 0:
+        return c.emb
+    return torch.cat([emb_a, emb_b])
+
+
+def candidate_logits(anchors: torch.Tensor, c: Candidates, temperature: float) -> torch.Tensor:
+    """anchors · candidatesᵀ / τ. When the anchors *are* the candidates (``pooled_anchors``,
+    unchunked) the logits are the Gram matrix E Eᵀ, and its backward is one matmul
+    instead of two (issue 14: a third of a pooled term's matmul work). Under autocast the
+    plain product (the Function's backward would see mixed dtypes)."""
+    if anchors is c.emb and not torch.is_autocast_enabled(anchors.device.type):
+        return _Gram.apply(anchors) / temperature
+    return anchors @ c.emb.T / temperature
+
+
 def rows_per_chunk(n_rows: int, n_cols: int, budget_mb: float) -> int:
     """How many anchor rows keep one chunk's float32 logits within ``budget_mb`` (0: all)."""
     if budget_mb <= 0 or n_rows == 0:

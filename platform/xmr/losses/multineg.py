@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from xmr.losses._pairs import Candidates, by_rows, class_of, relevant, step_candidates
+from xmr.losses._pairs import (Candidates, by_rows, candidate_logits, class_of, pooled_anchors, relevant,
+                               step_candidates)
 from xmr.losses.negatives import NegativeSampler
 from xmr.losses.registry import LossTerm, register_term
 
@@ -32,14 +33,14 @@ class MultiNegative(LossTerm):
         y = ctx.targets
         c = step_candidates(ctx, out.emb_a, out.emb_b, y, self.gather)
         b = out.emb_a.shape[0]
-        anchors = torch.cat([out.emb_a, out.emb_b])
+        anchors = pooled_anchors(out.emb_a, out.emb_b, c)
         local = torch.arange(b, device=anchors.device) + c.offset
         partner = torch.cat([local + c.n_global, local])  # a's partner is in the b-half and vice versa
         return by_rows(lambda a, p, ry: self._rows(a, p, ry, c), (anchors, partner, torch.cat([y, y])),
                        c.emb.shape[0], self.chunk_mb)
 
     def _rows(self, anchors, partner, rows_y, c: Candidates):
-        logits = anchors @ c.emb.T / self.temperature
+        logits = candidate_logits(anchors, c, self.temperature)
         pos_logit = logits[torch.arange(anchors.shape[0], device=anchors.device), partner]
         relevant_ = relevant(rows_y, c.y)
         allowed = ~relevant_

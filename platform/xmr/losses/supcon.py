@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from xmr.losses._pairs import Candidates, by_rows, class_of, finest, relevant, step_candidates
+from xmr.losses._pairs import (Candidates, by_rows, candidate_logits, class_of, finest, pooled_anchors, relevant,
+                               step_candidates)
 from xmr.losses.negatives import NegativeSampler
 from xmr.losses.registry import LossTerm, register_term
 
@@ -39,7 +40,7 @@ class SupervisedContrastive(LossTerm):
         y = ctx.targets
         c = step_candidates(ctx, out.emb_a, out.emb_b, y, self.gather)
         b = out.emb_a.shape[0]
-        anchors = torch.cat([out.emb_a, out.emb_b])
+        anchors = pooled_anchors(out.emb_a, out.emb_b, c)
         local = torch.arange(b, device=anchors.device) + c.offset
         self_col = torch.cat([local, local + c.n_global])  # the anchors' own columns
         rows_y = torch.cat([y, y])
@@ -52,20 +53,28 @@ class SupervisedContrastive(LossTerm):
                        c.emb.shape[0], self.chunk_mb)
 
     def _exact(self, anchors, self_col, rows_y, c: Candidates, sums):
-        """Every other candidate in the denominator; Σ_p s_p = a·(Σ_class c − c_self)."""
-        class_sum, class_count, row_class = sums
-        rows = torch.arange(anchors.shape[0], device=anchors.device)
-        logits = anchors @ c.emb.T / self.temperature
-        denom = torch.logsumexp(logits.index_put((rows, self_col), logits.new_tensor(float("-inf"))), dim=1)
-        cls = row_class(rows_y)
-        pos_sum = (anchors * (class_sum[cls] - c.emb[self_col])).sum(dim=1) / self.temperature
+        """Every other candidate in the denominator; Σ_p s_p = a·(Σ_class c − c_self).
+
+        Every anchor has a positive here: its own pair in the other modality carries its
+        label and is a batch candidate (single labels, no bank), so n_pos >= 1 and no row
+        is dropped."""
+        class_sum, class_count, slot, row_class = sums
+        logits = candidate_logits(anchors, c, self.temperature)
+        if anchors is c.emb:  # the Gram matrix: anchor i is candidate i, its own column the diagonal
+            logits.diagonal().fill_(float("-inf"))
+            cls, own = slot, anchors
+        else:
+            rows = torch.arange(anchors.shape[0], device=anchors.device)
+            logits = logits.index_put((rows, self_col), logits.new_tensor(float("-inf")))
+            cls, own = row_class(rows_y), c.emb[self_col]
+        denom = torch.logsumexp(logits, dim=1)
         n_pos = class_count[cls] - 1
-        has_pos = n_pos > 0
-        return (denom - pos_sum / n_pos.clamp(min=1))[has_pos]
+        pos_sum = (anchors * (class_sum[cls] - own)).sum(dim=1)
+        return denom - pos_sum / (n_pos * self.temperature)
 
     def _masked(self, anchors, self_col, rows_y, c: Candidates):
         rows = torch.arange(anchors.shape[0], device=anchors.device)
-        logits = anchors @ c.emb.T / self.temperature
+        logits = candidate_logits(anchors, c, self.temperature)
         rel = relevant(rows_y, c.y)
         pos = rel.clone()
         pos[:, c.n_batch:] = False
@@ -79,8 +88,9 @@ class SupervisedContrastive(LossTerm):
 
 
 def _class_sums(c: Candidates, rows_y: torch.Tensor):
-    """Per class of the batch candidates: the sum of their embeddings and their count, and a
-    map from row labels to class slots (single labels, finest level)."""
+    """Per class of the batch candidates: the sum of their embeddings and their count, each
+    candidate's class slot, and a map from row labels to class slots (single labels, finest
+    level)."""
     cand = finest(c.y[: c.n_batch])
     classes, slot = torch.unique(cand, return_inverse=True)
     class_sum = c.emb.new_zeros(len(classes), c.emb.shape[1]).index_add(0, slot, c.emb[: c.n_batch])
@@ -89,4 +99,4 @@ def _class_sums(c: Candidates, rows_y: torch.Tensor):
     def row_class(ry: torch.Tensor) -> torch.Tensor:
         return torch.searchsorted(classes, finest(ry).contiguous())
 
-    return class_sum, class_count, row_class
+    return class_sum, class_count, slot, row_class

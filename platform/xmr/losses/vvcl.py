@@ -3,6 +3,11 @@
 Three anchor sets: the start clip, the end clip, and every in-moment clip; for each,
 in-moment clips (other than the anchor) are positives and out-of-moment clips negatives,
 with a bilinear critic C(h_a, h) = h_aᵀ W h + b. The three terms are averaged.
+
+Only in-moment clips are ever anchors (the start and end clips are in the moment too), so
+the critic is evaluated for those rows only: [B, M, N] with M the longest moment of the
+batch, not [B, N, N] for every clip as an anchor (issue 14: a moment is a few clips of a
+video's tens, so the full square was mostly rows whose loss weight is zero).
 """
 
 from __future__ import annotations
@@ -26,16 +31,19 @@ class VVCL(LossTerm):
 
     def per_anchor(self, out, batch, ctx):
         h = out.h_qcf  # [B, N, d]
+        b, n = h.shape[:2]
         inside, outside = moment_masks(batch, out.clip_mask)
-        pair = self.critic(h, h)  # [B, N, N]: critic for every (anchor, clip)
-        n = h.shape[1]
-        rows = torch.arange(h.shape[0], device=h.device)
-        idx = torch.arange(n, device=h.device)[None, :]
-        terms = []
-        for anchor in (batch["st"], batch["ed"]):
-            not_anchor = idx != anchor[:, None]
-            terms.append(jsd_loss(pair[rows, anchor], inside & not_anchor, outside))
-        eye = torch.eye(n, dtype=torch.bool, device=h.device)[None]
-        every = jsd_loss(pair, inside[:, None, :] & ~eye, outside[:, None, :].expand_as(pair))  # [B, N]
-        terms.append(masked_mean(every, inside))
+        st, ed = batch["st"], batch["ed"]
+        offsets = torch.arange(int((ed - st).max()) + 1, device=h.device)[None, :]  # [1, M]
+        anchor = (st[:, None] + offsets).clamp(max=n - 1)  # clip index of moment row m
+        is_anchor = (offsets <= (ed - st)[:, None]) & inside.gather(1, anchor)  # [B, M]
+        rows = torch.arange(b, device=h.device)[:, None]
+        pair = self.critic(h[rows, anchor], h)  # [B, M, N]: critic for every (anchor, clip)
+        clip = torch.arange(n, device=h.device)[None, None, :]
+        not_anchor = clip != anchor[..., None]  # [B, M, N]
+        pos, neg = inside[:, None, :] & not_anchor, outside[:, None, :].expand_as(pair)
+        every = jsd_loss(pair, pos, neg)  # [B, M]
+        first, last = torch.zeros_like(st), ed - st  # the start and end clips' moment rows
+        terms = [jsd_loss(pair[rows[:, 0], m], pos[rows[:, 0], m], neg[rows[:, 0], m]) for m in (first, last)]
+        terms.append(masked_mean(every, is_anchor))
         return torch.stack(terms).mean(dim=0)

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from xmr.distributed import gather_rows, gather_with_grad, world_info
-from xmr.models.attention import Encoder, MultiHeadAttention
+from xmr.models.attention import Dropout, Encoder, MultiHeadAttention, Packed, attention_groups
 from xmr.models.encoders import AttentionPool
 from xmr.models.registry import register_model
 from xmr.outputs import CrossScores, VcmrOutputs
@@ -65,18 +65,18 @@ def subtitle_keys(sub_mask: torch.Tensor, clip_mask: torch.Tensor) -> torch.Tens
 
 class CoAttention(nn.Module):
     """One joint layer: visual attends to subtitle and subtitle to visual (residual, with
-    dropout on each attention's output as in the encoders)."""
+    dropout on each attention's output as in the encoders), over packed clip rows."""
 
     def __init__(self, d: int, heads: int, dropout: float) -> None:
         super().__init__()
         self.v_from_s, self.s_from_v = MultiHeadAttention(d, heads), MultiHeadAttention(d, heads)
         self.norm_v, self.norm_s = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
-    def forward(self, hv, hs, clip_mask, sub_mask):
-        # A clip without subtitle offers nothing to attend to.
-        v2 = self.v_from_s(self.norm_v(hv), hs, key_padding_mask=~subtitle_keys(sub_mask, clip_mask))
-        s2 = self.s_from_v(self.norm_s(hs), hv, key_padding_mask=~clip_mask)
+    def forward(self, hv, hs, clips: Packed, sub_keys):
+        # A clip without subtitle offers nothing to attend to (``sub_keys``).
+        v2 = self.v_from_s(self.norm_v(hv), clips, sub_keys, kv=hs)
+        s2 = self.s_from_v(self.norm_s(hs), clips, clips.all_keys, kv=hv)
         return hv + self.dropout(v2), hs + self.dropout(s2)
 
 
@@ -141,20 +141,24 @@ class QACLN(nn.Module):
 
     # ------------------------------------------------------------------ encoders
     def encode_queries(self, q_tokens: torch.Tensor, q_mask: torch.Tensor) -> torch.Tensor:
-        x = self.q_proj(q_tokens) + sinusoid(q_tokens.shape[1], self.q_proj.out_features, q_tokens.device)
-        x = self.q_enc(x, src_key_padding_mask=~q_mask)
-        return self.q_pool(x, q_mask)
+        """q [Q, d]. The encoder runs on the valid tokens only (``xmr.models.attention``)."""
+        tokens = Packed(q_mask, attention_groups(*q_mask.shape, q_mask.device))
+        pos = sinusoid(q_tokens.shape[1], self.q_proj.out_features, q_tokens.device)
+        x = self.q_enc(self.q_proj(tokens.pack(q_tokens)) + pos[tokens.positions], tokens)
+        return self.q_pool(tokens.unpack(x), q_mask)
 
     def encode_videos(self, visual, subtitle, sub_mask, clip_mask) -> dict[str, torch.Tensor]:
-        """Per-clip encodings of a set of videos (computed once per corpus at inference)."""
-        pos = sinusoid(visual.shape[1], self.v_proj.out_features, visual.device)
-        hv = self.v_enc(self.v_proj(visual) + pos, src_key_padding_mask=~clip_mask)
-        sub_keys = subtitle_keys(sub_mask, clip_mask)
-        hs = self.s_enc(self.s_proj(subtitle) + pos, src_key_padding_mask=~sub_keys)
-        hv, hs = self.co(hv, hs, clip_mask, sub_mask)
-        hv = self.v_out(hv, src_key_padding_mask=~clip_mask) * clip_mask[..., None]
-        hs = self.s_out(hs, src_key_padding_mask=~sub_keys) * clip_mask[..., None]
-        gram = torch.stack([hv.pow(2).sum(-1), hs.pow(2).sum(-1), (hv * hs).sum(-1)], dim=-1)
+        """Per-clip encodings of a set of videos (computed once per corpus at inference), zero
+        at padded clips. Every layer runs on the valid clips only, packed once here."""
+        clips = Packed(clip_mask, attention_groups(*clip_mask.shape, clip_mask.device))
+        pos = sinusoid(visual.shape[1], self.v_proj.out_features, visual.device)[clips.positions]
+        sub_keys = clips.keys(clips.pack(subtitle_keys(sub_mask, clip_mask)))
+        hv = self.v_enc(self.v_proj(clips.pack(visual)) + pos, clips)
+        hs = self.s_enc(self.s_proj(clips.pack(subtitle)) + pos, clips, sub_keys)
+        hv, hs = self.co(hv, hs, clips, sub_keys)
+        hv, hs = self.v_out(hv, clips), self.s_out(hs, clips, sub_keys)
+        gram = clips.unpack(torch.stack([hv.pow(2).sum(-1), hs.pow(2).sum(-1), (hv * hs).sum(-1)], dim=-1))
+        hv, hs = clips.unpack(hv), clips.unpack(hs)
         enc = {"h_v": hv, "h_s": hs, "clip_mask": clip_mask, "gram": gram}
         if self.use_netvlad:
             enc["vlad_v"], enc["vlad_s"] = self.vlad_v(hv, clip_mask), self.vlad_s(hs, clip_mask)

@@ -86,9 +86,15 @@ def param_groups(method, cfg: Config) -> list[dict[str, Any]]:
 
 
 def make_optimizer(cfg: Config, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+    """AdamW (or SGD with momentum 0.9). AdamW runs fused (one kernel over every parameter)
+    wherever the parameters are floating point on CPU or CUDA: the same update as the
+    per-parameter loop to float rounding, at a fifth of its time on CPU (issue 14: 14 ms ->
+    3 ms a step for QACLN's 1.6 M parameters)."""
     if cfg.optim.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.optim.lr, momentum=0.9, weight_decay=cfg.optim.weight_decay)
-    return torch.optim.AdamW(groups, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    params = [p for g in groups for p in g["params"]]
+    fused = bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.AdamW(groups, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, fused=fused or None)
 
 
 class TrainStep:
