@@ -201,3 +201,53 @@ def test_chunks_bound_what_backward_keeps():
     logits_bytes = (2 * n) ** 2 * 4
     assert saved_bytes(0) >= logits_bytes  # the [2B, 2B] logits are kept
     assert saved_bytes(0.25) < 0.5 * logits_bytes  # chunks of 128 rows: their inputs only
+
+
+@pytest.mark.parametrize("name", ["supcon", "multineg", "triplet"])
+@pytest.mark.parametrize("k", [3, 20], ids=["k3-rejection", "k20-topk"])
+def test_drawn_negatives_equal_the_masked_formula_on_the_same_draws(name, k, monkeypatch):
+    """K uniform negatives drawn as columns give the value and gradients the mask form gives
+    with the very same negatives (the draw recorded, then handed to the mask path): K = 3
+    is drawn by rejection, K = 20 (a third of the candidates) by random keys and a top-k."""
+    from xmr.losses import negatives
+
+    a, b, y = _inputs(40, dim=16, classes=4, seed=k)
+    cfg = make_cfg(k=k)
+    drawn = []
+    real = negatives.NegativeSampler.outside_class
+
+    def record(self, *args, **kw):
+        out = real(self, *args, **kw)
+        drawn.append(out)
+        return out
+
+    monkeypatch.setattr(negatives.NegativeSampler, "outside_class", record)
+    fast = _value_and_grads(name, cfg, a, b, y, None)
+    assert drawn and all(d is not None for d in drawn), "the column path was not taken"
+    draws = iter(drawn)
+
+    def as_mask(self, sim, allowed, **_):
+        cols, ok, _ = next(draws)
+        return torch.zeros_like(allowed).scatter_(1, cols, ok) & allowed
+
+    monkeypatch.setattr(negatives.NegativeSampler, "outside_class", lambda *args, **kw: None)
+    monkeypatch.setattr(negatives.NegativeSampler, "__call__", as_mask)
+    masked = _value_and_grads(name, cfg, a, b, y, None)
+    _close(fast, masked)
+
+
+def test_checkpointed_chunks_draw_the_same_negatives_in_backward(monkeypatch):
+    """Row chunks are recomputed in backward (checkpoint): the uniform draws there must be
+    the forward's, or the gradient would belong to other negatives than the value."""
+    from xmr.losses import negatives
+
+    a, b, y = _inputs(29, dim=16, classes=5, seed=3)
+    drawn = []
+    real = negatives.uniform_outside_class
+    monkeypatch.setattr(negatives, "uniform_outside_class",
+                        lambda blocks, rows, k, generator=None: drawn.append(real(blocks, rows, k, generator)) or drawn[-1])
+    _value_and_grads("supcon", make_cfg(k=3, chunk_mb=1e-3), a, b, y, None)
+    half = len(drawn) // 2
+    assert half > 1 and len(drawn) == 2 * half  # every chunk drew twice: forward, then its recomputation
+    forward, backward = drawn[:half], drawn[half:]
+    assert sorted(map(lambda t: t.tolist(), forward)) == sorted(map(lambda t: t.tolist(), backward))

@@ -75,6 +75,9 @@ class SupervisedContrastive(LossTerm):
     def _masked(self, anchors, self_col, rows_y, c: Candidates):
         rows = torch.arange(anchors.shape[0], device=anchors.device)
         logits = candidate_logits(anchors, c, self.temperature)
+        drawn = self.sampler.outside_class(finest(c.y), finest(rows_y), c.n_batch) if not c.y.is_floating_point() else None
+        if drawn is not None:
+            return self._drawn(logits, self_col, rows_y, *drawn)
         rel = relevant(rows_y, c.y)
         pos = rel.clone()
         pos[:, c.n_batch:] = False
@@ -85,6 +88,23 @@ class SupervisedContrastive(LossTerm):
         n_pos = pos.sum(dim=1)
         has_pos = n_pos > 0
         return -(log_prob.sum(dim=1)[has_pos] / n_pos[has_pos])
+
+
+    @staticmethod
+    def _drawn(logits, self_col, rows_y, neg_cols, neg_ok, blocks):
+        """``_masked`` on gathered columns: each row's positives (its class block but itself)
+        and its K drawn negatives, not masks over every candidate (``outside_class``)."""
+        start, size = blocks.of_rows(finest(rows_y))
+        slot = torch.arange(int(size.max()), device=logits.device)
+        pos_cols = blocks.order[(start[:, None] + slot).clamp(max=logits.shape[1] - 1)]
+        pos_ok = (slot < size[:, None]) & (pos_cols != self_col[:, None])
+        z = logits.gather(1, torch.cat([pos_cols, neg_cols], dim=1))
+        ok = torch.cat([pos_ok, neg_ok], dim=1)
+        denom = torch.logsumexp(z.masked_fill(~ok, float("-inf")), dim=1)
+        n_pos = pos_ok.sum(dim=1)
+        pos_sum = z[:, : len(slot)].masked_fill(~pos_ok, 0.0).sum(dim=1)
+        has_pos = n_pos > 0
+        return (denom - pos_sum / n_pos.clamp(min=1))[has_pos]
 
 
 def _class_sums(c: Candidates, rows_y: torch.Tensor):

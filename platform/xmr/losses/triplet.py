@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from xmr.losses._pairs import Candidates, both_directions, class_of, relevant, step_candidates
+from xmr.losses._pairs import Candidates, both_directions, class_of, finest, relevant, step_candidates
 from xmr.losses.negatives import NegativeSampler
 from xmr.losses.registry import LossTerm, register_term
 
@@ -31,6 +31,12 @@ class Triplet(LossTerm):
 
     def _hinge(self, sim: torch.Tensor, pos_col: torch.Tensor, anchor_y: torch.Tensor, c: Candidates) -> torch.Tensor:
         pos = sim[torch.arange(sim.shape[0], device=sim.device), pos_col]
+        drawn = (self.sampler.outside_class(finest(c.y), finest(anchor_y), c.n_batch)
+                 if not c.y.is_floating_point() else None)
+        if drawn is not None:  # K uniform negatives as columns: no mask over every candidate
+            cols, ok = drawn[0], drawn[1].to(sim.dtype)
+            hinge = (self.margin + sim.gather(1, cols) - pos[:, None]).clamp(min=0)
+            return (hinge * ok).sum(dim=1) / ok.sum(dim=1).clamp(min=1)
         neg = self.sampler(sim, ~relevant(anchor_y, c.y), n_batch=c.n_batch, labels=class_of(c.y), pos_sim=pos)
         hinge = (self.margin + sim - pos[:, None]).clamp(min=0)
         return (hinge * neg).sum(dim=1) / neg.sum(dim=1).clamp(min=1)
