@@ -67,7 +67,8 @@ class NegativeSampler:
         (``uniform_outside_class``); a larger one by random keys and a top-k, whose indices
         are the columns (a row with fewer allowed candidates than K marks the rest invalid)."""
         if (self.strategy != "uniform" or candidate_labels.is_floating_point() or candidate_labels.dim() != 1
-                or n_batch != candidate_labels.shape[0] or row_labels.shape[0] == 0 or self.k >= n_batch):
+                or n_batch != candidate_labels.shape[0] or row_labels.shape[0] == 0 or self.k >= n_batch
+                or row_labels.shape[0] * n_batch < COLUMNS_MIN_CELLS):
             return None
         blocks = ClassBlocks.of(candidate_labels)
         n_cols = candidate_labels.shape[0]
@@ -170,38 +171,40 @@ class ClassBlocks:
         return torch.where(found, self.start[slot], 0), torch.where(found, self.size[slot], 0)
 
 
+COLUMNS_MIN_CELLS = 32768  # below this many (row, candidate) cells a mask is as cheap (measured: at
+# 128 x 128 the mask form took 0.7-1.1x the columns' time, at 256 x 256 1.1-1.6x)
 FAST_UNIFORM_MAX_SHARE = 0.2  # K up to this share of every row's allowed candidates: drawn by rejection,
 # past it by random keys and a top-k. Measured (one thread, 32 classes): 2,048 rows x K = 255 (share
 # 0.13) 60 ms by rejection against 125 ms; 1,024 x 255 (0.26) 46 against 30; 512 x 170 (0.35) 20 against 7.
 
 
 def distinct_ranks(n: torch.Tensor, k: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """K distinct integers per row, uniform among the K-subsets of [0, n_row) ([rows, K],
-    sorted; needs K <= n_row).
+    """K distinct integers per row, uniform among the K-subsets of [0, n_row) ([rows, K];
+    needs K <= n_row).
 
-    Every slot draws i.i.d.; the rows are sorted and a value that repeats its neighbour
-    draws again (those rows only, sorted again) until no row holds a repeat. The procedure
-    looks at nothing but which draws are equal, so it treats every permutation of [0, n)
-    alike, and a distribution over K-subsets that no permutation changes is the uniform
-    one. With K <= n / 5 a redraw repeats with probability <= 1/5, and the rows still
-    holding a repeat thin out fast."""
-    rows = n.shape[0]
-    u = torch.rand(rows, k, generator=generator, device="cpu").to(n.device)
-    ranks = torch.minimum((u * n[:, None]).long(), n[:, None] - 1).to(torch.int32).sort(dim=1).values
-    sub, active = ranks, None  # active: the rows of ``ranks`` that ``sub`` holds (None: all)
-    while True:
-        repeat = sub[:, 1:] == sub[:, :-1]
-        has = repeat.any(dim=1)
-        if not bool(has.any()):
-            break
-        idx = has.nonzero().squeeze(1)
-        active = idx if active is None else active[idx]
-        sub, repeat = sub[idx], torch.cat([torch.zeros_like(repeat[idx, :1]), repeat[idx]], dim=1)
-        limit = n[active][:, None].expand_as(sub)[repeat]
-        u = torch.rand(len(limit), generator=generator, device="cpu").to(n.device)
-        sub = sub.masked_scatter(repeat, torch.minimum((u * limit).long(), limit - 1).to(torch.int32)).sort(dim=1).values
-        ranks[active] = sub
-    return ranks.long()
+    Each row draws i.i.d. and keeps its first K distinct values, which is sampling without
+    replacement, one value at a time: every K-subset equally likely. Vectorised: M > K
+    draws a row (enough that fewer than K distinct among them is rare; such rows draw again),
+    one stable sort to find each value's first draw, and a cumulative count to keep the
+    first K. No [rows, n] matrix is read, and no Python loop per draw."""
+    rows, device = n.shape[0], n.device
+    out = torch.empty(rows, k, dtype=torch.long, device=device)
+    n_min = int(n.min()) if rows else 1
+    m = k + int(2 * k * k / max(n_min, 1)) + 8  # twice the expected repeats among K draws, and a margin
+    todo = torch.arange(rows, device=device)
+    while len(todo):
+        limit = n[todo][:, None]
+        u = torch.rand(len(todo), m, generator=generator, device="cpu").to(device)
+        draws = torch.minimum((u * limit).long(), limit - 1)
+        value, order = draws.sort(dim=1, stable=True)  # equal values keep their draw order
+        first_sorted = torch.ones_like(value, dtype=torch.bool)
+        first_sorted[:, 1:] = value[:, 1:] != value[:, :-1]
+        first = torch.zeros_like(first_sorted).scatter_(1, order, first_sorted)  # first draw of its value
+        keep = first & (first.cumsum(dim=1) <= k)
+        done = keep.sum(dim=1) == k
+        out[todo[done]] = draws[done][keep[done]].view(-1, k)
+        todo = todo[~done]
+    return out
 
 
 def uniform_outside_class(blocks: ClassBlocks, row_labels: torch.Tensor, k: int,
