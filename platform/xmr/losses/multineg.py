@@ -50,5 +50,7 @@ class MultiNegative(LossTerm):
         allowed = ~relevant_
         neg = self.sampler(logits, allowed, n_batch=c.n_batch, labels=class_of(c.y), pos_sim=pos_logit)
         # K covering every candidate returns the allowed set itself: mask by its complement, no third pass
-        masked = logits.masked_fill(relevant_ if neg is allowed else ~neg, float("-inf"))
+        # In place (no copy of the logits): pos_logit is already taken, and nothing saved for
+        # backward needs their values.
+        masked = logits.masked_fill_(relevant_ if neg is allowed else ~neg, float("-inf"))
         return torch.logaddexp(pos_logit, torch.logsumexp(masked, dim=1)) - pos_logit

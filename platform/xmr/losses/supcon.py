@@ -60,12 +60,12 @@ class SupervisedContrastive(LossTerm):
         is dropped."""
         class_sum, class_count, slot, row_class = sums
         logits = candidate_logits(anchors, c, self.temperature)
-        if anchors is c.emb:  # the Gram matrix: anchor i is candidate i, its own column the diagonal
-            logits.diagonal().fill_(float("-inf"))
+        rows = torch.arange(anchors.shape[0], device=anchors.device)
+        # In place (no copy of the logits): nothing saved for backward needs their values.
+        logits.index_put_((rows, self_col), logits.new_tensor(float("-inf")))
+        if anchors is c.emb:  # the Gram matrix: anchor i is candidate i
             cls, own = slot, anchors
         else:
-            rows = torch.arange(anchors.shape[0], device=anchors.device)
-            logits = logits.index_put((rows, self_col), logits.new_tensor(float("-inf")))
             cls, own = row_class(rows_y), c.emb[self_col]
         denom = torch.logsumexp(logits, dim=1)
         n_pos = class_count[cls] - 1
