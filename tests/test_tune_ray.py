@@ -117,9 +117,17 @@ def test_interrupted_multi_objective_sweep_resumes_without_redoing_trials(tmp_pa
     assert (sweep / "pareto.png").is_file()
 
 
-def test_sweep_six_trials_asha_best_checkpoint_reproduces(tmp_path, synth, space_file):
+@pytest.fixture(scope="module")
+def one_ray():
+    """The in-process sweep and ablation below share one embedded Ray (the first starts it
+    through ``ensure_ray``, the second attaches: one start-up less); down after the last."""
     import ray
 
+    yield
+    ray.shutdown()
+
+
+def test_sweep_six_trials_asha_best_checkpoint_reproduces(tmp_path, synth, space_file, one_ray):
     from xmr.checkpoint import fetch_checkpoint
     from xmr.method import Method
     from xmr.data.reader import make_loader
@@ -130,10 +138,7 @@ def test_sweep_six_trials_asha_best_checkpoint_reproduces(tmp_path, synth, space
     cfg = load_config("sccmrl", [f"data.path={synth}", f"storage.root={tmp_path / 'sw'}", *SMALL])
     space = load_space(space_file, base=cfg)
     settings = SweepSettings(name="six", trials=6, concurrency=3, seed=0, reduction_factor=3)
-    try:
-        result = run_sweep(cfg, space, settings)
-    finally:
-        ray.shutdown()
+    result = run_sweep(cfg, space, settings)
     table = result.table
     assert len(table) == 6 and table["error"].isna().all()
     assert table["pruned"].sum() >= 1 and (table.loc[table["pruned"], "epochs"] < 4).all()
@@ -183,18 +188,13 @@ def test_sweep_six_trials_asha_best_checkpoint_reproduces(tmp_path, synth, space
     assert len(study.trials) == 6
 
 
-def test_ablation_one_command(tmp_path, synth):
-    import ray
-
+def test_ablation_one_command(tmp_path, synth, one_ray):
     from xmr.tune.sweep import SweepSettings, run_ablation
 
     cfg = load_config("sccmrl", [f"data.path={synth}", f"storage.root={tmp_path / 'ab'}", *SMALL,
                                  "optim.epochs=2"])
     variants = {"full": [], "w/o center": ["loss.lambdas.center=0"]}
-    try:
-        result = run_ablation(cfg, variants, SweepSettings(name="ab", concurrency=2), seeds=[0])
-    finally:
-        ray.shutdown()
+    result = run_ablation(cfg, variants, SweepSettings(name="ab", concurrency=2), seeds=[0])
     table = result.table
     assert sorted(table["variant"]) == ["full", "w/o center"] and table["error"].isna().all()
     assert (table["epochs"] == 2).all()
