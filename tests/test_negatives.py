@@ -166,6 +166,8 @@ def test_distinct_ranks_with_a_tight_range_and_per_row_limits():
     ranks = distinct_ranks(n, 4, generator=torch.Generator().manual_seed(2)).sort(dim=1).values
     assert torch.equal(ranks[0], torch.arange(4)) and torch.equal(ranks[3], torch.arange(4))
     assert (ranks < n[:, None]).all() and (ranks[:, 1:] > ranks[:, :-1]).all()
+    with pytest.raises(ValueError, match="only 4"):
+        distinct_ranks(n, 5)
 
 
 def test_outside_class_only_where_it_is_exact_and_cheap(monkeypatch):

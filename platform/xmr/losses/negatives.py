@@ -173,9 +173,10 @@ class ClassBlocks:
 
 COLUMNS_MIN_CELLS = 32768  # below this many (row, candidate) cells a mask is as cheap (measured: at
 # 128 x 128 the mask form took 0.7-1.1x the columns' time, at 256 x 256 1.1-1.6x)
-FAST_UNIFORM_MAX_SHARE = 0.2  # K up to this share of every row's allowed candidates: drawn by rejection,
-# past it by random keys and a top-k. Measured (one thread, 32 classes): 2,048 rows x K = 255 (share
-# 0.13) 60 ms by rejection against 125 ms; 1,024 x 255 (0.26) 46 against 30; 512 x 170 (0.35) 20 against 7.
+FAST_UNIFORM_MAX_SHARE = 0.15  # K up to this share of every row's allowed candidates: drawn by rejection,
+# past it by random keys and a top-k. Measured (one thread, 32 classes, rejection against top-k): 2,048
+# rows x K = 255 (share 0.13) 64 / 77 ms; 256 x 60 (0.25) 2.8 / 1.6; 1,024 x 255 (0.26) 40 / 24;
+# 512 x 170 (0.35) 11 / 5; 512 x 255 (0.52) 21 / 6.
 
 
 def distinct_ranks(n: torch.Tensor, k: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -190,6 +191,8 @@ def distinct_ranks(n: torch.Tensor, k: int, generator: torch.Generator | None = 
     rows, device = n.shape[0], n.device
     out = torch.empty(rows, k, dtype=torch.long, device=device)
     n_min = int(n.min()) if rows else 1
+    if n_min < k:
+        raise ValueError(f"{k} distinct values asked of a row that has only {n_min}")
     m = k + int(2 * k * k / max(n_min, 1)) + 8  # twice the expected repeats among K draws, and a margin
     todo = torch.arange(rows, device=device)
     while len(todo):
