@@ -16,7 +16,12 @@ off) every loss term and every parameter gradient of one batch, max abs differen
 One thread; the per-term gradient shares (``tracking.grad_share_every``) are off in both, so
 the step itself is measured.
 
-    python bench/train_step.py [--quick]
+``--compile`` adds a third QACLN contestant to the same interleaved rounds: today's step with
+every encoder layer under ``torch.compile`` (inductor, dynamic shapes: the packed row count
+changes every batch), and reports its compile time (the warm-up over the 8 batches). It
+answers whether kernel fusion is the way past the eager step; it is not the product's step.
+
+    python bench/train_step.py [--quick] [--compile]
 """
 
 from __future__ import annotations
@@ -86,36 +91,63 @@ def same_computation(cfg, before: Method, after: Method, batch) -> dict[str, flo
     return diffs
 
 
-def race(cfg, before: Method, after: Method, batches, rounds: int) -> dict[str, float]:
+def compiled_copy(cfg, after: Method) -> Method:
+    """``after`` with the same weights, every encoder layer under ``torch.compile``."""
+    from xmr.models.attention import EncoderLayer
+
+    twin = Method(cfg)
+    twin.load_state_dict(after.state_dict())
+    for module in twin.modules():
+        if isinstance(module, EncoderLayer):
+            module.compile(dynamic=True)
+    return twin
+
+
+def race(cfg, before: Method, after: Method, batches, rounds: int,
+         compiled: Method | None = None) -> dict[str, float]:
     steps = {"before": TrainStep(before, cfg, total_steps=10_000), "after": TrainStep(after, cfg, total_steps=10_000)}
     # Today's step before issue 14 stepped AdamW parameter by parameter (not fused).
     old = steps["before"]
     old.optimizer = torch.optim.AdamW(param_groups(before, cfg), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     old.scheduler = torch.optim.lr_scheduler.LambdaLR(old.optimizer, old.scheduler.lr_lambdas[0])
+    extra = {}
+    if compiled is not None:
+        steps["compiled"] = TrainStep(compiled, cfg, total_steps=10_000)
+        t = time.perf_counter()
+        for batch in batches:  # every batch shape once: the compile (and its recompiles) happen here
+            steps["compiled"](batch)
+        extra["compile_s"] = time.perf_counter() - t
     for name, step in steps.items():  # warm-up
         step(batches[0])
-    times: dict[str, list[float]] = {"before": [], "after": []}
-    ratios = []
+    names = list(steps)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    ratios: dict[str, list[float]] = {n: [] for n in names if n != "before"}
     for r in range(rounds):
         batch = batches[r % len(batches)]
-        order = ["before", "after"] if r % 2 == 0 else ["after", "before"]
+        order = names[r % len(names):] + names[: r % len(names)]  # rotated each round
         took = {}
         for name in order:
             t = time.perf_counter()
             steps[name](batch)
             took[name] = time.perf_counter() - t
             times[name].append(took[name] * 1000)
-        ratios.append(took["before"] / took["after"])
+        for name in ratios:
+            ratios[name].append(took["before"] / took[name])
     units = len(batches[0]["video_index"] if "video_index" in batches[0] else batches[0]["index"])
-    return {"before_ms": statistics.median(times["before"]), "after_ms": statistics.median(times["after"]),
-            "speedup": statistics.median(ratios), "rounds": rounds, "batch": units,
-            "before_per_s": units / (statistics.median(times["before"]) / 1000),
-            "after_per_s": units / (statistics.median(times["after"]) / 1000)}
+    out = {"before_ms": statistics.median(times["before"]), "after_ms": statistics.median(times["after"]),
+           "speedup": statistics.median(ratios["after"]), "rounds": rounds, "batch": units,
+           "before_per_s": units / (statistics.median(times["before"]) / 1000),
+           "after_per_s": units / (statistics.median(times["after"]) / 1000), **extra}
+    if compiled is not None:
+        out.update(compiled_ms=statistics.median(times["compiled"]), compiled_speedup=statistics.median(ratios["compiled"]))
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds, for a smoke run")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time the QACLN step with its encoder layers under torch.compile")
     args = parser.parse_args()
     torch.set_num_threads(1)
     rounds = 6 if args.quick else 21
@@ -131,20 +163,27 @@ def main() -> None:
             cfg, before, after = make(data)
             batches = [b for _, b in zip(range(8), loader_for(cfg, "train", train=True))]
             check = same_computation(cfg, before, after, batches[0])
-            timing = race(cfg, before, after, batches, rounds)
+            compiled = compiled_copy(cfg, after) if args.compile and name == "qacln" else None
+            timing = race(cfg, before, after, batches, rounds, compiled)
             results[name] = {**check, **timing}
             unit = "videos" if name == "qacln" else "pairs"
             print(f"{name:7s} step: before {timing['before_ms']:7.1f} ms ({timing['before_per_s']:6.1f} {unit}/s)  "
                   f"after {timing['after_ms']:7.1f} ms ({timing['after_per_s']:6.1f} {unit}/s)  "
                   f"speedup x{timing['speedup']:.2f} (median of {rounds} interleaved rounds)  "
                   f"eval-mode max |Δloss| {check['loss_max_abs_diff']:.1e}, max |Δgrad| {check['grad_max_abs_diff']:.1e}")
+            if compiled is not None:
+                print(f"{'':7s} compiled encoder layers: {timing['compiled_ms']:7.1f} ms, speedup over before "
+                      f"x{timing['compiled_speedup']:.2f}; compile (8 batch shapes) {timing['compile_s']:.0f} s")
     headline = {"qacln_step_speedup": results["qacln"]["speedup"],
                 "qacln_videos_per_s_before": results["qacln"]["before_per_s"],
                 "qacln_videos_per_s_after": results["qacln"]["after_per_s"],
                 "category_step_speedup": results["sccmrl"]["speedup"],
                 "qacln_eval_grad_max_abs_diff": results["qacln"]["grad_max_abs_diff"],
                 "wall_s": time.perf_counter() - t0}
-    write_results(__file__, {"steps": results, "threads": 1, "quick": args.quick}, headline)
+    if args.compile:
+        headline.update(qacln_compiled_step_speedup=results["qacln"]["compiled_speedup"],
+                        qacln_compile_s=results["qacln"]["compile_s"])
+    write_results(__file__, {"steps": results, "threads": 1, "quick": args.quick, "compile": args.compile}, headline)
 
 
 if __name__ == "__main__":

@@ -436,8 +436,12 @@ def text_app(endpoint, tmp_path_factory):
     data = root / "tvr-text"
     assert main(["data", "synth", "vcmr", "--queries-from", str(TVR_VAL), "--text-encoder", "minilm",
                  "--splits", "train=8", "--signal", "4", "--noise", "0.2", "--out", str(data), "--quiet"]) == 0
+    # The serving path is under test here, not the method: the moment head gets λ = 1 (the
+    # preset's 0.01 needed 80 epochs on these 8 videos to localise 65 % of the queries at
+    # IoU 0.5; λ = 1 reaches 70-78 % in 25 epochs, 80 % in 40).
     cfg = preset_cfg("qacln", str(data), "model.embed_dim=64", "model.num_heads=2", "data.val_split=train",
-                     "data.test_split=train", "data.batch_size=8", "optim.epochs=80", "optim.lr=2e-3")
+                     "data.test_split=train", "data.batch_size=8", "optim.epochs=30", "optim.lr=2e-3",
+                     "loss.lambdas.moment=1.0")
     torch.manual_seed(0)
     run = fit_in_process(cfg, keep_best=True, evaluate_untrained=False)
     ckpt = save_checkpoint(root / "ck", run.method, cfg)
