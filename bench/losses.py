@@ -7,7 +7,9 @@ loss where it has one (K = all: SupConLoss; SupConLoss with pair labels for mult
 is NT-Xent; TripletMarginLoss for triplet on the pair task) and (b) a minimal reference (one
 similarity matmul + logsumexp + backward): median of 7 rounds (5 at B = 4096), the order
 rotated each round. Achieved GFLOP/s counts the three matmuls (forward and backward) beside
-the machine's own matmul GFLOP/s at that shape.
+the machine's own matmul GFLOP/s at that shape. Beside supcon at K = all (B <= 1,024), a
+textbook exact SupCon (dense masks, ten lines) in the same rounds: how far above the
+reference the plainest exact form of the loss already is.
 Part 2: peak extra resident memory of supcon at B = 1024 .. 4096, row-chunked (the default
 ``loss.chunk_mb``) and not, each in a fresh process.
 Part 3: QACLN VCMR inference at TVR validation scale: 2,179 videos with their real
@@ -88,6 +90,18 @@ def term_step(name: str, task: str, b: int, k: int, d: int, chunk_mb: float = 64
     return step
 
 
+def term_value(name: str, task: str, b: int, k: int | None, d: int) -> float:
+    """xmr's term's loss on ``_inputs`` (no backward), to check a comparison computes the same."""
+    cfg = Config()
+    cfg.task, cfg.model.embed_dim, cfg.model.num_classes = task, d, [32]
+    cfg.negatives.k, cfg.negatives.strategy = (k if k is not None else 10**9), "uniform"
+    cfg.loss.temperature, cfg.loss.margin = 0.1, 0.2
+    a, bb, labels = _inputs(b, d, task)
+    with torch.no_grad():
+        return float(build_term(name, cfg)(PairOutputs(F.normalize(a, dim=1), F.normalize(bb, dim=1)),
+                                           {"label": labels, "index": torch.arange(b)}, TermContext(targets=labels)))
+
+
 def pml_step(name: str, task: str, b: int, d: int):
     """pytorch-metric-learning on the same inputs, computing the same loss as xmr's term at
     K = all: SupConLoss (supcon), SupConLoss with pair labels (multineg: NT-Xent, the
@@ -130,6 +144,31 @@ def reference_step(b: int, d: int, cross: bool = False):
 REFERENCE = {"supcon": "reference", "multineg": "reference", "triplet": "reference_cross"}
 
 
+def textbook_supcon(b: int, d: int):
+    """Exact SupCon as a textbook writes it (the same loss as xmr's term at K = all): the
+    pooled logits with the self-similarity masked, a dense positive mask, logsumexp, the
+    positives' mean log-probability; ten lines, no chunking. Where it is not much above the
+    reference, the reference is a floor no exact SupCon reaches: this says by how much."""
+    a, bb, labels = _inputs(b, d, "category")
+
+    def loss() -> torch.Tensor:
+        e = torch.cat([F.normalize(a, dim=1), F.normalize(bb, dim=1)])
+        y = torch.cat([labels, labels])
+        self_pair = torch.eye(len(e), dtype=torch.bool)
+        logits = (e @ e.T / 0.1).masked_fill(self_pair, float("-inf"))
+        pos = (y[:, None] == y[None, :]) & ~self_pair
+        return (torch.logsumexp(logits, dim=1) - logits.masked_fill(~pos, 0.0).sum(dim=1) / pos.sum(dim=1)).mean()
+
+    def step():
+        loss().backward()
+
+    step.loss = loss
+    return step
+
+
+TEXTBOOK_MAX_B = 1024  # its dense [2B, 2B] masks and logits: 1.3 GB at B = 4,096
+
+
 def matmul_gflops(b: int, d: int, repeats: int) -> float:
     x = torch.randn(2 * b, d)
     ms = timed(lambda: x @ x.T, repeats)
@@ -155,6 +194,12 @@ def bench_terms(sizes, ks, repeats, d=256) -> list[dict]:
                 steps[f"{name}|{k}"] = term_step(name, task, b, k, d)
             if name != "triplet" or b <= PML_TRIPLET_MAX_B:
                 steps[f"pml|{name}"] = pml_step(name, task, b, d)
+        if b <= TEXTBOOK_MAX_B:
+            steps["textbook|supcon"] = textbook_supcon(b, d)
+            ours = term_value("supcon", "category", b, None, d)
+            with torch.no_grad():
+                textbook = float(steps["textbook|supcon"].loss())
+            assert abs(ours - textbook) < 1e-4, (b, ours, textbook)  # the same loss, or the row means nothing
         ms = interleaved(steps, reps)
         gemm = matmul_gflops(b, d, reps)
         for name in PML_SAME:
@@ -168,10 +213,13 @@ def bench_terms(sizes, ks, repeats, d=256) -> list[dict]:
                        "gflops": flops / (t / 1000) / 1e9, "matmul_gflops": gemm, "repeats": reps}
                 if k is None and f"pml|{name}" in ms:  # PML computes this same loss
                     row.update(pml_ms=ms[f"pml|{name}"], vs_pml=t / ms[f"pml|{name}"])
+                if k is None and f"textbook|{name}" in ms:
+                    row.update(textbook_ms=ms[f"textbook|{name}"], textbook_vs_reference=ms[f"textbook|{name}"] / ref)
                 rows.append(row)
                 print(f"{name:9s} B={b:5d} K={row['K']!s:>4}  {t:9.2f} ms  x{row['vs_reference']:4.2f} of reference"
                       f"  {row['gflops']:5.1f} GFLOP/s (matmul {gemm:5.1f})"
-                      + (f"   PML {row['pml_ms']:9.2f} ms  ours/PML {row['vs_pml']:4.2f}" if "pml_ms" in row else ""))
+                      + (f"   PML {row['pml_ms']:9.2f} ms  ours/PML {row['vs_pml']:4.2f}" if "pml_ms" in row else "")
+                      + (f"   textbook x{row['textbook_vs_reference']:4.2f}" if "textbook_ms" in row else ""))
     return rows
 
 
@@ -281,6 +329,7 @@ def main() -> None:
         "worst_vs_pml": max(r["vs_pml"] for r in pml_rows),
         "worst_vs_reference": max(r["vs_reference"] for r in rows),
         "worst_vs_reference_k_all": max(r["vs_reference"] for r in rows if r["K"] == "all"),
+        "textbook_supcon_vs_reference_b64": by[("supcon", 64, "all")].get("textbook_vs_reference"),
         f"peak_mb_b{max(mem)}": mem[max(mem)]["chunked_mb"],
         f"peak_mb_b{max(mem)}_unchunked": mem[max(mem)]["unchunked_mb"],
         "vcmr_ms_per_query_median": vcmr["ms_per_query_median"],

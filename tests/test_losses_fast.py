@@ -97,7 +97,13 @@ def _close(x, y, atol=1e-5):
 @pytest.mark.parametrize("n", [2, 5, 16, 33])
 @pytest.mark.parametrize("kind", ["single", "hierarchical", "multi"])
 @pytest.mark.parametrize("ties", [False, True])
-def test_exact_supcon_equals_its_formula(n, kind, ties):
+@pytest.mark.parametrize("form", ["dense", "class_sums"])
+def test_exact_supcon_equals_its_formula(n, kind, ties, form, monkeypatch):
+    """Both exact forms (the dense one small batches take, the class sums of larger ones)."""
+    import xmr.losses.supcon as supcon
+
+    if form == "class_sums":
+        monkeypatch.setattr(supcon, "DENSE_MAX_CELLS", 0)
     a, b, y = _inputs(n, kind=kind, ties=ties, classes=6 if n > 5 else 3)
     cfg = make_cfg(k=10_000, temperature=0.2, num_classes=(3, 6) if kind == "hierarchical" else (6,))
     ours = _value_and_grads("supcon", cfg, a, b, y)
@@ -114,7 +120,7 @@ def test_exact_supcon_with_a_bank_equals_its_formula():
 
 
 def test_supcon_exact_and_masked_forms_agree():
-    """The class-sum form (no masks) and the masked form compute the same SupCon."""
+    """The class-sum form (no masks), the dense form and the masked form compute the same SupCon."""
     a, b, y = _inputs(24, classes=5)
     t = term("supcon", make_cfg(k=10_000, temperature=0.1))
     out = pair(F.normalize(a, dim=1), F.normalize(b, dim=1))
@@ -127,7 +133,8 @@ def test_supcon_exact_and_masked_forms_agree():
     self_col = torch.cat([torch.arange(24), torch.arange(24) + 24])
     exact = t._exact(anchors, self_col, rows_y, c, _class_sums(c, rows_y))
     masked = t._masked(anchors, self_col, rows_y, c)
-    assert torch.allclose(exact, masked, atol=1e-5)
+    dense = t._dense(anchors, self_col, rows_y, c)
+    assert torch.allclose(exact, masked, atol=1e-5) and torch.allclose(dense, masked, atol=1e-5)
 
 
 @pytest.mark.parametrize("n", [2, 7, 20])
