@@ -230,6 +230,11 @@ def evaluate_and_report(w: Worker, state: RunState, epoch: int, stats: EpochStat
         state.best = {"metric": w.metric, "value": row[w.metric], "epoch": epoch + 1,
                       "checkpoint": w.run.uri(checkpoint_name(epoch + 1))}
     if w.rank == 0:
+        # MLflow gets the row before Ray does: once the report is in, Tune may stop the trial
+        # (ASHA) and kill this worker within one controller poll, and an epoch Tune saw must
+        # be in MLflow. metrics.csv and best.json name a checkpoint, so they follow the
+        # report that persists it.
+        w.tracker.log(row, step=epoch + 1)
         with tempfile.TemporaryDirectory(prefix="xmr-ckpt-") as tmp:
             save_checkpoint(tmp, w.method, w.cfg, metrics=row, epoch=epoch + 1, step=w.step.step,
                             history=state.history, best=state.best, attempt=state.attempt)
@@ -238,7 +243,6 @@ def evaluate_and_report(w: Worker, state: RunState, epoch: int, stats: EpochStat
         w.run.write_text("metrics.csv", pd.DataFrame(state.history).to_csv(index=False))
         if state.best is not None:
             w.run.write_text(BEST, json.dumps(state.best, indent=2, default=float) + "\n")
-        w.tracker.log(row, step=epoch + 1)
         w.tracker.log_best(state.best)
         say(epoch_line(row, w.cfg.optim.epochs, w.metric, eta_s=eta_s))
     else:
