@@ -43,7 +43,7 @@ class TrainResult:
 
 # How often Ray Train's controller polls its workers (Ray's default 2 s). The controller
 # notices a started, finished or failed worker group up to one interval late, several times a
-# run: measured on this project's 2-core CI machine, a 2-epoch ``xmr train`` took 41.5 s at
+# run: measured on a 2-core machine, a 2-epoch ``xmr train`` took 41.5 s at
 # 2 s and 34.7 s at 0.5 s (two runs each, interleaved), and a sweep pays it per trial. A poll is
 # one small call per worker. A value the user sets wins.
 TRAIN_POLL_INTERVAL_S = "0.5"
