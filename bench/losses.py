@@ -73,13 +73,18 @@ def _inputs(b: int, d: int, task: str):
     return a, bb, labels
 
 
-def term_step(name: str, task: str, b: int, k: int, d: int, chunk_mb: float = 64.0):
-    """xmr's term, forward + backward, on L2-normalised embeddings (K = None: every negative)."""
+def _term(name: str, task: str, k: int | None, d: int, chunk_mb: float = 64.0):
+    """xmr's term as the grid configures it: uniform negatives (K = None: every negative), τ = 0.1."""
     cfg = Config()
     cfg.task, cfg.model.embed_dim, cfg.model.num_classes = task, d, [32]
     cfg.negatives.k, cfg.negatives.strategy = (k if k is not None else 10**9), "uniform"
     cfg.loss.chunk_mb, cfg.loss.temperature, cfg.loss.margin = chunk_mb, 0.1, 0.2
-    term = build_term(name, cfg)
+    return build_term(name, cfg)
+
+
+def term_step(name: str, task: str, b: int, k: int, d: int, chunk_mb: float = 64.0):
+    """xmr's term, forward + backward, on L2-normalised embeddings (K = None: every negative)."""
+    term = _term(name, task, k, d, chunk_mb)
     a, bb, labels = _inputs(b, d, task)
     batch = {"label": labels, "index": torch.arange(b)}
 
@@ -92,14 +97,10 @@ def term_step(name: str, task: str, b: int, k: int, d: int, chunk_mb: float = 64
 
 def term_value(name: str, task: str, b: int, k: int | None, d: int) -> float:
     """xmr's term's loss on ``_inputs`` (no backward), to check a comparison computes the same."""
-    cfg = Config()
-    cfg.task, cfg.model.embed_dim, cfg.model.num_classes = task, d, [32]
-    cfg.negatives.k, cfg.negatives.strategy = (k if k is not None else 10**9), "uniform"
-    cfg.loss.temperature, cfg.loss.margin = 0.1, 0.2
     a, bb, labels = _inputs(b, d, task)
     with torch.no_grad():
-        return float(build_term(name, cfg)(PairOutputs(F.normalize(a, dim=1), F.normalize(bb, dim=1)),
-                                           {"label": labels, "index": torch.arange(b)}, TermContext(targets=labels)))
+        return float(_term(name, task, k, d)(PairOutputs(F.normalize(a, dim=1), F.normalize(bb, dim=1)),
+                                             {"label": labels, "index": torch.arange(b)}, TermContext(targets=labels)))
 
 
 def pml_step(name: str, task: str, b: int, d: int):
