@@ -232,8 +232,8 @@ def evaluate_and_report(w: Worker, state: RunState, epoch: int, stats: EpochStat
     if w.rank == 0:
         # MLflow gets the row before Ray does: once the report is in, Tune may stop the trial
         # (ASHA) and kill this worker within one controller poll, and an epoch Tune saw must
-        # be in MLflow. metrics.csv and best.json name a checkpoint, so they follow the
-        # report that persists it.
+        # be in MLflow. metrics.csv lists checkpointed epochs and best.json names a
+        # checkpoint, so they follow the report that persists it.
         w.tracker.log(row, step=epoch + 1)
         with tempfile.TemporaryDirectory(prefix="xmr-ckpt-") as tmp:
             save_checkpoint(tmp, w.method, w.cfg, metrics=row, epoch=epoch + 1, step=w.step.step,
