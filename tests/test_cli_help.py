@@ -61,3 +61,12 @@ def test_help_runs_as_a_user_runs_it(argv):
     assert out.returncode == 0 and "usage: xmr" in out.stdout
     if argv[:3] == ["data", "synth", "vcmr"]:
         assert "(default: 64)" in out.stdout and "--cross-stream-distractors" in out.stdout
+
+
+def test_the_parser_is_built_without_torch_or_ray():
+    """``xmr --help`` (and every ``--help``) answers without importing torch or Ray: the
+    command line names its input errors from ``xmr.config`` (0.4 s here, 2.6 s with torch)."""
+    code = ("import sys; from xmr.cli import build_parser; build_parser(); "
+            "print(sorted(m for m in ('torch', 'ray') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -4,6 +4,7 @@ and a bad space that fails before any trial starts."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -205,6 +206,84 @@ def test_ablation_one_command(tmp_path, synth, one_ray):
     saved = yaml.safe_load((tmp_path / "ab" / "ab" / "trials" / run / "config.yaml").read_text())
     assert saved["loss"]["lambdas"]["center"] == 0
 
+
+
+def _tear(root: Path, name: str, *, list_ahead: bool = False) -> str:
+    """Give the killed experiment the files a driver killed mid-sync leaves on storage: by
+    default a trial list saved before its second trial started, beside a generator and
+    searcher saved after (what CI caught: the resumed sweep ran one trial of two);
+    ``list_ahead``: the list saved after, the generator and searcher before. Returns the
+    second trial's id."""
+    import ray.cloudpickle as cloudpickle
+
+    folder = root / name
+    (state_file,) = folder.glob("experiment_state-*.json")
+    state = json.loads(state_file.read_text())
+    second = json.loads(state["trial_data"][1][0])["trial_id"]
+    if not list_ahead:
+        state["trial_data"] = state["trial_data"][:1]
+        state_file.write_text(json.dumps(state))
+        return second
+    (gen_file,) = folder.glob("search_gen_state-*.json")
+    (searcher_file,) = folder.glob("searcher-state-*.pkl")
+    gen, searcher = (cloudpickle.loads(f.read_bytes()) for f in (gen_file, searcher_file))
+    gen["counter"] -= 1
+    gen["name:ConcurrencyLimiter"]["live_trials"] = set()
+    gen["name:ConcurrencyLimiter"]["num_unfinished_live_trials"] = 0
+    searcher["_ot_trials"].pop(second)
+    gen_file.write_bytes(cloudpickle.dumps(gen))
+    searcher_file.write_bytes(cloudpickle.dumps(searcher))
+    return second
+
+
+def test_experiment_killed_mid_save_resumes_every_trial(tmp_path, one_ray, capsys):
+    """An Optuna sweep and a grid (``make_tuner``, one trial at a time) killed while their
+    second trial runs, their saved files torn the ways an interrupted copy leaves them, then
+    resumed: every trial of the experiment runs, the finished first one is not run again,
+    and the Optuna study closes the lost trial as FAIL."""
+    import optuna
+    import ray
+    import tune_interrupt_helpers as helpers
+
+    from xmr.train.driver import ensure_ray
+
+    ensure_ray(None, num_cpus=4)  # the module's Ray (already up after the sweep above)
+    root, markers = tmp_path / "root", tmp_path / "markers"
+    env = dict(os.environ, RAY_AUTH_MODE="token", PYTHONPATH=os.pathsep.join(
+        [str(REPO / "tests"), str(REPO / "platform"), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen([sys.executable, "-c", "import tune_interrupt_helpers as h; "
+                             f"h.interrupt({ray.get_runtime_context().gcs_address!r}, {str(root)!r}, {str(markers)!r})"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if line.strip() == "ready":
+                break
+        assert lines and lines[-1].strip() == "ready", "".join(lines[-40:])
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+
+    for name, kind in helpers.EXPERIMENTS.items():
+        second = _tear(root, name, list_ahead=name == "search_ahead")
+        grid = helpers.tuner(name, str(root), str(markers), block=False).fit()
+        out = capsys.readouterr().out
+        assert f"resuming sweep {name}" in out and "[xmr] " in out.split("resuming sweep", 1)[1], out
+        assert f"sweep {helpers.SAMPLES}/{helpers.SAMPLES} " in out and "sweep 1/" not in out, out  # goes on counting
+        assert len(grid) == helpers.SAMPLES and not grid.errors, (name, out)
+        # one start per trial id: the finished first trial was not run again, the lost second
+        # one not continued; two new trials took the slots left
+        starts = [p.name.split(".")[0] for p in (markers / name).iterdir()]
+        reported = {r.metrics["trial_id"] for r in grid}
+        assert len(starts) == len(set(starts)) == helpers.SAMPLES + 1, starts
+        assert second not in reported and reported < set(starts), (reported, starts)
+        if kind == "grid":  # every cell once
+            assert sorted(r.config["cell"] for r in grid) == list(range(helpers.SAMPLES))
+        else:  # the study holds the three trials, and the lost one closed as FAIL
+            study = optuna.load_study(study_name=name, storage=f"sqlite:///{root / name}.db")
+            states = [t.state.name for t in study.trials]
+            assert sorted(states) == ["COMPLETE"] * helpers.SAMPLES + ["FAIL"], states
 
 def test_pareto_front_is_the_non_dominated_set():
     from xmr.tune.report import pareto_front

@@ -12,9 +12,7 @@ import sys
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 from xmr import __version__
-from xmr.config import ConfigError
-from xmr.compare.spec import SpecError
-from xmr.tune.space import SpaceError
+from xmr.config import ConfigError, SpaceError, SpecError
 
 
 def _config_show(args: argparse.Namespace) -> int:

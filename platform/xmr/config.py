@@ -31,6 +31,17 @@ class ConfigError(ValueError):
     """A configuration problem; the message names the field path and the value."""
 
 
+# The other input errors live here too (raised by ``xmr.tune.space`` and ``xmr.compare.spec``),
+# so ``xmr``'s command line can name them without importing what raises them (torch, for one):
+# ``xmr --help`` answers in a fraction of a second.
+class SpaceError(ValueError):
+    """A search space problem; the message names the parameter."""
+
+
+class SpecError(ValueError):
+    """A comparison spec problem; the message names the field."""
+
+
 # --------------------------------------------------------------------------- sections
 
 

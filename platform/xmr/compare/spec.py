@@ -33,17 +33,13 @@ from pathlib import Path
 from typing import Any
 
 from xmr.checks import check
-from xmr.config import Config, ConfigError, load_config, read_yaml_mapping, resolve_named_yaml, with_values
+from xmr.config import Config, ConfigError, SpecError, load_config, read_yaml_mapping, resolve_named_yaml, with_values
 from xmr.tune.space import Param, SpaceError, parse_param
 
 SPEC_DIR = Path(__file__).resolve().parent / "specs"
 _CLAIM = re.compile(r"^\s*([\w.\-]+)\s*(>|<)\s*([\w.\-]+)\s*$")
 _KEYS = {"name", "claim", "dataset", "metric", "seeds", "common", "variants", "claims", "expect", "split",
          "training", "tuning", "map"}
-
-
-class SpecError(ValueError):
-    """A comparison spec problem; the message names the field."""
 
 
 @dataclass

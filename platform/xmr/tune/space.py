@@ -27,13 +27,9 @@ from typing import Any
 
 
 from xmr.checks import check
-from xmr.config import Config, ConfigError, apply_overrides, from_dict, load_config, read_yaml_mapping, with_values
+from xmr.config import Config, ConfigError, SpaceError, apply_overrides, from_dict, load_config, read_yaml_mapping, with_values
 
 KINDS = ("uniform", "loguniform", "int", "categorical")
-
-
-class SpaceError(ValueError):
-    """A search space problem; the message names the parameter."""
 
 
 @dataclass

@@ -14,6 +14,7 @@ import pandas as pd
 from xmr.checkpoint import BEST
 from xmr.config import Config
 from xmr.train.runfs import RunDir, filesystem
+from xmr.tune.snapshot import mend_snapshot
 
 TRIAL_DRIVER_CPUS = 0.25  # a trial's driver function only waits on its trainer
 
@@ -50,7 +51,7 @@ def make_tuner(trainable, cfg: Config, name: str, n_trials: int, *, metric: str 
                progress_metric: str | None = None):
     """A ``Tuner`` whose trials each reserve ``trial_cpus`` (default: a driver that only waits
     on its trainer, whose workers reserve the rest); resumed from ``<root>/<name>`` when it
-    exists there (finished trials kept)."""
+    exists there (finished trials kept; the saved state mended first, ``xmr.tune.snapshot``)."""
     from ray import tune
 
     fs, base = filesystem(root or cfg.storage.root, cfg.data.endpoint_url)
@@ -60,6 +61,8 @@ def make_tuner(trainable, cfg: Config, name: str, n_trials: int, *, metric: str 
         os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     if resume and tune.Tuner.can_restore(path, storage_filesystem=fs):
         print(f"[xmr] resuming {what} {name}: finished trials are kept, unfinished ones resume", flush=True)
+        for note in mend_snapshot(fs, path):  # files an interruption left from different moments
+            print(f"[xmr] {note}", flush=True)
         return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True,
                                   storage_filesystem=fs)
     quiet = {} if verbose else {"verbose": 0, "callbacks": [progress_callback(n_trials, progress_metric or metric, what)]}
@@ -80,23 +83,31 @@ def progress_callback(total: int, metric: str | None, what: str):
     from ray.tune import Callback
 
     class Progress(Callback):
-        def __init__(self) -> None:
-            self.done, self.t0 = 0, time.perf_counter()
+        """Counts finished trials from Tune's list, so a resumed sweep goes on from where it
+        was (its own trials already finished are in the list); the clock and the ETA are this
+        process's."""
 
-        def _line(self, trial, outcome: str) -> None:
-            self.done += 1
+        def __init__(self) -> None:
+            self.ran_here, self.t0 = 0, time.perf_counter()
+
+        def setup(self, **info) -> None:  # also when resumed: this instance was unpickled
+            self.ran_here, self.t0 = 0, time.perf_counter()
+
+        def _line(self, trials, trial, outcome: str) -> None:
+            self.ran_here += 1
+            done = 1 + sum(t is not trial and t.status in ("TERMINATED", "ERROR") for t in trials)
             elapsed = time.perf_counter() - self.t0
-            eta = elapsed / self.done * (total - self.done)
+            eta = elapsed / self.ran_here * (total - done)
             config = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in (trial.config or {}).items())
-            print(f"[xmr] {what} {self.done}/{total} {outcome}: {config}  ({elapsed / 60:.1f} min, ETA {eta / 60:.1f} min)",
+            print(f"[xmr] {what} {done}/{total} {outcome}: {config}  ({elapsed / 60:.1f} min, ETA {eta / 60:.1f} min)",
                   flush=True)
 
         def on_trial_complete(self, iteration, trials, trial, **info) -> None:
             value = (trial.last_result or {}).get(metric) if metric else None
-            self._line(trial, f"{metric} {value:.4f}" if isinstance(value, float) else "done")
+            self._line(trials, trial, f"{metric} {value:.4f}" if isinstance(value, float) else "done")
 
         def on_trial_error(self, iteration, trials, trial, **info) -> None:
-            self._line(trial, "FAILED")
+            self._line(trials, trial, "FAILED")
 
     return Progress()
 
