@@ -14,7 +14,7 @@ import pandas as pd
 from xmr.checkpoint import BEST
 from xmr.config import Config
 from xmr.train.runfs import RunDir, filesystem
-from xmr.tune.snapshot import mend_snapshot
+from xmr.tune.snapshot import FINISHED, mend_snapshot
 
 TRIAL_DRIVER_CPUS = 0.25  # a trial's driver function only waits on its trainer
 
@@ -95,7 +95,7 @@ def progress_callback(total: int, metric: str | None, what: str):
 
         def _line(self, trials, trial, outcome: str) -> None:
             self.ran_here += 1
-            done = 1 + sum(t is not trial and t.status in ("TERMINATED", "ERROR") for t in trials)
+            done = 1 + sum(t is not trial and t.status in FINISHED for t in trials)
             elapsed = time.perf_counter() - self.t0
             eta = elapsed / self.ran_here * (total - done)
             config = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in (trial.config or {}).items())
