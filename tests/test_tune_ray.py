@@ -227,10 +227,11 @@ def _tear(root: Path, name: str, *, list_ahead: bool = False) -> str:
     (gen_file,) = folder.glob("search_gen_state-*.json")
     (searcher_file,) = folder.glob("searcher-state-*.pkl")
     gen, searcher = (cloudpickle.loads(f.read_bytes()) for f in (gen_file, searcher_file))
-    gen["counter"] -= 1
+    # as saved when only the first trial existed (and had finished), whichever save these were
+    gen["counter"] = 1
     gen["name:ConcurrencyLimiter"]["live_trials"] = set()
     gen["name:ConcurrencyLimiter"]["num_unfinished_live_trials"] = 0
-    searcher["_ot_trials"].pop(second)
+    searcher["_ot_trials"].pop(second, None)
     gen_file.write_bytes(cloudpickle.dumps(gen))
     searcher_file.write_bytes(cloudpickle.dumps(searcher))
     return second
