@@ -489,9 +489,36 @@ def build_app(args: dict[str, Any]):
     scaling = replica_options(args)
     # on delete / scale-down / SIGTERM a replica stops taking requests and finishes those in flight
     drain = {"graceful_shutdown_timeout_s": float(args.get("drain_s", 20.0)), "graceful_shutdown_wait_loop_s": 0.5}
-    retriever = Retriever.options(user_config=user_config, max_ongoing_requests=max_ongoing, **scaling, **drain).bind()
+    retriever = Retriever.options(user_config=user_config, max_ongoing_requests=max_ongoing, **scaling, **drain)
     gateways = scaling.get("num_replicas") or scaling["autoscaling_config"]["min_replicas"]
     encoder = text_encoder_of(served_manifest(**user_config))
-    featuriser = TextFeaturiser.options(**drain).bind(encoder["name"], encoder) if encoder else None
-    return Gateway.options(user_config={"api_key_sha256": digest}, num_replicas=gateways, **drain).bind(
-        retriever, featuriser)
+    featuriser = (_same_code(TextFeaturiser.options(**drain), encoder).bind(encoder["name"], encoder)
+                  if encoder else None)
+    gateway = Gateway.options(user_config={"api_key_sha256": digest}, num_replicas=gateways, **drain)
+    return _same_code(gateway, encoder and encoder["name"]).bind(_same_code(retriever).bind(), featuriser)
+
+
+def _same_code(deployment, *init: Any):
+    """The deployment with a version that names xmr's code and the replica's init arguments.
+
+    ``serve.run`` otherwise gives every deployment a new random version, so deploying a new
+    checkpoint over a running app replaced every replica: with one replica, Serve stops the
+    old one before the new one is up, and the requests that waited in the old gateway longer
+    than its drain were lost (500) when it was killed. With the same code the change is only
+    the retriever's ``user_config``. Serve then calls ``Retriever.reconfigure`` on the live
+    replica, which loads the new checkpoint beside the old one. New code or other init
+    arguments still give a new version, and so new replicas: the arguments are not part of
+    Serve's own version. Serve keeps ``version`` for its internal use (``_internal``)."""
+    return deployment.options(version=_code_digest(json.dumps(init, sort_keys=True, default=repr)), _internal=True)
+
+
+def _code_digest(extra: str) -> str:
+    import hashlib
+    from pathlib import Path
+
+    import xmr
+
+    digest = hashlib.sha256(extra.encode())
+    for path in sorted(Path(xmr.__file__).parent.rglob("*.py")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
