@@ -26,6 +26,7 @@ the dataset has a text encoder; ``video`` restricts it to one video, SVMR), ``GE
 import asyncio
 import base64
 import binascii
+import functools
 import io
 import json
 import os
@@ -509,16 +510,21 @@ def _same_code(deployment, *init: Any):
     replica, which loads the new checkpoint beside the old one. New code or other init
     arguments still give a new version, and so new replicas: the arguments are not part of
     Serve's own version. Serve keeps ``version`` for its internal use (``_internal``)."""
-    return deployment.options(version=_code_digest(json.dumps(init, sort_keys=True, default=repr)), _internal=True)
+    import hashlib
+
+    extra = json.dumps(init, sort_keys=True, default=repr).encode()
+    return deployment.options(version=hashlib.sha256(_code_digest() + extra).hexdigest()[:16], _internal=True)
 
 
-def _code_digest(extra: str) -> str:
+@functools.lru_cache(maxsize=1)
+def _code_digest() -> bytes:
+    """SHA-256 of xmr's source files, read once per process (the code cannot change under it)."""
     import hashlib
     from pathlib import Path
 
     import xmr
 
-    digest = hashlib.sha256(extra.encode())
+    digest = hashlib.sha256()
     for path in sorted(Path(xmr.__file__).parent.rglob("*.py")):
         digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
+    return digest.digest()
