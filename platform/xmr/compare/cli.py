@@ -18,7 +18,8 @@ def _compare(args: argparse.Namespace) -> int:
         print("xmr compare: give --spec NAME (repeatable) or --all; shipped specs: "
               + ", ".join(sorted(p.stem for p in SPEC_DIR.glob("*.yaml"))))
         return 2
-    specs = [load_spec(n, data_path=args.data, seeds=args.seeds, extra=args.set) for n in names]  # all checked first
+    specs = [load_spec(n, data_path=args.data, seeds=args.seeds, extra=args.set, tuning_seed=args.tuning_seed)
+             for n in names]  # all checked first
     status, done, t0 = 0, [], time.perf_counter()
     for spec in specs:
         print(f"[xmr] comparison {spec.name}: {len(spec.variants)} variants x {len(spec.seeds)} seeds"
@@ -45,14 +46,18 @@ def _compare(args: argparse.Namespace) -> int:
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser("compare", help="tune, train and test methods / baselines / ablations across seeds",
-                              description="For every variant of a comparison spec: the same tuning budget on "
-                                          "validation, then N seeds trained until validation stops improving, the "
-                                          "best checkpoint scored on the test split; each claimed ordering judged "
-                                          "held / reversed / inconclusive from the paired differences' 95% interval.")
+                              description="For every variant of a comparison spec: the same tuning candidates on "
+                                          "validation, then N seeds trained until validation stops improving (rerun "
+                                          "at a larger epoch cap while they peak at it), the best checkpoint scored "
+                                          "on the test split; each claimed ordering judged held / reversed / "
+                                          "equivalent / inconclusive from the paired differences (Holm-adjusted "
+                                          "across the spec's claims).")
     p.add_argument("--spec", action="append", default=[], help="shipped spec name or YAML path (repeatable)")
     p.add_argument("--all", action="store_true", help="every shipped spec (with --report: rewrite the whole page)")
     p.add_argument("--data", default=None, help="run on this dataset instead of the spec's (default: the spec's)")
     p.add_argument("--seeds", type=int, default=None, help="seeds per variant (default: the spec's, 5)")
+    p.add_argument("--tuning-seed", type=int, default=None,
+                   help="seed of the tuning candidates (default: the spec's tuning.seed, 1000)")
     p.add_argument("--set", action="append", default=[], metavar="A.B=VALUE",
                    help="a config override for every variant (repeatable)")
     p.add_argument("--storage", default="runs/compare", help="where runs and tables go, local or s3:// (default: runs/compare)")

@@ -10,7 +10,7 @@ import pandas as pd
 from xmr.compare.spec import ComparisonSpec
 
 NOT_METRICS = {"variant", "seed", "level", "status", "error", "phase", "trial", "best_epoch", "epochs", "wall_s",
-               "finished_at", "n_no_relevant", "pretrain_epochs"}
+               "finished_at", "n_no_relevant", "pretrain_epochs", "cap", "extended", "peaked_at_cap"}
 
 
 @dataclass
@@ -18,7 +18,8 @@ class Comparison:
     spec: ComparisonSpec
     runs: pd.DataFrame  # one row per (level, variant, seed): status, error, test metrics
     tuning: pd.DataFrame  # one row per tuning trial: variant, values, validation metric
-    chosen: dict[str, dict[str, Any]]  # variant -> the tuned values its seeds ran with
+    # variant -> the tuned values its seeds ran with (a claim map: variant -> {level: values})
+    chosen: dict[str, dict[str, Any]]
     summary: pd.DataFrame  # one row per (level, variant): n, mean, std, 95% interval per metric
     claims: list[dict[str, Any]]  # per (claim, level): paired difference, interval, verdict
     wall_s: float

@@ -1,6 +1,7 @@
-"""Run a comparison: tune every variant with the same budget on validation, train every
-(variant, seed) until validation stops improving, score each best-on-validation model on
-the test split, and judge every claimed ordering by its paired differences.
+"""Run a comparison: tune every variant on the same candidates on validation, train every
+(variant, seed) until validation stops improving (rerunning at a larger cap what peaked at
+its cap), score each best-on-validation model on the test split, and judge every claimed
+ordering by its paired differences (``run_comparison`` gives the protocol step by step).
 
 Each run is a Ray Tune trial. A one-worker variant trains inside its trial with the
 workers' own step and evaluation (``xmr.train.local.fit_in_process``; one thread, one
@@ -24,7 +25,7 @@ import pandas as pd
 from xmr.compare.report import write_outputs
 from xmr.compare.results import Comparison, metric_columns
 from xmr.compare.spec import ComparisonSpec, Variant
-from xmr.compare.stats import paired_difference, t_interval, verdict
+from xmr.compare.stats import PairedDifference, holm, paired_difference, t_interval, verdict
 from xmr.config import from_dict, with_values
 from xmr.tasks import family_of
 from xmr.train.runfs import RunDir
@@ -188,33 +189,58 @@ def busy_seconds(metrics: list[dict[str, Any]], fallback: float) -> float:
 
 
 
-def _sample_tuning(spec: ComparisonSpec) -> dict[str, list[dict[str, Any]]]:
-    """``tuning_trials`` draws per variant from its parameters (Optuna's seeded random
-    sampler: with a budget this small a model-based sampler has nothing to model)."""
+def _param_draws(p, n: int, seed: int) -> list[Any]:
+    """``n`` draws of one parameter from Optuna's random sampler, seeded by the spec's tuning
+    seed and the parameter itself (path and distribution), never by a variant's position: a
+    parameter two variants share gets the same draws in both, whatever order the spec lists
+    them in."""
+    import hashlib
+
     import optuna
 
+    key = f"{seed}|{p.path}|{p.kind}|{p.low}|{p.high}|{p.log}|{p.step}|{p.choices}"
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(
+        seed=int(hashlib.sha256(key.encode()).hexdigest()[:8], 16)))
+    out = []
+    for _ in range(n):
+        trial = study.ask()
+        out.append(p.suggest(trial))
+        study.tell(trial, 0.0)
+    return out
+
+
+def tuning_candidates(spec: ComparisonSpec) -> dict[str, list[dict[str, Any]]]:
+    """Each variant's ``tuning_trials`` candidates: candidate i takes draw i of every
+    parameter the variant tunes (conditional parameters only where their condition holds).
+    Variants that tune the same parameter are offered the same values of it, and a variant's
+    own extra parameters are drawn on top, independently of where it stands in the spec
+    (random search: with a budget this small a model-based sampler has nothing to model)."""
     from xmr.tune.report import optuna_logging_quiet
 
     optuna_logging_quiet()
-    out = {}
-    for i, (name, v) in enumerate(spec.variants.items()):
+    out: dict[str, list[dict[str, Any]]] = {}
+    for name, v in spec.variants.items():
         if not v.tune or spec.tuning_trials == 0:
             out[name] = []
             continue
-        study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=spec.tuning_seed + i))
-        draws = []
-        for _ in range(spec.tuning_trials):
-            trial = study.ask()
-            draws.append({p.path: p.suggest(trial) for p in v.tune})
-            study.tell(trial, 0.0)
-        out[name] = draws
+        columns = {p.path: _param_draws(p, spec.tuning_trials, spec.tuning_seed) for p in v.tune}
+        candidates = []
+        for i in range(spec.tuning_trials):
+            sampled: dict[str, Any] = {}
+            for p in v.tune:
+                if p.active(sampled):
+                    sampled[p.path] = columns[p.path][i]
+            candidates.append(sampled)
+        out[name] = candidates
     return out
 
 
 def _job(spec: ComparisonSpec, v: Variant, *, phase: str, seed: int, values: dict, level: Any, data: str,
-         split: str, run: str, tracking: dict | None = None) -> dict[str, Any]:
+         split: str, run: str, tracking: dict | None = None, epochs: int | None = None) -> dict[str, Any]:
     cfg = v.config.to_dict()
     cfg["data"]["path"] = data
+    if epochs is not None:
+        cfg["optim"]["epochs"] = epochs
     pre = None
     if v.pretrain is not None:
         pre = v.pretrain.to_dict()
@@ -231,6 +257,8 @@ def _run_jobs(jobs: dict[str, dict[str, Any]], name: str, root: str, runs_root: 
 
     from xmr.tune.trials import make_tuner
 
+    if not jobs:
+        return {}
     trainable = tune.with_parameters(comparison_trial, jobs=jobs, runs_root=runs_root)
     grid = make_tuner(trainable, cfg, name, len(jobs), max_concurrent=concurrency, root=root, resume=False,
                       param_space={"job": tune.grid_search(sorted(jobs))}, what=name, trial_cpus=1,
@@ -244,8 +272,37 @@ def _run_jobs(jobs: dict[str, dict[str, Any]], name: str, root: str, runs_root: 
     return out
 
 
+def peaked_at_cap(metrics: dict[str, Any], cap: int) -> bool:
+    """A finished run whose best validation epoch is the last one its cap allowed: it may
+    still have been improving, so its score says more about the cap than about the variant."""
+    best, epochs = metrics.get("best_epoch"), metrics.get("epochs")
+    if "error" in metrics or best is None or epochs is None or math.isnan(float(best)):
+        return False
+    return int(best) >= int(epochs) >= cap
+
+
+def _level_prefix(level: Any) -> str:
+    return f"{slug(level)}-" if level is not None else ""
+
+
 def run_comparison(spec: ComparisonSpec, root: str, concurrency: int = 0, address: str | None = None,
                    verbose: bool = False) -> Comparison:
+    """Tune, train every seed, extend what peaked at its cap, judge. The protocol, step by step:
+
+    1. **Tuning** (validation split, seed ``tuning_seed``): every variant trains each of its
+       candidates (``tuning_candidates``: shared parameters offered the same values), at every
+       level of a claim map (or only the middle one, ``tuning.at``); its chosen values at a
+       level are its candidate with the best validation metric (the first of equals).
+    2. **Seeds**: every (level, variant) trains each seed with its chosen values, early-stopped
+       by validation, and its best-on-validation checkpoint is scored on ``split``.
+    3. **Convergence**: a (level, variant) with early stopping any of whose seeds peaked at
+       the epoch cap is rerun, every seed, at twice the cap, at most ``extend`` times; what
+       still peaks there is reported "not converged", beside every verdict it enters.
+       Variants without early stopping (``optim.patience = 0``, e.g. an equal-compute
+       control) have a fixed budget by design and are never extended.
+    4. **Verdicts**: paired differences by seed, Holm-adjusted across the spec's tests
+       (``xmr.compare.stats``).
+    """
     from xmr.data import storage
     from xmr.train.driver import ensure_ray
 
@@ -262,56 +319,94 @@ def run_comparison(spec: ComparisonSpec, root: str, concurrency: int = 0, addres
     root = _absolute(root)
     out = RunDir(root, spec.name)
     runs_root = out.uri("runs")
+    experiments = storage.join(root, spec.name)
     t0 = time.perf_counter()
-    tune_level = levels[len(levels) // 2]  # a claim map is tuned once, at its middle level
     from xmr.train.tracking import start_parent
 
     parent, uri = start_parent(first, out.uri(), spec.name, {"claim": spec.claim, "seeds": len(spec.seeds),
                                                             "tuning_trials": spec.tuning_trials})
     tracking = {"uri": uri, "parent": parent, "folder": out.uri()} if parent else None
-    draws = _sample_tuning(spec)
-    tune_jobs = {f"tune-{slug(n)}-{i:02d}": _job(spec, spec.variants[n], phase="tune", seed=spec.tuning_seed, values=d,
-                                                 level=tune_level, data=data[str(tune_level)], split=first.data.val_split,
-                                                 run=f"tune-{slug(n)}-{i:02d}", tracking=tracking)
-                 for n, ds in draws.items() for i, d in enumerate(ds)}
+
+    # 1. tuning
+    candidates = tuning_candidates(spec)
+    tune_jobs = {}
+    for level in spec.tuning_levels():
+        for n, cands in candidates.items():
+            for i, values in enumerate(cands):
+                run = f"tune-{_level_prefix(level)}{slug(n)}-{i:02d}"
+                tune_jobs[run] = _job(spec, spec.variants[n], phase="tune", seed=spec.tuning_seed, values=values,
+                                      level=level, data=data[str(level)], split=first.data.val_split, run=run,
+                                      tracking=tracking)
     val_metric = first.storage.checkpoint_metric or family_of(first).main_metric
-    tuned = _run_jobs(tune_jobs, f"{spec.name}-tuning", storage.join(root, spec.name), runs_root, limit, first,
-                      val_metric, verbose) if tune_jobs else {}
-    tuning_rows, chosen = [], {}
-    for name, v in spec.variants.items():
-        metric = v.config.storage.checkpoint_metric or family_of(v.config).main_metric
-        sign = -1 if v.config.storage.checkpoint_mode == "min" else 1
-        best = None
-        for job_id, job in tune_jobs.items():
-            if job["variant"] != name:
-                continue
-            m = tuned.get(job_id, {})
-            value = m.get(metric, math.nan)  # the validation metric of the best epoch
-            tuning_rows.append({"variant": name, "trial": job_id, **job["values"], f"val_{metric}": value,
-                                "error": m.get("error")})
-            if not math.isnan(value) and (best is None or sign * value > sign * best[0]):
-                best = (value, job["values"])
-        chosen[name] = best[1] if best else {}
-    seed_jobs = {f"{slug(level)}-{slug(n)}-seed{s}" if level is not None else f"{slug(n)}-seed{s}":
-                 _job(spec, v, phase="seed", seed=s, values=chosen[n], level=level, data=data[str(level)],
-                      split=spec.split, run=(f"{slug(level)}-" if level is not None else "") + f"{slug(n)}-seed{s}",
-                      tracking=tracking)
-                 for level in levels for n, v in spec.variants.items() for s in spec.seeds}
-    results = _run_jobs(seed_jobs, f"{spec.name}-seeds", storage.join(root, spec.name), runs_root, limit, first,
-                        spec.metric, verbose)
+    tuned = _run_jobs(tune_jobs, f"{spec.name}-tuning", experiments, runs_root, limit, first, val_metric, verbose)
+    tuning_rows, chosen_at = [], {}
+    for level in spec.tuning_levels():
+        for name, v in spec.variants.items():
+            metric = v.config.storage.checkpoint_metric or family_of(v.config).main_metric
+            sign = -1 if v.config.storage.checkpoint_mode == "min" else 1
+            best = None
+            for job_id, job in tune_jobs.items():
+                if job["variant"] != name or str(job["level"]) != str(level):
+                    continue
+                m = tuned.get(job_id, {})
+                value = m.get(metric, math.nan)  # the validation metric of the best epoch
+                tuning_rows.append({"level": level, "variant": name, "trial": job_id, **job["values"],
+                                    f"val_{metric}": value, "epochs": m.get("epochs"), "best_epoch": m.get("best_epoch"),
+                                    "peaked_at_cap": peaked_at_cap(m, v.config.optim.epochs), "error": m.get("error")})
+                if not math.isnan(value) and (best is None or sign * value > sign * best[0]):
+                    best = (value, job["values"])
+            chosen_at[(str(level), name)] = best[1] if best else {}
+
+    def chosen(level: Any, name: str) -> dict[str, Any]:
+        return chosen_at.get((str(level), name), chosen_at.get((str(spec.middle_level), name), {}))
+
+    # 2. seeds, 3. extended while they peak at their cap
+    caps = {(str(level), n): v.config.optim.epochs for level in levels for n, v in spec.variants.items()}
+    extended = {key: 0 for key in caps}
+    final: dict[tuple[str, str, int], tuple[str, dict[str, Any]]] = {}  # (level, variant, seed) -> its job
+    results: dict[str, dict[str, Any]] = {}
+    todo = set(caps)
+    for round_ in range(spec.extend + 1):
+        jobs = {}
+        for level in levels:
+            for n, v in spec.variants.items():
+                key = (str(level), n)
+                if key not in todo:
+                    continue
+                cap, base = caps[key], v.config.optim.epochs
+                for s in spec.seeds:
+                    run = f"{_level_prefix(level)}{slug(n)}-seed{s}" + (f"-cap{cap}" if cap != base else "")
+                    jobs[run] = _job(spec, v, phase="seed", seed=s, values=chosen(level, n), level=level,
+                                     data=data[str(level)], split=spec.split, run=run, tracking=tracking, epochs=cap)
+                    final[(str(level), n, s)] = (run, jobs[run])
+        results.update(_run_jobs(jobs, f"{spec.name}-seeds" + (f"-extended{round_}" if round_ else ""), experiments,
+                                 runs_root, limit, first, spec.metric, verbose))
+        todo = {key for key in todo if spec.variants[key[1]].config.optim.patience > 0
+                and any(peaked_at_cap(results.get(final[(*key, s)][0], {}), caps[key]) for s in spec.seeds)}
+        if not todo or round_ == spec.extend:
+            break
+        for key in todo:
+            print(f"[xmr] {spec.name}: {key[1]}" + (f" at {key[0]}" if spec.map else "")
+                  + f" peaked at its {caps[key]}-epoch cap: every seed again at {2 * caps[key]}", flush=True)
+            caps[key] *= 2
+            extended[key] += 1
     wall = busy_seconds([*tuned.values(), *results.values()], fallback=time.perf_counter() - t0)
     rows = []
-    for job_id, job in seed_jobs.items():
+    for (level_key, name, s), (job_id, job) in final.items():
         m = results.get(job_id, {"error": "not run"})
-        row = {"level": job["level"], "variant": job["variant"], "seed": job["seed"],
-               "status": "failed" if "error" in m else "ok", "error": m.get("error")}
+        cap = caps[(level_key, name)]
+        row = {"level": job["level"], "variant": name, "seed": s, "status": "failed" if "error" in m else "ok",
+               "error": m.get("error"), "cap": cap, "extended": extended[(level_key, name)],
+               "peaked_at_cap": peaked_at_cap(m, cap) and spec.variants[name].config.optim.patience > 0}
         if "error" not in m:
             row.update(m)
         rows.append(row)
     runs = pd.DataFrame(rows)
     summary = summarise(spec, runs)
     claims = judge(spec, runs)
-    c = Comparison(spec, runs, pd.DataFrame(tuning_rows), chosen, summary, claims, wall, out.uri(),
+    chosen_by_level = {n: {str(lv): chosen(lv, n) for lv in levels} if spec.map else chosen(None, n)
+                       for n in spec.variants}
+    c = Comparison(spec, runs, pd.DataFrame(tuning_rows), chosen_by_level, summary, claims, wall, out.uri(),
                    notes=_notes(spec, data))
     write_outputs(c, out)
     return c
@@ -369,10 +464,17 @@ def summarise(spec: ComparisonSpec, runs: pd.DataFrame) -> pd.DataFrame:
     for level in levels:
         at = runs[runs["level"].astype(str) == str(level)] if level is not None else runs
         for name in spec.variants:
-            sub = at[(at["variant"] == name) & (at["status"] == "ok")]
-            failed = at[(at["variant"] == name) & (at["status"] == "failed")]
+            mine = at[at["variant"] == name]
+            sub, failed = mine[mine["status"] == "ok"], mine[mine["status"] == "failed"]
             row: dict[str, Any] = {"level": level, "variant": name, "n_ok": len(sub), "n_failed": len(failed),
-                                   "error": failed["error"].iloc[0] if len(failed) else None}
+                                   "error": failed["error"].iloc[0] if len(failed) else None,
+                                   "cap": int(mine["cap"].max()) if len(mine) else None,
+                                   "extended": int(mine["extended"].max()) if len(mine) else 0,
+                                   "n_peaked_at_cap": int(mine["peaked_at_cap"].sum()) if len(mine) else 0}
+            for col in ("epochs", "best_epoch"):
+                vals = sub[col].dropna() if col in sub else pd.Series([], dtype=float)
+                row[f"{col}_min"] = int(vals.min()) if len(vals) else None
+                row[f"{col}_max"] = int(vals.max()) if len(vals) else None
             for col in metric_columns(runs):
                 mean, std, low, high = t_interval(sub[col].tolist()) if col in sub else (math.nan,) * 4
                 row.update({f"{col}_mean": mean, f"{col}_std": std, f"{col}_ci_low": low, f"{col}_ci_high": high})
@@ -382,22 +484,30 @@ def summarise(spec: ComparisonSpec, runs: pd.DataFrame) -> pd.DataFrame:
 
 def judge(spec: ComparisonSpec, runs: pd.DataFrame) -> list[dict[str, Any]]:
     """Every claim at every level: the mean paired (by seed) difference of the main metric,
-    its 95% interval, the smallest detectable difference, and the verdict."""
+    its 95% interval, its p-value raw and Holm-adjusted across the spec's tests, the verdict,
+    and whether both sides' runs converged (none peaked at its cap)."""
     out = []
     levels = spec.map.levels if spec.map is not None else [None]
     m = spec.metric
     for level in levels:
-        at = runs[(runs["status"] == "ok")]
-        if level is not None:
-            at = at[at["level"].astype(str) == str(level)]
+        here = runs if level is None else runs[runs["level"].astype(str) == str(level)]
+        at = here[here["status"] == "ok"]
         for left, op, right in spec.claims:
             values = {}
             for name in (left, right):
                 sub = at[at["variant"] == name]
                 values[name] = dict(zip(sub["seed"].astype(int), sub[m].astype(float))) if m in sub else {}
             diff = paired_difference(values[left], values[right])
+            capped = sorted(n for n in (left, right) if here[here["variant"] == n]["peaked_at_cap"].any())
             out.append({"claim": f"{left} {op} {right}", "level": level, "metric": m, **diff.to_dict(),
                         "left": float(pd.Series(values[left]).mean()) if values[left] else math.nan,
                         "right": float(pd.Series(values[right]).mean()) if values[right] else math.nan,
-                        "verdict": verdict(diff, op)})
+                        "not_converged": ", ".join(capped)})
+    adjusted = holm([cl["p"] for cl in out])
+    for cl, p_holm in zip(out, adjusted):
+        op = ">" if " > " in cl["claim"] else "<"
+        cl["p_holm"] = p_holm
+        cl["margin"] = spec.equivalence_margin
+        cl["verdict"] = verdict(PairedDifference(cl["n"], cl["mean"], cl["sd"], cl["low"], cl["high"], cl["p"],
+                                                 cl["seeds"]), op, p_holm, spec.equivalence_margin)
     return out

@@ -9,10 +9,17 @@ several levels of one property of the (synthetic) data.
     metric: map_mean                        # the metric claims are judged by (on the test split)
     seeds: 5
     common: [model.embed_dim=64]            # overrides for every variant
-    training: {max_epochs: 30, patience: 3} # optim.epochs (the cap) and optim.patience, every variant
-    tuning:                                 # every variant gets the same budget, on validation
+    training: {max_epochs: 30, patience: 3, extend: 2}
+                                            # optim.epochs (the cap) and optim.patience, every variant
+                                            # (not a pre-training stage: it keeps its preset's and its
+                                            # own set); extend: how often a variant whose runs peak at
+                                            # the cap is rerun at twice the cap (0: flag it, no rerun)
+    tuning:                                 # every variant is offered the same candidates, on validation
       trials: 4
+      seed: 1000
+      at: every_level                       # a claim map: tune at every level (or middle_level)
       params: {optim.lr: {type: loguniform, low: 3.0e-4, high: 3.0e-3}}
+    equivalence_margin: 0.02                # δ of the "equivalent" verdict (default 0.02)
     variants:
       sccmrl: {preset: sccmrl, tune: {loss.temperature: {type: loguniform, low: 0.05, high: 0.3}}}
       triplet: {preset: triplet_category, tune: {loss.margin: {type: uniform, low: 0.1, high: 0.5}}}
@@ -34,12 +41,14 @@ from typing import Any
 
 from xmr.checks import check
 from xmr.config import Config, ConfigError, SpecError, load_config, read_yaml_mapping, resolve_named_yaml, with_values
+from xmr.compare.stats import DEFAULT_EQUIVALENCE_MARGIN
 from xmr.tune.space import Param, SpaceError, parse_param
 
 SPEC_DIR = Path(__file__).resolve().parent / "specs"
 _CLAIM = re.compile(r"^\s*([\w.\-]+)\s*(>|<)\s*([\w.\-]+)\s*$")
 _KEYS = {"name", "claim", "dataset", "metric", "seeds", "common", "variants", "claims", "expect", "split",
-         "training", "tuning", "map"}
+         "training", "tuning", "map", "equivalence_margin"}
+TUNING_AT = ("every_level", "middle_level")
 
 
 @dataclass
@@ -72,8 +81,21 @@ class ComparisonSpec:
     patience: int = 0
     tuning_trials: int = 0
     tuning_seed: int = 1000
+    tuning_at: str = "every_level"  # a claim map: tuned at every level, or once at the middle one
+    extend: int = 2  # doublings of a variant's epoch cap while its runs peak at the cap
+    equivalence_margin: float = DEFAULT_EQUIVALENCE_MARGIN
     map: ClaimMap | None = None
     source: str = ""
+
+    def tuning_levels(self) -> list[Any]:
+        """The levels tuning runs at: [None] without a claim map."""
+        if self.map is None:
+            return [None]
+        return list(self.map.levels) if self.tuning_at == "every_level" else [self.middle_level]
+
+    @property
+    def middle_level(self) -> Any:
+        return self.map.levels[len(self.map.levels) // 2] if self.map is not None else None
 
     def dataset_at(self, level: Any) -> dict[str, Any]:
         """The dataset recipe at one level of the claim map (a path of its own per level)."""
@@ -129,7 +151,7 @@ def _int(raw: dict, key: str, default: int, where: str, minimum: int = 0) -> int
 
 
 def load_spec(name_or_path: str, data_path: str | None = None, seeds: int | None = None,
-              extra: list[str] | None = None) -> ComparisonSpec:
+              extra: list[str] | None = None, tuning_seed: int | None = None) -> ComparisonSpec:
     """Parse and validate a spec; every variant's config (and every tuning parameter's
     range) is built and checked here, before anything runs."""
     path = resolve_spec(name_or_path)
@@ -143,15 +165,22 @@ def load_spec(name_or_path: str, data_path: str | None = None, seeds: int | None
     if "path" not in dataset:
         raise SpecError(f"{path}: dataset.path is required")
     training = raw.get("training") or {}
-    if not isinstance(training, dict) or set(training) - {"max_epochs", "patience"}:
-        raise SpecError(f"{path}: training must be a mapping with max_epochs and/or patience")
+    if not isinstance(training, dict) or set(training) - {"max_epochs", "patience", "extend"}:
+        raise SpecError(f"{path}: training must be a mapping with max_epochs, patience and/or extend")
     max_epochs = _int(training, "max_epochs", 0, "training", 0) or None
     patience = _int(training, "patience", 0, "training", 0)
     schedule = ([f"optim.epochs={max_epochs}"] if max_epochs else []) + ([f"optim.patience={patience}"] if patience else [])
-    common = [f"data.path={dataset['path']}", *(raw.get("common") or []), *schedule, *(extra or [])]
+    base = [f"data.path={dataset['path']}", *(raw.get("common") or [])]
+    common = [*base, *schedule, *(extra or [])]
     tuning = raw.get("tuning") or {}
-    if not isinstance(tuning, dict) or set(tuning) - {"trials", "seed", "params"}:
-        raise SpecError(f"{path}: tuning must be a mapping with trials, seed and params")
+    if not isinstance(tuning, dict) or set(tuning) - {"trials", "seed", "params", "at"}:
+        raise SpecError(f"{path}: tuning must be a mapping with trials, seed, at and params")
+    tuning_at = str(tuning.get("at", "every_level"))
+    if tuning_at not in TUNING_AT:
+        raise SpecError(f"{path}: tuning.at = {tuning_at!r}: use one of {list(TUNING_AT)}")
+    margin = raw.get("equivalence_margin", DEFAULT_EQUIVALENCE_MARGIN)
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not margin > 0:
+        raise SpecError(f"{path}: equivalence_margin = {margin!r}: expected a number > 0 (in the metric's units)")
     shared = _params(tuning.get("params"), "tuning.params")
     variants_raw = raw.get("variants")
     if not isinstance(variants_raw, dict) or not variants_raw:
@@ -161,8 +190,8 @@ def load_spec(name_or_path: str, data_path: str | None = None, seeds: int | None
         where = f"variants.{name}"
         cfg, own = _variant_config(v, common, where)
         pre = None
-        if v.get("pretrain") is not None:
-            pre, _ = _variant_config(v["pretrain"], common, f"{where}.pretrain")
+        if v.get("pretrain") is not None:  # its own schedule: the preset's epochs and its own set
+            pre, _ = _variant_config(v["pretrain"], [*base, *(extra or [])], f"{where}.pretrain")
         params = shared + _params(v.get("tune"), f"{where}.tune")
         for p in params:  # every tuned value must fit this variant's config
             probes = p.choices if p.kind == "categorical" else [p.low, p.high]
@@ -199,4 +228,7 @@ def load_spec(name_or_path: str, data_path: str | None = None, seeds: int | None
                           dataset=dataset, metric=metric, seeds=list(range(n_seeds)), variants=variants,
                           claims=claims, split=str(raw.get("split") or first.data.test_split), max_epochs=max_epochs,
                           patience=patience, tuning_trials=_int(tuning, "trials", 0, "tuning"),
-                          tuning_seed=_int(tuning, "seed", 1000, "tuning"), map=claim_map, source=str(path))
+                          tuning_seed=tuning_seed if tuning_seed is not None else _int(tuning, "seed", 1000, "tuning"),
+                          tuning_at=tuning_at,
+                          extend=_int(training, "extend", 2, "training"), equivalence_margin=float(margin),
+                          map=claim_map, source=str(path))

@@ -1,0 +1,70 @@
+"""Do a spec's verdicts survive other tuning candidates? (issue 23, guard 5c)
+
+Runs each spec twice as a user would (``xmr compare --spec NAME``), once with its own
+``tuning.seed`` and once with ``--tuning-seed`` set to another value, and tabulates every
+(claim, level) verdict side by side. A verdict that changes with the candidates was decided
+by the draw, not by the variants; the two runs share nothing but the data and the seeds.
+
+    .venv/bin/python bench/compare_reseed.py                       # every shipped spec (hours on 2 cores)
+    .venv/bin/python bench/compare_reseed.py --spec cdaml_hierarchy --other-seed 2024
+
+Writes bench/results/compare_reseed.json; ``headline``: specs, tests, verdicts_agree, share.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS, machine  # noqa: E402
+
+
+
+def main() -> int:
+    from xmr.compare.runner import run_comparison
+    from xmr.compare.spec import SPEC_DIR, load_spec
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--spec", action="append", default=[], help="spec name (repeatable; default: every shipped spec)")
+    p.add_argument("--other-seed", type=int, default=2024, help="the second run's tuning seed (default 2024)")
+    p.add_argument("--storage", default="runs/compare_reseed", help="where both runs go (resumable)")
+    args = p.parse_args()
+    names = args.spec or sorted(x.stem for x in SPEC_DIR.glob("*.yaml"))
+    rows, t0, default_seed = [], time.perf_counter(), None
+    for name in names:
+        default_seed = load_spec(name).tuning_seed
+        runs = {}
+        for seed in (default_seed, args.other_seed):
+            spec = load_spec(name, tuning_seed=seed)
+            runs[seed] = run_comparison(spec, f"{args.storage}/tuning-seed-{seed}")
+        a, b = runs[default_seed], runs[args.other_seed]
+        for ca, cb in zip(a.claims, b.claims):
+            assert (ca["claim"], str(ca["level"])) == (cb["claim"], str(cb["level"]))
+            rows.append({"spec": name, "claim": ca["claim"], "level": ca["level"],
+                         "verdict": ca["verdict"], "diff": ca["mean"], "verdict_other": cb["verdict"],
+                         "diff_other": cb["mean"], "agree": ca["verdict"] == cb["verdict"],
+                         "wall_min": (a.wall_s + b.wall_s) / 60})
+    print(f"| spec | claim | level | spec's tuning seed ({default_seed}) | seed {args.other_seed} | agree |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['spec']} | `{r['claim']}` | {r['level'] if r['level'] is not None else ''} | "
+              f"{r['verdict']} ({r['diff']:+.4f}) | {r['verdict_other']} ({r['diff_other']:+.4f}) | "
+              f"{'yes' if r['agree'] else '**no**'} |")
+    agree = sum(r["agree"] for r in rows)
+    headline = {"specs": len(names), "tests": len(rows), "verdicts_agree": agree,
+                "share": agree / len(rows) if rows else float("nan"), "wall_min": (time.perf_counter() - t0) / 60}
+    print("headline:", headline)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "compare_reseed.json").write_text(json.dumps(
+        {"machine": machine(), "date": dt.datetime.now().isoformat(timespec="minutes"),
+         "seeds": [default_seed, args.other_seed], "rows": rows, "headline": headline}, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
