@@ -139,3 +139,14 @@ def test_local_storage_helpers(tmp_path: Path) -> None:
     assert all(filecmp.cmp(a, b, shallow=False) for a, b in zip(files, sorted(copied)))
     with pytest.raises(FileNotFoundError, match="nope"):
         storage.read_bytes(str(tmp_path / "nope"))
+
+
+def test_download_refuses_keys_that_resolve_outside_the_folder(s3_bucket: str, tmp_path: Path) -> None:
+    """An S3 key is a string, not a path: ``ckpt/../../../x/rel.txt`` lists under ``ckpt/``
+    and would be written three folders above the download's target (issue 24)."""
+    storage.write_bytes(f"s3://{s3_bucket}/ckpt/model.safetensors", b"weights")
+    storage.write_bytes(f"s3://{s3_bucket}/ckpt/../../../x/rel.txt", b"planted")
+    target = tmp_path / "a" / "b" / "c" / "local"
+    with pytest.raises(ValueError, match=r"'\.\./\.\./\.\./x/rel\.txt' resolves outside"):
+        storage.download_dir(f"s3://{s3_bucket}/ckpt", str(target), progress=False)
+    assert not (tmp_path / "a" / "x").exists() and not list(tmp_path.rglob("rel.txt"))

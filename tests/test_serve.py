@@ -99,14 +99,15 @@ def test_search_equals_offline_retrieval(endpoint, checkpoints):
             assert all(isinstance(h["label"], int) for h in got)
 
 
-def wav_bytes(x: np.ndarray, rate: int = 16000) -> bytes:
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes((np.clip(x, -1, 1) * 32767).astype("<i2").tobytes())
-    return buf.getvalue()
+def wav_bytes(x: np.ndarray, rate: int = 16000, channels: int = 1) -> bytes:
+    """A 16-bit PCM WAV of ``x`` (``channels`` interleaved copies; the header is written by
+    hand so it may state any rate, as a hostile client's would)."""
+    pcm = np.repeat((np.clip(x, -1, 1) * 32767).astype("<i2"), channels).tobytes()
+    fmt = (b"fmt " + (16).to_bytes(4, "little") + (1).to_bytes(2, "little") + channels.to_bytes(2, "little")
+           + rate.to_bytes(4, "little") + ((rate * 2 * channels) % 2**32).to_bytes(4, "little")
+           + (2 * channels).to_bytes(2, "little") + (16).to_bytes(2, "little"))
+    data = b"data" + len(pcm).to_bytes(4, "little") + pcm
+    return b"RIFF" + (4 + len(fmt) + len(data)).to_bytes(4, "little") + b"WAVE" + fmt + data
 
 
 def test_wav_query_is_featurised_like_the_dataset(endpoint):
@@ -183,6 +184,18 @@ BAD_SEARCH = [
     ({"audio_wav_base64": base64.b64encode(wav_bytes(np.zeros(16000 * 40))).decode()}, 413, "at most"),
     ('{"query": [0.1, ', 400, "not valid JSON"),
     ("[1, 2, 3]", 422, ""),
+    # issue 24's bodies that answered 500, or stalled the retriever
+    ('{"query": [' + "0.1, " * 63 + '0.1], "k": ' + "9" * 5000 + "}", 422, "characters"),
+    ('{"query": [0.' + "1" * 5000 + ", 0.0" * 63 + "]}", 422, "characters"),
+    ("[" * 100_000, 422, "nested"),
+    ('{"query": ' + "[" * 900 + "]" * 900 + "}", 422, "nested"),
+    ({"query": [3e38] * 64}, 422, "magnitude"),
+    ({"query": [-3.4028235e38] * 64}, 422, "magnitude"),
+    ({"audio_wav_base64": base64.b64encode(wav_bytes(np.zeros(1), rate=1_000_003)).decode()}, 422, "sample rate"),
+    ({"audio_wav_base64": base64.b64encode(wav_bytes(np.zeros(1), rate=4_294_967_291)).decode()}, 422, "sample rate"),
+    ({"audio_wav_base64": base64.b64encode(wav_bytes(np.zeros(1))[:-2]).decode()}, 422, "sample frame"),
+    ({"audio_wav_base64": base64.b64encode(wav_bytes(np.zeros(1), channels=2)[:-2]).decode()}, 422, "sample frame"),
+    ({"audio_wav_base64": base64.b64encode(wav_bytes(np.zeros(9), channels=9)).decode()}, 422, "channels"),
 ]
 
 
@@ -344,11 +357,32 @@ def test_binary_bodies_answer_as_the_json_list(served):
     wrong = base64.b64encode(np.zeros(5, dtype="<f4").tobytes()).decode()  # validated the same way
     r = post(f"{url}/search", {"query_base64": wrong, "k": 5})
     assert r.status_code == 422 and "expected shape" in r.json()["error"]
+    npz = io.BytesIO()
+    np.savez(npz, q=np.asarray(q, dtype=np.float32))
+    hostile = [(npz.getvalue(), 400, "npz"), (b"PK\x03\x04junk", 400, "npz"), (b"junk", 400, "not a .npy"),
+               (_npy_with_shape("(1099511627776,)"), 413, "numbers"), (buf.getvalue()[:-8], 400, "declares"),
+               (_npy_with_shape("(64,)", dtype="|O"), 422, "dtype"), (_npy_with_shape("(64,)", dtype="<U4"), 422, "dtype")]
+    for body, status, message in hostile:
+        r = requests.post(f"{url}/search?k=5", data=body, timeout=30, headers={"Content-Type": "application/x-npy"})
+        assert r.status_code == status and message in r.json()["error"], (body[:40], r.status_code, r.text)
+    r = requests.post(f"{url}/search?k=" + "9" * 5000, data=buf.getvalue(), timeout=30,
+                      headers={"Content-Type": "application/x-npy"})
+    assert r.status_code == 422 and "k:" in r.json()["error"]
+
+
+def _npy_with_shape(shape: str, dtype: str = "<f4") -> bytes:
+    """A version 1.0 .npy header claiming ``shape`` and ``dtype``, followed by 256 bytes."""
+    header = f"{{'descr': '{dtype}', 'fortran_order': False, 'shape': {shape}, }}".encode()
+    header += b" " * (63 - (10 + len(header)) % 64) + b"\n"
+    return b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header + b"\0" * 256
 
 
 def test_a_configured_key_is_required_and_never_shown(served):
     locked, q = served["locked"], _query()
     assert requests.get(f"{locked}/healthz", timeout=30).status_code == 200  # load balancers probe it
+    for near in ("/x/healthz", "/healthz/", "/info/healthz"):  # the exemption is the exact route
+        r = requests.get(f"{locked}{near}", timeout=30)
+        assert r.status_code == 401 and "bearer token" in r.json()["error"], (near, r.text)
     r = post(f"{locked}/search", {"query": q, "k": 3})
     assert r.status_code == 401 and "missing bearer token" in r.json()["error"]
     r = post(f"{locked}/search", {"query": q, "k": 3}, headers={"Authorization": "Bearer not-the-key"})
@@ -482,3 +516,39 @@ def test_a_query_found_by_its_own_text(text_app, endpoint):
     assert_error(f"{url}/moments", {"text": ""}, 422, "text")
     assert_error(f"{endpoint['vcmr']}/moments", {"text": "Ross opens the door."}, 422, "no text encoder")
     assert_error(f"{endpoint['cat']}/search", {"text": "Ross opens the door."}, 422, "no text encoder")
+
+
+def test_stalled_bodies_get_408_and_do_not_stall_the_endpoint(endpoint):
+    """Slowloris (issue 24): 300 connections each send headers and half a body, then stall.
+    Meanwhile /healthz and a real query answer; each stalled connection gets a 408 JSON
+    error once the body deadline (10 s) passes, and its slot is freed."""
+    url = urlparse(endpoint["cat"])
+    stalled = []
+    for _ in range(300):
+        s = socket.create_connection((url.hostname, url.port), timeout=30)
+        s.sendall(b"POST /search HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 400\r\n\r\n" + b'{"query": [0.1, ')
+        stalled.append(s)
+    try:
+        time.sleep(1.0)
+        t0 = time.perf_counter()
+        assert requests.get(f"{endpoint['cat']}/healthz", timeout=30).status_code == 200
+        r = post(f"{endpoint['cat']}/search", {"query": [0.2] * 64, "k": 3})
+        assert r.status_code == 200 and time.perf_counter() - t0 < 9.0  # answered before any deadline freed a slot
+        answers = []
+        for s in stalled:
+            s.settimeout(40)
+            data = b""
+            while b"\r\n\r\n" not in data or not data.rstrip().endswith(b"}"):
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+            answers.append(data)
+        statuses = {a.split(b" ", 2)[1] for a in answers if a}
+        assert statuses == {b"408"} and len([a for a in answers if a]) == 300, statuses
+        assert b'"error":"the request body did not arrive within 10 s' in answers[0].replace(b": ", b":")
+    finally:
+        for s in stalled:
+            s.close()
+    assert requests.get(f"{endpoint['cat']}/healthz", timeout=30).status_code == 200

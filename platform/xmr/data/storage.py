@@ -274,6 +274,11 @@ def download_dir(url: str, local: str, *, endpoint_url: str | None = None, worke
         rels = [s[len(base):] for s in srcs]
     else:
         rels = list(files)
+    root = os.path.realpath(local)
+    for r in rels:  # a key like "ckpt/../../x" must not write outside ``local``
+        dst = os.path.realpath(os.path.join(local, r))
+        if not r or not dst.startswith(root + os.sep):
+            raise ValueError(f"{url}: the object {r!r} resolves outside {local}; refusing to download it")
     jobs = [(join(url, r), os.path.join(local, r)) for r in rels]
 
     def get(src: str, dst: str) -> None:

@@ -27,7 +27,6 @@ import asyncio
 import base64
 import binascii
 import functools
-import io
 import json
 import os
 import time
@@ -44,10 +43,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from xmr.serve.featurise import audio_featuriser
 from xmr.serve.gallery import Loaded, load_for_serving, served_manifest, text_encoder_of
-from xmr.serve.middleware import BearerToken, BoundedBody, error_response as _error, key_configured, set_key_digest
+from xmr.serve.middleware import (BearerToken, BoundedBody, error_response as _error, key_configured, set_body_timeout,
+                                  set_key_digest)
 from xmr.serve.requests import (MAX_ELEMENTS, MomentsRequest, MomentsResponse, RequestError,
                                 SearchRequest, SearchResponse, as_array, decode_wav_base64, error_text,
-                                tokens_array)
+                                parse_json_body, parse_npy_body, tokens_array)
 from xmr.serve.search import moments_items, search_items, svmr_one
 from xmr.tasks import FAMILIES
 
@@ -59,6 +59,7 @@ INLINE_LONE = os.environ.get("XMR_SERVE_INLINE_LONE", "1") == "1"
 # A call whose replica died is sent again this many times, backing off, within this budget.
 RETRIES = int(os.environ.get("XMR_SERVE_RETRIES", "8"))
 RETRY_BUDGET_S = float(os.environ.get("XMR_SERVE_RETRY_BUDGET_S", "20"))
+FEATURISE_TIMEOUT_S = 5.0
 ROUTES = "POST /search, POST /moments, GET /healthz, GET /info, GET /docs"
 
 api = FastAPI(title="xmr retrieval", version="1",
@@ -123,18 +124,6 @@ def _body_schema(model) -> dict[str, Any]:
                          "description": "a float32 .npy array (np.save); k, modality, video as query parameters"}}}}}
 
 
-def _npy(body: bytes) -> np.ndarray:
-    try:
-        arr = np.load(io.BytesIO(body), allow_pickle=False)
-    except (ValueError, OSError, EOFError):
-        raise RequestError(400, "the body is not a valid .npy array (write it with numpy.save; no pickled objects)") from None
-    if arr.dtype.kind not in "iuf":
-        raise RequestError(422, f"query: a .npy array of numbers is expected, got dtype {arr.dtype}")
-    if arr.size == 0 or arr.size > MAX_ELEMENTS:
-        raise RequestError(422 if arr.size == 0 else 413, f"query: {arr.size} numbers (1..{MAX_ELEMENTS} allowed)")
-    return arr.astype(np.float32)
-
-
 def _base64_floats(text: str) -> np.ndarray:
     try:
         raw = base64.b64decode(text, validate=True)
@@ -154,17 +143,14 @@ async def _parse(request: Request, model) -> tuple[Any, np.ndarray | None]:
         params = dict(request.query_params)
         if "k" in params:
             try:
+                if len(params["k"]) > 8:
+                    raise ValueError
                 params["k"] = int(params["k"])
             except ValueError:
                 raise RequestError(422, f"k: expected an integer query parameter, got {params['k'][:20]!r}") from None
-        req, binary = _validated(model, params), _npy(body)
+        req, binary = _validated(model, params), parse_npy_body(body)
         return req, binary
-    try:
-        data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise RequestError(400, f"the body is not valid JSON ({exc.__class__.__name__} at position "
-                                f"{getattr(exc, 'pos', '?')}): send a JSON object, or a .npy body with "
-                                f"Content-Type {NPY}") from None
+    data = parse_json_body(body)
     if not isinstance(data, dict):
         raise RequestError(422, f"body: expected a JSON object, got {type(data).__name__}")
     encoded = data.pop("query_base64", None)
@@ -253,7 +239,7 @@ class Retriever:
             role, featurise = self.featurise
             if req.modality not in (None, role):
                 raise RequestError(422, f"modality = {req.modality!r}: audio queries are modality {role!r}")
-            vec = featurise(decode_wav_base64(req.audio_wav_base64))
+            vec = await self._featurised(featurise, decode_wav_base64(req.audio_wav_base64))
         else:
             role = req.modality or "a"
             dims = st.cfg.model.dims[role]
@@ -298,6 +284,15 @@ class Retriever:
             return {"k": req.k, "video": req.video, "results": hits}
         hits = await self._admitted(self._moments_batched, (st, q, req.k))
         return {"k": req.k, "results": hits}
+
+    async def _featurised(self, featurise, wav: bytes) -> np.ndarray:
+        """A WAV's features off the event loop (other queries keep being answered), within a
+        time limit; the WAV's rate, channels and length are bounded before any work."""
+        try:
+            return await asyncio.wait_for(asyncio.to_thread(featurise, wav), FEATURISE_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise RequestError(422, f"audio_wav_base64: featurising took longer than {FEATURISE_TIMEOUT_S:g} s; "
+                                    f"send a shorter file") from None
 
     async def _admitted(self, batched, item: tuple):
         self.inflight += 1
@@ -377,7 +372,10 @@ def _as_request_error(exc: BaseException) -> RequestError | None:
     return None
 
 
-@serve.deployment(max_ongoing_requests=256, ray_actor_options={"num_cpus": 0.25},
+# A gateway request that waits on its client (a slow body, at most the body deadline) costs a
+# coroutine, not a thread: a high cap keeps /healthz and real queries answered while many
+# clients stall (the body deadline frees their slots).
+@serve.deployment(max_ongoing_requests=2048, ray_actor_options={"num_cpus": 0.25},
                   logging_config={"enable_access_log": os.environ.get("XMR_SERVE_ACCESS_LOG") == "1"})
 @serve.ingress(api)
 class Gateway:
@@ -389,6 +387,7 @@ class Gateway:
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         set_key_digest(config.get("api_key_sha256"))
+        set_body_timeout(config.get("body_timeout_s"))
 
     async def _call(self, method: str, *args, handle=None):
         deadline, delay = time.monotonic() + RETRY_BUDGET_S, 0.05
@@ -464,11 +463,12 @@ def build_app(args: dict[str, Any]):
     checkpoint's data.path), split (default test), index (a saved ``xmr index build`` dir),
     approx (auto|on|off), replicas or autoscaling, max_ongoing_requests, api_key_sha256 (the
     hex SHA-256 of the bearer token; ``xmr serve`` derives it from XMR_API_KEY /
-    --api-key-file), drain_s (graceful shutdown bound); batch options via XMR_SERVE_BATCH /
+    --api-key-file), drain_s (graceful shutdown bound), body_timeout_s (how long a client
+    may take to send its body, default 10 s; then 408); batch options via XMR_SERVE_BATCH /
     XMR_SERVE_BATCH_WAIT_S.
     """
     known = {"checkpoint", "gallery", "split", "index", "approx", "endpoint_url", "replicas", "autoscaling",
-             "max_ongoing_requests", "api_key_sha256", "drain_s"}
+             "max_ongoing_requests", "api_key_sha256", "drain_s", "body_timeout_s"}
     unknown = set(args) - known
     if unknown:
         raise ValueError(f"unknown application args {sorted(unknown)} (known: {sorted(known)})")
@@ -495,7 +495,11 @@ def build_app(args: dict[str, Any]):
     encoder = text_encoder_of(served_manifest(**user_config))
     featuriser = (_same_code(TextFeaturiser.options(**drain), encoder).bind(encoder["name"], encoder)
                   if encoder else None)
-    gateway = Gateway.options(user_config={"api_key_sha256": digest}, num_replicas=gateways, **drain)
+    body_timeout = float(args.get("body_timeout_s", 10.0))
+    if not 0 < body_timeout <= 300:
+        raise ValueError(f"body_timeout_s = {body_timeout}: expected 0 < seconds <= 300")
+    gateway = Gateway.options(user_config={"api_key_sha256": digest, "body_timeout_s": body_timeout},
+                              num_replicas=gateways, **drain)
     return _same_code(gateway, encoder and encoder["name"]).bind(_same_code(retriever).bind(), featuriser)
 
 

@@ -17,6 +17,9 @@ from typing import Any
 THROUGHPUT_ENV = "RAY_SERVE_THROUGHPUT_OPTIMIZED"
 
 
+REQUEST_TIMEOUT_S = 60.0
+
+
 def start(args: dict[str, Any], host: str = "127.0.0.1", port: int = 8000, address: str | None = None,
           name: str = "xmr", route_prefix: str = "/", direct: bool = False):
     """Start (or update) the application on Serve; returns its base URL once it answers.
@@ -26,7 +29,9 @@ def start(args: dict[str, Any], host: str = "127.0.0.1", port: int = 8000, addre
     from xmr.serve.app import build_app
 
     connect(address, direct)
-    serve.start(http_options={"host": host, "port": port})
+    # A backstop deadline per request at the proxy (the gateway's body deadline and the
+    # retriever's limits come first): nothing a client does holds a proxy slot past it.
+    serve.start(http_options={"host": host, "port": port, "request_timeout_s": REQUEST_TIMEOUT_S})
     serve.run(build_app(args), name=name, route_prefix=route_prefix, blocking=False)
     return f"http://{host}:{port}{route_prefix.rstrip('/')}"
 

@@ -14,6 +14,10 @@ from xmr.data.manifest import Manifest
 from xmr.serve.requests import RequestError
 
 MAX_WAV_SECONDS = 30.0
+# The rates and channel counts a WAV may state: the resampling filter's length grows with the
+# ratio of the rates, so an absurd rate (1,000,003 Hz) would cost seconds of CPU and a GB.
+WAV_RATES = (8000, 192000)
+MAX_WAV_CHANNELS = 8
 
 
 def audio_featuriser(manifest: Manifest):
@@ -32,7 +36,12 @@ def audio_featuriser(manifest: Manifest):
         try:
             with wave.open(io.BytesIO(data), "rb") as w:
                 n_ch, width, rate, n = w.getnchannels(), w.getsampwidth(), w.getframerate(), w.getnframes()
-                if n == 0 or rate <= 0:
+                if not WAV_RATES[0] <= rate <= WAV_RATES[1]:
+                    raise RequestError(422, f"audio_wav_base64: sample rate {rate} Hz, expected "
+                                            f"{WAV_RATES[0]}..{WAV_RATES[1]} Hz")
+                if not 1 <= n_ch <= MAX_WAV_CHANNELS:
+                    raise RequestError(422, f"audio_wav_base64: {n_ch} channels, expected 1..{MAX_WAV_CHANNELS}")
+                if n == 0:
                     raise RequestError(422, "audio_wav_base64: the WAV file holds no samples")
                 if n / rate > MAX_WAV_SECONDS:
                     raise RequestError(413, f"audio_wav_base64: {n / rate:.1f} s of audio, at most {MAX_WAV_SECONDS:.0f} s")
@@ -42,7 +51,10 @@ def audio_featuriser(manifest: Manifest):
         dtype = {1: np.uint8, 2: "<i2", 4: "<i4"}.get(width)
         if dtype is None:
             raise RequestError(422, f"audio_wav_base64: unsupported sample width {width} bytes (1, 2 or 4)")
-        x = np.frombuffer(raw[: len(raw) - len(raw) % (width * n_ch)], dtype=dtype).astype(np.float32)
+        whole = len(raw) - len(raw) % (width * n_ch)
+        if whole == 0:
+            raise RequestError(422, "audio_wav_base64: the WAV file holds no complete sample frame")
+        x = np.frombuffer(raw[:whole], dtype=dtype).astype(np.float32)
         x = (x - 128.0) / 128.0 if width == 1 else x / float(2 ** (8 * width - 1))
         if n_ch > 1:
             x = x.reshape(-1, n_ch).mean(axis=1)

@@ -9,6 +9,7 @@ the deployment's own module (it would set a copy)."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 
@@ -19,6 +20,9 @@ from xmr.serve.requests import MAX_BODY_BYTES
 OPEN_PATHS = ("/healthz",)  # load balancers probe it without a token
 
 _KEY_DIGEST: list[bytes | None] = [None]  # this process's configured key digest
+# How long a client may take to send a body once its headers arrived (slowloris: a
+# connection that trickles or stalls its body would otherwise hold a gateway slot for ever).
+BODY_TIMEOUT_S: list[float] = [10.0]
 
 
 def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -31,12 +35,19 @@ def set_key_digest(hex_digest: str | None) -> None:
     _KEY_DIGEST[0] = bytes.fromhex(hex_digest) if hex_digest else None
 
 
+def set_body_timeout(seconds: float | None) -> None:
+    """The body-read deadline, from the deployment's config (default 10 s)."""
+    BODY_TIMEOUT_S[0] = float(seconds) if seconds else 10.0
+
+
 def key_configured() -> bool:
     return _KEY_DIGEST[0] is not None
 
 
 class BoundedBody:
-    """Oversized or unsized POST bodies are refused before they are read."""
+    """Oversized or unsized POST bodies are refused before they are read, and a body must
+    arrive whole within ``BODY_TIMEOUT_S`` (else 408): the middleware reads it under that
+    deadline and hands the application the buffered body."""
 
     def __init__(self, app) -> None:
         self.app = app
@@ -47,7 +58,37 @@ class BoundedBody:
             if problem is not None:
                 await error_response(*problem)(scope, receive, send)
                 return
+            try:
+                body = await asyncio.wait_for(_read_body(receive), BODY_TIMEOUT_S[0])
+            except asyncio.TimeoutError:
+                await error_response(408, f"the request body did not arrive within {BODY_TIMEOUT_S[0]:g} s: send "
+                                          f"it in one go", {"Connection": "close"})(scope, receive, send)
+                return
+            if body is None:  # the client went away
+                return
+            receive = _replay(body, receive)
         await self.app(scope, receive, send)
+
+
+async def _read_body(receive) -> bytes | None:
+    parts = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        parts.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(parts)
+
+
+def _replay(body: bytes, receive):
+    """A ``receive`` that gives the buffered body once, then the connection's own messages."""
+    pending = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def replayed():
+        return pending.pop() if pending else await receive()
+
+    return replayed
 
 
 def _body_problem(length: bytes | None) -> tuple[int, str] | None:
@@ -58,6 +99,13 @@ def _body_problem(length: bytes | None) -> tuple[int, str] | None:
     if int(length) > MAX_BODY_BYTES:
         return 413, f"request body of {int(length)} bytes exceeds the {MAX_BODY_BYTES}-byte limit"
     return None
+
+
+def _route(scope) -> str:
+    """The path below the application's route prefix (Serve passes it as ``root_path``):
+    the exemption is for exactly ``<prefix>/healthz``, not any path that ends with it."""
+    path, prefix = scope["path"], scope.get("root_path", "").rstrip("/")
+    return path[len(prefix):] if prefix and path.startswith(prefix + "/") else path
 
 
 class BearerToken:
@@ -71,7 +119,7 @@ class BearerToken:
 
     async def __call__(self, scope, receive, send) -> None:
         digest = _KEY_DIGEST[0]
-        if scope["type"] == "http" and digest is not None and not scope["path"].endswith(OPEN_PATHS):
+        if scope["type"] == "http" and digest is not None and _route(scope) not in OPEN_PATHS:
             header = dict(scope["headers"]).get(b"authorization", b"")
             token = header[7:] if header[:7].lower() == b"bearer " else b""
             if not hmac.compare_digest(hashlib.sha256(token).digest(), digest):

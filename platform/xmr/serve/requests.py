@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import io
+import json
+import re
 from typing import Annotated, Any, Literal
 
 import numpy as np
@@ -13,6 +16,14 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt
 MAX_BODY_BYTES = 4 << 20  # 4 MiB: a 100 k-element float query in JSON, or ~90 s of 16 kHz WAV in base64
 MAX_ELEMENTS = 1 << 17
 MAX_K = 1000
+# JSON bodies are checked for shape before they are parsed: a query is at most a 2-D array
+# inside the request object, so 8 levels leave room; a number of more than 40 characters is
+# no float32 anyone means (and Python's int() refuses 4,300 digits with a ValueError).
+MAX_JSON_DEPTH = 8
+MAX_NUMBER_CHARS = 40
+# Query values beyond this magnitude overflow float32 in the norm or the scores (sqrt of
+# float32's max over MAX_ELEMENTS is ~5e16), which would give NaN scores.
+MAX_ABS_VALUE = 1e15
 
 # Feature arrays are checked by numpy (``as_array`` / ``tokens_array``), not element by
 # element by pydantic: a 20 x 768 query is 15k numbers, and per-element validation of that
@@ -96,14 +107,21 @@ def numeric_array(value: Any, field: str) -> np.ndarray:
     return raw.astype(np.float32)
 
 
+def _finite(arr: np.ndarray, field: str) -> np.ndarray:
+    if not np.isfinite(arr).all():
+        raise RequestError(422, f"{field}: contains NaN or Inf")
+    if float(np.abs(arr).max()) > MAX_ABS_VALUE:
+        raise RequestError(422, f"{field}: values of magnitude above {MAX_ABS_VALUE:g} overflow the scores; "
+                                f"send features on their usual scale")
+    return arr
+
+
 def as_array(value: Any, shape: list[int], field: str) -> np.ndarray:
-    """The query as float32 of exactly ``shape``; finite values only."""
+    """The query as float32 of exactly ``shape``; finite values of bounded magnitude only."""
     arr = numeric_array(value, field)
     if list(arr.shape) != list(shape):
         raise RequestError(422, f"{field}: expected shape {list(shape)}, got {list(arr.shape)}")
-    if not np.isfinite(arr).all():
-        raise RequestError(422, f"{field}: contains NaN or Inf")
-    return arr
+    return _finite(arr, field)
 
 
 def tokens_array(value: Any, dim: int, max_tokens: int) -> np.ndarray:
@@ -114,9 +132,7 @@ def tokens_array(value: Any, dim: int, max_tokens: int) -> np.ndarray:
         raise RequestError(422, f"query: expected {dim} features per token, got {arr.shape[1]}")
     if not 1 <= arr.shape[0] <= max_tokens:
         raise RequestError(422, f"query: expected 1..{max_tokens} tokens, got {arr.shape[0]}")
-    if not np.isfinite(arr).all():
-        raise RequestError(422, "query: contains NaN or Inf")
-    return arr
+    return _finite(arr, "query")
 
 
 def decode_wav_base64(text: str) -> bytes:
@@ -133,3 +149,75 @@ def error_text(errors: list[dict[str, Any]]) -> str:
         loc = ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "body"
         lines.append(f"{loc}: {e.get('msg', 'invalid')}")
     return "; ".join(lines)
+
+
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+
+
+def _bounded_number(kind):
+    def parse(text: str):
+        if len(text) > MAX_NUMBER_CHARS:
+            raise RequestError(422, f"a number of {len(text)} characters (at most {MAX_NUMBER_CHARS}): "
+                                    f"{text[:20]}...")
+        return kind(text)
+    return parse
+
+
+def _no_constant(name: str):
+    raise RequestError(422, f"the body contains {name}: NaN or Inf is not a JSON number; send finite numbers")
+
+
+def parse_json_body(body: bytes) -> Any:
+    """A JSON body, its shape checked before it is parsed: nesting depth, the number of
+    elements and the length of each number are bounded, and NaN / Infinity are refused, so
+    no body can make the parser recurse, allocate far beyond its size, or fail with a 500."""
+    skeleton = _JSON_STRING.sub(b'""', body)  # brackets and commas inside strings do not count
+    chars = np.frombuffer(skeleton, dtype=np.uint8)
+    if chars.size:
+        step = np.zeros(chars.size, dtype=np.int32)
+        step[(chars == ord("[")) | (chars == ord("{"))] = 1
+        step[(chars == ord("]")) | (chars == ord("}"))] = -1
+        depth = int(np.cumsum(step).max())
+        if depth > MAX_JSON_DEPTH:
+            raise RequestError(422, f"the JSON body is nested {depth} levels deep, at most {MAX_JSON_DEPTH}: "
+                                    f"send the query as a flat or 2-D list")
+        commas = int((chars == ord(",")).sum())
+        if commas > MAX_ELEMENTS + 64:
+            raise RequestError(413, f"the JSON body holds {commas + 1} elements, at most {MAX_ELEMENTS}")
+    try:
+        return json.loads(body, parse_int=_bounded_number(int), parse_float=_bounded_number(float),
+                          parse_constant=_no_constant)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RequestError(400, f"the body is not valid JSON ({exc.__class__.__name__} at position "
+                                f"{getattr(exc, 'pos', '?')}): send a JSON object, or a .npy body with "
+                                f"Content-Type application/x-npy") from None
+    except RecursionError:  # unreachable past the depth check; kept so no body can give a 500
+        raise RequestError(422, f"the JSON body is nested too deep (at most {MAX_JSON_DEPTH} levels)") from None
+
+
+def parse_npy_body(body: bytes) -> np.ndarray:
+    """A ``.npy`` body as float32. The header is read and checked first (magic, dtype, shape
+    x itemsize against the limit and the bytes actually sent), so a header that claims a
+    huge array allocates nothing, and a zip (``.npz``) or pickle is refused."""
+    fmt = np.lib.format
+    f = io.BytesIO(body)
+    if not body.startswith(b"\x93NUMPY"):
+        kind = " (a zip archive: .npz is not accepted)" if body.startswith(b"PK") else ""
+        raise RequestError(400, f"the body is not a .npy array{kind}: write one array with numpy.save")
+    try:
+        major, _ = fmt.read_magic(f)
+        header = fmt.read_array_header_1_0 if major == 1 else fmt.read_array_header_2_0
+        shape, fortran, dtype = header(f, max_header_size=1024)
+    except (ValueError, OSError, EOFError, SyntaxError, TypeError) as exc:
+        raise RequestError(400, f"the .npy header is not valid ({exc.__class__.__name__}): write it with numpy.save") from None
+    if dtype.hasobject or dtype.kind not in "iuf":
+        raise RequestError(422, f"query: a .npy array of numbers is expected, got dtype {dtype}")
+    size = int(np.prod(shape, dtype=object)) if shape else 1
+    if size == 0 or size > MAX_ELEMENTS:
+        raise RequestError(422 if size == 0 else 413, f"query: {size} numbers (1..{MAX_ELEMENTS} allowed)")
+    data = body[f.tell():]
+    if len(data) != size * dtype.itemsize:
+        raise RequestError(400, f"the .npy header declares {size * dtype.itemsize} bytes of data, the body holds "
+                                f"{len(data)}")
+    arr = np.frombuffer(data, dtype=dtype).reshape(shape, order="F" if fortran else "C")
+    return arr.astype(np.float32)
