@@ -11,6 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+TVR_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "tvr"
+# Tests that read the real TVR annotations: on a fresh clone without ../shared they skip, saying so.
+needs_tvr = pytest.mark.skipif(not (TVR_DIR / "tvr_val_release.jsonl").is_file()
+                               or not (TVR_DIR / "tvr_video2dur_idx.json").is_file(),
+                               reason=f"needs the real TVR annotations in {TVR_DIR} (the project's ../shared "
+                                      "folder beside the checkout); run it there")
+
 # Ray 2.60 turns token auth on by default; the CLI and every process must agree on the mode,
 # and Ray reads it at import time, so it is set before any test module imports ray.
 os.environ.setdefault("RAY_AUTH_MODE", "token")

@@ -199,7 +199,7 @@ def test_newest_complete_checkpoint_in_the_run_folder(tmp_path):
     """A restart resumes from the newest complete checkpoint on storage even when Ray's own
     record lags one report behind (a kill right after the upload); incomplete ones are skipped."""
     from xmr.checkpoint import save_train_state
-    from xmr.train.loop import _newest_on_storage
+    from xmr.train.loop import _complete_on_storage
     from xmr.train.runfs import RunDir
 
     cfg = small_cfg()
@@ -209,5 +209,42 @@ def test_newest_complete_checkpoint_in_the_run_folder(tmp_path):
         if epoch != 4:  # epoch 4 lacks its training state: an interrupted copy
             save_train_state(d, step.state_dict())
     run = RunDir(str(tmp_path), "run")
-    assert _newest_on_storage(run) == (3, str(tmp_path / "run" / "checkpoint_epoch0003"))
-    assert _newest_on_storage(RunDir(str(tmp_path), "empty")) is None
+    assert _complete_on_storage(run) == [(e, str(tmp_path / "run" / f"checkpoint_epoch000{e}")) for e in (3, 2)]
+    assert _complete_on_storage(RunDir(str(tmp_path), "empty")) == []
+
+
+def test_resume_falls_back_past_a_truncated_checkpoint(tmp_path):
+    """Issue 24: the newest checkpoint's weights truncated (an interrupted upload) no longer
+    fails every retry: resume takes the one before it and says which it skipped and why."""
+    from xmr.checkpoint import save_train_state
+    from xmr.train.loop import newest_loadable
+    from xmr.train.runfs import RunDir
+
+    cfg = small_cfg()
+    method, step = trained_state(cfg)
+    for epoch in (1, 2):
+        d = save_checkpoint(tmp_path / "run" / f"checkpoint_epoch{epoch:04d}", method, cfg, epoch=epoch, step=epoch)
+        save_train_state(d, step.state_dict())
+    weights = tmp_path / "run" / "checkpoint_epoch0002" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    loaded, skipped = newest_loadable(RunDir(str(tmp_path), "run"), None)
+    assert loaded is not None and loaded[1]["epoch"] == 1
+    assert len(skipped) == 1 and skipped[0].startswith("checkpoint_epoch0002:") and "truncated" in skipped[0]
+    (tmp_path / "run" / "checkpoint_epoch0001" / "train_state.pt").write_bytes(b"PK\x03\x04 junk")
+    loaded, skipped = newest_loadable(RunDir(str(tmp_path), "run"), None)
+    assert loaded is None and len(skipped) == 2  # nothing loads: the caller stops with both reasons
+
+
+def test_a_best_pointer_to_a_run_directory_is_an_error_not_a_recursion(tmp_path):
+    import json
+
+    from xmr.checkpoint import fetch_checkpoint
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "best.json").write_text(json.dumps({"checkpoint": str(run)}))
+    with pytest.raises(CheckpointError, match="points at .*a run directory"):
+        fetch_checkpoint(str(run))
+    (run / "best.json").write_text(json.dumps({"checkpoint": 7}))
+    with pytest.raises(CheckpointError, match="not a valid best-checkpoint pointer"):
+        fetch_checkpoint(str(run))

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import needs_tvr
 
 from xmr.metrics.cli import register
 from xmr.metrics.tvr import (
@@ -132,6 +133,7 @@ def reference_eval(sub: dict[str, Any], gt: list[dict[str, Any]]) -> dict[str, A
 
 
 # --------------------------------------------------------------------------------- tests
+@needs_tvr
 def test_evaluate_tvr_matches_reference_on_real_val_queries() -> None:
     sub, gt = build_submission()
     got = evaluate_tvr(sub, gt)
@@ -219,6 +221,7 @@ def test_export_predictions_round_trips_through_evaluation() -> None:
     assert (got["VCMR"]["0.5-r1"], got["VCMR"]["0.7-r100"], got["VR"]["r1"]) == (100.0, 0.0, 100.0)
 
 
+@needs_tvr
 def test_cli_round_trip(tmp_path: Path) -> None:
     sub, gt = build_submission(n_queries=40, seed=1)
     pred_path, gt_path, out_path = tmp_path / "p.json", tmp_path / "gt.jsonl", tmp_path / "m" / "metrics.json"

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import needs_tvr
 import torch
 
 from xmr.metrics.vcmr import (
@@ -68,6 +69,7 @@ def test_clips_to_moment_edges() -> None:
     assert temporal_iou([clips_to_moment(st, ed, duration=6.0)], [4.5, 6.0]).tolist() == [1.0]
 
 
+@needs_tvr
 def test_labels_and_decoding_agree_on_tvr_val() -> None:
     """A perfect model (its predicted span = the label) reaches IoU >= 0.7 on most TVR val
     moments, and no round trip is empty. The old pairing (exclusive ceil end labels with an

@@ -14,12 +14,13 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from conftest import needs_tvr
 
 from xmr.data.manifest import load_manifest
 from xmr.data.reader import make_loader
 from xmr.data.tvr_annotations import read_tvr_jsonl
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.timeout(180), needs_tvr]
 
 
 def xmr(*args: str) -> str:

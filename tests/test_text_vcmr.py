@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import needs_tvr
 
 from xmr.data.reader import make_loader
 
@@ -85,6 +86,7 @@ def test_tokens_are_the_encoders_and_the_meaning_is_planted_in_the_moment(corpus
     assert sum(checked.values()) >= 10 and checked["v"] and checked["vt"]
 
 
+@needs_tvr
 def test_bad_use_is_one_clear_line(tmp_path, capsys):
     from xmr.cli import main
 

@@ -106,17 +106,23 @@ def load_train_state(directory: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: unreadable or truncated training state ({exc})") from None
 
 
-def fetch_checkpoint(uri: str, *, endpoint_url: str | None = None, cache_dir: str | None = None) -> Path:
+def fetch_checkpoint(uri: str, *, endpoint_url: str | None = None, cache_dir: str | None = None,
+                     _via: str | None = None) -> Path:
     """A local checkpoint directory for ``uri``: a checkpoint directory or a run directory
     (whose ``best.json`` names its best checkpoint), on local disk or ``s3://``. S3
-    checkpoints are downloaded once into a cache keyed by their URI."""
+    checkpoints are downloaded once into a cache keyed by their URI. A ``best.json`` is
+    followed once: one that points at a run directory (its own included) is an error."""
     best = storage.join(uri, BEST)
     if storage.exists(best, endpoint_url=endpoint_url):
+        if _via is not None:
+            raise CheckpointError(f"{_via}: points at {uri}, a run directory, not a checkpoint directory")
         try:
             target = json.loads(storage.read_bytes(best, endpoint_url=endpoint_url))["checkpoint"]
+            if not isinstance(target, str) or not target:
+                raise TypeError(f"checkpoint = {target!r}")
         except (ValueError, KeyError, TypeError) as exc:
             raise CheckpointError(f"{best}: not a valid best-checkpoint pointer ({exc})") from None
-        return fetch_checkpoint(target, endpoint_url=endpoint_url, cache_dir=cache_dir)
+        return fetch_checkpoint(target, endpoint_url=endpoint_url, cache_dir=cache_dir, _via=best)
     if not storage.is_s3(uri):
         path = Path(uri)
         if not (path / WEIGHTS).is_file():

@@ -16,7 +16,6 @@ import os
 import resource
 import tempfile
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -134,33 +133,28 @@ def set_up(payload: dict[str, Any]) -> Worker:
 
 
 def resume(w: Worker) -> RunState:
-    """The latest checkpoint's state: Ray Train's, or a newer complete one in the run folder
-    (a process killed right after a checkpoint was persisted can leave Ray's record one
-    report behind; the folder is the truth, so that epoch is not trained again). A fresh
-    run starts from ``model.pretrained`` when one is given."""
+    """The newest checkpoint that loads: the run folder's complete checkpoints newest first,
+    then Ray Train's record (a process killed right after a checkpoint was persisted can leave
+    Ray's record one report behind; the folder is the truth, so that epoch is not trained
+    again). A checkpoint that does not load (a truncated upload, a disk error) is skipped,
+    with its reason, for the one before it, instead of failing every retry. A fresh run
+    starts from ``model.pretrained`` when one is given."""
     import ray.train
 
-    checkpoint = ray.train.get_checkpoint()
-    newest = _newest_on_storage(w.run)
-    ray_epoch = -1
-    if checkpoint is not None:  # its epoch only: meta.json, not the weights
-        with checkpoint.as_directory() as d:
-            ray_epoch = int(json.loads((Path(d) / META).read_text()).get("epoch", -1))
-    source = None
-    if newest is not None and newest[0] > ray_epoch:
-        try:
-            source = str(fetch_checkpoint(newest[1], endpoint_url=w.cfg.data.endpoint_url))
-        except CheckpointError:
-            source = None
-    if source is None and checkpoint is None:
+    loaded, skipped = newest_loadable(w.run, ray.train.get_checkpoint(), w.cfg.data.endpoint_url)
+    if w.rank == 0:
+        for note in skipped:
+            say(f"[xmr] skipping checkpoint {note}")
+    if loaded is None:
+        if skipped:
+            raise CheckpointError(f"{w.run_name}: no checkpoint loads ({'; '.join(skipped)}); relaunch with "
+                                  f"another --run-name, or delete the damaged checkpoints")
         if w.cfg.model.pretrained:
             load_pretrained(w.method.model, str(fetch_checkpoint(w.cfg.model.pretrained,
                                                                  endpoint_url=w.cfg.data.endpoint_url)))
         return RunState()
-    with (checkpoint.as_directory() if source is None else nullcontext(source)) as d:
-        _, weights, meta = load_checkpoint(d)
-        w.method.load_state_dict(weights)
-        train_state = load_train_state(d)
+    weights, meta, train_state = loaded
+    w.method.load_state_dict(weights)
     w.step.load_state_dict({**train_state, "step": int(meta["step"])})
     torch.set_rng_state(train_state["rng"])
     state = RunState(int(meta["epoch"]), list(meta.get("history", [])), meta.get("best"),
@@ -168,6 +162,29 @@ def resume(w: Worker) -> RunState:
     if w.rank == 0:
         say(f"[xmr] resuming {w.run_name} after epoch {state.epoch} (step {w.step.step}, attempt {state.attempt})")
     return state
+
+
+def newest_loadable(run: RunDir, ray_checkpoint, endpoint_url: str | None = None):
+    """((weights, meta, training state) of the newest checkpoint that loads, or None; the
+    ones skipped, each with why). Candidates: the run folder's complete checkpoints newest
+    first, then Ray's own record (normally one of them)."""
+    def read(directory):
+        _, weights, meta = load_checkpoint(directory)
+        return weights, meta, load_train_state(directory)
+
+    skipped = []
+    for epoch, uri in _complete_on_storage(run):
+        try:
+            return read(fetch_checkpoint(uri, endpoint_url=endpoint_url)), skipped
+        except CheckpointError as exc:
+            skipped.append(f"{checkpoint_name(epoch)}: {exc}")
+    if ray_checkpoint is not None:
+        try:
+            with ray_checkpoint.as_directory() as d:
+                return read(d), skipped
+        except CheckpointError as exc:
+            skipped.append(f"Ray's latest checkpoint: {exc}")
+    return None, skipped
 
 
 def score_untrained(w: Worker, state: RunState) -> None:
@@ -273,19 +290,19 @@ def _report(w: Worker, row: dict[str, Any], checkpoint_dir: str | None = None, n
         ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir), checkpoint_dir_name=name)
 
 
-def _newest_on_storage(run: RunDir) -> tuple[int, str] | None:
-    """(epoch, URI) of the newest complete training checkpoint in the run folder."""
+def _complete_on_storage(run: RunDir) -> list[tuple[int, str]]:
+    """(epoch, URI) of every complete training checkpoint in the run folder, newest first."""
     import pyarrow.fs as pafs
 
-    best = None
+    found = []
     for info in run.fs.get_file_info(pafs.FileSelector(run.path, allow_not_found=True)):
         epoch = checkpoint_epoch(info.base_name)
         if info.type != pafs.FileType.Directory or epoch is None:
             continue
         files = {f.base_name for f in run.fs.get_file_info(pafs.FileSelector(info.path))}
-        if set(CHECKPOINT_FILES) <= files and (best is None or epoch > best[0]):
-            best = (epoch, run.uri(info.base_name))
-    return best
+        if set(CHECKPOINT_FILES) <= files:
+            found.append((epoch, run.uri(info.base_name)))
+    return sorted(found, reverse=True)
 
 
 def is_new_best(value: float | None, best: dict[str, Any] | None, mode: str) -> bool:
