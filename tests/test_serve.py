@@ -359,7 +359,7 @@ def test_binary_bodies_answer_as_the_json_list(served):
     assert r.status_code == 422 and "expected shape" in r.json()["error"]
     npz = io.BytesIO()
     np.savez(npz, q=np.asarray(q, dtype=np.float32))
-    hostile = [(npz.getvalue(), 400, "npz"), (b"PK\x03\x04junk", 400, "npz"), (b"junk", 400, "not a .npy"),
+    hostile = [(npz.getvalue(), 400, "npz"), (b"PK\x03\x04junk", 400, "npz"), (b"junk", 400, "not a valid .npy"),
                (_npy_with_shape("(1099511627776,)"), 413, "numbers"), (buf.getvalue()[:-8], 400, "declares"),
                (_npy_with_shape("(64,)", dtype="|O"), 422, "dtype"), (_npy_with_shape("(64,)", dtype="<U4"), 422, "dtype")]
     for body, status, message in hostile:

@@ -203,7 +203,7 @@ def parse_npy_body(body: bytes) -> np.ndarray:
     f = io.BytesIO(body)
     if not body.startswith(b"\x93NUMPY"):
         kind = " (a zip archive: .npz is not accepted)" if body.startswith(b"PK") else ""
-        raise RequestError(400, f"the body is not a .npy array{kind}: write one array with numpy.save")
+        raise RequestError(400, f"the body is not a valid .npy array{kind}: write one array with numpy.save")
     try:
         major, _ = fmt.read_magic(f)
         header = fmt.read_array_header_1_0 if major == 1 else fmt.read_array_header_2_0
