@@ -5,7 +5,13 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import subprocess
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))  # the checkout's xmr
+from xmr.raycompat import use_token_auth  # noqa: E402
+
+use_token_auth()  # before any bench imports Ray (Ray reads the mode at import)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TVR = Path(__file__).resolve().parents[2] / "shared" / "data" / "tvr"

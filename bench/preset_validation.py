@@ -1,7 +1,7 @@
 """The validation sweeps behind the presets' defaults (issue 11), on validation data only.
 
 Each choice is a small grid, 3 seeds per cell, trained in process with the workers' own
-step (``xmr.train.local.fit_in_process``) at the preset's schedule and scored on the
+step (``xmr.train.fit.fit_in_process``) at the preset's schedule and scored on the
 *validation* split (test data are never looked at). The cell with the best mean wins;
 the presets' comments quote this file's result.
 
@@ -25,7 +25,6 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-os.environ.setdefault("RAY_AUTH_MODE", "token")
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "platform"))
 sys.path.insert(0, str(HERE))
@@ -75,7 +74,7 @@ def run_cell(job: tuple) -> tuple:
     torch.set_num_threads(1)
     from xmr.config import load_config
     from xmr.checks import resolve
-    from xmr.train.local import fit_in_process
+    from xmr.train.fit import fit_in_process
 
     cfg, _ = resolve(load_config(preset, [f"data.path={data}", f"seed={seed}", *sets]))
     t0 = time.perf_counter()

@@ -39,7 +39,6 @@ import time
 import urllib.request
 from pathlib import Path
 
-os.environ.setdefault("RAY_AUTH_MODE", "token")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 

@@ -206,7 +206,6 @@ def main() -> int:
     ap.add_argument("--s3-videos", default="train=300,val=100", help="the S3 leg's corpus")
     ap.add_argument("--keep", action="store_true", help="keep the scratch folder")
     args = ap.parse_args()
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
     splits = {s: max(8, round(n * args.scale)) for s, n in TVR_SIZES.items()}
     work = args.work
     if work.exists():

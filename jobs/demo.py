@@ -10,11 +10,9 @@ and after training, and leaves a run folder whose best checkpoint the endpoint s
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
-os.environ.setdefault("RAY_AUTH_MODE", "token")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 
 

@@ -6,11 +6,9 @@
 Inside a submitted job ``RAY_ADDRESS`` is set, so ``--workers`` > 1 runs on the cluster.
 """
 
-import os
 import sys
 from pathlib import Path
 
-os.environ.setdefault("RAY_AUTH_MODE", "token")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))  # the checkout's xmr, installed or not
 
 from xmr.cli import main  # noqa: E402

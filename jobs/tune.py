@@ -4,11 +4,9 @@
         --trials 40 --storage s3://bucket/xmr-runs --name qacln-lambdas
 """
 
-import os
 import sys
 from pathlib import Path
 
-os.environ.setdefault("RAY_AUTH_MODE", "token")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 
 from xmr.cli import main  # noqa: E402

@@ -18,9 +18,10 @@ needs_tvr = pytest.mark.skipif(not (TVR_DIR / "tvr_val_release.jsonl").is_file()
                                reason=f"needs the real TVR annotations in {TVR_DIR} (the project's ../shared "
                                       "folder beside the checkout); run it there")
 
-# Ray 2.60 turns token auth on by default; the CLI and every process must agree on the mode,
-# and Ray reads it at import time, so it is set before any test module imports ray.
-os.environ.setdefault("RAY_AUTH_MODE", "token")
+# Ray reads the auth mode at import time: set before any test module imports ray.
+from xmr.raycompat import use_token_auth  # noqa: E402
+
+use_token_auth()
 
 from xmr.data.manifest import LabelSpec, ModalitySpec
 from xmr.data.writer import DatasetWriter
@@ -181,3 +182,31 @@ def checkpoints(tmp_path_factory):
     out["vcmr"] = str(save_checkpoint(root / "qacln", Method(cfg).eval(), cfg))
     out["vcmr_data"] = str(vdata)
     return out
+
+
+# --------------------------------------------------------------------------- marks by what a test starts
+
+S3_FIXTURES = {"s3_endpoint", "s3_bucket", "s3_data"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test that uses the S3 fixtures starts the moto server: marked ``s3`` from its fixtures."""
+    for item in items:
+        if S3_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.s3)
+
+
+@pytest.fixture(autouse=True)
+def _ray_mark_is_honest(request):
+    """A test without the ``ray`` mark that leaves an in-process Ray running fails, naming the
+    mark, so ``pytest -m "not ray"`` really starts no Ray."""
+    import sys
+
+    def running() -> bool:
+        ray = sys.modules.get("ray")
+        return ray is not None and ray.is_initialized()
+
+    before = running()
+    yield
+    if request.node.get_closest_marker("ray") is None and not before and running():
+        pytest.fail(f"{request.node.nodeid} started Ray: mark it @pytest.mark.ray")

@@ -187,7 +187,7 @@ def test_fetch_checkpoint_follows_a_run_directory_on_s3(tmp_path, s3_bucket):
 def test_best_checkpoint_ties_go_to_the_later_epoch():
     """Ray Train keeps the later of two equally scored checkpoints; best.json must agree, or
     it would name a deleted checkpoint (seen with small VCMR test sets where R@10 ties)."""
-    from xmr.train.loop import is_new_best
+    from xmr.train.fit import is_new_best
 
     assert is_new_best(0.5, None, "max") and not is_new_best(float("nan"), None, "max")
     assert is_new_best(0.5, {"value": 0.5}, "max") and not is_new_best(0.4, {"value": 0.5}, "max")
@@ -199,7 +199,7 @@ def test_newest_complete_checkpoint_in_the_run_folder(tmp_path):
     """A restart resumes from the newest complete checkpoint on storage even when Ray's own
     record lags one report behind (a kill right after the upload); incomplete ones are skipped."""
     from xmr.checkpoint import save_train_state
-    from xmr.train.loop import _complete_on_storage
+    from xmr.train.fit import _complete_on_storage
     from xmr.train.runfs import RunDir
 
     cfg = small_cfg()
@@ -217,7 +217,7 @@ def test_resume_falls_back_past_a_truncated_checkpoint(tmp_path):
     """Issue 24: the newest checkpoint's weights truncated (an interrupted upload) no longer
     fails every retry: resume takes the one before it and says which it skipped and why."""
     from xmr.checkpoint import save_train_state
-    from xmr.train.loop import newest_loadable
+    from xmr.train.fit import newest_loadable
     from xmr.train.runfs import RunDir
 
     cfg = small_cfg()

@@ -16,19 +16,19 @@ def load():
 
 
 def test_cluster_yaml_passes_ray_schema():
-    from ray.autoscaler._private.util import prepare_config, validate_config
+    from xmr.raycompat import validate_cluster_config
 
-    validate_config(prepare_config(load()))
+    validate_cluster_config(load())
 
 
 def test_schema_check_really_rejects_bad_configs():
     import jsonschema
-    from ray.autoscaler._private.util import prepare_config, validate_config
+    from xmr.raycompat import validate_cluster_config
 
     bad = copy.deepcopy(load())
     bad["available_node_types"]["gpu_spot"]["unexpected_field"] = 1
     with pytest.raises(jsonschema.ValidationError):
-        validate_config(prepare_config(bad))
+        validate_cluster_config(bad)
 
 
 def test_head_is_cpu_workers_autoscale_with_spot_and_dashboard_is_local():

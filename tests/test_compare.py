@@ -4,6 +4,7 @@ end on the local Ray."""
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from pathlib import Path
@@ -225,6 +226,7 @@ def test_shipped_specs_load():
         assert lr.low <= 1e-4 <= lr.high, name
 
 
+@pytest.mark.ray
 def test_tiny_claim_map_end_to_end(tmp_path, monkeypatch):
     """2 levels x 2 seeds x 3 variants (one broken) with one tuning trial each at each level,
     on the local Ray: the broken variant is reported failed while the others finish; runs
@@ -288,7 +290,11 @@ def test_tiny_claim_map_end_to_end(tmp_path, monkeypatch):
     for name in ("summary.csv", "paired.csv", "tuning.csv", "summary.md", "map_mean.png", "claims.json"):
         assert (out / name).is_file(), name
     assert (out / "map_mean.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert (out / "runs" / "4-sccmrl-seed0-cap2" / "best" / "model.safetensors").is_file()  # the scored checkpoint
+    # the scored checkpoint is the run folder's best, as best.json names it
+    best = json.loads((out / "runs" / "4-sccmrl-seed0-cap2" / "best.json").read_text())
+    assert (Path(best["checkpoint"]) / "model.safetensors").is_file()
+    scored = c.runs[(c.runs["level"].astype(str) == "4") & (c.runs["variant"] == "sccmrl") & (c.runs["seed"] == 0)]
+    assert int(scored["best_epoch"].item()) == best["epoch"]
     report = tmp_path / "results.md"
     update_report(report, c)
     update_report(report, c)  # replaces its own section instead of appending a second one
@@ -298,6 +304,7 @@ def test_tiny_claim_map_end_to_end(tmp_path, monkeypatch):
     assert "Reproduce: `xmr compare --spec tiny" in text
 
 
+@pytest.mark.ray
 def test_identical_variants_and_swapped_order_find_nothing(tmp_path, monkeypatch):
     """The instrument on known answers. A/A: two identical variants get the same candidates,
     the same chosen values, and a verdict that is never held or reversed. Order: listing the

@@ -189,7 +189,7 @@ def observe_patience(cfg):
 
 
 def observe_pretrained(cfg):
-    from xmr.train.local import fit_in_process
+    from xmr.train.fit import fit_in_process
 
     run = fit_in_process(cfg, epochs=1, max_steps_per_epoch=1)
     return run.history[0]

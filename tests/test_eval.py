@@ -21,7 +21,7 @@ from xmr.metrics.tvr import evaluate_tvr
 from xmr.metrics.vcmr import nms_spans, temporal_iou
 from xmr.tasks.evaluate import evaluate
 from xmr.train.eval import run_eval
-from xmr.train.local import fit_in_process
+from xmr.train.fit import fit_in_process
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -128,6 +128,7 @@ def test_a_checkpoint_that_does_not_fit_the_data_fails_before_any_work(vcmr, tin
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.ray
 def test_ray_workers_give_what_one_process_gives(vcmr):
     import ray
 

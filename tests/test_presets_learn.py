@@ -13,7 +13,7 @@ from xmr.tasks.category import evaluate_category
 from xmr.config import load_config
 from xmr.checks import resolve
 from xmr.method import Method
-from xmr.train.local import fit_in_process
+from xmr.train.fit import fit_in_process
 
 pytestmark = pytest.mark.timeout(300)
 

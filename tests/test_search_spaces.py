@@ -93,3 +93,18 @@ def test_bad_top_level(tmp_path):
         path = tmp_path / "s.yaml"
         path.write_text(yaml.safe_dump({"preset": "nope", "params": {"optim.lr": {"type": "uniform", "low": 0.1, "high": 1}}}))
         load_space(path)
+
+
+def test_spaces_are_found_by_name_from_the_package_and_ship_with_it():
+    """The package's resolver sees exactly the top-level search_spaces/ folder, and the
+    installed package carries it (package data), as presets and comparison specs."""
+    import tomllib
+
+    from xmr.tune.space import SPACE_DIR, resolve_space
+
+    assert sorted(p.name for p in SPACE_DIR.glob("*.yaml")) == sorted(p.name for p in SPACES.glob("*.yaml"))
+    assert resolve_space("sccmrl").resolve() == (SPACES / "sccmrl.yaml").resolve()
+    with pytest.raises(SpaceError, match="shipped"):
+        resolve_space("no_such_space")
+    pyproject = tomllib.loads((SPACES.parent / "pyproject.toml").read_text())
+    assert "search_spaces/*.yaml" in pyproject["tool"]["setuptools"]["package-data"]["xmr"]

@@ -33,7 +33,7 @@ from xmr.data.manifest import load_manifest
 from xmr.data.reader import make_loader
 from xmr.method import Method
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.ray, pytest.mark.serve]
 
 AVDIGITS = os.path.join(os.path.dirname(__file__), "..", "data", "avdigits")
 
@@ -51,7 +51,6 @@ def endpoint(checkpoints):
 
     from xmr.serve.cli import start
 
-    os.environ["RAY_AUTH_MODE"] = "token"
     # the dashboard serves Ray's state API, which the replica-kill test uses to find a PID
     ray.init(num_cpus=8, include_dashboard=True, dashboard_host="127.0.0.1")
     port = free_port()
@@ -464,7 +463,7 @@ def text_app(endpoint, tmp_path_factory):
     from xmr.checkpoint import save_checkpoint
     from xmr.cli import main
     from xmr.serve.cli import start
-    from xmr.train.local import fit_in_process
+    from xmr.train.fit import fit_in_process
 
     root = tmp_path_factory.mktemp("text")
     data = root / "tvr-text"

@@ -16,7 +16,7 @@ from test_serve import (AVDIGITS, BAD_SEARCH, assert_error, free_port,
                         offline_category, post)
 from xmr.data.reader import make_loader
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.ray, pytest.mark.serve]
 
 
 @pytest.fixture(scope="module")

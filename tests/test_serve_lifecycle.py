@@ -20,7 +20,7 @@ import requests
 from test_serve import AVDIGITS, free_port
 from test_serve import _load, _query
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.ray, pytest.mark.serve]
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -18,7 +18,7 @@ import pytest
 from xmr.config import load_config
 from xmr.train.tracking import RUN_ID_FILE, flat_params, tracking_uri
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.ray]
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["model.embed_dim=16", "model.hidden_dim=32", "data.batch_size=10", "optim.epochs=2",

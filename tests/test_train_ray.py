@@ -20,7 +20,7 @@ from xmr.config import load_config
 from xmr.data import storage
 from xmr.train.driver import code_runtime_env, run_training
 
-pytestmark = pytest.mark.timeout(420)
+pytestmark = [pytest.mark.timeout(420), pytest.mark.ray]
 
 SMALL = ["model.embed_dim=16", "model.hidden_dim=32", "model.dropout=0.0", "negatives.k=255",
          "data.batch_size=10", "data.split_mode=sample", "optim.lr=3e-3"]
@@ -33,7 +33,6 @@ def cluster(s3_endpoint):
     import ray
     from ray.cluster_utils import Cluster
 
-    os.environ["RAY_AUTH_MODE"] = "token"
     # the dashboard (on 127.0.0.1) serves Ray's state API, which the kill test uses to find a worker's PID
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": True,
                                                       "dashboard_host": "127.0.0.1"})

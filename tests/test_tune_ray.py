@@ -19,7 +19,7 @@ import yaml
 from xmr.config import load_config
 from xmr.data.sources.synth_category import SynthCategoryConfig, write_synth_category
 
-pytestmark = pytest.mark.timeout(480)
+pytestmark = [pytest.mark.timeout(480), pytest.mark.ray]
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["optim.epochs=4", "data.batch_size=32", "model.embed_dim=16", "model.hidden_dim=32"]

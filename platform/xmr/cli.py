@@ -7,11 +7,11 @@ import argparse
 import os
 import sys
 
-# Ray 2.60 enables token auth by default and reads the mode when it is imported: every xmr
-# command (and the Ray processes it starts) uses token mode unless the caller chose otherwise.
-os.environ.setdefault("RAY_AUTH_MODE", "token")
+from xmr.raycompat import use_token_auth
 
-from xmr import __version__
+use_token_auth()  # before anything imports Ray: every command and the processes it starts agree on the mode
+
+from xmr import __version__  # noqa: E402
 from xmr.config import ConfigError, SpaceError, SpecError
 
 

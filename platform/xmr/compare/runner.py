@@ -3,12 +3,11 @@
 its cap), score each best-on-validation model on the test split, and judge every claimed
 ordering by its paired differences (``run_comparison`` gives the protocol step by step).
 
-Each run is a Ray Tune trial. A one-worker variant trains inside its trial with the
-workers' own step and evaluation (``xmr.train.local.fit_in_process``; one thread, one
-reserved CPU), because on small data a Ray Train worker group's start-up would cost more
-than the training; a variant with more workers fits a ``TorchTrainer`` from its trial
-(``run_training``). Every run writes its result beside its folder, so a comparison rerun
-with the same storage keeps the runs that finished.
+Each run is a Ray Tune trial trained by the sweeps' runner (``xmr.tune.trials.run_trial``:
+in the trial's process for one worker, a ``TorchTrainer`` for more), so a comparison
+measures exactly what a sweep does. Every run is a run folder (checkpoints, ``best.json``)
+with its result beside them, so a comparison rerun with the same storage keeps the runs
+that finished.
 """
 
 from __future__ import annotations
@@ -70,53 +69,32 @@ def _absolute(path: str) -> str:
 # --------------------------------------------------------------------------- one run
 
 
-def train_and_score(cfg, pretrain, score_split: str, save_to: str | None) -> tuple[dict[str, Any], list[dict]]:
-    """Train ``cfg`` (after ``pretrain``, if any) to its best validation epoch: (its metrics on
-    ``score_split``, its per-epoch history). In process for one worker, Ray Train for more."""
+def train_and_score(cfg, pretrain, score_split: str) -> tuple[dict[str, Any], list[dict]]:
+    """Train ``cfg`` (after ``pretrain``, if any) with the sweeps' runner (``run_trial``) and
+    score its best-on-validation checkpoint on ``score_split``: (those metrics with the run's
+    epochs and best epoch, its per-epoch history)."""
     import tempfile
 
     from xmr.checkpoint import fetch_checkpoint, save_checkpoint
-    from xmr.data.manifest import load_manifest
     from xmr.method import evaluate_checkpoint
-    from xmr.tasks.evaluate import evaluate
-    from xmr.train.driver import prepare, run_training
-    from xmr.train.local import fit_in_process
+    from xmr.train.driver import prepare
+    from xmr.train.fit import LocalHooks, fit
+    from xmr.tune.trials import run_trial
 
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="xmr-compare-") as tmp:
         extra: dict[str, Any] = {}
-        if pretrain is not None:
+        if pretrain is not None:  # its own schedule; its best-on-validation weights start the run
             pre, _, _ = prepare(pretrain, run_name="pretrain")
-            pre_run = fit_in_process(pre, keep_best=True, evaluate_untrained=False)
+            pre_run = fit(pre, LocalHooks(verbose=False), score_untrained=False, keep_best=True)
             cfg.model.pretrained = str(save_checkpoint(f"{tmp}/pretrained", pre_run.method, pre))
             extra["pretrain_epochs"] = len(pre_run.history)
-        if cfg.resources.num_workers == 1:
-            cfg, _, _ = prepare(cfg, run_name=cfg.storage.run_name)
-            run = fit_in_process(cfg, keep_best=True, evaluate_untrained=False)
-            manifest = load_manifest(cfg.data.path, endpoint_url=cfg.data.endpoint_url)
-            metrics = evaluate(run.method.model, cfg, manifest, score_split)
-            best, epochs, history = run.best_epoch, len(run.history), run.history
-            if save_to is not None:
-                local = save_checkpoint(f"{tmp}/best", run.method, cfg, metrics=metrics, epoch=best)
-                _store(local, save_to)
-        else:
-            result = run_training(cfg, start_ray=False, verbose=False)
-            metrics = evaluate_checkpoint(str(fetch_checkpoint(result.run_uri, endpoint_url=cfg.data.endpoint_url)),
-                                          score_split)
-            best, epochs, history = (result.best or {}).get("epoch"), len(result.history) - 1, result.history
-    return {**metrics, **extra, "best_epoch": best, "epochs": epochs, "wall_s": time.perf_counter() - t0,
-            "finished_at": time.time()}, history
-
-
-def _store(local, uri: str) -> None:
-    import shutil
-
-    from xmr.data import storage
-
-    if storage.is_s3(uri):
-        storage.upload_dir(str(local), uri, progress=False)
-    else:
-        shutil.copytree(local, uri, dirs_exist_ok=True)
+        result = run_trial(cfg, score_untrained=False, verbose=False, report=False)
+        metrics = evaluate_checkpoint(str(fetch_checkpoint(result.run_uri, endpoint_url=cfg.data.endpoint_url)),
+                                      score_split)
+    trained = [row for row in result.history if row.get("epoch", 0) >= 1]
+    return {**metrics, **extra, "best_epoch": (result.best or {}).get("epoch"), "epochs": len(trained),
+            "wall_s": time.perf_counter() - t0, "finished_at": time.time()}, result.history
 
 
 def comparison_trial(config: dict[str, Any], jobs: dict[str, dict[str, Any]], runs_root: str) -> None:
@@ -133,23 +111,19 @@ def _numbers(metrics: dict[str, Any]) -> dict[str, float]:
 
 def run_job(job: dict[str, Any], runs_root: str) -> dict[str, Any]:
     """Train and score one job, or read its result when an earlier attempt finished it."""
-    import torch
-
     run = RunDir(runs_root, job["run"], job.get("endpoint_url"))
     done = run.read_text(RESULT)
     if done:  # finished in an earlier attempt of this comparison
         return json.loads(done)["metrics"]
-    torch.set_num_threads(max(1, int(job.get("threads", 1))))
     cfg = with_values(from_dict(job["config"]), job["values"])
     cfg.seed, cfg.storage.root, cfg.storage.run_name, cfg.storage.max_failures = job["seed"], runs_root, job["run"], 0
     pre = None
     if job.get("pretrain"):
         pre = from_dict(job["pretrain"])
         pre.seed, pre.storage.root = job["seed"], runs_root
-    save_to = run.uri("best") if job["phase"] == "seed" else None
     if job.get("tracking"):  # the job logs one MLflow run itself, under the spec's parent
         cfg.tracking.enabled = False
-    metrics, history = train_and_score(cfg, pre, job["split"], save_to)
+    metrics, history = train_and_score(cfg, pre, job["split"])
     if job.get("tracking"):
         from xmr.train.tracking import log_finished_run
 
@@ -261,7 +235,7 @@ def _run_jobs(jobs: dict[str, dict[str, Any]], name: str, root: str, runs_root: 
         return {}
     trainable = tune.with_parameters(comparison_trial, jobs=jobs, runs_root=runs_root)
     grid = make_tuner(trainable, cfg, name, len(jobs), max_concurrent=concurrency, root=root, resume=False,
-                      param_space={"job": tune.grid_search(sorted(jobs))}, what=name, trial_cpus=1,
+                      param_space={"job": tune.grid_search(sorted(jobs))}, what=name, max_failures=0,
                       reuse_actors=True,  # one process per slot: no start-up (imports) per trial
                       verbose=verbose, progress_metric=metric).fit()
     out = {}

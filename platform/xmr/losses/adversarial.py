@@ -9,8 +9,8 @@ one backward trains each side on its own objective. The value is the sum of both
 
 Whether the game does anything is visible: every step reports the discriminator's BCE
 (``disc_loss``; ln 2 ≈ 0.693 is chance) and accuracy (``disc_acc``), and its balance is
-set by ``loss.disc_lr`` (its learning rate) and ``loss.disc_steps`` (its updates per encoder
-step), applied by the training step (``xmr.train.step``).
+set by ``loss.disc_lr`` (its learning rate: the discriminator's own optimiser group,
+``param_groups``) and ``loss.disc_steps`` (its updates per encoder step: ``after_step``).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ class Adversarial(LossTerm):
         super().__init__()
         self.discriminator = ModalityDiscriminator(embed_dim, hidden_dim)
         self.mode, self.grl_scale = mode, grl_scale
-        self.disc_lr, self.disc_steps = disc_lr, disc_steps  # the game's balance, applied by xmr.train.step
+        self.disc_lr, self.disc_steps = disc_lr, disc_steps  # the game's balance
         self.last_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None  # for the extra updates
 
     @staticmethod
@@ -47,6 +47,29 @@ class Adversarial(LossTerm):
         """The discriminator's BCE alone on (detached) embeddings: its extra updates."""
         emb, is_b = self._modality_labels(emb_a.detach(), emb_b.detach())
         return F.binary_cross_entropy_with_logits(self.discriminator(emb), is_b)
+
+    def param_groups(self, lr: float) -> list[dict]:
+        return [{"params": list(self.discriminator.parameters()), "name": "discriminator",
+                 "lr": self.disc_lr if self.disc_lr is not None else lr}]
+
+    def after_step(self, optimizer: torch.optim.Optimizer) -> dict[str, float]:
+        """``disc_steps - 1`` more updates of the discriminator alone on this step's (gathered,
+        detached) embeddings; identical inputs on every rank keep the ranks in step."""
+        if self.disc_steps <= 1 or self.last_embeddings is None:
+            return {}
+        disc = list(self.discriminator.parameters())
+        emb_a, emb_b = self.last_embeddings
+        value = float("nan")
+        for _ in range(self.disc_steps - 1):
+            loss = self.discriminator_loss(emb_a, emb_b)
+            grads = torch.autograd.grad(loss, disc)
+            optimizer.zero_grad(set_to_none=True)
+            for p, g in zip(disc, grads):
+                p.grad = g
+            optimizer.step()  # only the discriminator has gradients
+            value = float(loss.detach())
+        optimizer.zero_grad(set_to_none=True)
+        return {"disc_extra_loss": value}
 
     def per_anchor(self, out, batch, ctx):
         if self.training and self.disc_steps > 1:  # the whole batch, so every rank takes the same extra steps

@@ -11,7 +11,12 @@ The contract of a term, explicit:
 - ``per_anchor(out, batch, ctx)`` returns one loss per local anchor (``ctx``: the batch's
   relevance targets, computed by the task family, and the memory bank); the base class's
   ``forward`` applies the DDP-correct mean (``xmr.distributed.local_mean``), so no term
-  can forget it. A term may ``self.report(name, value)`` diagnostics for the epoch row.
+  can forget it. A term may ``self.report(name, value)`` diagnostics for the epoch row;
+- optional: ``param_groups(lr)`` declares parameters the optimiser trains apart from the
+  model's (their own learning rate), ``after_step(optimizer)`` runs extra updates after
+  each optimiser step (both return values by name for the step's record), and
+  ``validation_metric`` asks for the term's value on validation data as ``val_<term>``.
+  The training step (``xmr.train.step``) calls them for every term and names none.
 
 Presets and search spaces refer to terms by their registry name (``loss.lambdas.<name>``).
 A term whose λ is 0 is never built, so it costs nothing.
@@ -67,6 +72,7 @@ class LossTerm(nn.Module):
     strategies: ClassVar[tuple[str, ...]] = ()
     uses_bank: ClassVar[bool] = False
     label_kinds: ClassVar[tuple[str, ...]] = ("single", "hierarchical", "multi", "none")
+    validation_metric: ClassVar[bool] = False  # also scored on validation data (``val_<term>``)
 
     def __init__(self) -> None:
         super().__init__()
@@ -75,6 +81,16 @@ class LossTerm(nn.Module):
     def report(self, name: str, value: torch.Tensor | float) -> None:
         """A diagnostic for the epoch row (``train_<term>_<name>``), e.g. a discriminator's accuracy."""
         self.diagnostics[name] = torch.as_tensor(value).detach().float()
+
+    def param_groups(self, lr: float) -> list[dict[str, Any]]:
+        """Optimiser groups for this term's own parameters that do not train at ``lr``
+        (``{"params": [...], "lr": ..., "name": ...}``); the rest train with the model."""
+        return []
+
+    def after_step(self, optimizer: torch.optim.Optimizer) -> dict[str, float]:
+        """Extra updates after the optimiser's step (values for the step's record, named
+        without the term's prefix); none by default."""
+        return {}
 
     def per_anchor(self, out: Any, batch: dict[str, Any], ctx: TermContext) -> torch.Tensor:
         raise TypeError(f"{type(self).__name__} must define per_anchor(out, batch, ctx)")

@@ -41,6 +41,7 @@ from pydantic import ValidationError
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from xmr.raycompat import with_version
 from xmr.serve.featurise import audio_featuriser
 from xmr.serve.gallery import Loaded, load_for_serving, served_manifest, text_encoder_of
 from xmr.serve.middleware import (BearerToken, BoundedBody, error_response as _error, key_configured, set_body_timeout,
@@ -513,11 +514,11 @@ def _same_code(deployment, *init: Any):
     the retriever's ``user_config``. Serve then calls ``Retriever.reconfigure`` on the live
     replica, which loads the new checkpoint beside the old one. New code or other init
     arguments still give a new version, and so new replicas: the arguments are not part of
-    Serve's own version. Serve keeps ``version`` for its internal use (``_internal``)."""
+    Serve's own version (``xmr.raycompat.with_version``)."""
     import hashlib
 
     extra = json.dumps(init, sort_keys=True, default=repr).encode()
-    return deployment.options(version=hashlib.sha256(_code_digest() + extra).hexdigest()[:16], _internal=True)
+    return with_version(deployment, hashlib.sha256(_code_digest() + extra).hexdigest()[:16])
 
 
 @functools.lru_cache(maxsize=1)

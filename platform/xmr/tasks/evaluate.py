@@ -34,7 +34,7 @@ def validation_losses(method, cfg: Config, manifest: Manifest, split: str) -> di
     """``val_<term>`` for the terms that are scored on validation data (the reconstruction
     loss that MAE pre-training selects its checkpoint by): eval mode, masks drawn from a
     fixed seed so every epoch is scored on the same masks, averaged over the whole split."""
-    terms = {n: t for n, t in method.objective.terms.items() if getattr(t, "validation_metric", False)}
+    terms = {n: t for n, t in method.objective.terms.items() if t.validation_metric}
     if not terms:
         return {}
     device = next(method.parameters()).device

@@ -21,6 +21,7 @@ from xmr.checkpoint import BEST
 from xmr.checks import check, resolve
 from xmr.config import Config
 from xmr.data.storage import is_s3
+from xmr.raycompat import check_version, process_env, set_driver_env
 from xmr.tasks import family_of
 from xmr.train.progress import summary_table
 from xmr.train.runfs import RunDir, s3_endpoint
@@ -41,21 +42,11 @@ class TrainResult:
         return self.best["checkpoint"] if self.best else None
 
 
-# How often Ray Train's controller polls its workers (Ray's default 2 s). The controller
-# notices a started, finished or failed worker group up to one interval late, several times a
-# run: measured on a 2-core machine, a 2-epoch ``xmr train`` took 41.5 s at
-# 2 s and 34.7 s at 0.5 s (two runs each, interleaved), and a sweep pays it per trial. A poll is
-# one small call per worker. A value the user sets wins.
-TRAIN_POLL_INTERVAL_S = "0.5"
-
-
 def code_runtime_env(extra_env: dict[str, str] | None = None) -> dict[str, Any]:
     """Ship the xmr package to every worker (``py_modules``), so a cluster runs this checkout's
     code whether or not the package is installed there; with it the environment its processes
-    need (token auth, the S3 endpoint, the controller's poll interval)."""
-    env = {"RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token"),
-           "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",
-                                                               TRAIN_POLL_INTERVAL_S)}
+    need (``xmr.raycompat.process_env``, the S3 endpoint)."""
+    env = process_env()
     for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "XMR_CACHE",
                  "XMR_VERBOSE", "MLFLOW_TRACKING_URI"):
         if os.environ.get(name):
@@ -86,9 +77,8 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, quiet
     """
     import ray
 
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
-    # Ray Train hands this process's value to the controllers it starts from here.
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", TRAIN_POLL_INTERVAL_S)
+    set_driver_env()
+    check_version()
     if ray.is_initialized():
         return "already connected"
     env = code_runtime_env(extra_env)
@@ -136,7 +126,7 @@ def prepare(cfg: Config, run_name: str | None = None) -> tuple[Config, str, str]
     return cfg, metric, cfg.storage.checkpoint_mode
 
 
-def build_trainer(cfg: Config, metric: str, mode: str, callbacks: list | None = None):
+def build_trainer(cfg: Config, metric: str, mode: str, callbacks: list | None = None, score_untrained: bool = True):
     """The ``TorchTrainer`` for a prepared config."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -150,7 +140,7 @@ def build_trainer(cfg: Config, metric: str, mode: str, callbacks: list | None = 
         per_worker["GPU"] = res.gpus_per_worker
     fs, base = filesystem(cfg.storage.root, cfg.data.endpoint_url)
     payload = {"config": cfg.to_dict(), "metric": metric, "mode": mode, "storage_root": cfg.storage.root,
-               "run_name": cfg.storage.run_name}
+               "run_name": cfg.storage.run_name, "score_untrained": score_untrained}
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=payload,
@@ -178,19 +168,26 @@ def read_run(cfg: Config, metric: str, mode: str) -> TrainResult:
                        history=history)
 
 
-def run_training(cfg: Config, *, address: str | None = None, run_name: str | None = None,
-                 callbacks: list | None = None, start_ray: bool = True, verbose: bool = True) -> TrainResult:
-    """Train ``cfg`` on Ray and return the run's history and best checkpoint.
-
-    Relaunching with the same ``storage.root`` and run name resumes the run from its latest
-    checkpoint (Ray Train restores its checkpoint manager from the run folder).
-    """
-    cfg, metric, mode = prepare(cfg, run_name)
+def open_run(cfg: Config, verbose: bool = True) -> RunDir:
+    """The run folder of a prepared config, with the resolved config saved in it."""
     run = RunDir(cfg.storage.root, cfg.storage.run_name, cfg.data.endpoint_url)
     previous = run.read_text("config.yaml")
     if previous is not None and verbose:
         print(f"[xmr] run {run.uri()} exists: resuming from its latest checkpoint", flush=True)
     run.write_text("config.yaml", cfg.to_yaml())
+    return run
+
+
+def run_training(cfg: Config, *, address: str | None = None, run_name: str | None = None,
+                 callbacks: list | None = None, start_ray: bool = True, verbose: bool = True,
+                 score_untrained: bool = True) -> TrainResult:
+    """Train ``cfg`` on Ray Train and return the run's history and best checkpoint.
+
+    Relaunching with the same ``storage.root`` and run name resumes the run from its latest
+    checkpoint (Ray Train restores its checkpoint manager from the run folder).
+    """
+    cfg, metric, mode = prepare(cfg, run_name)
+    run = open_run(cfg, verbose)
     if start_ray:
         ensure_ray(cluster_address(cfg, address), num_cpus=local_cpus(cfg))
     if verbose:
@@ -198,7 +195,7 @@ def run_training(cfg: Config, *, address: str | None = None, run_name: str | Non
         print(f"[xmr] training {cfg.method} ({cfg.task}) on {cfg.data.path}: {r.num_workers} worker(s) x "
               f"{r.cpus_per_worker} CPU{f' + {r.gpus_per_worker} GPU' if r.use_gpu else ''}, global batch "
               f"{cfg.data.batch_size}, {cfg.optim.epochs} epochs -> {run.uri()}", flush=True)
-    trainer = build_trainer(cfg, metric, mode, callbacks)
+    trainer = build_trainer(cfg, metric, mode, callbacks, score_untrained)
     trainer.fit()
     result = read_run(cfg, metric, mode)
     if verbose:

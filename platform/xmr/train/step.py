@@ -1,9 +1,8 @@
 """One optimiser step of a Method, the same in a Ray Train worker and in process.
 
-``TrainStep`` owns the optimiser (one parameter group per role: the model and its terms'
-parameters at ``optim.lr``, a discriminator at ``loss.disc_lr``), the learning-rate
-schedule, autocast, clipping, the discriminator's extra updates (``loss.disc_steps``) and
-the per-term gradient-norm shares. ``EpochMeter`` averages what the steps record over an
+``TrainStep`` owns the optimiser (the model's parameters, and any group a term declares,
+``LossTerm.param_groups``), the learning-rate schedule, autocast, clipping, the terms'
+extra updates (``LossTerm.after_step``) and the per-term gradient-norm shares. ``EpochMeter`` averages what the steps record over an
 epoch and over every rank.
 
 Gradient shares (``tracking.grad_share_every``): every N steps, each term's weighted
@@ -73,16 +72,12 @@ def autocast_for(cfg: Config, device: torch.device):
 
 
 def param_groups(method, cfg: Config) -> list[dict[str, Any]]:
-    """The model and term parameters at ``optim.lr``; an adversarial term's discriminator
-    in a group of its own at ``loss.disc_lr`` (default ``optim.lr``)."""
-    adversary = method.objective.terms["adversarial"] if "adversarial" in method.objective.terms else None
-    disc = {id(p) for p in adversary.discriminator.parameters()} if adversary is not None else set()
-    main = [p for p in method.trainable_parameters() if id(p) not in disc]
-    groups = [{"params": main, "lr": cfg.optim.lr, "name": "model"}]
-    if adversary is not None:
-        groups.append({"params": list(adversary.discriminator.parameters()), "name": "discriminator",
-                       "lr": adversary.disc_lr if adversary.disc_lr is not None else cfg.optim.lr})
-    return groups
+    """The model's and the terms' parameters at ``optim.lr``, except those a term trains in
+    groups of its own (``LossTerm.param_groups``, e.g. a discriminator at ``loss.disc_lr``)."""
+    own = [g for term in method.objective.terms.values() for g in term.param_groups(cfg.optim.lr)]
+    apart = {id(p) for g in own for p in g["params"]}
+    main = [p for p in method.trainable_parameters() if id(p) not in apart]
+    return [{"params": main, "lr": cfg.optim.lr, "name": "model"}, *own]
 
 
 def make_optimizer(cfg: Config, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
@@ -110,8 +105,7 @@ class TrainStep:
             self.optimizer, lambda s: lr_factor(s, total_steps, cfg.optim.warmup_steps, cfg.optim.scheduler))
         self.params = method.trainable_parameters()
         self.shared = [p for p in method.model.parameters() if p.requires_grad]
-        terms = method.objective.terms
-        self.adversary = terms["adversarial"] if "adversarial" in terms else None
+        self.terms = dict(method.objective.terms)
         self.step = 0  # optimiser steps of the run (set on resume)
         self._calls = 0  # steps taken by this process
 
@@ -139,8 +133,8 @@ class TrainStep:
         if self.cfg.optim.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.grad_clip)
         self.optimizer.step()
-        if self.adversary is not None and self.adversary.disc_steps > 1:
-            record["adversarial_disc_extra_loss"] = self._extra_discriminator_steps()
+        for name, term in self.terms.items():
+            record.update({f"{name}_{k}": v for k, v in term.after_step(self.optimizer).items()})
         self.scheduler.step()
         self.step += 1
         self._calls += 1
@@ -153,23 +147,6 @@ class TrainStep:
             norms[name] = math.sqrt(sum(float(g.float().pow(2).sum()) for g in grads if g is not None))
         total = sum(norms.values())
         return {f"grad_share_{name}": (n / total if total > 0 else 0.0) for name, n in norms.items()}
-
-    def _extra_discriminator_steps(self) -> float:
-        """``disc_steps - 1`` more updates of the discriminator alone on this step's (gathered,
-        detached) embeddings; identical inputs on every rank keep the ranks in step."""
-        disc = list(self.adversary.discriminator.parameters())
-        emb_a, emb_b = self.adversary.last_embeddings
-        value = float("nan")
-        for _ in range(self.adversary.disc_steps - 1):
-            loss = self.adversary.discriminator_loss(emb_a, emb_b)
-            grads = torch.autograd.grad(loss, disc)
-            self.optimizer.zero_grad(set_to_none=True)
-            for p, g in zip(disc, grads):
-                p.grad = g
-            self.optimizer.step()  # only the discriminator has gradients
-            value = float(loss.detach())
-        self.optimizer.zero_grad(set_to_none=True)
-        return value
 
 
 class EpochMeter:

@@ -5,20 +5,18 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 from typing import Any
 
-SPACES = Path(__file__).resolve().parents[3] / "search_spaces"  # the checkout's shipped spaces
 
 def _tune(args: argparse.Namespace) -> int:
     from xmr.config import load_config
     from xmr.tune.space import load_space
     from xmr.tune.sweep import SweepSettings, run_ablation, run_sweep
 
-    space_path = args.space or str(SPACES / f"{args.config}.yaml")
     from xmr.train.cli import apply_common
 
     cfg = load_config(args.config, args.set)
+    space_path = args.space or cfg.method  # a shipped space is named after its method
     apply_common(args, cfg)
     if args.storage:
         cfg.storage.root = args.storage
@@ -43,7 +41,7 @@ def register(subparsers: Any) -> None:
                               description="Sweep a search space (search_spaces/<method>.yaml) with Optuna's TPE "
                                           "and ASHA early stopping; relaunching with the same --name resumes it.")
     add_config_arguments(p)
-    p.add_argument("--space", default=None, help="search space YAML (default: search_spaces/<config>.yaml)")
+    p.add_argument("--space", default=None, help="search space: a YAML file or a shipped space's name (default: the method's, search_spaces/<method>.yaml)")
     p.add_argument("--trials", type=int, default=20, help="trials to sample")
     p.add_argument("--concurrency", type=int, default=0, help="trials at a time (default: as many as CPUs allow)")
     p.add_argument("--name", default=None, help="sweep name (relaunch with the same name to resume)")

@@ -27,8 +27,10 @@ from typing import Any
 
 
 from xmr.checks import check
-from xmr.config import Config, ConfigError, SpaceError, apply_overrides, from_dict, load_config, read_yaml_mapping, with_values
+from xmr.config import (Config, ConfigError, SpaceError, apply_overrides, from_dict, load_config, read_yaml_mapping,
+                        resolve_named_yaml, with_values)
 
+SPACE_DIR = Path(__file__).resolve().parents[1] / "search_spaces"  # xmr/search_spaces: the top-level folder, linked
 KINDS = ("uniform", "loguniform", "int", "categorical")
 
 
@@ -179,11 +181,15 @@ def _check_against_config(space: SearchSpace, base: Config) -> None:
                 raise SpaceError(f"params.{param.path}: value {value!r} does not fit the config ({exc})") from None
 
 
+def resolve_space(name_or_path: str) -> Path:
+    """A shipped space's name (``sccmrl``: ``search_spaces/sccmrl.yaml``) or a YAML path."""
+    return resolve_named_yaml(name_or_path, SPACE_DIR, "search space", SpaceError)
+
+
 def load_space(path: str | Path, base: Config | None = None) -> SearchSpace:
-    """Parse and validate a space file; ``base`` defaults to the space's preset."""
-    path = Path(path)
-    if not path.is_file():
-        raise SpaceError(f"search space {str(path)!r} not found")
+    """Parse and validate a space file (a path, or a shipped space's name); ``base``
+    defaults to the space's preset."""
+    path = resolve_space(str(path))
     raw = read_yaml_mapping(path, SpaceError)
     unknown = set(raw) - {"preset", "metric", "mode", "params", "ablations"}
     if unknown:

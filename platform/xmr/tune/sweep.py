@@ -1,9 +1,8 @@
 """Sweeps of λ weights and negative counts with Ray Tune + Optuna, and ablations.
 
-Each Tune trial is a small driver function that builds and fits a ``TorchTrainer`` for one
-sampled config (Ray 2.60's pattern: ``Tuner(trainer)`` is gone) and forwards the training
-run's per-epoch rows to Tune with ``TuneReportCallback``; ASHA stops poor trials early on
-that per-epoch validation metric. Every trial is a normal xmr run folder (config, metrics,
+Each Tune trial trains one sampled config with the one runner (``xmr.tune.trials.run_trial``:
+in the trial's own process for one worker, a ``TorchTrainer`` for more) and reports every
+epoch's row; ASHA stops poor trials early on that per-epoch validation metric. Every trial is a normal xmr run folder (config, metrics,
 best checkpoint) under ``<sweep>/trials/``, so the best one is served like any run.
 """
 
@@ -22,7 +21,7 @@ from xmr.data import storage
 from xmr.train.driver import prepare
 from xmr.tune.report import write_ablation_report, write_sweep_report
 from xmr.train.runfs import RunDir
-from xmr.tune.trials import NOT_METRICS, SweepResult, make_tuner, per_trial_cpus
+from xmr.tune.trials import NOT_METRICS, SweepResult, make_tuner, per_trial_cpus, run_trial
 
 @dataclass
 class SweepSettings:
@@ -41,11 +40,8 @@ class SweepSettings:
 def trial_driver(config: dict[str, Any], base: dict[str, Any], trials_root: str,
                  variants: dict[str, list[str]] | None = None) -> None:
     """One Tune trial: the sampled values (dotted config paths) or a named variant, trained
-    with Ray Train; every epoch's row reaches Tune through ``TuneReportCallback``."""
+    by ``run_trial``; every epoch's row reaches Tune."""
     from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from xmr.train.driver import run_training
 
     cfg = with_values(from_dict(base), {k: v for k, v in config.items() if "." in k})
     if variants is not None:
@@ -54,7 +50,7 @@ def trial_driver(config: dict[str, Any], base: dict[str, Any], trials_root: str,
         cfg.seed = int(config["seed"])
     cfg.storage.root = trials_root
     cfg.storage.run_name = f"trial_{tune.get_context().get_trial_id()}"
-    run_training(cfg, callbacks=[TuneReportCallback()], start_ray=False, verbose=False)
+    run_trial(cfg)
 
 
 def run_sweep(cfg: Config, space, settings: SweepSettings, address: str | None = None) -> SweepResult:

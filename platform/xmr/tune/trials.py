@@ -1,6 +1,14 @@
-"""Ray Tune plumbing shared by sweeps (``xmr.tune.sweep``) and comparisons
-(``xmr.compare``): how many CPUs a trial takes, how many run at once, the ``Tuner`` (resumed
-when its folder exists), and what a finished sweep's trial folders say."""
+"""The one runner of sweeps, ablations (``xmr.tune.sweep``) and comparisons
+(``xmr.compare``): ``run_trial`` trains one config inside a Tune trial, what a trial
+reserves, how many run at once, the ``Tuner`` (resumed when its folder exists), and what a
+finished sweep's trial folders say.
+
+A trial with one worker trains in the trial's own process: ``xmr.train.fit.fit`` with
+``TuneHooks``. A Ray Train worker group (controller, workers, process group) costs seconds
+to start, more than a small trial's training, and an ASHA-stopped trial would be almost
+all start-up. A trial with more workers fits a ``TorchTrainer`` over the same loop and
+forwards its rows with ``TuneReportCallback``. Either way the trial is an xmr run folder
+(config, checkpoints, ``metrics.csv``, ``best.json``) named after the trial."""
 
 from __future__ import annotations
 
@@ -13,10 +21,57 @@ import pandas as pd
 
 from xmr.checkpoint import BEST
 from xmr.config import Config
+from xmr.train.driver import TrainResult, open_run, prepare, read_run, run_training
+from xmr.train.fit import LocalHooks, fit
 from xmr.train.runfs import RunDir, filesystem
 from xmr.tune.snapshot import FINISHED, mend_snapshot
 
-TRIAL_DRIVER_CPUS = 0.25  # a trial's driver function only waits on its trainer
+TRIAL_DRIVER_CPUS = 0.25  # a multi-worker trial's driver function only waits on its trainer
+
+
+class TuneHooks(LocalHooks):
+    """A one-worker trial in its Tune trial's process: the local hooks (checkpoints in the
+    trial's run folder, kept as Ray Train keeps them), then ``tune.report`` of each epoch's
+    row once ``metrics.csv`` and ``best.json`` name it (ASHA may stop the trial right after
+    a report). Checkpoints are not handed to Tune as well: the run folder holds them, and a
+    retried trial (``FailureConfig``) or a resumed sweep keeps the trial's run name, so the
+    loop resumes from that folder; a second copy in Tune's trial folder would buy nothing."""
+
+    def recorded(self, row: dict[str, Any]) -> None:
+        from ray import tune
+
+        tune.report(row)
+
+
+def run_trial(cfg: Config, *, score_untrained: bool = True, verbose: bool = True, report: bool = True) -> TrainResult:
+    """Train ``cfg`` as (part of) a Tune trial: in this process for one worker, a
+    ``TorchTrainer`` for more; every epoch's row reaches Tune when ``report``."""
+    if cfg.resources.num_workers > 1:
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        return run_training(cfg, callbacks=[TuneReportCallback()] if report else None, start_ray=False,
+                            verbose=False, score_untrained=score_untrained)
+    import torch
+
+    cfg, metric, mode = prepare(cfg)
+    run = open_run(cfg, verbose=False)
+    torch.set_num_threads(max(1, int(cfg.resources.cpus_per_worker)))
+    fit(cfg, TuneHooks(verbose) if report else LocalHooks(verbose), run=run, metric=metric, mode=mode,
+        score_untrained=score_untrained)
+    return read_run(cfg, metric, mode)
+
+
+def trial_resources(cfg: Config) -> dict[str, float]:
+    """What a trial reserves itself: a one-worker trial trains in its own process (its CPUs,
+    its loader workers' and its GPU); a multi-worker trial's driver only waits, and its
+    trainer's workers reserve the rest."""
+    res = cfg.resources
+    if res.num_workers > 1:
+        return {"CPU": TRIAL_DRIVER_CPUS}
+    out = {"CPU": float(res.cpus_per_worker * (1 + cfg.data.num_workers))}
+    if res.use_gpu:
+        out["GPU"] = float(res.gpus_per_worker)
+    return out
 
 
 @dataclass
@@ -30,8 +85,9 @@ class SweepResult:
 
 
 def per_trial_cpus(cfg: Config) -> float:
-    """What one trial holds: its driver, and its trainer's workers with their loader workers."""
-    return TRIAL_DRIVER_CPUS + cfg.resources.num_workers * cfg.resources.cpus_per_worker * (1 + cfg.data.num_workers)
+    """What one trial holds in all: itself, and a trainer's workers with their loader workers."""
+    workers = cfg.resources.num_workers * cfg.resources.cpus_per_worker * (1 + cfg.data.num_workers)
+    return workers + (TRIAL_DRIVER_CPUS if cfg.resources.num_workers > 1 else 0)
 
 
 def concurrency(cfg: Config, requested: int, n_trials: int) -> int:
@@ -47,16 +103,17 @@ def concurrency(cfg: Config, requested: int, n_trials: int) -> int:
 def make_tuner(trainable, cfg: Config, name: str, n_trials: int, *, metric: str | None = None,
                mode: str | None = None, max_concurrent: int = 0, search_alg=None, param_space=None,
                scheduler=None, root: str | None = None, resume: bool = True, what: str = "sweep",
-               trial_cpus: float = TRIAL_DRIVER_CPUS, reuse_actors: bool = False, verbose: bool = False,
-               progress_metric: str | None = None):
-    """A ``Tuner`` whose trials each reserve ``trial_cpus`` (default: a driver that only waits
-    on its trainer, whose workers reserve the rest); resumed from ``<root>/<name>`` when it
-    exists there (finished trials kept; the saved state mended first, ``xmr.tune.snapshot``)."""
+               resources: dict[str, float] | None = None, reuse_actors: bool = True, verbose: bool = False,
+               progress_metric: str | None = None, max_failures: int | None = None):
+    """A ``Tuner`` whose trials each reserve ``resources`` (default ``trial_resources(cfg)``)
+    and are retried ``max_failures`` (default ``storage.max_failures``) times from their run folders; resumed from
+    ``<root>/<name>`` when it exists there (finished trials kept; the saved state mended
+    first, ``xmr.tune.snapshot``)."""
     from ray import tune
 
     fs, base = filesystem(root or cfg.storage.root, cfg.data.endpoint_url)
     path = f"{base}/{name}"
-    trainable = tune.with_resources(trainable, {"CPU": trial_cpus})
+    trainable = tune.with_resources(trainable, resources or trial_resources(cfg))
     if not verbose:  # Tune's new output engine prints its experiment box and paths even at verbose=0
         os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     if resume and tune.Tuner.can_restore(path, storage_filesystem=fs):
@@ -72,7 +129,9 @@ def make_tuner(trainable, cfg: Config, name: str, n_trials: int, *, metric: str 
         tune_config=tune.TuneConfig(metric=metric, mode=mode, num_samples=n_trials if search_alg else 1,
                                     search_alg=search_alg, scheduler=scheduler, reuse_actors=reuse_actors,
                                     max_concurrent_trials=concurrency(cfg, max_concurrent, n_trials)),
-        run_config=tune.RunConfig(name=name, storage_path=base, storage_filesystem=fs, **quiet),
+        run_config=tune.RunConfig(name=name, storage_path=base, storage_filesystem=fs,
+                                  failure_config=tune.FailureConfig(
+                                      max_failures=cfg.storage.max_failures if max_failures is None else max_failures), **quiet),
     )
 
 
