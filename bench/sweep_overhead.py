@@ -13,8 +13,11 @@ one-worker trial has), each training three trials of the preset with ``fit_in_pr
 ``sweep_over_compute`` = sweep wall / compute wall. The two are interleaved (compute,
 sweep, compute, sweep, ...) and the medians taken, as this machine is shared.
 
-A 2-worker-per-trial sweep (the ``TorchTrainer`` path: a worker group per trial) is timed
-once beside them, so its cost stays visible.
+The sweep runs two ways: as the issue ran it (``xmr tune`` starts an embedded Ray, paying
+Ray's start-up, about 8 s here, inside the sweep) and attached to a Ray already running on
+the machine (``ray start --head``, as a cluster user's ``ray job submit`` does). A
+2-worker-per-trial sweep (the ``TorchTrainer`` path: a worker group per trial) is timed once
+beside them, so its cost stays visible.
 
     RAY_AUTH_MODE=token python bench/sweep_overhead.py [--reps 2] [--quick]
 """
@@ -70,12 +73,16 @@ def compute_wall(trials: int, concurrency: int, overrides: list[str]) -> float:
     return max(times)
 
 
-def sweep_wall(root: str, name: str, trials: int, concurrency: int, overrides: list[str], workers: int) -> dict:
+def sweep_wall(root: str, name: str, trials: int, concurrency: int, overrides: list[str], workers: int,
+               address: str | None = None) -> dict:
     cmd = [PYTHON, "-m", "xmr.cli", "tune", "--config", "sccmrl", "--trials", str(trials), "--concurrency",
            str(concurrency), "--no-asha", "--name", name, "--storage", root, "--no-tracking"]
     for o in [*overrides, f"resources.num_workers={workers}"]:
         cmd += ["--set", o]
     env = {**os.environ, "PYTHONPATH": str(REPO / "platform")}
+    env.pop("RAY_ADDRESS", None)
+    if address:
+        env["RAY_ADDRESS"] = address
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
     wall = time.perf_counter() - t0
@@ -87,6 +94,20 @@ def sweep_wall(root: str, name: str, trials: int, concurrency: int, overrides: l
     if len(table) != trials or table["error"].notna().any():
         raise RuntimeError(f"sweep {name}: {len(table)} trials, errors {table['error'].dropna().tolist()}")
     return {"wall_s": wall, "epochs": int(table["epochs"].sum())}
+
+
+def start_cluster() -> str:
+    """A local Ray started with ``ray start --head`` (as a cluster's head is), for the sweep to attach to."""
+    env = {**os.environ}
+    env.pop("RAY_ADDRESS", None)
+    subprocess.run([str(Path(PYTHON).parent / "ray"), "start", "--head", "--num-cpus=4", "--port=6399",
+                    "--dashboard-host=127.0.0.1", "--disable-usage-stats"], env=env, check=True,
+                   capture_output=True, timeout=120)
+    return "127.0.0.1:6399"
+
+
+def stop_cluster() -> None:
+    subprocess.run([str(Path(PYTHON).parent / "ray"), "stop", "--force"], capture_output=True, timeout=120)
 
 
 def main() -> int:
@@ -102,25 +123,34 @@ def main() -> int:
         return 2
     overrides = [f"data.path={data}", f"optim.epochs={epochs}", "resources.num_workers=1"]
     root = tempfile.mkdtemp(prefix="xmr-bench-sweep-")
-    computes, sweeps = [], []
+    computes, sweeps, attached = [], [], []
     for rep in range(reps):
         computes.append(compute_wall(trials, concurrency, overrides))
         sweeps.append(sweep_wall(root, f"one{rep}", trials, concurrency, overrides, workers=1))
-        print(f"rep {rep}: compute {computes[-1]:.1f} s, sweep {sweeps[-1]['wall_s']:.1f} s", flush=True)
+        address = start_cluster()
+        try:
+            attached.append(sweep_wall(root, f"att{rep}", trials, concurrency, overrides, workers=1, address=address))
+        finally:
+            stop_cluster()
+        print(f"rep {rep}: compute {computes[-1]:.1f} s, sweep {sweeps[-1]['wall_s']:.1f} s, attached "
+              f"{attached[-1]['wall_s']:.1f} s", flush=True)
     two = None if args.quick else sweep_wall(root, "two", trials, concurrency, overrides, workers=2)
     compute, sweep = statistics.median(computes), statistics.median(s["wall_s"] for s in sweeps)
+    sweep_attached = statistics.median(s["wall_s"] for s in attached)
     print(f"\nSCCMRL on avdigits, {trials} trials x {epochs} epochs, {concurrency} at a time, "
           f"{os.cpu_count()} cores; medians of {reps} interleaved repetitions")
     print(f"{'what':<44}{'wall s':>9}{'vs compute':>12}")
     print(f"{'compute: fit in process, no Ray':<44}{compute:>9.1f}{1.0:>12.2f}")
     print(f"{'xmr tune, 1 worker per trial (in process)':<44}{sweep:>9.1f}{sweep / compute:>12.2f}")
+    print(f"{'  the same, attached to a running Ray':<44}{sweep_attached:>9.1f}{sweep_attached / compute:>12.2f}")
     if two is not None:
         print(f"{'xmr tune, 2 workers per trial (TorchTrainer)':<44}{two['wall_s']:>9.1f}"
               f"{two['wall_s'] / compute:>12.2f}")
     headline = {"sweep_over_compute": sweep / compute, "sweep_s": sweep, "compute_s": compute,
+                "attached_sweep_over_compute": sweep_attached / compute,
                 "two_worker_sweep_over_compute": (two["wall_s"] / compute) if two else None,
                 "trials": trials, "epochs": epochs, "concurrency": concurrency}
-    write_results(__file__, {"compute_s": computes, "sweep": sweeps, "two_worker_sweep": two, "reps": reps,
+    write_results(__file__, {"compute_s": computes, "sweep": sweeps, "attached_sweep": attached, "two_worker_sweep": two, "reps": reps,
                              "quick": args.quick, "command_overrides": overrides}, headline)
     return 0
 

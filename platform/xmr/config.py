@@ -305,6 +305,12 @@ def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
+def build_section(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """A dataclass from a mapping, every value type-checked (errors name the field): the
+    machinery of ``Config``, for other typed settings (the endpoint's)."""
+    return _build(cls, data, prefix)
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``a.b=value`` -> (["a", "b"], parsed value). Values are parsed as YAML scalars/lists."""
     if "=" not in text:

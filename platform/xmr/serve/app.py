@@ -28,7 +28,6 @@ import base64
 import binascii
 import functools
 import json
-import os
 import time
 from typing import Any
 
@@ -50,16 +49,10 @@ from xmr.serve.requests import (MAX_ELEMENTS, MomentsRequest, MomentsResponse, R
                                 SearchRequest, SearchResponse, as_array, decode_wav_base64, error_text,
                                 parse_json_body, parse_npy_body, tokens_array)
 from xmr.serve.search import moments_items, search_items, svmr_one
+from xmr.serve.settings import LOAD_FIELDS, ServeSettings, replica_options, serve_settings
 from xmr.tasks import FAMILIES
 
-BATCH_SIZE = int(os.environ.get("XMR_SERVE_BATCH", "32"))
-# How long a batch waits to fill when other requests are already in flight; a lone request
-# never waits (its latency is the search itself).
-BATCH_WAIT_S = float(os.environ.get("XMR_SERVE_BATCH_WAIT_S", "0.01"))
-INLINE_LONE = os.environ.get("XMR_SERVE_INLINE_LONE", "1") == "1"
-# A call whose replica died is sent again this many times, backing off, within this budget.
-RETRIES = int(os.environ.get("XMR_SERVE_RETRIES", "8"))
-RETRY_BUDGET_S = float(os.environ.get("XMR_SERVE_RETRY_BUDGET_S", "20"))
+DEFAULTS = ServeSettings()  # the batching and retry settings until reconfigure gives the app's
 FEATURISE_TIMEOUT_S = 5.0
 ROUTES = "POST /search, POST /moments, GET /healthz, GET /info, GET /docs"
 
@@ -175,8 +168,7 @@ def _validated(model, data: dict[str, Any]):
 # --------------------------------------------------------------------------- the retriever
 
 
-@serve.deployment(max_ongoing_requests=64, ray_actor_options={"num_cpus": 1},
-                  logging_config={"enable_access_log": os.environ.get("XMR_SERVE_ACCESS_LOG") == "1"})
+@serve.deployment(max_ongoing_requests=64, ray_actor_options={"num_cpus": 1})
 class Retriever:
     """The model and gallery of one checkpoint; every query validated against them."""
 
@@ -189,11 +181,21 @@ class Retriever:
         # of a request is the search itself?
         self.batches = {"search": [0, 0, 0.0], "moments": [0, 0, 0.0]}
         self.inflight = 0  # requests inside a method now
+        self.batch_size, self.batch_wait_s, self.inline_lone = DEFAULTS.batch_size, DEFAULTS.batch_wait_s, True
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """Load the configured checkpoint and gallery off the event loop, then swap."""
-        self.loading = str(user_config.get("checkpoint"))
-        loaded = await asyncio.to_thread(load_for_serving, **user_config)
+        """Batching and threads from the app's settings; then the configured checkpoint and
+        gallery, loaded off the event loop and swapped in."""
+        self.batch_size = int(user_config.get("batch_size", DEFAULTS.batch_size))
+        self.batch_wait_s = float(user_config.get("batch_wait_s", DEFAULTS.batch_wait_s))
+        self.inline_lone = bool(user_config.get("inline_lone", DEFAULTS.inline_lone))
+        self._search_batched.set_max_batch_size(self.batch_size)
+        self._moments_batched.set_max_batch_size(self.batch_size)
+        if int(user_config.get("threads", 0)) > 0:
+            torch.set_num_threads(int(user_config["threads"]))
+        load = {k: user_config[k] for k in LOAD_FIELDS if user_config.get(k) is not None}
+        self.loading = str(load.get("checkpoint"))
+        loaded = await asyncio.to_thread(load_for_serving, **load)
         featurise = audio_featuriser(loaded.manifest)  # None unless the dataset was built from audio
         self.state, self.featurise, self.loading = loaded, featurise, None
         self.text_encoder = text_encoder_of(loaded.manifest)
@@ -220,7 +222,7 @@ class Retriever:
         batching = {k: {"batches": b, "queries": n, "mean_batch": round(n / b, 2) if b else 0.0,
                         "compute_ms_per_batch": round(1000 * sec / b, 3) if b else 0.0, "compute_s": sec}
                     for k, (b, n, sec) in self.batches.items()}
-        return {**st.info, "loading": self.loading, "batch_size": BATCH_SIZE, "batching": batching,
+        return {**st.info, "loading": self.loading, "batch_size": self.batch_size, "batching": batching,
                 "torch_threads": torch.get_num_threads(), "replica": serve.get_replica_context().replica_tag,
                 "featurisers": (["audio_wav_base64"] if self.featurise else []) + (["text"] if self.text_encoder else []),
                 "text_encoder": self.text_encoder}
@@ -298,16 +300,16 @@ class Retriever:
     async def _admitted(self, batched, item: tuple):
         self.inflight += 1
         try:
-            batched.set_batch_wait_timeout_s(BATCH_WAIT_S if self.inflight > 1 else 0.0)
+            batched.set_batch_wait_timeout_s(self.batch_wait_s if self.inflight > 1 else 0.0)
             return await batched(item)
         finally:
             self.inflight -= 1
 
-    @serve.batch(max_batch_size=BATCH_SIZE, batch_wait_timeout_s=0.0)
+    @serve.batch(max_batch_size=DEFAULTS.batch_size, batch_wait_timeout_s=0.0)  # sized by reconfigure
     async def _search_batched(self, items: list[tuple]) -> list[list[dict[str, Any]]]:
         return await self._timed("search", search_items, items)
 
-    @serve.batch(max_batch_size=BATCH_SIZE, batch_wait_timeout_s=0.0)
+    @serve.batch(max_batch_size=DEFAULTS.batch_size, batch_wait_timeout_s=0.0)
     async def _moments_batched(self, items: list[tuple]) -> list[list[dict[str, Any]]]:
         return await self._timed("moments", moments_items, items)
 
@@ -316,7 +318,7 @@ class Retriever:
         a lone request runs inline (no other request waits on the loop, and a thread hop
         costs it a visible share of a few-millisecond search)."""
         t0 = time.perf_counter()
-        if len(items) == 1 and self.inflight <= 1 and INLINE_LONE:
+        if len(items) == 1 and self.inflight <= 1 and self.inline_lone:
             out = compute(items)
         else:
             out = await asyncio.to_thread(compute, items)
@@ -330,8 +332,7 @@ class Retriever:
 # --------------------------------------------------------------------------- the text featuriser
 
 
-@serve.deployment(max_ongoing_requests=64, ray_actor_options={"num_cpus": 0.5},
-                  logging_config={"enable_access_log": os.environ.get("XMR_SERVE_ACCESS_LOG") == "1"})
+@serve.deployment(max_ongoing_requests=64, ray_actor_options={"num_cpus": 0.5})
 class TextFeaturiser:
     """Text -> query token features with the encoder the dataset was built with (all-MiniLM-L6-v2
     from the ``[text]`` extra, loaded from the package's files). Its own deployment, so it
@@ -376,8 +377,7 @@ def _as_request_error(exc: BaseException) -> RequestError | None:
 # A gateway request that waits on its client (a slow body, at most the body deadline) costs a
 # coroutine, not a thread: a high cap keeps /healthz and real queries answered while many
 # clients stall (the body deadline frees their slots).
-@serve.deployment(max_ongoing_requests=2048, ray_actor_options={"num_cpus": 0.25},
-                  logging_config={"enable_access_log": os.environ.get("XMR_SERVE_ACCESS_LOG") == "1"})
+@serve.deployment(max_ongoing_requests=2048, ray_actor_options={"num_cpus": 0.25})
 @serve.ingress(api)
 class Gateway:
     def __init__(self, retriever, featuriser=None) -> None:
@@ -385,19 +385,24 @@ class Gateway:
         self.featuriser = featuriser  # TextFeaturiser, bound when the dataset's queries came from text
         self.retryable = _retryable()
         self.retried = 0  # calls sent again after their replica died
+        self.retries, self.retry_budget_s = DEFAULTS.retries, DEFAULTS.retry_budget_s
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         set_key_digest(config.get("api_key_sha256"))
         set_body_timeout(config.get("body_timeout_s"))
+        self.retries = int(config.get("retries", DEFAULTS.retries))
+        self.retry_budget_s = float(config.get("retry_budget_s", DEFAULTS.retry_budget_s))
 
     async def _call(self, method: str, *args, handle=None):
-        deadline, delay = time.monotonic() + RETRY_BUDGET_S, 0.05
+        """A retriever call, sent again (backing off) when its replica died, ``retries`` times
+        within ``retry_budget_s``."""
+        deadline, delay = time.monotonic() + self.retry_budget_s, 0.05
         target = self.retriever if handle is None else handle
-        for attempt in range(RETRIES + 1):
+        for attempt in range(self.retries + 1):
             try:
                 return await (getattr(target, method) if method else target).remote(*args)
             except self.retryable:
-                if attempt == RETRIES or time.monotonic() + delay > deadline:
+                if attempt == self.retries or time.monotonic() + delay > deadline:
                     break
                 self.retried += 1
                 await asyncio.sleep(delay)
@@ -435,72 +440,31 @@ class Gateway:
 # --------------------------------------------------------------------------- the application
 
 
-def replica_options(args: dict[str, Any]) -> dict[str, Any]:
-    """``replicas: N`` or ``autoscaling: {min_replicas, max_replicas, target_ongoing_requests}``."""
-    scaling = args.get("autoscaling")
-    if scaling:
-        if not isinstance(scaling, dict):
-            raise ValueError(f"autoscaling: expected a mapping (min_replicas, max_replicas, target_ongoing_requests), "
-                             f"got {scaling!r}")
-        unknown = set(scaling) - {"min_replicas", "max_replicas", "target_ongoing_requests", "initial_replicas"}
-        if unknown:
-            raise ValueError(f"autoscaling: unknown keys {sorted(unknown)}")
-        lo, hi = int(scaling.get("min_replicas", 1)), int(scaling.get("max_replicas", 2))
-        if not 1 <= lo <= hi:
-            raise ValueError(f"autoscaling: need 1 <= min_replicas <= max_replicas, got {lo}, {hi}")
-        return {"autoscaling_config": {"min_replicas": lo, "max_replicas": hi,
-                                       "target_ongoing_requests": float(scaling.get("target_ongoing_requests", 16)),
-                                       "initial_replicas": int(scaling.get("initial_replicas", lo))}}
-    n = int(args.get("replicas", 1))
-    if n < 1:
-        raise ValueError(f"replicas = {n}: at least 1")
-    return {"num_replicas": n}
-
-
 def build_app(args: dict[str, Any]):
-    """Serve application builder (``serve run serving.app:app_builder checkpoint=... gallery=...``).
+    """Serve application builder (``serve run xmr.serve.app:build_app checkpoint=... gallery=...``).
 
-    args: checkpoint (dir, run dir or s3://; required), gallery (dataset root; default the
-    checkpoint's data.path), split (default test), index (a saved ``xmr index build`` dir),
-    approx (auto|on|off), replicas or autoscaling, max_ongoing_requests, api_key_sha256 (the
-    hex SHA-256 of the bearer token; ``xmr serve`` derives it from XMR_API_KEY /
-    --api-key-file), drain_s (graceful shutdown bound), body_timeout_s (how long a client
-    may take to send its body, default 10 s; then 408); batch options via XMR_SERVE_BATCH /
-    XMR_SERVE_BATCH_WAIT_S.
+    ``args`` are the fields of ``xmr.serve.settings.ServeSettings`` (typed and range-checked
+    there; an error names the field): checkpoint (required), gallery, split, index, approx,
+    endpoint_url, replicas or autoscaling, max_ongoing_requests, api_key_sha256, drain_s,
+    body_timeout_s, batch_size, batch_wait_s, inline_lone, retries, retry_budget_s,
+    threads, access_log.
     """
-    known = {"checkpoint", "gallery", "split", "index", "approx", "endpoint_url", "replicas", "autoscaling",
-             "max_ongoing_requests", "api_key_sha256", "drain_s", "body_timeout_s"}
-    unknown = set(args) - known
-    if unknown:
-        raise ValueError(f"unknown application args {sorted(unknown)} (known: {sorted(known)})")
-    if not args.get("checkpoint"):
-        raise ValueError("the 'checkpoint' arg is required (a checkpoint dir, a run dir, or s3://...)")
-    user_config = {k: args[k] for k in ("checkpoint", "gallery", "split", "index", "approx", "endpoint_url")
-                   if args.get(k) is not None}
-    for key in ("checkpoint", "gallery", "index"):  # replicas do not run in this process's directory
-        if key in user_config and not str(user_config[key]).startswith("s3://"):
-            user_config[key] = os.path.abspath(str(user_config[key]))
-    max_ongoing = int(args.get("max_ongoing_requests", 64))
-    if max_ongoing < BATCH_SIZE:
-        raise ValueError(f"max_ongoing_requests = {max_ongoing} must be >= the batch size {BATCH_SIZE}, "
-                         "or batches can never fill")
-    digest = args.get("api_key_sha256")
-    if digest is not None and not (isinstance(digest, str) and len(digest) == 64
-                                   and all(c in "0123456789abcdef" for c in digest)):
-        raise ValueError("api_key_sha256: expected the key's SHA-256 as 64 lowercase hex digits")
-    scaling = replica_options(args)
+    s = serve_settings(args)
+    load = s.load_args()
     # on delete / scale-down / SIGTERM a replica stops taking requests and finishes those in flight
-    drain = {"graceful_shutdown_timeout_s": float(args.get("drain_s", 20.0)), "graceful_shutdown_wait_loop_s": 0.5}
-    retriever = Retriever.options(user_config=user_config, max_ongoing_requests=max_ongoing, **scaling, **drain)
+    common = {"graceful_shutdown_timeout_s": s.drain_s, "graceful_shutdown_wait_loop_s": 0.5,
+              "logging_config": {"enable_access_log": s.access_log}}
+    scaling = replica_options(s)
+    retriever = Retriever.options(user_config={**load, "batch_size": s.batch_size, "batch_wait_s": s.batch_wait_s,
+                                               "inline_lone": s.inline_lone, "threads": s.threads},
+                                  max_ongoing_requests=s.max_ongoing_requests, **scaling, **common)
     gateways = scaling.get("num_replicas") or scaling["autoscaling_config"]["min_replicas"]
-    encoder = text_encoder_of(served_manifest(**user_config))
-    featuriser = (_same_code(TextFeaturiser.options(**drain), encoder).bind(encoder["name"], encoder)
+    encoder = text_encoder_of(served_manifest(**load))
+    featuriser = (_same_code(TextFeaturiser.options(**common), encoder).bind(encoder["name"], encoder)
                   if encoder else None)
-    body_timeout = float(args.get("body_timeout_s", 10.0))
-    if not 0 < body_timeout <= 300:
-        raise ValueError(f"body_timeout_s = {body_timeout}: expected 0 < seconds <= 300")
-    gateway = Gateway.options(user_config={"api_key_sha256": digest, "body_timeout_s": body_timeout},
-                              num_replicas=gateways, **drain)
+    gateway = Gateway.options(user_config={"api_key_sha256": s.api_key_sha256, "body_timeout_s": s.body_timeout_s,
+                                           "retries": s.retries, "retry_budget_s": s.retry_budget_s},
+                              num_replicas=gateways, **common)
     return _same_code(gateway, encoder and encoder["name"]).bind(_same_code(retriever).bind(), featuriser)
 
 

@@ -5,7 +5,6 @@ build``), so a replica restart does not re-encode."""
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +43,6 @@ def load_for_serving(checkpoint: str, gallery: str | None = None, split: str = "
     model, cfg = load_model(local)
     model.eval()
     fam = family_of(cfg)
-    torch.set_num_threads(max(1, int(os.environ.get("XMR_SERVE_THREADS", torch.get_num_threads()))))
     if index:
         manifest, g = load_index(index, cfg)
         root = index

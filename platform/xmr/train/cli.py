@@ -39,7 +39,7 @@ def _train(args: argparse.Namespace) -> int:
     apply_common(args, cfg)
     if args.storage:
         cfg.storage.root = args.storage
-    result = run_training(cfg, address=args.address, run_name=args.run_name)
+    result = run_training(cfg, address=args.address, run_name=args.run_name, force=args.force)
     return 0 if result.history else 1
 
 
@@ -82,4 +82,7 @@ def register(subparsers: Any) -> None:
     add_config_arguments(parser)
     parser.add_argument("--run-name", default=None, help="run folder name (default: <method>-<timestamp>)")
     parser.add_argument("--storage", default=None, help="runs root, local dir or s3://bucket/prefix (storage.root)")
+    parser.add_argument("--force", action="store_true",
+                        help="resume a run whose saved config differs from this one (without it, the differing "
+                             "fields are named and nothing runs)")
     parser.set_defaults(func=_train)

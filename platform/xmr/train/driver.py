@@ -19,7 +19,7 @@ import pandas as pd
 
 from xmr.checkpoint import BEST
 from xmr.checks import check, resolve
-from xmr.config import Config
+from xmr.config import Config, ConfigError
 from xmr.data.storage import is_s3
 from xmr.raycompat import check_version, process_env, set_driver_env
 from xmr.tasks import family_of
@@ -168,26 +168,57 @@ def read_run(cfg: Config, metric: str, mode: str) -> TrainResult:
                        history=history)
 
 
-def open_run(cfg: Config, verbose: bool = True) -> RunDir:
-    """The run folder of a prepared config, with the resolved config saved in it."""
+# What a relaunch may change and still resume: how long and where the run goes, not what it
+# trains (a longer run is the usual reason to relaunch; the cosine schedule follows the cap).
+RELAUNCH_MAY_CHANGE = ("optim.epochs", "resources.", "storage.max_failures", "storage.keep_checkpoints",
+                       "tracking.", "data.num_workers")
+
+
+def config_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """``field: old -> new`` for every field that differs, except those a relaunch may change."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        path = f"{prefix}{key}"
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_changes(a, b, f"{path}.")
+        elif a != b and not any(path == f or (f.endswith(".") and path.startswith(f)) for f in RELAUNCH_MAY_CHANGE):
+            out.append(f"{path}: {a!r} -> {b!r}")
+    return out
+
+
+def open_run(cfg: Config, verbose: bool = True, force: bool = False) -> RunDir:
+    """The run folder of a prepared config, with the resolved config saved in it. A run
+    folder that holds another config is not resumed with this one unless ``force``: the
+    error names every differing field."""
+    import yaml
+
     run = RunDir(cfg.storage.root, cfg.storage.run_name, cfg.data.endpoint_url)
     previous = run.read_text("config.yaml")
-    if previous is not None and verbose:
-        print(f"[xmr] run {run.uri()} exists: resuming from its latest checkpoint", flush=True)
+    if previous is not None:
+        changes = config_changes(yaml.safe_load(previous) or {}, cfg.to_dict())
+        if changes and not force:
+            raise ConfigError(f"run {run.uri()} was started with another config ({'; '.join(changes)}): relaunch "
+                              f"with its settings to resume it, pick another --run-name for a new run, or pass "
+                              f"--force to resume it with these")
+        if verbose:
+            print(f"[xmr] run {run.uri()} exists: resuming from its latest checkpoint"
+                  + (f" with changed settings ({'; '.join(changes)})" if changes else ""), flush=True)
     run.write_text("config.yaml", cfg.to_yaml())
     return run
 
 
 def run_training(cfg: Config, *, address: str | None = None, run_name: str | None = None,
                  callbacks: list | None = None, start_ray: bool = True, verbose: bool = True,
-                 score_untrained: bool = True) -> TrainResult:
+                 score_untrained: bool = True, force: bool = False) -> TrainResult:
     """Train ``cfg`` on Ray Train and return the run's history and best checkpoint.
 
     Relaunching with the same ``storage.root`` and run name resumes the run from its latest
-    checkpoint (Ray Train restores its checkpoint manager from the run folder).
+    checkpoint (Ray Train restores its checkpoint manager from the run folder); with another
+    config only when ``force`` (``open_run``).
     """
     cfg, metric, mode = prepare(cfg, run_name)
-    run = open_run(cfg, verbose)
+    run = open_run(cfg, verbose, force)
     if start_ray:
         ensure_ray(cluster_address(cfg, address), num_cpus=local_cpus(cfg))
     if verbose:

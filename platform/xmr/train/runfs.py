@@ -41,7 +41,9 @@ def filesystem(root: str, endpoint_url: str | None = None) -> tuple[pafs.FileSys
 
 
 class RunDir:
-    """One run's folder: small text files written whole (atomic enough for a single writer)."""
+    """One run's folder: small text files, each written whole. On local disk a file is
+    written beside its target and renamed over it, so a reader (or a crash) never sees half
+    of ``best.json`` or ``metrics.csv``; an S3 object appears only when its upload completes."""
 
     def __init__(self, root: str, name: str, endpoint_url: str | None = None) -> None:
         self.root, self.name = root, name
@@ -59,8 +61,17 @@ class RunDir:
         self.write_bytes(rel, text.encode())
 
     def write_bytes(self, rel: str, data: bytes) -> None:
-        with self.fs.open_output_stream(posixpath.join(self.path, rel)) as f:
+        target = posixpath.join(self.path, rel)
+        if not isinstance(self.fs, pafs.LocalFileSystem):
+            with self.fs.open_output_stream(target) as f:
+                f.write(data)
+            return
+        staging = f"{target}.{os.getpid()}.partial"
+        with open(staging, "wb") as f:
             f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(staging, target)
 
     def read_text(self, rel: str) -> str | None:
         path = posixpath.join(self.path, rel)

@@ -1,0 +1,103 @@
+"""The endpoint's settings: one typed record, checked by the config machinery (errors name
+the field), from the application's args (``xmr serve`` options, ``serving/config.yaml``,
+the RayService's ``args``). Environment variables carry only what must come from the
+environment (the key, in ``xmr serve``, becomes ``api_key_sha256`` before anything starts)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+from xmr.config import ConfigError, build_section
+
+# Where the retriever's data comes from: passed to ``load_for_serving`` as they are.
+LOAD_FIELDS = ("checkpoint", "gallery", "split", "index", "approx", "endpoint_url")
+
+
+@dataclass
+class Autoscaling:
+    min_replicas: int = 1
+    max_replicas: int = 2
+    target_ongoing_requests: float = 16.0
+    initial_replicas: int | None = None  # default: min_replicas
+
+
+@dataclass
+class ServeSettings:
+    checkpoint: str = ""  # checkpoint dir, run dir (its best checkpoint) or s3://...; required
+    gallery: str | None = None  # dataset root; default: the checkpoint's data.path
+    split: str = "test"
+    index: str | None = None  # a saved ``xmr index build`` folder instead of encoding the gallery
+    approx: Literal["auto", "on", "off"] = "auto"
+    endpoint_url: str | None = None
+    replicas: int = 1  # retriever replicas (the gateway follows), unless autoscaling
+    autoscaling: Autoscaling | None = None
+    max_ongoing_requests: int = 64  # per retriever replica; at least batch_size
+    api_key_sha256: str | None = None  # hex SHA-256 of the bearer token; None: no key
+    drain_s: float = 20.0  # on delete / scale-down / SIGTERM, in-flight requests get this long
+    body_timeout_s: float = 10.0  # a client must send its body within this (then 408)
+    batch_size: int = 32  # queries a retriever searches together (``@serve.batch``)
+    # How long a batch waits to fill when other requests are already in flight; a lone
+    # request never waits (its latency is the search itself).
+    batch_wait_s: float = 0.01
+    inline_lone: bool = True  # a lone request runs on the event loop (a thread hop costs it ~10%)
+    retries: int = 8  # a call whose retriever replica died is sent again this many times, backing off,
+    retry_budget_s: float = 20.0  # within this budget
+    threads: int = 0  # torch threads per retriever replica; 0: torch's default
+    access_log: bool = False  # Serve's per-request access log lines
+
+    def load_args(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in LOAD_FIELDS if getattr(self, k) is not None}
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _require(cond: bool, message: str) -> None:
+    if not cond:
+        raise ConfigError(message)
+
+
+def serve_settings(args: dict[str, Any]) -> ServeSettings:
+    """Typed, range-checked settings from application args; local paths made absolute
+    (replicas do not run in this process's directory)."""
+    if not isinstance(args, dict):
+        raise ConfigError(f"application args: expected a mapping, got {type(args).__name__}")
+    s: ServeSettings = build_section(ServeSettings, args)
+    _require(bool(s.checkpoint), "checkpoint: required (a checkpoint dir, a run dir, or s3://...)")
+    _require(s.replicas >= 1, f"replicas = {s.replicas}: at least 1")
+    a = s.autoscaling
+    if a is not None:
+        _require(1 <= a.min_replicas <= a.max_replicas,
+                 f"autoscaling: need 1 <= min_replicas <= max_replicas, got {a.min_replicas}, {a.max_replicas}")
+        _require(a.target_ongoing_requests > 0,
+                 f"autoscaling.target_ongoing_requests = {a.target_ongoing_requests}: must be > 0")
+    _require(s.batch_size >= 1, f"batch_size = {s.batch_size}: at least 1")
+    _require(s.max_ongoing_requests >= s.batch_size,
+             f"max_ongoing_requests = {s.max_ongoing_requests} must be >= the batch size {s.batch_size}, "
+             "or batches can never fill")
+    _require(0 <= s.batch_wait_s <= 1, f"batch_wait_s = {s.batch_wait_s}: expected 0..1 seconds")
+    _require(0 < s.body_timeout_s <= 300, f"body_timeout_s = {s.body_timeout_s}: expected 0 < seconds <= 300")
+    _require(s.drain_s >= 0, f"drain_s = {s.drain_s}: must be >= 0")
+    _require(s.retries >= 0 and s.retry_budget_s > 0,
+             f"retries = {s.retries}, retry_budget_s = {s.retry_budget_s}: need retries >= 0 and a budget > 0")
+    _require(s.threads >= 0, f"threads = {s.threads}: must be >= 0 (0: torch's default)")
+    d = s.api_key_sha256
+    _require(d is None or (len(d) == 64 and all(c in "0123456789abcdef" for c in d)),
+             "api_key_sha256: expected the key's SHA-256 as 64 lowercase hex digits")
+    for key in ("checkpoint", "gallery", "index"):
+        value = getattr(s, key)
+        if value is not None and not str(value).startswith("s3://"):
+            setattr(s, key, os.path.abspath(str(value)))
+    return s
+
+
+def replica_options(s: ServeSettings) -> dict[str, Any]:
+    """Serve's options for the retriever's replica count."""
+    a = s.autoscaling
+    if a is None:
+        return {"num_replicas": s.replicas}
+    return {"autoscaling_config": {"min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
+                                   "target_ongoing_requests": a.target_ongoing_requests,
+                                   "initial_replicas": a.initial_replicas or a.min_replicas}}
