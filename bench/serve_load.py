@@ -155,7 +155,7 @@ def parse_costs(repeats: int = 200) -> dict:
     the search takes), and the bytes sent."""
     from starlette.requests import Request
 
-    from xmr.serve.app import _parse
+    from xmr.serve.requests import parse_request
     from xmr.serve.requests import MomentsRequest, SearchRequest
 
     rng = np.random.default_rng(0)
@@ -176,7 +176,7 @@ def parse_costs(repeats: int = 200) -> dict:
                 scope = {"type": "http", "method": "POST", "path": "/", "query_string": qs,
                          "headers": [(b"content-type", ctype.encode())]}
                 t = time.perf_counter()
-                req, binary = await _parse(Request(scope, receive), model)
+                req, binary = await parse_request(Request(scope, receive), model)
                 np.asarray(req.query if binary is None else binary, dtype=np.float32)  # as the replica does
                 return (time.perf_counter() - t) * 1000
 

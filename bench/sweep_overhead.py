@@ -15,7 +15,9 @@ sweep, compute, sweep, ...) and the medians taken, as this machine is shared.
 
 The sweep runs two ways: as the issue ran it (``xmr tune`` starts an embedded Ray, paying
 Ray's start-up, about 8 s here, inside the sweep) and attached to a Ray already running on
-the machine (``ray start --head``, as a cluster user's ``ray job submit`` does). A
+the machine (``ray start --head``, as a cluster user's ``ray job submit`` does). Twice
+the trials, attached, give the marginal cost: what the extra trials cost the sweep over
+their compute (the fixed costs, start-up and the report, cancel out). A
 2-worker-per-trial sweep (the ``TorchTrainer`` path: a worker group per trial) is timed once
 beside them, so its cost stays visible.
 
@@ -134,6 +136,17 @@ def main() -> int:
             stop_cluster()
         print(f"rep {rep}: compute {computes[-1]:.1f} s, sweep {sweeps[-1]['wall_s']:.1f} s, attached "
               f"{attached[-1]['wall_s']:.1f} s", flush=True)
+    # twice the trials, attached: what one more trial costs the sweep beyond its compute
+    scale = None
+    if not args.quick:
+        compute2 = compute_wall(2 * trials, concurrency, overrides)
+        address = start_cluster()
+        try:
+            attached2 = sweep_wall(root, "att_x2", 2 * trials, concurrency, overrides, workers=1, address=address)
+        finally:
+            stop_cluster()
+        scale = {"trials": 2 * trials, "compute_s": compute2, "attached_s": attached2["wall_s"]}
+        print(f"x2: compute {compute2:.1f} s, attached {attached2['wall_s']:.1f} s", flush=True)
     two = None if args.quick else sweep_wall(root, "two", trials, concurrency, overrides, workers=2)
     compute, sweep = statistics.median(computes), statistics.median(s["wall_s"] for s in sweeps)
     sweep_attached = statistics.median(s["wall_s"] for s in attached)
@@ -143,14 +156,24 @@ def main() -> int:
     print(f"{'compute: fit in process, no Ray':<44}{compute:>9.1f}{1.0:>12.2f}")
     print(f"{'xmr tune, 1 worker per trial (in process)':<44}{sweep:>9.1f}{sweep / compute:>12.2f}")
     print(f"{'  the same, attached to a running Ray':<44}{sweep_attached:>9.1f}{sweep_attached / compute:>12.2f}")
+    marginal = None
+    if scale is not None:
+        marginal = (scale["attached_s"] - sweep_attached) / max(scale["compute_s"] - compute, 1e-9)
+        print(f"{f'compute, {2 * trials} trials':<44}{scale['compute_s']:>9.1f}{1.0:>12.2f}")
+        print(f"{f'xmr tune attached, {2 * trials} trials':<44}{scale['attached_s']:>9.1f}"
+              f"{scale['attached_s'] / scale['compute_s']:>12.2f}")
+        print(f"{f'marginal: the {trials} more trials, sweep / compute':<44}{'':>9}{marginal:>12.2f}")
     if two is not None:
         print(f"{'xmr tune, 2 workers per trial (TorchTrainer)':<44}{two['wall_s']:>9.1f}"
               f"{two['wall_s'] / compute:>12.2f}")
     headline = {"sweep_over_compute": sweep / compute, "sweep_s": sweep, "compute_s": compute,
                 "attached_sweep_over_compute": sweep_attached / compute,
+                "marginal_sweep_over_compute": marginal,
+                "attached_sweep_over_compute_x2": (scale["attached_s"] / scale["compute_s"]) if scale else None,
                 "two_worker_sweep_over_compute": (two["wall_s"] / compute) if two else None,
                 "trials": trials, "epochs": epochs, "concurrency": concurrency}
-    write_results(__file__, {"compute_s": computes, "sweep": sweeps, "attached_sweep": attached, "two_worker_sweep": two, "reps": reps,
+    write_results(__file__, {"compute_s": computes, "sweep": sweeps, "attached_sweep": attached, "scale": scale,
+                             "two_worker_sweep": two, "reps": reps,
                              "quick": args.quick, "command_overrides": overrides}, headline)
     return 0
 

@@ -52,12 +52,12 @@ def endpoint(checkpoints):
     from xmr.serve.cli import start
 
     # the dashboard serves Ray's state API, which the replica-kill test uses to find a PID
-    ray.init(num_cpus=8, include_dashboard=True, dashboard_host="127.0.0.1")
+    context = ray.init(num_cpus=8, include_dashboard=True, dashboard_host="127.0.0.1")
     port = free_port()
     url = start({"checkpoint": checkpoints["cat0"], "gallery": AVDIGITS, "split": "test"}, port=port, name="cat")
     vurl = start({"checkpoint": checkpoints["vcmr"], "gallery": checkpoints["vcmr_data"], "split": "val"},
                  port=port, name="vcmr", route_prefix="/v")
-    yield {"cat": url, "vcmr": vurl, "port": port}
+    yield {"cat": url, "vcmr": vurl, "port": port, "logs": Path(context.address_info["session_dir"]) / "logs" / "serve"}
     serve.shutdown()
     ray.shutdown()
 
@@ -208,6 +208,32 @@ def assert_error(url: str, body, status: int, message: str) -> None:
 @pytest.mark.parametrize("body, status, message", BAD_SEARCH, ids=[str(i) for i in range(len(BAD_SEARCH))])
 def test_bad_search_inputs_get_a_clear_4xx(endpoint, body, status, message):
     assert_error(f"{endpoint['cat']}/search", body, status, message)
+
+
+def test_client_errors_are_one_warning_line_without_a_traceback(endpoint):
+    """Serve logs every exception a replica raises as an ERROR with its traceback; a client's
+    mistake is not the server's: the gateway logs it once, as a WARNING, and nothing else
+    does. Both kinds: refused by the gateway (an unknown field) and by the retriever (a query
+    of the wrong shape)."""
+    def sizes() -> dict[Path, int]:
+        return {p: p.stat().st_size for p in endpoint["logs"].glob("replica_cat_*.log")}
+
+    before = sizes()
+    marker = f"no_such_field_{os.getpid()}"
+    for i in range(5):
+        assert post(f"{endpoint['cat']}/search", {"query": [0.1] * 3, "k": 5, marker: i}).status_code == 422
+        assert post(f"{endpoint['cat']}/search", {"query": [0.25] * 7, "k": 5}).status_code == 422
+    time.sleep(1.5)  # the replicas' log handlers flush
+    whole = "".join(p.read_text(errors="replace") for p in sizes())
+    assert "Traceback" not in whole and "Request failed" not in whole
+    new = []
+    for path in sizes():
+        with open(path, "rb") as f:
+            f.seek(before.get(path, 0))
+            new += [line for line in f.read().decode(errors="replace").splitlines() if line.strip()]
+    assert len([line for line in new if "WARNING" in line and marker in line]) == 5, new
+    assert len([line for line in new if "WARNING" in line and "got [7]" in line]) == 5, new
+    assert not [line for line in new if "ERROR" in line], new
 
 
 def test_bad_moments_inputs_and_oversized_bodies(endpoint):

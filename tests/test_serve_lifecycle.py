@@ -78,6 +78,50 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero(checkpoints):
     assert len(ok) > 5 and not [s for s in statuses if isinstance(s, int) and s >= 500], statuses[-10:]
 
 
+def _environments_holding(secret: bytes, skip: set[int]) -> list[str]:
+    """Processes on this machine (but ``skip``) whose environment holds ``secret``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) in skip:
+            continue
+        try:
+            env = (entry / "environ").read_bytes()
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ")[:120].decode(errors="replace")
+        except OSError:
+            continue
+        if secret in env:
+            found.append(f"{entry.name}: {cmd}")
+    return found
+
+
+def test_the_key_reaches_no_ray_process_only_its_digest(checkpoints):
+    """``XMR_API_KEY`` in ``xmr serve``'s environment: the raylet, the workers and both
+    deployments' replicas started from it never hold it (only its digest travels), and the
+    key works."""
+    key = "k3y-" + os.urandom(12).hex()
+    port = free_port()
+    proc = _xmr("serve", "--checkpoint", checkpoints["cat0"], "--gallery", AVDIGITS, "--port", str(port),
+                env={"XMR_API_KEY": key})
+    seen: list[str] = []
+    try:
+        _wait_line(proc, "[xmr] serving", 180, seen)
+        url = f"http://127.0.0.1:{port}"
+        body = {"query": _query(), "k": 3}
+        assert requests.post(f"{url}/search", json=body, timeout=30).status_code == 401
+        ok = requests.post(f"{url}/search", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=30)
+        assert ok.status_code == 200, ok.text
+        # the process the user started holds what the user gave it; nothing it started does
+        assert _environments_holding(key.encode(), skip={proc.pid, os.getpid()}) == []
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    assert key not in "".join(seen)
+
+
 @pytest.fixture
 def ray_start_cluster(tmp_path):
     """A real `ray start --head` on this machine, stopped at the end whatever happens."""

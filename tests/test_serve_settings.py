@@ -63,3 +63,49 @@ def test_every_setting_is_documented_in_build_app():
 
     doc = build_app.__doc__
     assert [f for f in ServeSettings.__dataclass_fields__ if f not in doc] == []
+
+
+def test_a_retired_environment_variable_fails_by_name(monkeypatch):
+    monkeypatch.setenv("XMR_SERVE_BATCH", "64")
+    with pytest.raises(ConfigError, match="XMR_SERVE_BATCH is no longer read: set the application arg batch_size"):
+        serve_settings({"checkpoint": "c"})
+
+
+@pytest.mark.parametrize("client, key, path, status", [
+    (("10.1.2.3", 5000), None, "/search", 403),   # beyond loopback, no key: refused
+    (("10.1.2.3", 5000), None, "/healthz", 200),  # probes stay open
+    (("127.0.0.1", 5000), None, "/search", 200),  # this machine, no key: served
+    (("::1", 5000), None, "/info", 200),
+    (("10.1.2.3", 5000), "k" * 20, "/search", 401),  # a key configured: the token decides
+])
+def test_an_endpoint_without_a_key_answers_only_its_own_machine(client, key, path, status):
+    import asyncio
+    import hashlib
+
+    from xmr.serve import middleware
+
+    sent = []
+
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+
+    async def send(message):
+        sent.append(message)
+
+    middleware.set_key_digest(hashlib.sha256(key.encode()).hexdigest() if key else None)
+    try:
+        scope = {"type": "http", "method": "GET", "path": path, "root_path": "", "headers": [], "client": client}
+        asyncio.run(middleware.BearerToken(app)(scope, None, send))
+    finally:
+        middleware.set_key_digest(None)
+    assert sent[0]["status"] == status
+
+
+def test_a_refusal_crosses_processes_as_a_value():
+    """What a retriever returns for a client's error survives Ray's pickling whole."""
+    import ray.cloudpickle as cloudpickle
+
+    from xmr.serve.requests import Refused
+
+    back = cloudpickle.loads(cloudpickle.dumps(Refused(422, "query: expected shape [64], got [7]")))
+    assert (back.status, back.message) == (422, "query: expected shape [64], got [7]")

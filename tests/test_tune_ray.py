@@ -189,6 +189,58 @@ def test_sweep_six_trials_asha_best_checkpoint_reproduces(tmp_path, synth, space
     assert len(study.trials) == 6
 
 
+def _kill_the_trial_after(trials_root: Path, epoch: int, killed: list) -> None:
+    """SIGKILL the process a one-worker trial trains in once its run folder lists ``epoch``."""
+    from ray.util.state import list_actors
+
+    deadline = time.time() + 240
+    while time.time() < deadline and not killed:
+        for csv in trials_root.glob("*/metrics.csv"):
+            try:
+                done = pd.read_csv(csv)["epoch"].max() >= epoch
+            except Exception:  # noqa: BLE001 - being written
+                done = False
+            if done:
+                try:
+                    alive = list_actors(filters=[("class_name", "=", "ImplicitFunc"), ("state", "=", "ALIVE")])
+                except Exception as exc:  # surfaced by the test's assertion
+                    killed.append(exc)
+                    return
+                if alive:
+                    os.kill(int(alive[0].pid), signal.SIGKILL)
+                    killed.append(int(alive[0].pid))
+                    return
+        time.sleep(0.05)
+
+
+def test_a_killed_trial_is_retried_from_its_run_folder(tmp_path, synth, one_ray):
+    """A one-worker trial trains in its Tune trial's own process: killed after epoch 2, Tune
+    retries it (``storage.max_failures``) and the loop resumes from the trial's run folder:
+    every epoch once, the ones after the kill in attempt 2."""
+    import threading
+
+    from xmr.tune.sweep import SweepSettings, run_ablation
+
+    data = str(tmp_path / "data")  # epochs long enough for the kill to land mid-run
+    write_synth_category(data, SynthCategoryConfig(splits={"train": 3000, "val": 60}), progress=False)
+    cfg = load_config("sccmrl", [f"data.path={data}", f"storage.root={tmp_path / 'ft'}", *SMALL,
+                                 "storage.max_failures=2"])
+    killed: list = []
+    killer = threading.Thread(target=_kill_the_trial_after, args=(tmp_path / "ft" / "ft" / "trials", 2, killed),
+                              daemon=True)
+    killer.start()
+    result = run_ablation(cfg, {"full": []}, SweepSettings(name="ft", concurrency=1), seeds=[0])
+    killer.join(timeout=5)
+    assert killed and isinstance(killed[0], int), f"the trial was never killed: {killed!r}"
+    table = result.table
+    assert len(table) == 1 and table["error"].isna().all() and table["epochs"].item() == 4
+    (trial,) = (tmp_path / "ft" / "ft" / "trials").iterdir()
+    h = pd.read_csv(trial / "metrics.csv").set_index("epoch")
+    assert h.index.tolist() == [0, 1, 2, 3, 4]  # nothing redone, nothing lost
+    assert h.loc[1, "attempt"] == 1 and h.loc[4, "attempt"] == 2
+    assert h.loc[1:, "train_exactly_once"].all()
+
+
 def test_ablation_one_command(tmp_path, synth, one_ray):
     from xmr.tune.sweep import SweepSettings, run_ablation
 

@@ -96,6 +96,12 @@ def main(argv: list[str] | None = None) -> int:
     except SpaceError as exc:
         print(f"xmr: search space error: {exc}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:  # a checkpoint that cannot be read is the user's input too (read lazily: no torch here)
+        checkpoint = sys.modules.get("xmr.checkpoint")
+        if checkpoint is not None and isinstance(exc, checkpoint.CheckpointError):
+            print(f"xmr: checkpoint error: {exc}", file=sys.stderr)
+            return 2
+        raise
 
 
 if __name__ == "__main__":

@@ -87,7 +87,10 @@ def train_and_score(cfg, pretrain, score_split: str) -> tuple[dict[str, Any], li
         if pretrain is not None:  # its own schedule; its best-on-validation weights start the run
             pre, _, _ = prepare(pretrain, run_name="pretrain")
             pre_run = fit(pre, LocalHooks(verbose=False), score_untrained=False, keep_best=True)
-            cfg.model.pretrained = str(save_checkpoint(f"{tmp}/pretrained", pre_run.method, pre))
+            # beside the run (a stable path: a resumed comparison relaunches the run with the same config)
+            target = RunDir(cfg.storage.root, cfg.storage.run_name, cfg.data.endpoint_url).uri("pretrained")
+            _store(save_checkpoint(f"{tmp}/pretrained", pre_run.method, pre), target)
+            cfg.model.pretrained = target
             extra["pretrain_epochs"] = len(pre_run.history)
         result = run_trial(cfg, score_untrained=False, verbose=False, report=False)
         metrics = evaluate_checkpoint(str(fetch_checkpoint(result.run_uri, endpoint_url=cfg.data.endpoint_url)),
@@ -95,6 +98,17 @@ def train_and_score(cfg, pretrain, score_split: str) -> tuple[dict[str, Any], li
     trained = [row for row in result.history if row.get("epoch", 0) >= 1]
     return {**metrics, **extra, "best_epoch": (result.best or {}).get("epoch"), "epochs": len(trained),
             "wall_s": time.perf_counter() - t0, "finished_at": time.time()}, result.history
+
+
+def _store(local, uri: str) -> None:
+    import shutil
+
+    from xmr.data import storage
+
+    if storage.is_s3(uri):
+        storage.upload_dir(str(local), uri, progress=False)
+    else:
+        shutil.copytree(local, uri, dirs_exist_ok=True)
 
 
 def comparison_trial(config: dict[str, Any], jobs: dict[str, dict[str, Any]], runs_root: str) -> None:
@@ -233,9 +247,13 @@ def _run_jobs(jobs: dict[str, dict[str, Any]], name: str, root: str, runs_root: 
 
     if not jobs:
         return {}
+    from xmr.tune.trials import trial_resources
+
     trainable = tune.with_parameters(comparison_trial, jobs=jobs, runs_root=runs_root)
+    needs = {job_id: trial_resources(from_dict(job["config"])) for job_id, job in jobs.items()}
     grid = make_tuner(trainable, cfg, name, len(jobs), max_concurrent=concurrency, root=root, resume=False,
                       param_space={"job": tune.grid_search(sorted(jobs))}, what=name, max_failures=0,
+                      resources=lambda config: needs[config["job"]],  # each job what its own variant needs
                       reuse_actors=True,  # one process per slot: no start-up (imports) per trial
                       verbose=verbose, progress_metric=metric).fit()
     out = {}
@@ -285,8 +303,12 @@ def run_comparison(spec: ComparisonSpec, root: str, concurrency: int = 0, addres
     data = {str(level): _absolute(ensure_dataset(spec.dataset_at(level))) for level in levels}
     first = next(iter(spec.variants.values())).config
     in_process = all(v.config.resources.num_workers == 1 for v in spec.variants.values())
-    # In-process runs take one core each: an embedded Ray gets as many CPUs as there are cores.
-    ensure_ray(address, num_cpus=(os.cpu_count() or 1) if in_process else None)
+    # In-process runs take their own cores: an embedded Ray gets as many CPUs as there are
+    # cores, and never fewer than the largest run reserves (or it would never start).
+    from xmr.tune.trials import trial_resources
+
+    largest = max(trial_resources(v.config)["CPU"] for v in spec.variants.values())
+    ensure_ray(address, num_cpus=int(max(os.cpu_count() or 1, math.ceil(largest))) if in_process else None)
     import ray
 
     limit = concurrency or max(1, int(float(ray.cluster_resources().get("CPU", 1))))

@@ -45,6 +45,13 @@ def connect(address: str | None = None, direct: bool = False) -> str:
 
     if direct and not ray.is_initialized() and not (address or os.environ.get("RAY_ADDRESS")):
         os.environ[THROUGHPUT_ENV] = "1"
+    if os.environ.get("XMR_VERBOSE") != "1":
+        # Serve's components log to their files and, by default, to stderr too, which an embedded
+        # Ray streams to this console: xmr serve prints its own lines only (--verbose: Ray's too)
+        os.environ.setdefault("RAY_SERVE_LOG_TO_STDERR", "0")
+        import logging
+
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)  # this process's "Started Serve ..." lines
     return ensure_ray(address)
 
 
@@ -76,11 +83,10 @@ def direct_urls(name: str, route_prefix: str = "/", timeout_s: float = 60.0) -> 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
-def api_key_digest(key_file: str | None) -> str | None:
-    """SHA-256 (hex) of the bearer token from ``--api-key-file`` or XMR_API_KEY, or None.
-    Only the digest travels to the replicas; the key itself is never printed or stored."""
-    import hashlib
-
+def read_api_key(key_file: str | None) -> str | None:
+    """The bearer token from ``--api-key-file`` or XMR_API_KEY, or None. XMR_API_KEY is
+    removed from this process's environment once read, so no process started from here (an
+    embedded Ray's raylet, its workers, the replicas) inherits it: only its digest travels."""
     key = None
     if key_file:
         try:
@@ -89,10 +95,17 @@ def api_key_digest(key_file: str | None) -> str | None:
             raise SystemExit(f"xmr serve: --api-key-file {key_file}: {exc.strerror}") from None
         if not key:
             raise SystemExit(f"xmr serve: --api-key-file {key_file} is empty")
-    elif os.environ.get("XMR_API_KEY"):
-        key = os.environ["XMR_API_KEY"].strip()
+    env_key = os.environ.pop("XMR_API_KEY", "").strip()
+    key = key or env_key or None
     if key is not None and len(key) < 16:
         raise SystemExit("xmr serve: the API key must be at least 16 characters")
+    return key
+
+
+def key_digest(key: str | None) -> str | None:
+    """SHA-256 (hex) of the key: what the gateway compares a request's token against."""
+    import hashlib
+
     return hashlib.sha256(key.encode()).hexdigest() if key else None
 
 
@@ -101,7 +114,10 @@ def _serve(ns: argparse.Namespace) -> int:
     import threading
     import urllib.request
 
-    digest = api_key_digest(ns.api_key_file)
+    if ns.verbose:
+        os.environ["XMR_VERBOSE"] = "1"
+    key = read_api_key(ns.api_key_file)
+    digest = key_digest(key)
     if ns.host not in LOOPBACK and digest is None:
         print(f"[xmr] error: --host {ns.host} exposes the endpoint beyond this machine; set XMR_API_KEY or "
               f"--api-key-file (clients then send 'Authorization: Bearer <key>'), or bind 127.0.0.1",
@@ -112,7 +128,7 @@ def _serve(ns: argparse.Namespace) -> int:
     embedded = connect(ns.address, ns.direct).startswith("started")  # else: leave the cluster running on exit
     url = start({k: v for k, v in args.items() if v is not None}, host=ns.host, port=ns.port, address=ns.address,
                 direct=ns.direct)
-    headers = {"Authorization": f"Bearer {_key(ns.api_key_file)}"} if digest else {}
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
     info = json.loads(urllib.request.urlopen(urllib.request.Request(f"{url}/info", headers=headers), timeout=60).read())
     print(f"[xmr] serving {info['method']} ({info['task']}) from {info['checkpoint']}: gallery {info['gallery']} "
           f"split {info['split']}, {info['gallery_size']} items, {info['search']} search, "
@@ -138,10 +154,6 @@ def _serve(ns: argparse.Namespace) -> int:
     while not stop.wait(3600):
         pass
     return shutdown(embedded, received[0] if received else "stop")
-
-
-def _key(key_file: str | None) -> str:
-    return open(key_file, encoding="utf-8").read().strip() if key_file else os.environ["XMR_API_KEY"].strip()
 
 
 def shutdown(embedded: bool, why: str, name: str = "xmr") -> int:
@@ -216,6 +228,9 @@ def register(subparsers: Any) -> None:
                         "when --host is not loopback)")
     p.add_argument("--drain-s", type=float, default=20.0,
                    help="on SIGTERM / SIGINT, how long in-flight requests may take to finish")
+    p.add_argument("--verbose", action="store_true",
+                   help="show Ray Serve's own log lines (controller, proxy, replicas) beside xmr's; without it "
+                        "they go to Ray's log files only")
     p.set_defaults(func=_serve)
 
     idx = subparsers.add_parser("index", help="build saved gallery indexes for the endpoint")

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors.numpy import load_file
 
 from xmr.checkpoint import CONFIG, fetch_checkpoint

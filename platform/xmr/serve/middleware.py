@@ -108,9 +108,23 @@ def _route(scope) -> str:
     return path[len(prefix):] if prefix and path.startswith(prefix + "/") else path
 
 
+def _local(scope) -> bool:
+    """Whether the request came from this machine (a loopback peer; no peer: in-process)."""
+    import ipaddress
+
+    client = scope.get("client")
+    if not client:
+        return True
+    try:
+        return ipaddress.ip_address(client[0]).is_loopback
+    except ValueError:
+        return client[0] == "localhost"
+
+
 class BearerToken:
     """With a key configured, every request but ``/healthz`` needs
-    ``Authorization: Bearer <key>``. The replica holds only the key's SHA-256 (the key never
+    ``Authorization: Bearer <key>``. Without one, only requests from this machine are
+    answered (a 403 says why), whatever address the proxy binds. The replica holds only the key's SHA-256 (the key never
     reaches Serve's config, logs or ``/info``); the comparison is constant-time. The digest
     is set from the deployment's config before the replica takes its first request."""
 
@@ -119,6 +133,13 @@ class BearerToken:
 
     async def __call__(self, scope, receive, send) -> None:
         digest = _KEY_DIGEST[0]
+        if scope["type"] == "http" and digest is None and _route(scope) not in OPEN_PATHS and not _local(scope):
+            # bound beyond loopback (serve's http_options, a RayService) but started without a
+            # key: refuse rather than serve the model to the network unauthenticated
+            await error_response(403, "this endpoint has no API key and answers only requests from its own "
+                                      "machine: deploy it with api_key_sha256 (xmr serve: XMR_API_KEY or "
+                                      "--api-key-file) to serve other hosts")(scope, receive, send)
+            return
         if scope["type"] == "http" and digest is not None and _route(scope) not in OPEN_PATHS:
             header = dict(scope["headers"]).get(b"authorization", b"")
             token = header[7:] if header[:7].lower() == b"bearer " else b""

@@ -11,7 +11,8 @@ import re
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
+from starlette.requests import Request
 
 MAX_BODY_BYTES = 4 << 20  # 4 MiB: a 100 k-element float query in JSON, or ~90 s of 16 kHz WAV in base64
 MAX_ELEMENTS = 1 << 17
@@ -40,6 +41,36 @@ class RequestError(Exception):
 
     def __reduce__(self):  # crosses process boundaries (a replica's error reaching the gateway)
         return RequestError, (self.status, self.message)
+
+
+class Refused:
+    """A client's error returned by a replica as a value, not raised: Serve logs every
+    exception a replica raises as an ERROR with its traceback, and a bad query is the
+    client's doing, not the server's. The gateway turns it back into a ``RequestError``."""
+
+    __slots__ = ("status", "message")
+
+    def __init__(self, status: int, message: str) -> None:
+        self.status, self.message = int(status), str(message)
+
+    def __reduce__(self):  # crosses from the replica to the gateway
+        return Refused, (self.status, self.message)
+
+
+def refusals_returned(method):
+    """A replica method whose ``RequestError`` comes back as a ``Refused`` value."""
+    import functools
+    import inspect
+
+    @functools.wraps(method)
+    async def wrapper(*args, **kwargs):
+        try:
+            out = method(*args, **kwargs)
+            return await out if inspect.isawaitable(out) else out
+        except RequestError as exc:
+            return Refused(exc.status, exc.message)
+
+    return wrapper
 
 
 class SearchRequest(BaseModel):
@@ -221,3 +252,63 @@ def parse_npy_body(body: bytes) -> np.ndarray:
                                 f"{len(data)}")
     arr = np.frombuffer(data, dtype=dtype).reshape(shape, order="F" if fortran else "C")
     return arr.astype(np.float32)
+
+
+# --------------------------------------------------------------------------- a request's body
+
+
+NPY = "application/x-npy"
+
+
+def body_schema(model) -> dict[str, Any]:
+    return {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": model.model_json_schema()},
+        NPY: {"schema": {"type": "string", "format": "binary",
+                         "description": "a float32 .npy array (np.save); k, modality, video as query parameters"}}}}}
+
+
+def base64_floats(text: str) -> np.ndarray:
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise RequestError(422, "query_base64: not valid base64") from None
+    if not raw or len(raw) % 4:
+        raise RequestError(422, f"query_base64: {len(raw)} bytes is not a whole number of float32 values")
+    if len(raw) // 4 > MAX_ELEMENTS:
+        raise RequestError(413, f"query_base64: {len(raw) // 4} numbers, at most {MAX_ELEMENTS}")
+    return np.frombuffer(raw, dtype="<f4").astype(np.float32)
+
+
+async def parse_request(request: Request, model) -> tuple[Any, np.ndarray | None]:
+    """(validated request model, binary query array or None) from a JSON or .npy body."""
+    body = await request.body()
+    if request.headers.get("content-type", "").split(";")[0].strip() == NPY:
+        params = dict(request.query_params)
+        if "k" in params:
+            try:
+                if len(params["k"]) > 8:
+                    raise ValueError
+                params["k"] = int(params["k"])
+            except ValueError:
+                raise RequestError(422, f"k: expected an integer query parameter, got {params['k'][:20]!r}") from None
+        req, binary = validated(model, params), parse_npy_body(body)
+        return req, binary
+    data = parse_json_body(body)
+    if not isinstance(data, dict):
+        raise RequestError(422, f"body: expected a JSON object, got {type(data).__name__}")
+    encoded = data.pop("query_base64", None)
+    req = validated(model, data)
+    if encoded is None:
+        return req, None
+    if not isinstance(encoded, str):
+        raise RequestError(422, "query_base64: expected a base64 string of float32 values")
+    if req.query is not None:
+        raise RequestError(422, "give one of query (a JSON list) or query_base64, not both")
+    return req, base64_floats(encoded)
+
+
+def validated(model, data: dict[str, Any]):
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise RequestError(422, error_text(exc.errors())) from None

@@ -54,6 +54,14 @@ class ServeSettings:
         return asdict(self)
 
 
+# Environment variables that set the endpoint before its settings were typed: set, they fail
+# by name (silently ignoring one would serve with a setting its user did not choose).
+RETIRED_ENV = {"XMR_SERVE_BATCH": "batch_size", "XMR_SERVE_BATCH_WAIT_S": "batch_wait_s",
+               "XMR_SERVE_INLINE_LONE": "inline_lone", "XMR_SERVE_RETRIES": "retries",
+               "XMR_SERVE_RETRY_BUDGET_S": "retry_budget_s", "XMR_SERVE_THREADS": "threads",
+               "XMR_SERVE_ACCESS_LOG": "access_log"}
+
+
 def _require(cond: bool, message: str) -> None:
     if not cond:
         raise ConfigError(message)
@@ -64,6 +72,9 @@ def serve_settings(args: dict[str, Any]) -> ServeSettings:
     (replicas do not run in this process's directory)."""
     if not isinstance(args, dict):
         raise ConfigError(f"application args: expected a mapping, got {type(args).__name__}")
+    retired = sorted(name for name in RETIRED_ENV if name in os.environ)
+    _require(not retired, "; ".join(f"{name} is no longer read: set the application arg {RETIRED_ENV[name]} "
+                                    f"(xmr.serve.settings.ServeSettings)" for name in retired))
     s: ServeSettings = build_section(ServeSettings, args)
     _require(bool(s.checkpoint), "checkpoint: required (a checkpoint dir, a run dir, or s3://...)")
     _require(s.replicas >= 1, f"replicas = {s.replicas}: at least 1")

@@ -75,14 +75,17 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, quiet
     machine (``ray start``) -> attach to it; else start an embedded local Ray with
     ``num_cpus``. Start-only arguments are never passed when attaching (Ray refuses them).
     """
+    set_driver_env()  # before Ray is imported: it reads the auth mode then
     import ray
 
-    set_driver_env()
     check_version()
     if ray.is_initialized():
         return "already connected"
     env = code_runtime_env(extra_env)
     address = address or os.environ.get("RAY_ADDRESS")
+    # A Ray started from here inherits this process's environment: the endpoint's key (read
+    # by ``xmr serve`` before it gets here) must not reach the raylet, workers or replicas.
+    os.environ.pop("XMR_API_KEY", None)
     if address:
         ray.init(address=address, runtime_env=env)
         how = f"attached to the Ray cluster at {address}"
@@ -154,8 +157,7 @@ def build_trainer(cfg: Config, metric: str, mode: str, callbacks: list | None = 
                                                checkpoint_score_attribute=metric, checkpoint_score_order=mode),
             callbacks=callbacks or None,
             # xmr prints one line per epoch itself; Ray Train's per-report INFO lines would bury it
-            logging_config=LoggingConfig(log_level="INFO" if os.environ.get("XMR_VERBOSE") == "1"
-                                         else os.environ.get("XMR_TRAIN_LOG_LEVEL", "WARNING"))),
+            logging_config=LoggingConfig(log_level="INFO" if os.environ.get("XMR_VERBOSE") == "1" else "WARNING")),
     )
 
 
@@ -170,14 +172,15 @@ def read_run(cfg: Config, metric: str, mode: str) -> TrainResult:
 
 # What a relaunch may change and still resume: how long and where the run goes, not what it
 # trains (a longer run is the usual reason to relaunch; the cosine schedule follows the cap).
-RELAUNCH_MAY_CHANGE = ("optim.epochs", "resources.", "storage.max_failures", "storage.keep_checkpoints",
-                       "tracking.", "data.num_workers")
+RELAUNCH_MAY_CHANGE = ("optim.epochs", "resources.", "storage.root", "storage.max_failures",
+                       "storage.keep_checkpoints", "tracking.", "data.num_workers", "data.endpoint_url")
 
 
 def config_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
-    """``field: old -> new`` for every field that differs, except those a relaunch may change."""
+    """``field: old -> new`` for every field that differs, except those a relaunch may change
+    and those the saved config lacks (fields added to xmr since, at their defaults)."""
     out = []
-    for key in sorted(set(old) | set(new)):
+    for key in sorted(set(old) & set(new)):
         path = f"{prefix}{key}"
         a, b = old.get(key), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):

@@ -32,6 +32,7 @@ import resource
 import shutil
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -87,7 +88,8 @@ class LocalHooks:
         """Called on every rank; ``directory`` (rank 0) is the epoch's checkpoint to persist."""
         if directory is not None and w.run is not None:
             persist_checkpoint(w.run, directory, name)
-            prune_checkpoints(w.run, w.history_scores(), w.cfg.storage.keep_checkpoints, w.mode)
+            prune_checkpoints(w.run, w.history_scores(), w.cfg.storage.keep_checkpoints, w.mode,
+                              newest=checkpoint_epoch(name))
 
     def recorded(self, row: dict[str, Any]) -> None:
         """Rank 0, after ``metrics.csv`` and ``best.json`` name the epoch."""
@@ -107,9 +109,10 @@ def persist_checkpoint(run: RunDir, directory: str, name: str) -> None:
         pafs.copy_files(directory, target, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=run.fs)
 
 
-def prune_checkpoints(run: RunDir, scores: dict[int, float], keep: int, mode: str) -> list[int]:
+def prune_checkpoints(run: RunDir, scores: dict[int, float], keep: int, mode: str, newest: int | None = None) -> list[int]:
     """Delete the run folder's checkpoints outside the best ``keep`` (by ``scores``, ties to
-    the later epoch) and the newest; returns the epochs deleted."""
+    the later epoch) and ``newest`` (the one just persisted; default the highest epoch
+    present); returns the epochs deleted."""
     present = [epoch for epoch, _ in _complete_on_storage(run)]
     if not present:
         return []
@@ -117,7 +120,7 @@ def prune_checkpoints(run: RunDir, scores: dict[int, float], keep: int, mode: st
     nan = float("-inf")
     ranked = sorted(present, key=lambda e: (sign * scores.get(e, nan) if scores.get(e) == scores.get(e) else nan, e),
                     reverse=True)
-    kept = set(ranked[:keep]) | {max(present)}
+    kept = set(ranked[:keep]) | {max(present) if newest is None else newest}
     gone = [e for e in present if e not in kept]
     for epoch in gone:
         run.fs.delete_dir(posixpath.join(run.path, checkpoint_name(epoch)))
@@ -243,8 +246,13 @@ def set_up(cfg: Config, hooks, run: RunDir | None, metric: str, mode: str) -> Wo
         # without gradient every step, which DDP then handles without a per-step graph walk.
         # broadcast_buffers=False: the models have no running statistics, and a memory bank
         # (a buffer) is written by every rank itself (with the gathered keys, or its own).
-        module = DistributedDataParallel(method, device_ids=[device.index] if device.type == "cuda" else None,
-                                         static_graph=True, broadcast_buffers=False)
+        # torch 2.13 deprecates broadcast_buffers for forward_sync_buffers, whose False still
+        # syncs buffers at init, and itself advises keeping broadcast_buffers=False for
+        # rank-local buffers until init_sync_buffers exists: that one warning is silenced here.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*broadcast_buffers.*is deprecated", category=FutureWarning)
+            module = DistributedDataParallel(method, device_ids=[device.index] if device.type == "cuda" else None,
+                                             static_graph=True, broadcast_buffers=False)
     step = TrainStep(method, cfg, total_steps=total, device=device, module=module)
     verbose = getattr(hooks, "verbose", True) and rank == 0
     return Worker(cfg, metric, mode, cfg.storage.run_name, rank, world, device, manifest, method, loader, steps, step,

@@ -85,7 +85,9 @@ def run_sweep(cfg: Config, space, settings: SweepSettings, address: str | None =
     else:
         search = OptunaSearch(space=space.suggest, metric=metric, mode=mode, sampler=sampler,
                               study_name=settings.name, storage=study_storage)
-    scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=cfg.optim.epochs,
+    # "epoch", not Tune's report count: a trial retried from its run folder goes on at the epoch
+    # it reached, and ASHA must judge it there, beside its peers' same epoch
+    scheduler = (ASHAScheduler(time_attr="epoch", max_t=cfg.optim.epochs,
                                grace_period=settings.grace_period, reduction_factor=settings.reduction_factor)
                  if settings.scheduler == "asha" else None)
     ensure_ray(address, num_cpus=max(local_cpus(cfg), int(2 * per_trial_cpus(cfg)) + 2))

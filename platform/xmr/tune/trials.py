@@ -103,17 +103,23 @@ def concurrency(cfg: Config, requested: int, n_trials: int) -> int:
 def make_tuner(trainable, cfg: Config, name: str, n_trials: int, *, metric: str | None = None,
                mode: str | None = None, max_concurrent: int = 0, search_alg=None, param_space=None,
                scheduler=None, root: str | None = None, resume: bool = True, what: str = "sweep",
-               resources: dict[str, float] | None = None, reuse_actors: bool = True, verbose: bool = False,
+               resources=None, reuse_actors: bool = True, verbose: bool = False,
                progress_metric: str | None = None, max_failures: int | None = None):
-    """A ``Tuner`` whose trials each reserve ``resources`` (default ``trial_resources(cfg)``)
-    and are retried ``max_failures`` (default ``storage.max_failures``) times from their run folders; resumed from
-    ``<root>/<name>`` when it exists there (finished trials kept; the saved state mended
-    first, ``xmr.tune.snapshot``)."""
+    """A ``Tuner`` whose trials each reserve ``resources`` (a dict, or a function of the
+    trial's config; default ``trial_resources(cfg)``), resumed from ``<root>/<name>`` when it
+    exists there (finished trials kept; the saved state mended first, ``xmr.tune.snapshot``).
+
+    A failed one-worker trial is retried by Tune ``max_failures`` times (default
+    ``storage.max_failures``) and resumes from its run folder; a multi-worker trial's
+    ``TorchTrainer`` already retries its worker group that often, so Tune does not again
+    (default 0 there): one level of retries, not their product."""
     from ray import tune
 
     fs, base = filesystem(root or cfg.storage.root, cfg.data.endpoint_url)
     path = f"{base}/{name}"
     trainable = tune.with_resources(trainable, resources or trial_resources(cfg))
+    if max_failures is None:
+        max_failures = cfg.storage.max_failures if cfg.resources.num_workers == 1 else 0
     if not verbose:  # Tune's new output engine prints its experiment box and paths even at verbose=0
         os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     if resume and tune.Tuner.can_restore(path, storage_filesystem=fs):
@@ -130,8 +136,7 @@ def make_tuner(trainable, cfg: Config, name: str, n_trials: int, *, metric: str 
                                     search_alg=search_alg, scheduler=scheduler, reuse_actors=reuse_actors,
                                     max_concurrent_trials=concurrency(cfg, max_concurrent, n_trials)),
         run_config=tune.RunConfig(name=name, storage_path=base, storage_filesystem=fs,
-                                  failure_config=tune.FailureConfig(
-                                      max_failures=cfg.storage.max_failures if max_failures is None else max_failures), **quiet),
+                                  failure_config=tune.FailureConfig(max_failures=max_failures), **quiet),
     )
 
 

@@ -1,0 +1,331 @@
+"""The Ray Serve deployments: a light HTTP gateway composed with the retriever.
+
+- ``Gateway`` (FastAPI ingress): bounds and parses bodies (JSON lists, base64 float32, or an
+  ``application/x-npy`` body), checks the bearer token when one is configured, answers every
+  error as ``{"error": ...}``, and forwards each query to the retriever through a deployment
+  handle. Searches are idempotent, so a call that dies with its replica (SIGKILL, a node
+  lost) is sent again to another one; only when no replica answers within the retry budget
+  does the client get 503 with ``Retry-After``.
+- ``Retriever``: the checkpoint's model and gallery, queries batched with ``@serve.batch``
+  and scored by one matrix product (or a FAISS index past a size threshold). The checkpoint
+  and gallery are its ``user_config``: deploying a new one loads it beside the old in a
+  thread and swaps it in when ready, so requests keep being answered throughout.
+
+- ``TextFeaturiser`` (only where the served dataset's query tokens came from a text encoder,
+  ``xmr data synth vcmr --text-encoder``): ``"text"`` -> token features with that encoder,
+  a deployment of its own composed with the retriever through the gateway.
+
+Routes: ``POST /search`` (category / pair: a feature array or, where the dataset has an
+audio featuriser, a WAV file), ``POST /moments`` (VCMR: token features, or ``text`` where
+the dataset has a text encoder; ``video`` restricts it to one video, SVMR), ``GET
+/healthz``, ``GET /info``, OpenAPI at ``/docs``.
+"""
+
+# no `from __future__ import annotations`: FastAPI reads the request models from real annotations
+
+import asyncio
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from fastapi import Request
+from fastapi.responses import Response
+from ray import serve
+
+from xmr.serve.featurise import audio_featuriser
+from xmr.serve.gallery import Loaded, load_for_serving, text_encoder_of
+from xmr.serve.http import JSONBytes, api
+from xmr.serve.middleware import key_configured, set_body_timeout, set_key_digest
+from xmr.serve.requests import (MomentsRequest, MomentsResponse, Refused, RequestError, SearchRequest, SearchResponse,
+                                as_array, body_schema, decode_wav_base64, parse_request, refusals_returned,
+                                tokens_array)
+from xmr.serve.search import moments_items, search_items, svmr_one
+from xmr.serve.settings import LOAD_FIELDS, ServeSettings
+from xmr.tasks import FAMILIES
+
+DEFAULTS = ServeSettings()  # the batching and retry settings until reconfigure gives the app's
+FEATURISE_TIMEOUT_S = 5.0
+
+
+# --------------------------------------------------------------------------- the retriever
+
+
+@serve.deployment(max_ongoing_requests=64, ray_actor_options={"num_cpus": 1})
+class Retriever:
+    """The model and gallery of one checkpoint; every query validated against them."""
+
+    def __init__(self) -> None:
+        self.state: "Loaded | None" = None
+        self.featurise: Any = None
+        self.text_encoder: dict[str, Any] | None = None  # the dataset's, when its query tokens came from text
+        self.loading: str | None = None
+        # [batches, queries, compute seconds] per endpoint: is batching paying, and how much
+        # of a request is the search itself?
+        self.batches = {"search": [0, 0, 0.0], "moments": [0, 0, 0.0]}
+        self.inflight = 0  # requests inside a method now
+        self.batch_size, self.batch_wait_s, self.inline_lone = DEFAULTS.batch_size, DEFAULTS.batch_wait_s, True
+        self.loaded_from: dict[str, Any] | None = None  # the load args of the state held
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Batching and threads from the app's settings; then the configured checkpoint and
+        gallery, loaded off the event loop and swapped in."""
+        self.batch_size = int(user_config.get("batch_size", DEFAULTS.batch_size))
+        self.batch_wait_s = float(user_config.get("batch_wait_s", DEFAULTS.batch_wait_s))
+        self.inline_lone = bool(user_config.get("inline_lone", DEFAULTS.inline_lone))
+        self._search_batched.set_max_batch_size(self.batch_size)
+        self._moments_batched.set_max_batch_size(self.batch_size)
+        if int(user_config.get("threads", 0)) > 0:
+            torch.set_num_threads(int(user_config["threads"]))
+        load = {k: user_config[k] for k in LOAD_FIELDS if user_config.get(k) is not None}
+        if self.state is not None and load == self.loaded_from:  # a settings-only change: nothing to reload
+            return
+        self.loading = str(load.get("checkpoint"))
+        loaded = await asyncio.to_thread(load_for_serving, **load)
+        self.loaded_from = load
+        featurise = audio_featuriser(loaded.manifest)  # None unless the dataset was built from audio
+        self.state, self.featurise, self.loading = loaded, featurise, None
+        self.text_encoder = text_encoder_of(loaded.manifest)
+
+    def _ready(self, route: str) -> Loaded:
+        st = self.state
+        if st is None:
+            raise RequestError(503, "the model is still loading")
+        if st.family.route != route:
+            serves = " / ".join(f.title for f in FAMILIES.values() if f.route == route)
+            raise RequestError(404, f"/{route} serves {serves} models; this checkpoint is a {st.family.title} model "
+                                    f"(use /{st.family.route})")
+        return st
+
+    @refusals_returned
+    def healthy(self) -> bool:
+        if self.state is None:
+            raise RequestError(503, "loading")
+        return True
+
+    @refusals_returned
+    def info(self) -> dict[str, Any]:
+        st = self.state
+        if st is None:
+            raise RequestError(503, "the model is still loading")
+        batching = {k: {"batches": b, "queries": n, "mean_batch": round(n / b, 2) if b else 0.0,
+                        "compute_ms_per_batch": round(1000 * sec / b, 3) if b else 0.0, "compute_s": sec}
+                    for k, (b, n, sec) in self.batches.items()}
+        return {**st.info, "loading": self.loading, "batch_size": self.batch_size, "batching": batching,
+                "torch_threads": torch.get_num_threads(), "replica": serve.get_replica_context().replica_tag,
+                "featurisers": (["audio_wav_base64"] if self.featurise else []) + (["text"] if self.text_encoder else []),
+                "text_encoder": self.text_encoder}
+
+    @refusals_returned
+    async def search(self, req: SearchRequest, binary: np.ndarray | None) -> dict[str, Any]:
+        st = self._ready("search")
+        if req.text is not None:
+            raise RequestError(422, "text: this dataset's features come from no text encoder this endpoint has "
+                                    "(only VCMR corpora built with --text-encoder take text); send features in 'query'")
+        given = sum(x is not None for x in (req.query, req.audio_wav_base64, binary))
+        if given != 1:
+            raise RequestError(422, "give exactly one of query (features), query_base64 / a .npy body, "
+                                    "or audio_wav_base64")
+        if req.audio_wav_base64 is not None:
+            if self.featurise is None:
+                raise RequestError(422, "audio_wav_base64: this gallery's dataset has no audio featuriser; send features")
+            role, featurise = self.featurise
+            if req.modality not in (None, role):
+                raise RequestError(422, f"modality = {req.modality!r}: audio queries are modality {role!r}")
+            vec = await self._featurised(featurise, decode_wav_base64(req.audio_wav_base64))
+        else:
+            role = req.modality or "a"
+            dims = st.cfg.model.dims[role]
+            value = req.query
+            if binary is not None:  # flat base64 floats take the modality's shape; a .npy keeps its own
+                value = binary.reshape(dims) if binary.ndim == 1 and binary.size == int(np.prod(dims)) else binary
+            vec = as_array(value, dims, "query")
+        g = st.gallery
+        if req.k > g.size:
+            raise RequestError(422, f"k = {req.k}: the gallery holds {g.size} items")
+        other = "b" if role == "a" else "a"
+        hits = await self._admitted(self._search_batched, (st, role, vec, req.k))
+        return {"modality": other, "k": req.k, "results": hits}
+
+    @refusals_returned
+    async def moments(self, req: MomentsRequest, binary: np.ndarray | None, text_tokens: np.ndarray | None = None):
+        st = self._ready("moments")
+        dim = st.cfg.model.dims["query"][-1]
+        if req.text is not None and (req.query is not None or binary is not None):
+            raise RequestError(422, "give one of text or query (token features), not both")
+        if text_tokens is not None:
+            value = text_tokens
+        elif binary is not None:
+            value = binary.reshape(-1, dim) if binary.ndim == 1 and binary.size % dim == 0 else binary
+        elif req.text is not None:
+            if self.text_encoder is not None:
+                raise RequestError(503, "text: the text featuriser is not ready; retry shortly")
+            raise RequestError(422, "text: this dataset's query features come from no text encoder this endpoint "
+                                    "has (build the corpus with xmr data synth vcmr --text-encoder); send token "
+                                    "features in 'query'")
+        else:
+            value = req.query
+        if value is None:
+            raise RequestError(422, "query: required (token features [T, d_query])")
+        q = tokens_array(value, dim, st.cfg.data.max_query_tokens)
+        corpus = st.gallery
+        if req.video is not None:
+            try:
+                position = corpus.ids.index(req.video)
+            except ValueError:
+                raise RequestError(404, f"video {req.video[:80]!r}: not in the served corpus") from None
+            hits = await asyncio.to_thread(svmr_one, st, q, position, req.k)
+            return {"k": req.k, "video": req.video, "results": hits}
+        hits = await self._admitted(self._moments_batched, (st, q, req.k))
+        return {"k": req.k, "results": hits}
+
+    async def _featurised(self, featurise, wav: bytes) -> np.ndarray:
+        """A WAV's features off the event loop (other queries keep being answered), within a
+        time limit; the WAV's rate, channels and length are bounded before any work."""
+        try:
+            return await asyncio.wait_for(asyncio.to_thread(featurise, wav), FEATURISE_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise RequestError(422, f"audio_wav_base64: featurising took longer than {FEATURISE_TIMEOUT_S:g} s; "
+                                    f"send a shorter file") from None
+
+    async def _admitted(self, batched, item: tuple):
+        self.inflight += 1
+        try:
+            batched.set_batch_wait_timeout_s(self.batch_wait_s if self.inflight > 1 else 0.0)
+            return await batched(item)
+        finally:
+            self.inflight -= 1
+
+    @serve.batch(max_batch_size=DEFAULTS.batch_size, batch_wait_timeout_s=0.0)  # sized by reconfigure
+    async def _search_batched(self, items: list[tuple]) -> list[list[dict[str, Any]]]:
+        return await self._timed("search", search_items, items)
+
+    @serve.batch(max_batch_size=DEFAULTS.batch_size, batch_wait_timeout_s=0.0)
+    async def _moments_batched(self, items: list[tuple]) -> list[list[dict[str, Any]]]:
+        return await self._timed("moments", moments_items, items)
+
+    async def _timed(self, endpoint: str, compute, items: list[tuple]) -> list[list[dict[str, Any]]]:
+        """Run one batch off the event loop, which keeps accepting the next batch's requests;
+        a lone request runs inline (no other request waits on the loop, and a thread hop
+        costs it a visible share of a few-millisecond search)."""
+        t0 = time.perf_counter()
+        if len(items) == 1 and self.inflight <= 1 and self.inline_lone:
+            out = compute(items)
+        else:
+            out = await asyncio.to_thread(compute, items)
+        counters = self.batches[endpoint]
+        counters[0] += 1
+        counters[1] += len(items)
+        counters[2] += time.perf_counter() - t0
+        return out
+
+
+# --------------------------------------------------------------------------- the text featuriser
+
+
+@serve.deployment(max_ongoing_requests=64, ray_actor_options={"num_cpus": 0.5})
+class TextFeaturiser:
+    """Text -> query token features with the encoder the dataset was built with (all-MiniLM-L6-v2
+    from the ``[text]`` extra, loaded from the package's files). Its own deployment, so it
+    scales apart from the retriever (text encoding and search cost differently); texts that
+    arrive together are encoded as one batch."""
+
+    def __init__(self, name: str, expected: dict[str, Any]) -> None:
+        from xmr.data.text_encoder import load_text_encoder
+
+        self.encoder = load_text_encoder(name)
+        got = self.encoder.info.get("package_version")
+        if got != expected.get("package_version"):  # a different model version: other features
+            raise RuntimeError(f"text encoder {name}: the dataset was built with {expected.get('package')} "
+                               f"{expected.get('package_version')}, this replica has {got}")
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    async def __call__(self, texts: list[str]) -> list[np.ndarray]:
+        return await asyncio.to_thread(self.encoder.tokens, texts)
+
+
+# --------------------------------------------------------------------------- the gateway
+
+
+def _retryable() -> tuple[type[BaseException], ...]:
+    """The errors of a call whose replica went away (not of the request itself)."""
+    from ray import exceptions as rex
+    from ray.serve import exceptions as sex
+
+    names = [getattr(rex, n, None) for n in ("RayActorError", "ActorDiedError", "ActorUnavailableError")]
+    names += [getattr(sex, n, None) for n in ("ReplicaUnavailableError", "DeploymentUnavailableError")]
+    return tuple(n for n in names if n is not None)
+
+
+def _as_request_error(exc: BaseException) -> RequestError | None:
+    """A RequestError raised in the retriever arrives wrapped (RayTaskError); unwrap it."""
+    for e in (exc, getattr(exc, "cause", None), exc.__cause__):
+        if isinstance(e, RequestError) and hasattr(e, "status"):
+            return RequestError(e.status, e.message)
+    return None
+
+
+# A gateway request that waits on its client (a slow body, at most the body deadline) costs a
+# coroutine, not a thread: a high cap keeps /healthz and real queries answered while many
+# clients stall (the body deadline frees their slots).
+@serve.deployment(max_ongoing_requests=2048, ray_actor_options={"num_cpus": 0.25})
+@serve.ingress(api)
+class Gateway:
+    def __init__(self, retriever, featuriser=None) -> None:
+        self.retriever = retriever
+        self.featuriser = featuriser  # TextFeaturiser, bound when the dataset's queries came from text
+        self.retryable = _retryable()
+        self.retried = 0  # calls sent again after their replica died
+        self.retries, self.retry_budget_s = DEFAULTS.retries, DEFAULTS.retry_budget_s
+
+    def reconfigure(self, config: dict[str, Any]) -> None:
+        set_key_digest(config.get("api_key_sha256"))
+        set_body_timeout(config.get("body_timeout_s"))
+        self.retries = int(config.get("retries", DEFAULTS.retries))
+        self.retry_budget_s = float(config.get("retry_budget_s", DEFAULTS.retry_budget_s))
+
+    async def _call(self, method: str, *args, handle=None):
+        """A retriever call, sent again (backing off) when its replica died, ``retries`` times
+        within ``retry_budget_s``."""
+        deadline, delay = time.monotonic() + self.retry_budget_s, 0.05
+        target = self.retriever if handle is None else handle
+        for attempt in range(self.retries + 1):
+            try:
+                out = await (getattr(target, method) if method else target).remote(*args)
+            except self.retryable:
+                if attempt == self.retries or time.monotonic() + delay > deadline:
+                    break
+                self.retried += 1
+                await asyncio.sleep(delay)
+                delay = min(1.0, 2 * delay)
+            except Exception as exc:  # noqa: BLE001 - the request's own error, or an internal one
+                mapped = _as_request_error(exc)
+                if mapped is not None:
+                    raise mapped from None
+                raise
+            if isinstance(out, Refused):  # the client's error, as the retriever returned it
+                raise RequestError(out.status, out.message)
+            return out
+        raise RequestError(503, "no retriever replica is ready (restarting or scaling); retry shortly")
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict[str, Any]:
+        await self._call("healthy")
+        return {"status": "ok"}
+
+    @api.get("/info")
+    async def info(self) -> dict[str, Any]:
+        return {**await self._call("info"), "retried_calls": self.retried, "auth": key_configured()}
+
+    @api.post("/search", response_model=SearchResponse, openapi_extra=body_schema(SearchRequest))
+    async def search(self, request: Request) -> Response:
+        req, binary = await parse_request(request, SearchRequest)
+        return JSONBytes(await self._call("search", req, binary))
+
+    @api.post("/moments", response_model=MomentsResponse, openapi_extra=body_schema(MomentsRequest))
+    async def moments(self, request: Request) -> Response:
+        req, binary = await parse_request(request, MomentsRequest)
+        if req.text is not None and self.featuriser is not None and req.query is None and binary is None:
+            tokens = await self._call("", req.text, handle=self.featuriser)
+            return JSONBytes(await self._call("moments", req, None, tokens))
+        return JSONBytes(await self._call("moments", req, binary))
