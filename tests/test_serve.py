@@ -543,21 +543,49 @@ def test_a_query_found_by_its_own_text(text_app, endpoint):
     assert_error(f"{endpoint['cat']}/search", {"text": "Ross opens the door."}, 422, "no text encoder")
 
 
+STALLED = 1000
+
+
 def test_stalled_bodies_get_408_and_do_not_stall_the_endpoint(endpoint):
-    """Slowloris (issue 24): 300 connections each send headers and half a body, then stall.
-    Meanwhile /healthz and a real query answer; each stalled connection gets a 408 JSON
-    error once the body deadline (10 s) passes, and its slot is freed."""
+    """Slowloris (issue 24): 1,000 connections each send headers and half a body, then stall.
+    Meanwhile /healthz and a real query answer while every stalled connection is still held
+    (none has had its answer yet); each then gets a 408 JSON error once the body deadline
+    (10 s) passes, and its slot is freed."""
+    import select
+
     url = urlparse(endpoint["cat"])
     stalled = []
-    for _ in range(300):
+    for _ in range(STALLED):
         s = socket.create_connection((url.hostname, url.port), timeout=30)
         s.sendall(b"POST /search HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                   b"Content-Length: 400\r\n\r\n" + b'{"query": [0.1, ')
         stalled.append(s)
     try:
         time.sleep(1.0)
-        t0 = time.perf_counter()
         assert requests.get(f"{endpoint['cat']}/healthz", timeout=30).status_code == 200
+        r = post(f"{endpoint['cat']}/search", {"query": [0.2] * 64, "k": 3})
+        assert r.status_code == 200
+        poller = select.poll()  # (select() cannot take descriptors past 1,024)
+        for s in stalled:
+            poller.register(s, select.POLLIN)
+        assert poller.poll(0) == []  # both answered while every stalled connection still held its slot
+        answers = []
+        for s in stalled:
+            s.settimeout(40)
+            data = b""
+            while b"\r\n\r\n" not in data or not data.rstrip().endswith(b"}"):
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+            answers.append(data)
+        statuses = {a.split(b" ", 2)[1] for a in answers if a}
+        assert statuses == {b"408"} and len([a for a in answers if a]) == STALLED, statuses
+        assert b'"error":"the request body did not arrive within 10 s' in answers[0].replace(b": ", b":")
+    finally:
+        for s in stalled:
+            s.close()
+    assert requests.get(f"{endpoint['cat']}/healthz", timeout=30).status_code == 200
         r = post(f"{endpoint['cat']}/search", {"query": [0.2] * 64, "k": 3})
         assert r.status_code == 200 and time.perf_counter() - t0 < 9.0  # answered before any deadline freed a slot
         answers = []

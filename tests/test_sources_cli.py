@@ -64,3 +64,34 @@ def test_errors_are_one_line_with_exit_code_2(tmp_path: Path, capsys: pytest.Cap
     assert "hierarchy" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="--splits: expected NAME=VALUE"):
         _run(["synth", "vcmr", "--out", str(tmp_path / "v"), "--splits", "train"])
+
+
+def test_source_options_come_from_their_configs_without_restated_defaults():
+    """Every ``xmr data synth|avdigits`` option that is a config field is generated from the
+    dataclass: absent unless given (the dataclass applies its own default), its help stating
+    that default."""
+    import argparse
+    import dataclasses
+
+    from xmr.cli import build_parser
+    from xmr.data.sources.configs import AvdigitsConfig, SynthCategoryConfig, SynthVcmrConfig, TvrReleaseConfig
+
+    def sub(parser, *path):
+        for name in path:
+            action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+            parser = action.choices[name]
+        return parser
+
+    root = build_parser()
+    for path, config in [(("data", "synth", "category"), SynthCategoryConfig), (("data", "synth", "vcmr"), SynthVcmrConfig),
+                         (("data", "synth", "tvr-release"), TvrReleaseConfig), (("data", "avdigits"), AvdigitsConfig)]:
+        fields = {f.name for f in dataclasses.fields(config)}
+        generated = [a for a in sub(root, *path)._actions if a.dest in fields]
+        assert generated, path
+        restated = [a.dest for a in generated if a.default is not argparse.SUPPRESS]
+        assert restated == [], (path, restated)
+        assert all("(default: " in a.help for a in generated), path
+    ns = build_parser().parse_args(["data", "synth", "category", "--out", "x", "--n-classes", "4"])
+    from xmr.data.sources.options import given
+
+    assert SynthCategoryConfig(**given(ns, SynthCategoryConfig)) == SynthCategoryConfig(n_classes=4)

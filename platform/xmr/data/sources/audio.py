@@ -8,43 +8,11 @@ Mel scale: the HTK formula ``2595 * log10(1 + f / 700)`` with triangular filters
 from __future__ import annotations
 
 import wave
-from dataclasses import asdict, dataclass
 from math import gcd
 from pathlib import Path
 
 import numpy as np
-
-
-@dataclass(frozen=True)
-class MelParams:
-    """Feature parameters; ``n_frames`` fixes the output length (pad/crop) so shapes are static."""
-
-    sample_rate: int = 16000
-    n_fft: int = 512
-    win_length: int = 400      # 25 ms
-    hop_length: int = 480      # 30 ms: 32 frames cover ~1 s, a spoken digit
-    n_mels: int = 40
-    f_min: float = 50.0
-    f_max: float = 8000.0
-    n_frames: int = 32
-    log_floor: float = 1e-6    # added to mel power before log; sets the silence level
-
-    def validate(self) -> None:
-        if self.win_length > self.n_fft:
-            raise ValueError(f"win_length {self.win_length} must be <= n_fft {self.n_fft}")
-        if not 0 <= self.f_min < self.f_max <= self.sample_rate / 2:
-            raise ValueError(f"need 0 <= f_min < f_max <= sample_rate/2, got f_min={self.f_min} "
-                             f"f_max={self.f_max} sample_rate={self.sample_rate}")
-        for name in ("n_fft", "win_length", "hop_length", "n_mels", "n_frames", "sample_rate"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-
-    def window_samples(self) -> int:
-        """Waveform length whose STFT (no centring) has exactly ``n_frames`` frames."""
-        return (self.n_frames - 1) * self.hop_length + self.n_fft
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+from xmr.data.sources.configs import MelParams  # noqa: F401 (re-exported)
 
 
 def read_wav(path: str | Path) -> tuple[np.ndarray, int]:

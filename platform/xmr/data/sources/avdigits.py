@@ -15,48 +15,19 @@ from __future__ import annotations
 import shutil
 import subprocess
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
 from xmr.data.manifest import LabelSpec, Manifest, ModalitySpec
-from xmr.data.sources.audio import MelParams, log_mel, mel_filterbank, read_wav, resample, trim_silence
+from xmr.data.sources.audio import log_mel, mel_filterbank, read_wav, resample, trim_silence
 from xmr.data.sources.features import stratified_split
 from xmr.data.writer import DatasetWriter
+from xmr.data.sources.configs import AvdigitsConfig, DIGIT_WORDS  # noqa: F401 (re-exported)
 
-DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 ESPEAK_MISSING = "espeak-ng not installed: apt-get install espeak-ng (make setup does this)"
-
-
-@dataclass
-class AvdigitsConfig:
-    """Sizes, synthesis variation and feature parameters (defaults build the committed set)."""
-
-    per_class: int | None = 90         # images per digit (None: all 1,797); 90 keeps it under ~5 MB
-    limit: int | None = None           # total cap after per_class, stratified (quick test builds)
-    voices: tuple[str, ...] = ("en-us", "en-gb", "en-us+f2", "en-us+f4", "en-gb+m3", "en-us+klatt2",
-                               "en-gb-scotland+m7", "en-029+croak")
-    speeds: tuple[int, ...] = (120, 150, 180, 210)        # words per minute
-    pitches: tuple[int, ...] = (25, 45, 65, 85)           # espeak-ng 0..99
-    snr_db: tuple[float, float] = (5.0, 25.0)             # white noise, uniform in this range
-    gain: tuple[float, float] = (0.3, 0.9)                # peak amplitude before noise
-    fractions: dict[str, float] = field(default_factory=lambda: {"train": 0.7, "val": 0.15, "test": 0.15})
-    mel: MelParams = field(default_factory=MelParams)
-    seed: int = 0
-    dtype: str = "float16"
-
-    def validate(self) -> None:
-        if self.per_class is not None and self.per_class < 3:
-            raise ValueError(f"per_class must be >= 3 (one per split) or None, got {self.per_class}")
-        if self.limit is not None and self.limit < 3 * len(DIGIT_WORDS):
-            raise ValueError(f"limit must be >= {3 * len(DIGIT_WORDS)} (every digit in every split), got {self.limit}")
-        if not self.voices or not self.speeds or not self.pitches:
-            raise ValueError("voices, speeds and pitches must each list at least one value")
-        if abs(sum(self.fractions.values()) - 1) > 1e-6 or any(f <= 0 for f in self.fractions.values()):
-            raise ValueError(f"fractions must be positive and sum to 1, got {self.fractions}")
-        self.mel.validate()
 
 
 def espeak_version() -> str:

@@ -8,8 +8,13 @@ one-line summary; heavy imports happen inside the handlers so ``xmr --help`` sta
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from typing import Any, Callable
+
+from xmr.data.sources.configs import (AvdigitsConfig, SynthCategoryConfig, SynthVcmrConfig, TextVcmrConfig,
+                                      TvrReleaseConfig)
+from xmr.data.sources.options import add_options, given
 
 
 def _kv(items: list[str], what: str) -> dict[str, str]:
@@ -24,13 +29,18 @@ def _kv(items: list[str], what: str) -> dict[str, str]:
     return out
 
 
-def _sizes(items: list[str] | None, default: dict[str, int]) -> dict[str, int]:
+def _sizes(items: list[str]) -> dict[str, int]:
+    """``--splits train=400 val=100`` as sizes (the option is absent when not given)."""
     if not items:
-        return dict(default)
+        raise SystemExit("xmr data: --splits: give SPLIT=N for every split (or leave --splits out for the defaults)")
     try:
         return {k: int(v) for k, v in _kv(items, "--splits").items()}
     except ValueError as e:
         raise SystemExit(f"xmr data: --splits: sizes must be integers ({e})") from e
+
+
+SIZES = {"splits": _sizes}
+DTYPES = {"dtype": ("float16", "float32")}
 
 
 def _summary(m: Any, out: str) -> None:
@@ -66,57 +76,46 @@ def _writer_kw(a: argparse.Namespace) -> dict:
 
 
 def _synth_category(a: argparse.Namespace) -> int:
-    from xmr.data.sources.synth_category import SynthCategoryConfig, write_synth_category
+    from xmr.data.sources.synth_category import write_synth_category
 
-    cfg = SynthCategoryConfig(n_classes=a.n_classes, splits=_sizes(a.splits, SynthCategoryConfig().splits),
-                              dim_a=a.dim_a, dim_b=a.dim_b, seq_len_a=a.seq_len_a, seq_len_b=a.seq_len_b,
-                              latent_dim=a.latent_dim, class_scale=a.class_scale, instance_scale=a.instance_scale, noise_a=a.noise_a,
-                              noise_b=a.noise_b, offset_scale=a.offset_scale, hierarchy=a.hierarchy,
-                              multi_label=a.multi_label, seed=a.seed, dtype=a.dtype)
+    cfg = SynthCategoryConfig(**given(a, SynthCategoryConfig, SIZES))
     _summary(write_synth_category(a.out, cfg, name=a.name, **_writer_kw(a)), a.out)
     return 0
 
 
 def _synth_vcmr(a: argparse.Namespace) -> int:
-    from xmr.data.sources.synth_vcmr import SynthVcmrConfig, write_synth_vcmr
+    from xmr.data.sources.synth_vcmr import write_synth_vcmr
+    from xmr.data.sources.text_vcmr import write_text_vcmr
 
-    if (a.queries_from is None) != (a.text_encoder is None):
+    chosen = set(vars(a))
+    if ("queries_from" in chosen) != ("text_encoder" in chosen):
         raise ValueError("--queries-from and --text-encoder go together: real annotations' text encoded by a real "
                          "encoder (e.g. --queries-from tvr_val_release.jsonl --text-encoder minilm)")
-    if a.queries_from is not None:
-        from xmr.data.sources.text_vcmr import TextVcmrConfig, write_text_vcmr
-
-        base = TextVcmrConfig()
-        cfg = TextVcmrConfig(queries_from=a.queries_from, text_encoder=a.text_encoder,
-                             splits=_sizes(a.splits, base.splits), dim_visual=a.dim_visual,
-                             dim_subtitle=a.dim_subtitle, max_queries=a.max_queries or 0,
-                             signal=a.signal, noise=a.noise, sub_missing=a.sub_missing, seed=a.seed, dtype=a.dtype)
+    synth_only = {f.name for f in dataclasses.fields(SynthVcmrConfig)} - {f.name for f in dataclasses.fields(TextVcmrConfig)}
+    if "queries_from" in chosen:
+        unused = sorted(f"--{n.replace('_', '-')}" for n in chosen & synth_only)
+        if unused:
+            raise ValueError(f"{', '.join(unused)}: not used with --queries-from (its queries come from the "
+                             f"annotations and the text encoder)")
+        cfg = TextVcmrConfig(**given(a, TextVcmrConfig, SIZES))
         name = a.name if a.name != "synth-vcmr" else "text-vcmr"
         _summary(write_text_vcmr(a.out, cfg, name=name, **_writer_kw(a)), a.out)
         return 0
-
-    cfg = SynthVcmrConfig(splits=_sizes(a.splits, SynthVcmrConfig().splits), dim_visual=a.dim_visual,
-                          dim_subtitle=a.dim_subtitle, dim_query=a.dim_query, latent_dim=a.latent_dim,
-                          min_duration=a.min_duration, max_duration=a.max_duration,
-                          max_queries=a.max_queries if a.max_queries is not None else 4,
-                          sub_missing=a.sub_missing, signal=a.signal, noise=a.noise,
-                          durations_from=a.durations_from, single_stream_share=a.single_stream_share,
-                          cross_stream_distractors=a.cross_stream_distractors,
-                          distractors_per_video=a.distractors_per_video, seed=a.seed, dtype=a.dtype)
+    cfg = SynthVcmrConfig(**given(a, SynthVcmrConfig, SIZES))
     _summary(write_synth_vcmr(a.out, cfg, name=a.name, **_writer_kw(a)), a.out)
     return 0
 
 
+TVR_SYNTH_KNOBS = ("signal", "noise", "sub_missing")  # of the release's planted structure (its SynthVcmrConfig)
+
+
 def _synth_tvr_release(a: argparse.Namespace) -> int:
-    from xmr.data.sources.synth_vcmr import SynthVcmrConfig
-    from xmr.data.sources.tvr_release import TvrReleaseConfig, convert_command, summary, write_tvr_release
+    from xmr.data.sources.tvr_release import convert_command, summary, write_tvr_release
 
     base = TvrReleaseConfig()
-    cfg = TvrReleaseConfig(splits=_sizes(a.splits, base.splits), annotations=a.annotations, video2dur=a.video2dur,
-                           dim_visual=a.dim_visual, dim_subtitle=a.dim_subtitle, dim_query=a.dim_query,
-                           max_tokens=a.max_tokens, seed=a.seed,
-                           synth=SynthVcmrConfig(**{**base.synth.__dict__, "signal": a.signal, "noise": a.noise,
-                                                    "sub_missing": a.sub_missing}))
+    knobs = {k: getattr(a, k) for k in TVR_SYNTH_KNOBS if hasattr(a, k)}
+    cfg = TvrReleaseConfig(**given(a, TvrReleaseConfig, SIZES),
+                           synth=dataclasses.replace(base.synth, **knobs))
     rep = write_tvr_release(a.out, cfg, progress=not a.quiet, overwrite=a.overwrite)
     print(f"wrote {a.out}: {summary(rep)}")
     print(f"convert with: {convert_command(a.out, list(cfg.splits))}")
@@ -157,9 +156,9 @@ def _convert_features(a: argparse.Namespace) -> int:
 
 
 def _avdigits(a: argparse.Namespace) -> int:
-    from xmr.data.sources.avdigits import AvdigitsConfig, build_avdigits
+    from xmr.data.sources.avdigits import build_avdigits
 
-    cfg = AvdigitsConfig(per_class=a.per_class or None, limit=a.limit, seed=a.seed)
+    cfg = AvdigitsConfig(**given(a, AvdigitsConfig, {"per_class": lambda n: n or None}))
     _summary(build_avdigits(a.out, cfg, name=a.name, **_writer_kw(a)), a.out)
     return 0
 
@@ -170,72 +169,71 @@ def _add_synth(sub: Any) -> None:
     c = kinds.add_parser("category", help="paired a/b features with class (and instance) structure")
     _common(c, 256)
     c.add_argument("--name", default="synth-category", help="dataset name recorded in the manifest")
-    c.add_argument("--splits", nargs="*", metavar="SPLIT=N", help="sizes (default train=400 val=100 test=100)")
-    c.add_argument("--n-classes", type=int, default=10, help="number of (fine) classes")
-    c.add_argument("--dim-a", type=int, default=32, help="feature dimension of modality a")
-    c.add_argument("--dim-b", type=int, default=48, help="feature dimension of modality b")
-    c.add_argument("--seq-len-a", type=int, default=None, help="make modality a a [T, D] token sequence")
-    c.add_argument("--seq-len-b", type=int, default=None, help="make modality b a [T, D] token sequence")
-    c.add_argument("--latent-dim", type=int, default=16, help="dimension of the shared latent both modalities are made from")
-    c.add_argument("--class-scale", type=float, default=0.6, help="spread of class means")
-    c.add_argument("--instance-scale", type=float, default=0.7, help="per-pair latent shared by a and b")
-    c.add_argument("--noise-a", type=float, default=0.8, help="feature noise of modality a")
-    c.add_argument("--noise-b", type=float, default=0.8, help="feature noise of modality b")
-    c.add_argument("--offset-scale", type=float, default=1.0, help="modality offset (modality gap)")
-    c.add_argument("--hierarchy", type=int, default=None, metavar="K_COARSE",
-                   help="group the classes into K coarse classes; labels become label_path")
-    c.add_argument("--multi-label", action="store_true", help="1-3 labels per sample (label_set)")
-    c.add_argument("--seed", type=int, default=0, help="generator seed (the same seed writes the same shards)")
-    c.add_argument("--dtype", default="float16", choices=("float16", "float32"), help="feature dtype in the shards")
+    add_options(c, SynthCategoryConfig, choices=DTYPES, metavars={"splits": "SPLIT=N", "hierarchy": "K_COARSE"}, helps={
+        "splits": "samples per split",
+        "n_classes": "number of (fine) classes",
+        "dim_a": "feature dimension of modality a",
+        "dim_b": "feature dimension of modality b",
+        "seq_len_a": "make modality a a [T, D] token sequence",
+        "seq_len_b": "make modality b a [T, D] token sequence",
+        "latent_dim": "dimension of the shared latent both modalities are made from",
+        "class_scale": "spread of class means",
+        "instance_scale": "per-pair latent shared by a and b",
+        "noise_a": "feature noise of modality a",
+        "noise_b": "feature noise of modality b",
+        "offset_scale": "modality offset (modality gap)",
+        "hierarchy": "group the classes into K coarse classes; labels become label_path",
+        "multi_label": "1-3 labels per sample (label_set)",
+        "seed": "generator seed (the same seed writes the same shards)",
+        "dtype": "feature dtype in the shards"})
     c.set_defaults(func=_reported(_synth_category))
     v = kinds.add_parser("vcmr", help="video corpus with v / t / vt moment queries")
     _common(v, 64)
     v.add_argument("--name", default="synth-vcmr", help="dataset name recorded in the manifest")
-    v.add_argument("--splits", nargs="*", metavar="SPLIT=N", help="videos (default train=60 val=20 test=20)")
-    v.add_argument("--dim-visual", type=int, default=32, help="visual feature dimension per clip")
-    v.add_argument("--dim-subtitle", type=int, default=24, help="subtitle feature dimension per clip")
-    v.add_argument("--dim-query", type=int, default=24, help="query token feature dimension")
-    v.add_argument("--latent-dim", type=int, default=16, help="dimension of the clip and moment latents")
-    v.add_argument("--min-duration", type=float, default=12.0, help="shortest video, seconds")
-    v.add_argument("--max-duration", type=float, default=90.0, help="longest video, seconds")
-    v.add_argument("--max-queries", type=int, default=None, help="most queries per video (default 4; with "
-                                                                 "--queries-from: all of the video's)")
-    v.add_argument("--sub-missing", type=float, default=0.3, help="share of clips without a subtitle")
-    v.add_argument("--signal", type=float, default=2.0, help="strength of the planted moment latent")
-    v.add_argument("--noise", type=float, default=0.3, help="feature noise of clips and query tokens")
-    v.add_argument("--durations-from", default=None, metavar="TVR_JSONL",
-                   help="sample durations, moments and query types from real TVR annotations")
-    v.add_argument("--single-stream-share", type=float, default=None,
-                   help="share of v / t (single-stream) queries, the rest vt (default: a third each)")
-    v.add_argument("--cross-stream-distractors", type=float, default=0.5,
-                   help="chance that a query's content also sits in the other stream of another video")
-    v.add_argument("--distractors-per-video", type=int, default=1, help="random-content segments per video")
-    v.add_argument("--seed", type=int, default=0, help="generator seed (the same seed writes the same shards)")
-    v.add_argument("--dtype", default="float16", choices=("float16", "float32"), help="feature dtype in the shards")
-    v.add_argument("--queries-from", default=None, metavar="ANNOTATIONS_JSONL",
-                   help="real TVR-style annotations (vid_name, duration, ts, desc, type, desc_id): their videos, "
-                        "moments and query text (with --text-encoder); --dim-query is then the encoder's")
-    v.add_argument("--text-encoder", default=None, choices=["minilm"],
-                   help="encode each query's text (all-MiniLM-L6-v2 from the [text] extra, offline) into its token "
-                        "features and plant its sentence embedding in its moment's clips")
+    add_options(v, SynthVcmrConfig, TextVcmrConfig, choices={**DTYPES, "text_encoder": ("minilm",)},
+                metavars={"splits": "SPLIT=N", "durations_from": "TVR_JSONL", "queries_from": "ANNOTATIONS_JSONL"},
+                when={TextVcmrConfig: "with --queries-from"}, helps={
+        "splits": "videos per split",
+        "dim_visual": "visual feature dimension per clip",
+        "dim_subtitle": "subtitle feature dimension per clip",
+        "dim_query": "query token feature dimension",
+        "latent_dim": "dimension of the clip and moment latents",
+        "min_duration": "shortest video, seconds",
+        "max_duration": "longest video, seconds",
+        "max_queries": "most queries per video (0: all of the video's annotated queries)",
+        "sub_missing": "share of clips without a subtitle",
+        "signal": "strength of the planted moment latent",
+        "noise": "feature noise of clips and query tokens",
+        "durations_from": "sample durations, moments and query types from real TVR annotations",
+        "single_stream_share": "share of v / t (single-stream) queries, the rest vt (none: a third each)",
+        "cross_stream_distractors": "chance that a query's content also sits in the other stream of another video",
+        "distractors_per_video": "random-content segments per video",
+        "seed": "generator seed (the same seed writes the same shards)",
+        "dtype": "feature dtype in the shards",
+        "queries_from": "real TVR-style annotations (vid_name, duration, ts, desc, type, desc_id): their videos, "
+                        "moments and query text (with --text-encoder); the query dimension is then the encoder's",
+        "text_encoder": "encode each query's text (all-MiniLM-L6-v2 from the [text] extra, offline) into its token "
+                        "features and plant its sentence embedding in its moment's clips"})
     v.set_defaults(func=_reported(_synth_vcmr))
     r = kinds.add_parser("tvr-release", help="a TVR-sized corpus in the public release's layout (jsonl + HDF5)")
     r.add_argument("--out", required=True, help="local directory for the release files")
     r.add_argument("--overwrite", action="store_true", help="replace files already in --out")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
-    r.add_argument("--splits", nargs="*", metavar="SPLIT=N", help="videos per split (default: train=17435 val=2179, TVR's)")
-    r.add_argument("--annotations", default=None, metavar="TVR_JSONL",
-                   help="real validation annotations: val queries taken, train queries drawn from them (default: drawn)")
-    r.add_argument("--video2dur", default=None, metavar="JSON",
-                   help="real tvr_video2dur_idx.json: the splits' video names and durations (default: drawn)")
-    r.add_argument("--dim-visual", type=int, default=3072, help="visual feature dimension per 1.5 s clip")
-    r.add_argument("--dim-subtitle", type=int, default=768, help="subtitle feature dimension per clip")
-    r.add_argument("--dim-query", type=int, default=768, help="query token feature dimension")
-    r.add_argument("--max-tokens", type=int, default=30, help="most tokens a query has")
-    r.add_argument("--signal", type=float, default=2.0, help="strength of a moment's planted latent")
-    r.add_argument("--noise", type=float, default=0.3, help="feature noise")
-    r.add_argument("--sub-missing", type=float, default=0.3, help="share of clips without a subtitle")
-    r.add_argument("--seed", type=int, default=0, help="random seed")
+    add_options(r, TvrReleaseConfig, metavars={"splits": "SPLIT=N", "annotations": "TVR_JSONL",
+                                                "video2dur": "JSON"}, helps={
+        "splits": "videos per split (TVR's sizes)",
+        "annotations": "real validation annotations: val queries taken, train queries drawn from them "
+                       "(none: drawn)",
+        "video2dur": "real tvr_video2dur_idx.json: the splits' video names and durations (none: drawn)",
+        "dim_visual": "visual feature dimension per 1.5 s clip",
+        "dim_subtitle": "subtitle feature dimension per clip",
+        "dim_query": "query token feature dimension",
+        "max_tokens": "most tokens a query has",
+        "seed": "random seed"})
+    add_options(r, TvrReleaseConfig().synth, helps={
+        "signal": "strength of a moment's planted latent",
+        "noise": "feature noise",
+        "sub_missing": "share of clips without a subtitle"})
     r.set_defaults(func=_reported(_synth_tvr_release))
 
 
@@ -276,7 +274,7 @@ def register_sources(data_subparsers: Any) -> None:
     av = data_subparsers.add_parser("avdigits", help="build the avdigits audio-visual dataset (needs espeak-ng)")
     _common(av, 256)
     av.add_argument("--name", default="avdigits", help="dataset name recorded in the manifest")
-    av.add_argument("--per-class", type=int, default=90, help="images per digit (0: all 1,797)")
-    av.add_argument("--limit", type=int, default=None, help="total samples cap, stratified (quick builds)")
-    av.add_argument("--seed", type=int, default=0, help="seed of voices, noise and the split")
+    add_options(av, AvdigitsConfig, helps={"per_class": "images per digit (0: all 1,797)",
+                                            "limit": "total samples cap, stratified (quick builds)",
+                                            "seed": "seed of voices, noise and the split"})
     av.set_defaults(func=_reported(_avdigits))

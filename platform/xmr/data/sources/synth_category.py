@@ -17,59 +17,14 @@ classes and use the mean of their class means.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 from tqdm import tqdm
 
 from xmr.data.manifest import LabelSpec, Manifest, ModalitySpec
 from xmr.data.writer import DatasetWriter
-
-
-@dataclass
-class SynthCategoryConfig:
-    """Sizes and difficulty knobs; defaults are small enough for CI."""
-
-    n_classes: int = 10
-    splits: dict[str, int] = field(default_factory=lambda: {"train": 400, "val": 100, "test": 100})
-    dim_a: int = 32
-    dim_b: int = 48
-    seq_len_a: int | None = None       # None: shape [dim]; int T: shape [T, dim]
-    seq_len_b: int | None = None
-    latent_dim: int = 16
-    class_scale: float = 0.6           # spread of class means (nearest-mean accuracy ~0.7 on a)
-    instance_scale: float = 0.7        # per-pair component shared by a and b (linear-map R@1 ~0.45)
-    noise_a: float = 0.8
-    noise_b: float = 0.8
-    token_noise: float = 0.3           # per-token latent noise for sequence modalities
-    offset_scale: float = 1.0          # modality offset (part of the modality gap)
-    hierarchy: int | None = None       # number of coarse classes; labels become label_path
-    fine_scale: float = 0.3            # spread of fine means around their coarse mean
-    multi_label: bool = False
-    max_labels: int = 3
-    seed: int = 0
-    dtype: str = "float16"
-
-    def validate(self) -> None:
-        if self.n_classes < 2:
-            raise ValueError(f"n_classes must be >= 2, got {self.n_classes}")
-        if not self.splits or any(n < 1 for n in self.splits.values()):
-            raise ValueError(f"splits must map names to sizes >= 1, got {self.splits}")
-        for name in ("dim_a", "dim_b", "latent_dim"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("seq_len_a", "seq_len_b"):
-            v = getattr(self, name)
-            if v is not None and v < 1:
-                raise ValueError(f"{name} must be None or >= 1, got {v}")
-        if self.hierarchy is not None:
-            if not 2 <= self.hierarchy < self.n_classes or self.n_classes % self.hierarchy:
-                raise ValueError(f"hierarchy (coarse classes) must divide n_classes={self.n_classes} and be in "
-                                 f"[2, n_classes), got {self.hierarchy}")
-            if self.multi_label:
-                raise ValueError("hierarchy and multi_label cannot be combined (label_path vs label_set)")
-        if self.multi_label and not 1 <= self.max_labels <= self.n_classes:
-            raise ValueError(f"max_labels must be in [1, n_classes], got {self.max_labels}")
+from xmr.data.sources.configs import SynthCategoryConfig  # noqa: F401 (re-exported)
 
 
 @dataclass

@@ -23,75 +23,15 @@ from __future__ import annotations
 import hashlib
 import math
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import asdict, dataclass
 
 import numpy as np
 from tqdm import tqdm
 
 from xmr.data.manifest import LabelSpec, Manifest, ModalitySpec
-from xmr.data.tvr_annotations import QUERY_TYPES, read_tvr_jsonl
+from xmr.data.tvr_annotations import read_tvr_jsonl
 from xmr.data.writer import DatasetWriter
-
-
-
-@dataclass
-class SynthVcmrConfig:
-    """Corpus sizes and difficulty knobs; defaults are small enough for CI."""
-
-    splits: dict[str, int] = field(default_factory=lambda: {"train": 60, "val": 20, "test": 20})
-    dim_visual: int = 32
-    dim_subtitle: int = 24
-    dim_query: int = 24
-    latent_dim: int = 16
-    clip_len: float = 1.5
-    min_duration: float = 12.0
-    max_duration: float = 90.0
-    min_queries: int = 1
-    max_queries: int = 4
-    min_moment: float = 1.5            # seconds
-    max_moment: float = 15.0
-    edge_prob: float = 0.2             # share of moments snapped to the video start or end
-    type_probs: dict[str, float] = field(default_factory=lambda: {"v": 1 / 3, "t": 1 / 3, "vt": 1 / 3})
-    single_stream_share: float | None = None  # set: P(v) = P(t) = share / 2, P(vt) = 1 - share (overrides type_probs)
-    sub_missing: float = 0.3           # share of clips without a subtitle
-    signal: float = 2.0
-    content_scale: float = 1.0
-    noise: float = 0.3
-    min_tokens: int = 4
-    max_tokens: int = 12
-    token_noise: float = 0.5
-    query_offset_scale: float = 1.0    # how far apart the two query vocabularies' means lie
-    distractors_per_video: int = 1
-    cross_stream_distractors: float = 0.5  # P(a query's latent also sits in the other stream of another video)
-    durations_from: str | None = None  # TVR jsonl: sample real (duration, ts, type) per video
-    seed: int = 0
-    dtype: str = "float16"
-
-    def validate(self) -> None:
-        if not self.splits or any(n < 1 for n in self.splits.values()):
-            raise ValueError(f"splits must map names to video counts >= 1, got {self.splits}")
-        if not 0 < self.clip_len:
-            raise ValueError(f"clip_len must be > 0, got {self.clip_len}")
-        if not 0 < self.min_duration <= self.max_duration:
-            raise ValueError(f"need 0 < min_duration <= max_duration, got {self.min_duration}, {self.max_duration}")
-        if not 1 <= self.min_queries <= self.max_queries:
-            raise ValueError(f"need 1 <= min_queries <= max_queries, got {self.min_queries}, {self.max_queries}")
-        if not 0 < self.min_moment <= self.max_moment:
-            raise ValueError(f"need 0 < min_moment <= max_moment, got {self.min_moment}, {self.max_moment}")
-        if not 1 <= self.min_tokens <= self.max_tokens:
-            raise ValueError(f"need 1 <= min_tokens <= max_tokens, got {self.min_tokens}, {self.max_tokens}")
-        if set(self.type_probs) - set(QUERY_TYPES) or sum(self.type_probs.values()) <= 0 \
-                or any(p < 0 for p in self.type_probs.values()):
-            raise ValueError(f"type_probs must be non-negative weights over {QUERY_TYPES}, got {self.type_probs}")
-        if not 0 <= self.sub_missing < 1:
-            raise ValueError(f"sub_missing must be in [0, 1), got {self.sub_missing}")
-        if self.single_stream_share is not None and not 0 <= self.single_stream_share <= 1:
-            raise ValueError(f"single_stream_share must be in [0, 1], got {self.single_stream_share}")
-        if not 0 <= self.cross_stream_distractors <= 1:
-            raise ValueError(f"cross_stream_distractors must be in [0, 1], got {self.cross_stream_distractors}")
-        if self.durations_from is not None and not Path(self.durations_from).is_file():
-            raise FileNotFoundError(f"durations_from: no such TVR jsonl file {self.durations_from!r}")
+from xmr.data.sources.configs import SynthVcmrConfig  # noqa: F401 (re-exported)
 
 
 @dataclass

@@ -25,8 +25,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import asdict
 
 import numpy as np
 
@@ -34,37 +33,7 @@ from xmr.data.manifest import LabelSpec, Manifest, ModalitySpec
 from xmr.data.sources.synth_vcmr import moment_clips
 from xmr.data.tvr_annotations import read_tvr_jsonl
 from xmr.data.writer import DatasetWriter
-
-
-@dataclass
-class TextVcmrConfig:
-    """Which annotations, how many videos per split, and the planting knobs."""
-
-    queries_from: str = ""
-    text_encoder: str = "minilm"
-    splits: dict[str, int] = field(default_factory=lambda: {"train": 60, "val": 20, "test": 20})
-    dim_visual: int = 64
-    dim_subtitle: int = 48
-    clip_len: float = 1.5
-    max_queries: int = 0  # per video; 0: all of the video's annotated queries
-    signal: float = 2.0
-    content_scale: float = 1.0
-    noise: float = 0.3
-    sub_missing: float = 0.3
-    seed: int = 0
-    dtype: str = "float16"
-
-    def validate(self) -> None:
-        if not self.queries_from or not Path(self.queries_from).is_file():
-            raise FileNotFoundError(f"queries_from: no such annotations file {self.queries_from!r}")
-        if not self.splits or any(n < 1 for n in self.splits.values()):
-            raise ValueError(f"splits must map names to video counts >= 1, got {self.splits}")
-        if self.clip_len <= 0 or self.signal < 0 or self.noise < 0:
-            raise ValueError("clip_len must be > 0 and signal, noise >= 0")
-        if not 0 <= self.sub_missing < 1:
-            raise ValueError(f"sub_missing must be in [0, 1), got {self.sub_missing}")
-        if self.max_queries < 0:
-            raise ValueError(f"max_queries must be >= 0 (0: all), got {self.max_queries}")
+from xmr.data.sources.configs import TextVcmrConfig  # noqa: F401 (re-exported)
 
 
 def read_videos(path: str) -> list[tuple[str, float, list[dict]]]:

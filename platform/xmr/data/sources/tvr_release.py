@@ -41,47 +41,14 @@ from tqdm import tqdm
 from xmr.data.sources.synth_vcmr import (SynthVcmrConfig, _draft_video, _finish_video, _plan_video,
                                          _plant_cross_stream, _split_rng, planted_maps)
 from xmr.data.tvr_annotations import read_tvr_jsonl
+from xmr.data.sources.configs import TVR_SIZES, TvrReleaseConfig  # noqa: F401 (re-exported)
 
 FILES = {"video2dur": "tvr_video2dur_idx.json", "visual": "tvr_visual_cl-1.5.h5", "subtitle": "tvr_sub_cl-1.5.h5",
          "query": "tvr_query.h5"}
-TVR_SIZES = {"train": 17435, "val": 2179}
 
 
 def annotations_file(split: str) -> str:
     return f"tvr_{split}_release.jsonl"
-
-
-@dataclass
-class TvrReleaseConfig:
-    """Sizes, dimensions and the planted structure's knobs (those of ``SynthVcmrConfig``)."""
-
-    splits: dict[str, int] = field(default_factory=lambda: dict(TVR_SIZES))
-    annotations: str | None = None  # real validation jsonl: val queries taken, train queries drawn from it
-    video2dur: str | None = None  # real tvr_video2dur_idx.json: each split's video names and durations
-    dim_visual: int = 3072
-    dim_subtitle: int = 768
-    dim_query: int = 768
-    max_tokens: int = 30
-    min_tokens: int = 4
-    synth: SynthVcmrConfig = field(default_factory=lambda: SynthVcmrConfig(min_duration=20.0, max_duration=150.0,
-                                                                           min_queries=3, max_queries=7,
-                                                                           max_moment=30.0))
-    seed: int = 0
-
-    def validate(self) -> None:
-        if not self.splits or any(n < 1 for n in self.splits.values()):
-            raise ValueError(f"splits must map names to video counts >= 1, got {self.splits}")
-        for name in ("annotations", "video2dur"):
-            path = getattr(self, name)
-            if path is not None and not Path(path).is_file():
-                raise FileNotFoundError(f"{name}: no such file {path!r}")
-        if not 1 <= self.min_tokens <= self.max_tokens:
-            raise ValueError(f"need 1 <= min_tokens <= max_tokens, got {self.min_tokens}, {self.max_tokens}")
-
-    def generator(self) -> SynthVcmrConfig:
-        return replace(self.synth, dim_visual=self.dim_visual, dim_subtitle=self.dim_subtitle,
-                       dim_query=self.dim_query, min_tokens=self.min_tokens, max_tokens=self.max_tokens,
-                       clip_len=1.5, seed=self.seed, durations_from=None)
 
 
 @dataclass
