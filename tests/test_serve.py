@@ -586,22 +586,3 @@ def test_stalled_bodies_get_408_and_do_not_stall_the_endpoint(endpoint):
         for s in stalled:
             s.close()
     assert requests.get(f"{endpoint['cat']}/healthz", timeout=30).status_code == 200
-        r = post(f"{endpoint['cat']}/search", {"query": [0.2] * 64, "k": 3})
-        assert r.status_code == 200 and time.perf_counter() - t0 < 9.0  # answered before any deadline freed a slot
-        answers = []
-        for s in stalled:
-            s.settimeout(40)
-            data = b""
-            while b"\r\n\r\n" not in data or not data.rstrip().endswith(b"}"):
-                chunk = s.recv(4096)
-                if not chunk:
-                    break
-                data += chunk
-            answers.append(data)
-        statuses = {a.split(b" ", 2)[1] for a in answers if a}
-        assert statuses == {b"408"} and len([a for a in answers if a]) == 300, statuses
-        assert b'"error":"the request body did not arrive within 10 s' in answers[0].replace(b": ", b":")
-    finally:
-        for s in stalled:
-            s.close()
-    assert requests.get(f"{endpoint['cat']}/healthz", timeout=30).status_code == 200

@@ -298,6 +298,7 @@ class Gateway:
                 self.retried += 1
                 await asyncio.sleep(delay)
                 delay = min(1.0, 2 * delay)
+                continue
             except Exception as exc:  # noqa: BLE001 - the request's own error, or an internal one
                 mapped = _as_request_error(exc)
                 if mapped is not None:
