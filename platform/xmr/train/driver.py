@@ -87,11 +87,11 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, quiet
     # by ``xmr serve`` before it gets here) must not reach the raylet, workers or replicas.
     os.environ.pop("XMR_API_KEY", None)
     if address:
-        ray.init(address=address, runtime_env=env)
+        ray.init(address=address, runtime_env=env, logging_level=_ray_log_level())
         how = f"attached to the Ray cluster at {address}"
     else:
         try:
-            ray.init(address="auto", runtime_env=env)
+            ray.init(address="auto", runtime_env=env, logging_level=_ray_log_level())
             how = "attached to the Ray cluster running on this machine (set RAY_ADDRESS or --address for another)"
         except ConnectionError:
             # The dashboard (bound to 127.0.0.1) serves Ray's state API, which Ray Train uses to
@@ -106,6 +106,14 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, quiet
     if not quiet and not how.startswith("started"):
         print(f"[xmr] {how}", flush=True)
     return how
+
+
+def _ray_log_level() -> int:
+    """Ray's own driver lines ("Connecting to existing Ray cluster", "Pushing file package")
+    only with ``--verbose``: xmr says in one line where it runs."""
+    import logging
+
+    return logging.INFO if os.environ.get("XMR_VERBOSE") == "1" else logging.WARNING
 
 
 def prepare(cfg: Config, run_name: str | None = None) -> tuple[Config, str, str]:

@@ -19,7 +19,7 @@ from xmr.tasks import family_of
 from xmr.config import Config, apply_overrides, from_dict, with_values
 from xmr.data import storage
 from xmr.train.driver import prepare
-from xmr.tune.report import write_ablation_report, write_sweep_report
+from xmr.tune.report import optuna_logging_quiet, write_ablation_report, write_sweep_report
 from xmr.train.runfs import RunDir
 from xmr.tune.trials import NOT_METRICS, SweepResult, make_tuner, per_trial_cpus, run_trial
 
@@ -71,6 +71,7 @@ def run_sweep(cfg: Config, space, settings: SweepSettings, address: str | None =
         raise ValueError(f"searcher = {settings.searcher!r}: use tpe or random")
     sampler = (optuna.samplers.TPESampler(seed=settings.seed, n_startup_trials=max(2, min(10, settings.trials // 3)))
                if settings.searcher == "tpe" else optuna.samplers.RandomSampler(seed=settings.seed))
+    optuna_logging_quiet()  # Optuna's "A new study created" INFO line: xmr says it in its own
     storage_url = settings.optuna_storage or default_study_storage(cfg, settings.name)
     study_storage = optuna.storages.RDBStorage(storage_url) if storage_url else None
     if storage_url:
