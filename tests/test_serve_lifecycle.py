@@ -105,6 +105,8 @@ def test_the_key_reaches_no_ray_process_only_its_digest(checkpoints):
     seen: list[str] = []
     try:
         _wait_line(proc, "[xmr] serving", 180, seen)
+        # xmr's own lines only: Ray Serve's controller / proxy / replica lines go to its log files
+        assert [line for line in seen if line.strip() and not line.startswith("[xmr]")] == [], seen
         url = f"http://127.0.0.1:{port}"
         body = {"query": _query(), "k": 3}
         assert requests.post(f"{url}/search", json=body, timeout=30).status_code == 401

@@ -5,10 +5,7 @@ relaunched run. The xmr code reaches the workers through the runtime_env (py_mod
 
 from __future__ import annotations
 
-import os
-import signal
 import threading
-import time
 
 import pandas as pd
 import pytest
@@ -19,6 +16,7 @@ from xmr.method import Method
 from xmr.config import load_config
 from xmr.data import storage
 from xmr.train.driver import code_runtime_env, run_training
+from train_helpers import kill_an_actor_after
 
 pytestmark = [pytest.mark.timeout(420), pytest.mark.ray]
 
@@ -86,31 +84,12 @@ def test_two_nodes_from_s3_exactly_once_and_same_metrics_as_one_worker(s3_data, 
         assert h1[col].dropna().tolist() == pytest.approx(h2[col].dropna().tolist(), rel=1e-4, abs=1e-5), col
 
 
-def _kill_a_worker_after(run_dir, epoch: int, killed: list) -> None:
-    from ray.util.state import list_actors
-
-    deadline = time.time() + 240
-    while time.time() < deadline and not killed:
-        csv = run_dir / "metrics.csv"
-        if csv.is_file() and pd.read_csv(csv)["epoch"].max() >= epoch:
-            try:
-                alive = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
-            except Exception as exc:  # surfaced by the test's assertion
-                killed.append(exc)
-                return
-            if alive:
-                pid = int(alive[-1].pid)
-                os.kill(pid, signal.SIGKILL)
-                killed.append(pid)
-                return
-        time.sleep(0.05)
-
-
 def test_killed_worker_resumes_from_last_checkpoint(cluster, tmp_path):
     data = write_tiny_category(tmp_path / "data", splits={"train": 1500, "val": 40}, samples_per_shard=150)
     root = tmp_path / "runs"
     killed: list[int] = []
-    killer = threading.Thread(target=_kill_a_worker_after, args=(root / "killed", 2, killed), daemon=True)
+    killer = threading.Thread(target=kill_an_actor_after, args=((root / "killed", "metrics.csv"), 2, "RayTrainWorker",
+                                                              killed), daemon=True)
     killer.start()
     result = run_training(cfg_for(f"data.path={data}", "optim.epochs=3", "resources.num_workers=2",
                                   "storage.max_failures=2", f"storage.root={root}"), run_name="killed")

@@ -18,6 +18,7 @@ import yaml
 
 from xmr.config import load_config
 from xmr.data.sources.synth_category import SynthCategoryConfig, write_synth_category
+from train_helpers import kill_an_actor_after
 
 pytestmark = [pytest.mark.timeout(480), pytest.mark.ray]
 
@@ -204,30 +205,6 @@ def test_sweep_six_trials_asha_best_checkpoint_reproduces(tmp_path, synth, space
     assert len(study.trials) == 6
 
 
-def _kill_the_trial_after(trials_root: Path, epoch: int, killed: list) -> None:
-    """SIGKILL the process a one-worker trial trains in once its run folder lists ``epoch``."""
-    from ray.util.state import list_actors
-
-    deadline = time.time() + 240
-    while time.time() < deadline and not killed:
-        for csv in trials_root.glob("*/metrics.csv"):
-            try:
-                done = pd.read_csv(csv)["epoch"].max() >= epoch
-            except Exception:  # noqa: BLE001 - being written
-                done = False
-            if done:
-                try:
-                    alive = list_actors(filters=[("class_name", "=", "ImplicitFunc"), ("state", "=", "ALIVE")])
-                except Exception as exc:  # surfaced by the test's assertion
-                    killed.append(exc)
-                    return
-                if alive:
-                    os.kill(int(alive[0].pid), signal.SIGKILL)
-                    killed.append(int(alive[0].pid))
-                    return
-        time.sleep(0.05)
-
-
 def test_a_killed_trial_is_retried_from_its_run_folder(tmp_path, synth, one_ray):
     """A one-worker trial trains in its Tune trial's own process: killed after epoch 2, Tune
     retries it (``storage.max_failures``) and the loop resumes from the trial's run folder:
@@ -241,8 +218,8 @@ def test_a_killed_trial_is_retried_from_its_run_folder(tmp_path, synth, one_ray)
     cfg = load_config("sccmrl", [f"data.path={data}", f"storage.root={tmp_path / 'ft'}", *SMALL,
                                  "storage.max_failures=2"])
     killed: list = []
-    killer = threading.Thread(target=_kill_the_trial_after, args=(tmp_path / "ft" / "ft" / "trials", 2, killed),
-                              daemon=True)
+    killer = threading.Thread(target=kill_an_actor_after, args=((tmp_path / "ft" / "ft" / "trials", "*/metrics.csv"), 2,
+                                                              "ImplicitFunc", killed, 0), daemon=True)
     killer.start()
     result = run_ablation(cfg, {"full": []}, SweepSettings(name="ft", concurrency=1), seeds=[0])
     killer.join(timeout=5)

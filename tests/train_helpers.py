@@ -62,3 +62,37 @@ def mlflow_runs(uri: str) -> list:
         mlflow.set_tracking_uri(saved or "")
         if saved is None:
             os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
+def kill_an_actor_after(metrics_glob, epoch: int, class_name: str, killed: list, pick: int = -1) -> None:
+    """SIGKILL one live actor of ``class_name`` (Ray's state API) once a ``metrics.csv``
+    matched by ``metrics_glob`` (a Path glob: ``(folder, pattern)``) lists ``epoch``; what
+    was killed (a PID) or the state API's error goes to ``killed``. Run in a thread."""
+    import os
+    import signal
+    import time
+
+    import pandas as pd
+    from ray.util.state import list_actors
+
+    folder, pattern = metrics_glob
+    deadline = time.time() + 240
+    while time.time() < deadline and not killed:
+        for csv in folder.glob(pattern):
+            try:
+                reached = pd.read_csv(csv)["epoch"].max() >= epoch
+            except Exception:  # noqa: BLE001 - being written
+                reached = False
+            if not reached:
+                continue
+            try:
+                alive = list_actors(filters=[("class_name", "=", class_name), ("state", "=", "ALIVE")])
+            except Exception as exc:  # noqa: BLE001 - surfaced by the test's assertion
+                killed.append(exc)
+                return
+            if alive:
+                pid = int(alive[pick].pid)
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+                return
+        time.sleep(0.05)
