@@ -90,11 +90,15 @@ def _recorded_finished(sweep: Path) -> set[str]:
     return out
 
 
-def test_interrupted_multi_objective_sweep_resumes_without_redoing_trials(tmp_path, synth, space_file):
+def test_interrupted_multi_objective_sweep_resumes_without_redoing_trials(tmp_path, synth, space_file, monkeypatch):
     """``xmr tune --multi-objective`` killed (SIGKILL, the driver and all it started) after
     its first trial finished, then relaunched: finished trials are not trained again, the
     SQLite Optuna study is resumed, and the Pareto front covers every trial."""
-    args = ["tune", "--config", "sccmrl", "--space", str(space_file), "--trials", "2", "--concurrency", "1",
+    # Tune saves its experiment state every ~10 s by default; these trials take seconds, so the
+    # sweep would end before a state listing a finished trial exists to be killed after
+    monkeypatch.setenv("TUNE_GLOBAL_CHECKPOINT_S", "1")
+    n = 6  # trials train in their own processes, a few seconds each: enough of them to cut the sweep short
+    args = ["tune", "--config", "sccmrl", "--space", str(space_file), "--trials", str(n), "--concurrency", "1",
             "--no-asha", "--multi-objective", "--storage", str(tmp_path / "sw"), "--name", "resumable",
             "--set", f"data.path={synth}", *[x for s in SMALL for x in ("--set", s)], "--set", "optim.epochs=2"]
     proc = xmr(*args)
@@ -115,7 +119,7 @@ def test_interrupted_multi_objective_sweep_resumes_without_redoing_trials(tmp_pa
     assert again.returncode == 0, out[-4000:]
     assert "resuming sweep resumable" in out
     table = pd.read_csv(sweep / "trials.csv")
-    assert len(table) == 2 and table["error"].isna().all() and (table["epochs"] == 2).all()
+    assert len(table) == n and table["error"].isna().all() and (table["epochs"] == 2).all()
     after = _finished_trials(sweep / "trials", 2)
     for name, mtime in before.items():
         assert after[name] == mtime, f"{name} was trained again"
@@ -124,22 +128,26 @@ def test_interrupted_multi_objective_sweep_resumes_without_redoing_trials(tmp_pa
     import optuna
 
     study = optuna.load_study(study_name="resumable", storage=f"sqlite:///{sweep / 'optuna.db'}")
-    assert len([t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]) == 2
+    assert len([t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]) == n
     assert "Reporting training result" not in out
     assert "Configuration for experiment" not in out
     # multi-objective: (metric, seconds per epoch) for every trial, and the non-dominated ones
     assert table["train_s_per_epoch"].gt(0).all()
     front = pd.read_csv(sweep / "pareto.csv")
-    assert 1 <= len(front) <= 2 and set(front["trial"]) <= set(table["trial"])
+    assert 1 <= len(front) <= n and set(front["trial"]) <= set(table["trial"])
     assert (sweep / "pareto.png").is_file()
 
 
 @pytest.fixture(scope="module")
 def one_ray():
-    """The in-process sweep and ablation below share one embedded Ray (the first starts it
-    through ``ensure_ray``, the second attaches: one start-up less); down after the last."""
+    """The in-process sweep and ablation below share one embedded Ray, started here with the
+    dashboard (the trial-kill test finds the trial's process through Ray's state API; a sweep
+    of one-worker trials would start Ray without it); down after the last."""
     import ray
 
+    from xmr.train.driver import ensure_ray
+
+    ensure_ray(None, num_cpus=4, dashboard=True)
     yield
     ray.shutdown()
 
@@ -213,10 +221,10 @@ def test_a_killed_trial_is_retried_from_its_run_folder(tmp_path, synth, one_ray)
 
     from xmr.tune.sweep import SweepSettings, run_ablation
 
-    data = str(tmp_path / "data")  # epochs long enough for the kill to land mid-run
-    write_synth_category(data, SynthCategoryConfig(splits={"train": 3000, "val": 60}), progress=False)
-    cfg = load_config("sccmrl", [f"data.path={data}", f"storage.root={tmp_path / 'ft'}", *SMALL,
-                                 "storage.max_failures=2"])
+    data = str(tmp_path / "data")  # epochs of a few seconds: the kill lands mid-run
+    write_synth_category(data, SynthCategoryConfig(splits={"train": 2000, "val": 60}), progress=False)
+    cfg = load_config("sccmrl", [f"data.path={data}", f"storage.root={tmp_path / 'ft'}", "optim.epochs=4",
+                                 "data.batch_size=32", "storage.max_failures=2"])
     killed: list = []
     killer = threading.Thread(target=kill_an_actor_after, args=((tmp_path / "ft" / "ft" / "trials", "*/metrics.csv"), 2,
                                                               "ImplicitFunc", killed, 0), daemon=True)

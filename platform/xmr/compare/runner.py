@@ -308,7 +308,8 @@ def run_comparison(spec: ComparisonSpec, root: str, concurrency: int = 0, addres
     from xmr.tune.trials import trial_resources
 
     largest = max(trial_resources(v.config)["CPU"] for v in spec.variants.values())
-    ensure_ray(address, num_cpus=int(max(os.cpu_count() or 1, math.ceil(largest))) if in_process else None)
+    ensure_ray(address, num_cpus=int(max(os.cpu_count() or 1, math.ceil(largest))) if in_process else None,
+               dashboard=not in_process)  # Ray Train's runs need the state API; in-process runs do not
     import ray
 
     limit = concurrency or max(1, int(float(ray.cluster_resources().get("CPU", 1))))
