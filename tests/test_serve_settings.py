@@ -76,6 +76,8 @@ def test_a_retired_environment_variable_fails_by_name(monkeypatch):
     (("10.1.2.3", 5000), None, "/healthz", 200),  # probes stay open
     (("127.0.0.1", 5000), None, "/search", 200),  # this machine, no key: served
     (("::1", 5000), None, "/info", 200),
+    (("::ffff:127.0.0.1", 5000), None, "/search", 200),  # IPv4 loopback through a dual-stack bind
+    (("::ffff:10.1.2.3", 5000), None, "/search", 403),
     (("10.1.2.3", 5000), "k" * 20, "/search", 401),  # a key configured: the token decides
 ])
 def test_an_endpoint_without_a_key_answers_only_its_own_machine(client, key, path, status):

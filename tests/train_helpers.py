@@ -64,10 +64,27 @@ def mlflow_runs(uri: str) -> list:
             os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
+def processes_titled(prefix: str) -> list[int]:
+    """PIDs of this machine's processes whose title starts with ``prefix`` (Ray names its
+    workers ``ray::<Class>.<method>``): found without Ray's state API."""
+    from pathlib import Path
+
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "cmdline").read_bytes().startswith(prefix.encode()):
+                    out.append(int(entry.name))
+            except OSError:
+                pass
+    return sorted(out)
+
+
 def kill_an_actor_after(metrics_glob, epoch: int, class_name: str, killed: list, pick: int = -1) -> None:
-    """SIGKILL one live actor of ``class_name`` (Ray's state API) once a ``metrics.csv``
-    matched by ``metrics_glob`` (a Path glob: ``(folder, pattern)``) lists ``epoch``; what
-    was killed (a PID) or the state API's error goes to ``killed``. Run in a thread."""
+    """SIGKILL one live actor of ``class_name`` once a ``metrics.csv`` matched by
+    ``metrics_glob`` (a Path glob: ``(folder, pattern)``) lists ``epoch``; what was killed (a
+    PID) or the state API's error goes to ``killed``. Run in a thread. The actor is found by
+    its process title (``ray::<class_name>``), else through Ray's state API."""
     import os
     import signal
     import time
@@ -85,13 +102,15 @@ def kill_an_actor_after(metrics_glob, epoch: int, class_name: str, killed: list,
                 reached = False
             if not reached:
                 continue
+            titled = processes_titled(f"ray::{class_name}")
             try:
-                alive = list_actors(filters=[("class_name", "=", class_name), ("state", "=", "ALIVE")])
+                alive = [int(a.pid) for a in list_actors(filters=[("class_name", "=", class_name),
+                                                                  ("state", "=", "ALIVE")])] if not titled else titled
             except Exception as exc:  # noqa: BLE001 - surfaced by the test's assertion
                 killed.append(exc)
                 return
             if alive:
-                pid = int(alive[pick].pid)
+                pid = int(alive[pick])
                 os.kill(pid, signal.SIGKILL)
                 killed.append(pid)
                 return

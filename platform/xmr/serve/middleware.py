@@ -116,9 +116,11 @@ def _local(scope) -> bool:
     if not client:
         return True
     try:
-        return ipaddress.ip_address(client[0]).is_loopback
+        address = ipaddress.ip_address(client[0])
     except ValueError:
         return client[0] == "localhost"
+    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1 (a dual-stack "::" bind)
+    return address.is_loopback or (mapped is not None and mapped.is_loopback)
 
 
 class BearerToken:

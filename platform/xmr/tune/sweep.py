@@ -91,8 +91,9 @@ def run_sweep(cfg: Config, space, settings: SweepSettings, address: str | None =
     scheduler = (ASHAScheduler(time_attr="epoch", max_t=cfg.optim.epochs,
                                grace_period=settings.grace_period, reduction_factor=settings.reduction_factor)
                  if settings.scheduler == "asha" else None)
-    ensure_ray(address, num_cpus=max(local_cpus(cfg), int(2 * per_trial_cpus(cfg)) + 2),
-               dashboard=cfg.resources.num_workers > 1)  # Ray Train's trials need the state API
+    # Ray Train's trials need the state API (the dashboard): on whenever a trial may have workers
+    multi = cfg.resources.num_workers > 1 or any(p.path.startswith("resources.") for p in space.params)
+    ensure_ray(address, num_cpus=max(local_cpus(cfg), int(2 * per_trial_cpus(cfg)) + 2), dashboard=multi)
     trials_root = storage.join(cfg.storage.root, settings.name, "trials")
     trainable = tune.with_parameters(trial_driver, base=cfg.to_dict(), trials_root=trials_root)
     t0 = time.perf_counter()
@@ -142,8 +143,9 @@ def run_ablation(cfg: Config, variants: dict[str, list[str]], settings: SweepSet
     for name, overrides in variants.items():  # every variant must be a valid config before anything runs
         from_dict(apply_overrides(cfg.to_dict(), overrides))
     track_under_parent(cfg, settings.name, {"variants": list(variants), "seeds": seeds})
-    ensure_ray(address, num_cpus=max(local_cpus(cfg), int(2 * per_trial_cpus(cfg)) + 2),
-               dashboard=cfg.resources.num_workers > 1)  # Ray Train's trials need the state API
+    multi = any(from_dict(apply_overrides(cfg.to_dict(), o)).resources.num_workers > 1 for o in variants.values()) \
+        or cfg.resources.num_workers > 1
+    ensure_ray(address, num_cpus=max(local_cpus(cfg), int(2 * per_trial_cpus(cfg)) + 2), dashboard=multi)
     trials_root = storage.join(cfg.storage.root, settings.name, "trials")
     trainable = tune.with_parameters(trial_driver, base=cfg.to_dict(), trials_root=trials_root, variants=variants)
     t0 = time.perf_counter()
