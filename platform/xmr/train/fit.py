@@ -202,6 +202,7 @@ def fit(cfg: Config, hooks=None, *, run: RunDir | None = None, metric: str | Non
     w = set_up(cfg, hooks, run, metric or cfg.storage.checkpoint_metric or family_of(cfg).main_metric,
                mode or cfg.storage.checkpoint_mode)
     state = resume(w, hooks)
+    w.history = state.history  # one list, appended to by the loop: what pruning ranks checkpoints by
     if state.epoch >= cfg.optim.epochs:  # nothing left: report the final row again so the run ends cleanly
         last = state.history[-1] if state.history else {"epoch": state.epoch}
         hooks.report(w, last, None, None)
@@ -284,7 +285,6 @@ def resume(w: Worker, hooks) -> RunState:
     torch.set_rng_state(train_state["rng"])
     state = RunState(int(meta["epoch"]), list(meta.get("history", [])), meta.get("best"),
                      int(meta.get("attempt", 1)) + 1)
-    w.history = state.history
     w.say(f"[xmr] resuming {w.run_name} after epoch {state.epoch} (step {w.step.step}, attempt {state.attempt})")
     return state
 
@@ -317,7 +317,6 @@ def score_before_training(w: Worker, state: RunState) -> None:
     before = evaluate(w.method, w.cfg, w.manifest, w.cfg.data.val_split)
     check_metric_name(w.metric, before)
     state.history.append({"epoch": 0, "step": 0, **before})
-    w.history = state.history
     w.tracker.log(before, step=0)
     w.say(f"[xmr] before training: {w.metric} {before[w.metric]:.4f}")
 
@@ -369,7 +368,6 @@ def record_epoch(w: Worker, hooks, state: RunState, epoch: int, stats: EpochStat
     row.update(attempt=state.attempt, num_workers=w.world, num_nodes=w.num_nodes, run=w.run_name,
                max_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # this process's peak
     state.history.append(row)
-    w.history = state.history
     state.epoch = epoch + 1
     improved = is_new_best(row.get(w.metric), state.best, w.mode)
     if improved:
