@@ -13,6 +13,7 @@ from xmr.raycompat import with_version
 from xmr.serve.deployments import Gateway, Retriever, TextFeaturiser
 from xmr.serve.gallery import served_manifest, text_encoder_of
 from xmr.serve.settings import replica_options, serve_settings
+from xmr.serve.shards import is_sharded, read_shards
 
 
 def build_app(args: dict[str, Any]):
@@ -30,17 +31,37 @@ def build_app(args: dict[str, Any]):
     common = {"graceful_shutdown_timeout_s": s.drain_s, "graceful_shutdown_wait_loop_s": 0.5,
               "logging_config": {"enable_access_log": s.access_log}}
     scaling = replica_options(s)
-    retriever = Retriever.options(user_config={**load, "batch_size": s.batch_size, "batch_wait_s": s.batch_wait_s,
-                                               "inline_lone": s.inline_lone, "threads": s.threads},
-                                  max_ongoing_requests=s.max_ongoing_requests, **scaling, **common)
+    retriever_config = {**load, "batch_size": s.batch_size, "batch_wait_s": s.batch_wait_s,
+                        "inline_lone": s.inline_lone, "threads": s.threads}
+    retriever = Retriever.options(user_config=retriever_config, max_ongoing_requests=s.max_ongoing_requests,
+                                  **scaling, **common)
     gateways = scaling.get("num_replicas") or scaling["autoscaling_config"]["min_replicas"]
     encoder = text_encoder_of(served_manifest(**load))
     featuriser = (_same_code(TextFeaturiser.options(**common), encoder).bind(encoder["name"], encoder)
                   if encoder else None)
-    gateway = Gateway.options(user_config={"api_key_sha256": s.api_key_sha256, "body_timeout_s": s.body_timeout_s,
-                                           "retries": s.retries, "retry_budget_s": s.retry_budget_s},
-                              num_replicas=gateways, **common)
+    gateway_config = {"api_key_sha256": s.api_key_sha256, "body_timeout_s": s.body_timeout_s, "retries": s.retries,
+                      "retry_budget_s": s.retry_budget_s, "shard_deadline_s": s.shard_deadline_s}
+    if is_sharded(s.index):  # a retriever deployment per shard (each with its replicas); the gateway merges
+        meta = read_shards(s.index)
+        shards = [_same_code(retriever.options(name=f"Retriever{i:03d}",
+                                               user_config={**retriever_config, "index": part["path"]})).bind()
+                  for i, part in enumerate(meta["shards"])]
+        gateway_config.update(shard_items=[p["items"] for p in meta["shards"]], top_videos=_top_videos(load))
+        gateway = Gateway.options(user_config=gateway_config, num_replicas=gateways, **common)
+        return _same_code(gateway, encoder and encoder["name"], len(shards)).bind(None, featuriser, shards)
+    gateway = Gateway.options(user_config=gateway_config, num_replicas=gateways, **common)
     return _same_code(gateway, encoder and encoder["name"]).bind(_same_code(retriever).bind(), featuriser)
+
+
+def _top_videos(load: dict[str, Any]) -> int:
+    """The checkpoint's ``model.top_videos`` (VCMR: the videos one index ranks moments within)."""
+    import yaml
+
+    from xmr.checkpoint import CONFIG, fetch_checkpoint
+
+    local = fetch_checkpoint(load["checkpoint"], endpoint_url=load.get("endpoint_url"))
+    cfg = yaml.safe_load((local / CONFIG).read_text()) or {}
+    return int((cfg.get("model") or {}).get("top_videos") or 100)
 
 
 def _same_code(deployment, *init: Any):

@@ -36,9 +36,10 @@ def start(args: dict[str, Any], host: str = "127.0.0.1", port: int = 8000, addre
     return f"http://{host}:{port}{route_prefix.rstrip('/')}"
 
 
-def connect(address: str | None = None, direct: bool = False) -> str:
+def connect(address: str | None = None, direct: bool = False, replicas: int = 1) -> str:
     """Attach to the Ray there is, or start an embedded one (in throughput-optimised mode with
-    ``direct``); idempotent. Returns how (``ensure_ray``'s words: "started ..." if embedded)."""
+    ``direct``) with logical CPUs for ``replicas`` retriever replicas (every shard's) beside
+    the gateway; idempotent. Returns how (``ensure_ray``'s words: "started ..." if embedded)."""
     import ray
 
     from xmr.train.driver import ensure_ray
@@ -52,7 +53,14 @@ def connect(address: str | None = None, direct: bool = False) -> str:
         import logging
 
         logging.getLogger("ray.serve").setLevel(logging.WARNING)  # this process's "Started Serve ..." lines
-    return ensure_ray(address)
+    return ensure_ray(address, num_cpus=max(4, 2 * (os.cpu_count() or 1), replicas + 2))
+
+
+def served_replicas(index: str | None, replicas: int) -> int:
+    """Retriever replicas an app asks for: ``replicas`` per shard of a sharded index."""
+    from xmr.serve.shards import is_sharded, read_shards
+
+    return replicas * (len(read_shards(index)["shards"]) if is_sharded(index) else 1)
 
 
 def direct_urls(name: str, route_prefix: str = "/", timeout_s: float = 60.0) -> list[str]:
@@ -125,7 +133,13 @@ def _serve(ns: argparse.Namespace) -> int:
         return 2
     args = {"checkpoint": ns.checkpoint, "gallery": ns.gallery, "split": ns.split, "index": ns.index,
             "approx": ns.approx, "replicas": ns.replicas, "api_key_sha256": digest, "drain_s": ns.drain_s}
-    embedded = connect(ns.address, ns.direct).startswith("started")  # else: leave the cluster running on exit
+    try:
+        replicas = served_replicas(ns.index, ns.replicas)
+    except ValueError as exc:
+        print(f"[xmr] error: {exc}", file=sys.stderr)
+        return 2
+    # else: leave the cluster running on exit
+    embedded = connect(ns.address, ns.direct, replicas).startswith("started")
     url = start({k: v for k, v in args.items() if v is not None}, host=ns.host, port=ns.port, address=ns.address,
                 direct=ns.direct)
     headers = {"Authorization": f"Bearer {key}"} if key else {}
@@ -187,6 +201,8 @@ def _index_build(ns: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"xmr index build: {exc}", file=sys.stderr)
         return 2
+    if ns.shards != 1:
+        return _sharded_build(ns, ann)
     t0 = time.perf_counter()
     loaded = load_for_serving(ns.checkpoint, ns.gallery, ns.split, approx=ns.approx, ann=ann)
     recalls = getattr(loaded.gallery, "recalls", {})  # the family's approximate-index check, if it built one
@@ -204,6 +220,31 @@ def _index_build(ns: argparse.Namespace) -> int:
                   "thorough setting; raise --ef-construction / --hnsw-m (hnsw) or --nlist (ivf*)", file=sys.stderr)
     if not recalls:
         print("[xmr] exact search (gallery below the approximate-index threshold, or --approx off)")
+    return 0
+
+
+def _sharded_build(ns: argparse.Namespace, ann) -> int:
+    from dataclasses import asdict
+
+    from xmr.serve.shards import build_sharded
+
+    if ns.workers < 0:
+        print(f"xmr index build: --workers {ns.workers}: 0 (as many as the cluster allows) or a count", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    try:
+        meta = build_sharded(ns.checkpoint, ns.gallery, ns.split, ns.out, ns.shards, approx=ns.approx,
+                             ann_args=asdict(ann), address=ns.address, workers=ns.workers, gpu=ns.gpu)
+    except ValueError as exc:
+        print(f"xmr index build: {exc}", file=sys.stderr)
+        return 2
+    recalls = [r for s in meta["shards"] for r in s["approx_recall_at_10"].values()]
+    print(f"[xmr] sharded index of {meta['items']} items in {len(meta['shards'])} shards "
+          f"({', '.join(str(s['items']) for s in meta['shards'])}) -> {ns.out} ({time.perf_counter() - t0:.1f} s); "
+          f"search: {', '.join(meta['search'])}"
+          + (f"; per-shard recall@10 vs exact {min(recalls):.4f}..{max(recalls):.4f}" if recalls else ""), flush=True)
+    print(f"[xmr] serve it: xmr serve --checkpoint {ns.checkpoint} --index {ns.out}  (a retriever deployment per "
+          "shard; the gateway merges their top-k)")
     return 0
 
 
@@ -251,4 +292,13 @@ def register(subparsers: Any) -> None:
     b.add_argument("--ef-construction", type=int, default=64, help="hnsw: build breadth (default 64)")
     b.add_argument("--nlist", type=int, default=0, help="ivf / ivfpq: inverted lists (default 4 x sqrt(n))")
     b.add_argument("--pq-m", type=int, default=32, help="ivfpq: sub-quantisers, dividing the embedding size (default 32)")
+    b.add_argument("--shards", type=int, default=1,
+                   help="cut the split into this many contiguous shards, each an index of its own, encoded by a "
+                        "Ray Data job over the cluster and served one retriever deployment per shard (default 1: "
+                        "one index folder)")
+    b.add_argument("--workers", type=int, default=0,
+                   help="with --shards: encoding workers (default: as many as shards to build and CPUs allow)")
+    b.add_argument("--gpu", action="store_true", help="with --shards: one GPU per encoding worker")
+    b.add_argument("--address", default=None, help="with --shards: Ray cluster (default: RAY_ADDRESS, a running "
+                                                   "local one, or embedded)")
     b.set_defaults(func=_index_build)

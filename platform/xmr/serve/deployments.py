@@ -42,6 +42,7 @@ from xmr.serve.requests import (MomentsRequest, MomentsResponse, Refused, Reques
                                 tokens_array)
 from xmr.serve.search import moments_items, search_items, svmr_one
 from xmr.serve.settings import LOAD_FIELDS, ServeSettings
+from xmr.serve.shards import merge_hits, merge_moments, moments_across
 from xmr.tasks import FAMILIES
 
 DEFAULTS = ServeSettings()  # the batching and retry settings until reconfigure gives the app's
@@ -141,10 +142,13 @@ class Retriever:
                 value = binary.reshape(dims) if binary.ndim == 1 and binary.size == int(np.prod(dims)) else binary
             vec = as_array(value, dims, "query")
         g = st.gallery
-        if req.k > g.size:
-            raise RequestError(422, f"k = {req.k}: the gallery holds {g.size} items")
+        k = req.k
+        if "shard" in st.info:  # one shard of many: the gateway checked k against the whole gallery
+            k = min(k, g.size)
+        elif k > g.size:
+            raise RequestError(422, f"k = {k}: the gallery holds {g.size} items")
         other = "b" if role == "a" else "a"
-        hits = await self._admitted(self._search_batched, (st, role, vec, req.k))
+        hits = await self._admitted(self._search_batched, (st, role, vec, k))
         return {"modality": other, "k": req.k, "results": hits}
 
     @refusals_returned
@@ -177,6 +181,8 @@ class Retriever:
             hits = await asyncio.to_thread(svmr_one, st, q, position, req.k)
             return {"k": req.k, "video": req.video, "results": hits}
         hits = await self._admitted(self._moments_batched, (st, q, req.k))
+        if "shard" in st.info:  # {"results", "videos"}: what the gateway merges across shards
+            return {"k": req.k, **hits}
         return {"k": req.k, "results": hits}
 
     async def _featurised(self, featurise, wav: bytes) -> np.ndarray:
@@ -271,23 +277,35 @@ def _as_request_error(exc: BaseException) -> RequestError | None:
 @serve.deployment(max_ongoing_requests=2048, ray_actor_options={"num_cpus": 0.25})
 @serve.ingress(api)
 class Gateway:
-    def __init__(self, retriever, featuriser=None) -> None:
+    """The HTTP front. Over a sharded index (``shards``: one retriever deployment per shard)
+    every query goes to all shards and their answers are merged (``xmr.serve.shards``); a
+    shard that has not answered by ``shard_deadline_s`` (its dead replicas retried
+    meanwhile) is left out and named in the response's ``missing_shards``, never silently."""
+
+    def __init__(self, retriever, featuriser=None, shards=None) -> None:
         self.retriever = retriever
         self.featuriser = featuriser  # TextFeaturiser, bound when the dataset's queries came from text
+        self.shards = list(shards) if shards else None  # retriever handles, one per shard, in shard order
         self.retryable = _retryable()
         self.retried = 0  # calls sent again after their replica died
+        self.partial = 0  # answers given without every shard
+        self.missing_counts = [0] * len(self.shards or ())  # per shard: answers it was missing from
         self.retries, self.retry_budget_s = DEFAULTS.retries, DEFAULTS.retry_budget_s
+        self.shard_deadline_s, self.shard_items, self.top_videos = DEFAULTS.shard_deadline_s, [], 100
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         set_key_digest(config.get("api_key_sha256"))
         set_body_timeout(config.get("body_timeout_s"))
         self.retries = int(config.get("retries", DEFAULTS.retries))
         self.retry_budget_s = float(config.get("retry_budget_s", DEFAULTS.retry_budget_s))
+        self.shard_deadline_s = float(config.get("shard_deadline_s", DEFAULTS.shard_deadline_s))
+        self.shard_items = list(config.get("shard_items") or [])
+        self.top_videos = int(config.get("top_videos") or 100)
 
-    async def _call(self, method: str, *args, handle=None):
+    async def _call(self, method: str, *args, handle=None, budget_s: float | None = None):
         """A retriever call, sent again (backing off) when its replica died, ``retries`` times
-        within ``retry_budget_s``."""
-        deadline, delay = time.monotonic() + self.retry_budget_s, 0.05
+        within ``retry_budget_s`` (or ``budget_s``)."""
+        deadline, delay = time.monotonic() + (budget_s or self.retry_budget_s), 0.05
         target = self.retriever if handle is None else handle
         for attempt in range(self.retries + 1):
             try:
@@ -309,24 +327,135 @@ class Gateway:
             return out
         raise RequestError(503, "no retriever replica is ready (restarting or scaling); retry shortly")
 
+    # ------------------------------------------------------------------ scatter-gather
+
+    async def _scatter(self, method: str, *args, only: list[int] | None = None,
+                       deadline: float | None = None, args_of=None) -> list[Any]:
+        """``method`` on every shard (or the shards ``only`` names) at once; a shard's answer,
+        or None when it had none by the deadline (dead replicas are retried until then). A
+        client error from any shard is the request's error."""
+        deadline = deadline or time.monotonic() + self.shard_deadline_s
+        which = list(range(len(self.shards))) if only is None else only
+        tasks = {s: asyncio.ensure_future(self._call(method, *(args_of(s) if args_of else args),
+                                                     handle=self.shards[s], budget_s=self.shard_deadline_s))
+                 for s in which}
+        done, pending = await asyncio.wait(tasks.values(), timeout=max(0.0, deadline - time.monotonic()))
+        for t in pending:
+            t.cancel()
+        out: list[Any] = [None] * len(self.shards)
+        for s, t in tasks.items():
+            if t in done and not t.cancelled():
+                exc = t.exception()
+                if exc is None:
+                    out[s] = t.result()
+                elif not (isinstance(exc, RequestError) and exc.status == 503):
+                    raise exc  # the client's error (the same from every shard), or an internal one
+        return out
+
+    def _flagged(self, body: dict[str, Any], per_shard: list[Any]) -> dict[str, Any]:
+        """The merged answer with which shards it lacks: counted, and never silent."""
+        missing = [s for s, ans in enumerate(per_shard) if ans is None]
+        if len(missing) == len(per_shard):
+            raise RequestError(503, "no shard of the index answered in time (replicas restarting or overloaded); "
+                                    "retry shortly")
+        if missing:
+            self.partial += 1
+            for s in missing:
+                self.missing_counts[s] += 1
+        return {**body, "shards": len(per_shard), "missing_shards": missing, "partial": bool(missing)}
+
+    async def _search_shards(self, req, binary) -> dict[str, Any]:
+        total = sum(self.shard_items)
+        if req.k > total:
+            raise RequestError(422, f"k = {req.k}: the gallery holds {total} items")
+        per_shard = await self._scatter("search", req, binary)
+        first = next(ans for ans in per_shard if ans is not None) if any(per_shard) else {"modality": None}
+        hits = merge_hits([ans and ans["results"] for ans in per_shard], req.k)
+        return self._flagged({"modality": first["modality"], "k": req.k, "results": hits}, per_shard)
+
+    async def _moments_shards(self, req, binary, tokens=None) -> dict[str, Any]:
+        deadline = time.monotonic() + self.shard_deadline_s
+        if req.video is not None:  # SVMR: the one shard that holds the video answers
+            return await self._svmr_shards(req, binary, tokens, deadline)
+
+        async def ask(shards: list[int], ks: list[int]) -> list[Any]:
+            k_of = dict(zip(shards, ks))
+            out = await self._scatter("moments", only=shards, deadline=deadline,
+                                      args_of=lambda s: (req.model_copy(update={"k": k_of[s]}), binary, tokens))
+            return [out[s] for s in shards]
+
+        per_shard = await moments_across(ask, len(self.shards), req.k, self.top_videos)
+        return self._flagged({"k": req.k, "results": merge_moments(per_shard, req.k, self.top_videos)}, per_shard)
+
+    async def _svmr_shards(self, req, binary, tokens, deadline: float) -> dict[str, Any]:
+        tasks = [asyncio.ensure_future(self._call("moments", req, binary, tokens, handle=h,
+                                                  budget_s=self.shard_deadline_s)) for h in self.shards]
+        done, pending = await asyncio.wait(tasks, timeout=max(0.0, deadline - time.monotonic()))
+        for t in pending:
+            t.cancel()
+        not_here, missing = 0, []
+        for s, t in enumerate(tasks):
+            exc = t.exception() if t in done and not t.cancelled() else RequestError(503, "no answer")
+            if exc is None:
+                return {**t.result(), "shards": len(tasks), "missing_shards": [], "partial": False}
+            if isinstance(exc, RequestError) and exc.status == 404:
+                not_here += 1
+            elif isinstance(exc, RequestError) and exc.status == 503:
+                missing.append(s)
+            else:
+                raise exc
+        if missing:
+            self.partial += 1
+            raise RequestError(503, f"video {req.video[:80]!r} is in none of the shards that answered; shard(s) "
+                                    f"{missing} did not answer in time: retry shortly")
+        raise RequestError(404, f"video {req.video[:80]!r}: not in the served corpus")
+
+    # ------------------------------------------------------------------ routes
+
     @api.get("/healthz")
     async def healthz(self) -> dict[str, Any]:
+        if self.shards:
+            per_shard = await self._scatter("healthy")
+            down = [s for s, ok in enumerate(per_shard) if ok is None]
+            if down:
+                raise RequestError(503, f"shard(s) {down} have no ready replica")
+            return {"status": "ok", "shards": len(per_shard)}
         await self._call("healthy")
         return {"status": "ok"}
 
     @api.get("/info")
     async def info(self) -> dict[str, Any]:
-        return {**await self._call("info"), "retried_calls": self.retried, "auth": key_configured()}
+        common = {"retried_calls": self.retried, "auth": key_configured()}
+        if not self.shards:
+            return {**await self._call("info"), **common}
+        per_shard = await self._scatter("info")
+        first = next((i for i in per_shard if i is not None), None)
+        if first is None:
+            raise RequestError(503, "no shard of the index answered in time; retry shortly")
+        shards = [{"shard": s, "items": self.shard_items[s], "answering": i is not None,
+                   "missing_from_answers": self.missing_counts[s],
+                   **({k: i[k] for k in ("replica", "search", "gallery", "batching")} if i else {})}
+                  for s, i in enumerate(per_shard)]
+        return {**{k: v for k, v in first.items() if k not in ("replica", "gallery", "batching", "shard")},
+                "gallery_size": sum(self.shard_items), "gallery": "sharded", "shards": shards,
+                "partial_answers": self.partial, **common}
 
     @api.post("/search", response_model=SearchResponse, openapi_extra=body_schema(SearchRequest))
     async def search(self, request: Request) -> Response:
         req, binary = await parse_request(request, SearchRequest)
+        if self.shards:
+            return JSONBytes(await self._search_shards(req, binary))
         return JSONBytes(await self._call("search", req, binary))
 
     @api.post("/moments", response_model=MomentsResponse, openapi_extra=body_schema(MomentsRequest))
     async def moments(self, request: Request) -> Response:
         req, binary = await parse_request(request, MomentsRequest)
+        tokens = None
         if req.text is not None and self.featuriser is not None and req.query is None and binary is None:
             tokens = await self._call("", req.text, handle=self.featuriser)
+            binary = None
+        if self.shards:
+            return JSONBytes(await self._moments_shards(req, binary, tokens))
+        if tokens is not None:
             return JSONBytes(await self._call("moments", req, None, tokens))
         return JSONBytes(await self._call("moments", req, binary))

@@ -35,22 +35,28 @@ class Loaded:
 
 
 def load_for_serving(checkpoint: str, gallery: str | None = None, split: str = "test", index: str | None = None,
-                     approx: str = "auto", endpoint_url: str | None = None, ann=None) -> Loaded:
-    """Load a checkpoint (dir, run dir or s3://) and its gallery (a dataset split or a saved index)."""
+                     approx: str = "auto", endpoint_url: str | None = None, ann=None,
+                     part: tuple[int, int] = (0, 1), model_cfg: tuple[Any, Config] | None = None) -> Loaded:
+    """Load a checkpoint (dir, run dir or s3://) and its gallery (a dataset split, or a saved
+    index). ``part`` (i, n): encode only the i-th of n contiguous parts of the split (a shard
+    of ``xmr index build --shards n``); ``model_cfg``: a model already loaded from
+    ``checkpoint`` (a shard builder encodes several shards with one)."""
     t0 = time.perf_counter()
     local = fetch_checkpoint(checkpoint, endpoint_url=endpoint_url)
-    model, cfg = load_model(local)
+    model, cfg = model_cfg or load_model(local)
     model.eval()
     fam = family_of(cfg)
+    shard = None
     if index:
-        manifest, g = load_index(index, cfg)
-        root = index
+        manifest, g, meta = load_index(index, cfg)
+        root, shard = index, meta.get("shard")
     else:
         root = gallery or cfg.data.path
         manifest = load_manifest(root, endpoint_url=endpoint_url)
         if split not in manifest.splits:
             raise ValueError(f"gallery {root!r} has no split {split!r} (splits: {sorted(manifest.splits)})")
-        g = fam.build_gallery(model, cfg, manifest, root, split, endpoint_url=endpoint_url, approx=approx, ann=ann)
+        g = fam.build_gallery(model, cfg, manifest, root, split, endpoint_url=endpoint_url, approx=approx, ann=ann,
+                              part=part)
     approx_index = getattr(g, "approx", None) or {}
     search = ("approximate (" + ", ".join(sorted({a.kind for a in approx_index.values()})) + ")" if approx_index
               else "exact")
@@ -59,6 +65,8 @@ def load_for_serving(checkpoint: str, gallery: str | None = None, split: str = "
             "embed_dim": cfg.model.embed_dim, "input_dims": cfg.model.dims,
             "search": search,
             "build_s": round(time.perf_counter() - t0, 3), "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    if shard is not None:  # one shard of a sharded index: the search answers what the gateway merges
+        info["shard"] = shard
     return Loaded(model, cfg, manifest, g, info)
 
 
@@ -73,7 +81,8 @@ def save_index(out: str | Path, loaded: Loaded, recalls: dict[str, float]) -> Pa
     return out
 
 
-def load_index(path: str, cfg: Config) -> tuple[Manifest, Any]:
+def load_index(path: str, cfg: Config) -> tuple[Manifest, Any, dict[str, Any]]:
+    """(the dataset's manifest, the family's gallery, index.json) of a saved index folder."""
     p = Path(path)
     try:
         meta = json.loads((p / "index.json").read_text())
@@ -84,7 +93,7 @@ def load_index(path: str, cfg: Config) -> tuple[Manifest, Any]:
     if meta.get("embed_dim") != cfg.model.embed_dim or meta.get("task") != cfg.task:
         raise ValueError(f"{path}: an index of a {meta.get('task')!r} model with embed_dim {meta.get('embed_dim')} "
                          f"does not fit this {cfg.task!r} checkpoint ({cfg.model.embed_dim})")
-    return Manifest.from_dict(meta["manifest"]), family_of(cfg).load_gallery(p, arrays, items)
+    return Manifest.from_dict(meta["manifest"]), family_of(cfg).load_gallery(p, arrays, items), meta
 
 
 def text_encoder_of(manifest: Manifest) -> dict[str, Any] | None:
@@ -100,8 +109,11 @@ def served_manifest(checkpoint: str, gallery: str | None = None, index: str | No
     """The manifest of the dataset an application will serve, read without loading the model
     (the application builder decides from it which featurisers to deploy)."""
     if index:
+        from xmr.serve.shards import SHARDS_FILE, is_sharded
+
+        name = SHARDS_FILE if is_sharded(index) else "index.json"
         try:
-            return Manifest.from_dict(json.loads((Path(index) / "index.json").read_text())["manifest"])
+            return Manifest.from_dict(json.loads((Path(index) / name).read_text())["manifest"])
         except (OSError, ValueError, KeyError) as exc:
             raise ValueError(f"{index}: not a readable xmr index ({exc})") from None
     root = gallery

@@ -109,6 +109,10 @@ class SearchResponse(BaseModel):
     modality: str = Field(description="the modality of the results (the other one)")
     k: int
     results: list[SearchHit]
+    shards: int | None = Field(None, description="a sharded index: how many shards it has")
+    missing_shards: list[int] | None = Field(None, description="a sharded index: shards that did not answer in time "
+                                                               "(the results are the other shards' merged top-k)")
+    partial: bool | None = Field(None, description="a sharded index: true when missing_shards is not empty")
 
 
 class MomentHit(BaseModel):
@@ -122,6 +126,9 @@ class MomentsResponse(BaseModel):
     k: int
     video: str | None = Field(None, description="the video searched (SVMR requests)")
     results: list[MomentHit]
+    shards: int | None = Field(None, description="a sharded index: how many shards it has")
+    missing_shards: list[int] | None = Field(None, description="a sharded index: shards that did not answer in time")
+    partial: bool | None = Field(None, description="a sharded index: true when missing_shards is not empty")
 
 
 def numeric_array(value: Any, field: str) -> np.ndarray:

@@ -33,7 +33,8 @@ def moments_items(items: list[tuple]) -> list[list[dict[str, Any]]]:
     out: list[Any] = [None] * len(items)
     for idx in _groups(items).values():
         st: Loaded = items[idx[0]][0]
-        rows = st.family.moments(st.model, st.gallery, st.cfg, st.manifest.clip_len or 1.0, [items[i][1:] for i in idx])
+        rows = st.family.moments(st.model, st.gallery, st.cfg, st.manifest.clip_len or 1.0, [items[i][1:] for i in idx],
+                                 with_videos="shard" in st.info)
         for i, hits in zip(idx, rows):
             out[i] = hits
     return out

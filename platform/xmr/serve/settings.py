@@ -44,6 +44,10 @@ class ServeSettings:
     inline_lone: bool = True  # a lone request runs on the event loop (a thread hop costs it ~10%)
     retries: int = 8  # a call whose retriever replica died is sent again this many times, backing off,
     retry_budget_s: float = 20.0  # within this budget
+    # A sharded index (``xmr index build --shards``): a query is answered with the shards that
+    # answered within this; the others are named in ``missing_shards`` (their dead replicas
+    # are retried until then).
+    shard_deadline_s: float = 5.0
     threads: int = 0  # torch threads per retriever replica; 0: torch's default
     access_log: bool = False  # Serve's per-request access log lines
 
@@ -93,6 +97,7 @@ def serve_settings(args: dict[str, Any]) -> ServeSettings:
     _require(s.drain_s >= 0, f"drain_s = {s.drain_s}: must be >= 0")
     _require(s.retries >= 0 and s.retry_budget_s > 0,
              f"retries = {s.retries}, retry_budget_s = {s.retry_budget_s}: need retries >= 0 and a budget > 0")
+    _require(0 < s.shard_deadline_s <= 300, f"shard_deadline_s = {s.shard_deadline_s}: expected 0 < seconds <= 300")
     _require(s.threads >= 0, f"threads = {s.threads}: must be >= 0 (0: torch's default)")
     d = s.api_key_sha256
     _require(d is None or (len(d) == 64 and all(c in "0123456789abcdef" for c in d)),

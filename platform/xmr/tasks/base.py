@@ -64,9 +64,11 @@ class TaskFamily(abc.ABC):
     # ------------------------------------------------------------------ serving
     @abc.abstractmethod
     def build_gallery(self, model, cfg, manifest, root: str, split: str, endpoint_url: str | None = None,
-                      approx: str = "auto", ann=None):
+                      approx: str = "auto", ann=None, part: tuple[int, int] = (0, 1)):
         """The gallery a replica searches. ``approx`` (auto / on / off) and ``ann`` (an
-        ``xmr.tasks.ann.AnnConfig``) concern families with an approximate index; others ignore them."""
+        ``xmr.tasks.ann.AnnConfig``) concern families with an approximate index; others ignore
+        them. ``part`` (i, n): only the i-th of n contiguous parts of the split, in order (one
+        shard of a sharded index; the parts concatenate to the whole gallery)."""
         ...
 
     @abc.abstractmethod

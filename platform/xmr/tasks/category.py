@@ -86,8 +86,8 @@ class CategoryFamily(TaskFamily):
         return metrics, {"per_query.csv": pd.DataFrame(rows).to_csv(index=False)}
 
     def build_gallery(self, model, cfg, manifest, root: str, split: str, endpoint_url: str | None = None,
-                      approx: str = "auto", ann: AnnConfig | None = None):
-        g = embed_category(model, manifest, root, split, endpoint_url=endpoint_url)
+                      approx: str = "auto", ann: AnnConfig | None = None, part: tuple[int, int] = (0, 1)):
+        g = embed_category(model, manifest, root, split, endpoint_url=endpoint_url, part=part)
         g.recalls = add_approx(g, approx, ann)
         return g
 
@@ -255,20 +255,23 @@ class CategoryGallery:
 
 @torch.no_grad()
 def embed_category(model, manifest, root: str, split: str, batch_size: int = 512,
-                   endpoint_url: str | None = None) -> CategoryGallery:
+                   endpoint_url: str | None = None, part: tuple[int, int] = (0, 1)) -> CategoryGallery:
+    """The split's items encoded in order; ``part`` (i, n): only the i-th of n contiguous
+    near-equal parts (a shard of a sharded index: the parts concatenate to the whole)."""
     from xmr.data.reader import make_loader
 
     model = model.eval()
+    device = next(model.parameters()).device
     loader = make_loader(root, split, local_batch_size=batch_size, shuffle=False, manifest=manifest,
-                         endpoint_url=endpoint_url)
+                         endpoint_url=endpoint_url, rank=part[0], world_size=part[1])
     parts: dict[str, list[torch.Tensor]] = {"a": [], "b": []}
     ids: list[str] = []
     labels: list[Any] = []
-    for batch in with_progress(loader, f"index {split}: encoding", manifest.splits[split].num_samples, "items", units_in):
+    for batch in with_progress(loader, f"index {split}: encoding", loader.local_samples, "items", units_in):
         if len(batch["index"]) == 0:
             continue
         for role in ("a", "b"):
-            parts[role].append(model.encode(role, batch[role]).float())
+            parts[role].append(model.encode(role, batch[role].to(device)).float().cpu())
         ids.extend(batch["key"])
         if "label" in batch:
             labels.extend(_label_json(lab, manifest.labels.kind) for lab in batch["label"])

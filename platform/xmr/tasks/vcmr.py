@@ -115,14 +115,16 @@ class VcmrFamily(TaskFamily):
         return metrics, {"predictions.json": json.dumps(sub)}
 
     def build_gallery(self, model, cfg, manifest, root: str, split: str, endpoint_url: str | None = None,
-                      approx: str = "auto", ann=None) -> "VideoCorpus":
+                      approx: str = "auto", ann=None, part: tuple[int, int] = (0, 1)) -> "VideoCorpus":
+        """The split's videos encoded in order; ``part`` (i, n): the i-th of n contiguous parts."""
         from xmr.data.reader import make_loader
 
-        loader = with_progress(make_loader(root, split, local_batch_size=64, shuffle=False, unit="video",
-                                           manifest=manifest, max_clips=cfg.data.max_clips, endpoint_url=endpoint_url),
-                               f"index {split}: encoding", manifest.splits[split].num_samples, "videos", units_in)
-        enc, meta = encode_corpus(model.eval(), loader)
-        return VideoCorpus(enc, [str(n) for n in meta["vid_name"]], meta["duration"])
+        loader = make_loader(root, split, local_batch_size=64, shuffle=False, unit="video", manifest=manifest,
+                             max_clips=cfg.data.max_clips, endpoint_url=endpoint_url, rank=part[0],
+                             world_size=part[1])
+        enc, meta = encode_corpus(model.eval(), with_progress(loader, f"index {split}: encoding",
+                                                              loader.local_samples, "videos", units_in))
+        return VideoCorpus({k: v.cpu() for k, v in enc.items()}, [str(n) for n in meta["vid_name"]], meta["duration"])
 
     def save_gallery(self, g: "VideoCorpus", out: Path) -> None:
         from safetensors.numpy import save_file
@@ -134,8 +136,9 @@ class VcmrFamily(TaskFamily):
         enc = {k[len("enc_"):]: torch.from_numpy(v) for k, v in arrays.items()}
         return VideoCorpus(enc, items["ids"], torch.tensor(items["durations"], dtype=torch.float32))
 
-    def moments(self, model, corpus: "VideoCorpus", cfg, clip_len: float, items: list[tuple]):
-        return moments_batch(model, corpus, cfg, clip_len, items)
+    def moments(self, model, corpus: "VideoCorpus", cfg, clip_len: float, items: list[tuple],
+                with_videos: bool = False):
+        return moments_batch(model, corpus, cfg, clip_len, items, with_videos)
 
     def svmr(self, model, corpus: "VideoCorpus", cfg, clip_len: float, tokens: np.ndarray, position: int, k: int):
         return svmr_one(model, corpus, cfg, clip_len, tokens, position, k)
@@ -298,8 +301,12 @@ def _moments(corpus: VideoCorpus, video: torch.Tensor, st_: torch.Tensor, ed: to
 
 
 @torch.inference_mode()
-def moments_batch(model, corpus: VideoCorpus, cfg, clip_len: float, items: list[tuple]) -> list[list[dict[str, Any]]]:
-    """items: (token array [T, d], k). VCMR over the whole corpus in one batch."""
+def moments_batch(model, corpus: VideoCorpus, cfg, clip_len: float, items: list[tuple],
+                  with_videos: bool = False) -> list[Any]:
+    """items: (token array [T, d], k). VCMR over the whole corpus in one batch. With
+    ``with_videos`` (a shard of a sharded corpus) each answer is ``{"results": moments,
+    "videos": [[id, score], ...]}``, the videos its moments were ranked within (this
+    corpus's top N, best first): what ``xmr.serve.shards.merge_moments`` needs."""
     m = cfg.model
     tokens, mask = _pad_tokens([tok for tok, _ in items])
     q = model.encode_queries(tokens, mask)
@@ -307,8 +314,13 @@ def moments_batch(model, corpus: VideoCorpus, cfg, clip_len: float, items: list[
     scores, top, start, end = model.search(q, corpus.enc, min(m.top_videos, corpus.size), buckets=corpus.buckets)
     ranked = rank_moments(scores, start.softmax(-1), end.softmax(-1), corpus.enc["clip_mask"], top,
                           m.max_moment_clips, k_max)
-    rows = _moments(corpus, ranked.video, ranked.st, ranked.ed, ranked.score, clip_len)
-    return [row[:k] for row, (_, k) in zip(rows, items)]
+    rows = [row[:k] for row, (_, k) in zip(_moments(corpus, ranked.video, ranked.st, ranked.ed, ranked.score,
+                                                    clip_len), items)]
+    if not with_videos:
+        return rows
+    picked = scores.gather(1, top).tolist()
+    return [{"results": row, "videos": [[corpus.ids[j], s] for j, s in zip(t, sc)]}
+            for row, t, sc in zip(rows, top.tolist(), picked)]
 
 
 @torch.inference_mode()

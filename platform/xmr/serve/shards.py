@@ -1,0 +1,279 @@
+"""Sharded indexes: a gallery split cut into N contiguous parts, each a complete
+``xmr index build`` folder of its own, served by a retriever deployment of its own.
+
+Layout (``xmr index build --shards N --out DIR``)::
+
+    DIR/shards.json      what the parts are (written last: its presence means complete)
+    DIR/shard-000/       an ordinary index folder (index.json, embeddings, items, FAISS)
+    DIR/shard-001/ ...
+
+Why contiguous parts of the split's order (the read plan's rank shares, ``xmr.data.plan``)
+and not a hash of the item id: a shard is then a pure function of the dataset's manifest
+and (i, N), so any one shard can be rebuilt alone by reading only the WebDataset shards
+that hold its range; and the concatenation of the parts is the unsharded gallery in its
+order, so "item j of shard i" has one global position (``offset + j``) and a merge can
+break ties exactly as one index would.
+
+The parts are encoded by a Ray Data job (``map_batches`` with a model per worker, one shard
+per call), so N shards build on as many workers as the cluster gives; a shard is written
+to a temporary folder and renamed when complete, so an interrupted build resumes by
+encoding only the shards that are missing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+SHARDS_FILE = "shards.json"
+FORMAT = "xmr-sharded-index-1"
+
+
+def shard_name(i: int) -> str:
+    return f"shard-{i:03d}"
+
+
+def is_sharded(path: str | None) -> bool:
+    return bool(path) and (Path(str(path)) / SHARDS_FILE).is_file()
+
+
+def read_shards(path: str) -> dict[str, Any]:
+    """The sharded index's ``shards.json``, checked: every part's folder is there, offsets
+    follow each other, counts add up. Each part's ``path`` is made absolute."""
+    root = Path(path)
+    try:
+        meta = json.loads((root / SHARDS_FILE).read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: not a readable sharded xmr index ({exc})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("shards"), list):
+        raise ValueError(f"{path}/{SHARDS_FILE}: not an {FORMAT} manifest")
+    offset = 0
+    for i, s in enumerate(meta["shards"]):
+        if s.get("offset") != offset or not isinstance(s.get("items"), int) or s["items"] < 1:
+            raise ValueError(f"{path}/{SHARDS_FILE}: shards[{i}] has offset {s.get('offset')} and items "
+                             f"{s.get('items')}; expected offset {offset} and at least one item")
+        folder = root / s["path"]
+        if not (folder / "index.json").is_file():
+            raise ValueError(f"{path}: shard {i} ({s['path']}) is missing; rebuild it with "
+                             f"xmr index build --shards {len(meta['shards'])} --out {path}")
+        s["path"] = str(folder.resolve())
+        offset += s["items"]
+    if offset != meta.get("items"):
+        raise ValueError(f"{path}/{SHARDS_FILE}: the shards hold {offset} items, the manifest says {meta.get('items')}")
+    return meta
+
+
+def _complete(folder: Path) -> bool:
+    return (folder / "index.json").is_file()
+
+
+def build_one(model_cfg, checkpoint: str, gallery: str | None, split: str, out: str, shard: int, shards: int,
+              approx: str, ann_args: dict[str, Any] | None, endpoint_url: str | None) -> dict[str, Any]:
+    """Encode part ``shard`` of ``shards`` into ``out/shard-NNN`` (written beside, then renamed
+    into place) and say what it holds; a part already complete is read back, not redone."""
+    from xmr.serve.gallery import load_for_serving, save_index
+    from xmr.tasks.ann import AnnConfig
+
+    folder = Path(out) / shard_name(shard)
+    if _complete(folder):
+        meta = json.loads((folder / "index.json").read_text())
+        return {"shard": shard, "items": meta["gallery_size"], "build_s": 0.0, "resumed": True,
+                "recalls": meta.get("approx_recall_at_10") or {}, "search": meta.get("search")}
+    t0 = time.perf_counter()
+    loaded = load_for_serving(checkpoint, gallery, split, approx=approx, endpoint_url=endpoint_url,
+                              ann=AnnConfig(**ann_args) if ann_args else None, part=(shard, shards),
+                              model_cfg=model_cfg)
+    loaded.info["shard"] = {"index": shard, "of": shards}
+    tmp = Path(out) / f".{shard_name(shard)}.{uuid.uuid4().hex[:8]}.partial"
+    save_index(tmp, loaded, getattr(loaded.gallery, "recalls", {}))
+    if folder.exists():  # an incomplete folder left by a build that died before the rename
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+    return {"shard": shard, "items": loaded.gallery.size, "build_s": round(time.perf_counter() - t0, 3),
+            "resumed": False, "recalls": getattr(loaded.gallery, "recalls", {}), "search": loaded.info["search"]}
+
+
+class ShardEncoder:
+    """Ray Data's callable class: one model per worker process, then one shard per call
+    (``batch_size=1``), so a worker that encodes several shards loads the model once."""
+
+    def __init__(self, checkpoint: str, endpoint_url: str | None, job: dict[str, Any], gpu: bool = False) -> None:
+        import torch
+
+        from xmr.checkpoint import fetch_checkpoint
+        from xmr.method import load_model
+
+        model, cfg = load_model(fetch_checkpoint(checkpoint, endpoint_url=endpoint_url))
+        if gpu and torch.cuda.is_available():
+            model = model.cuda()
+        self.model_cfg, self.checkpoint, self.endpoint_url, self.job = (model, cfg), checkpoint, endpoint_url, job
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        rows = [build_one(self.model_cfg, self.checkpoint, endpoint_url=self.endpoint_url, shard=int(i), **self.job)
+                for i in batch["shard"]]
+        return {"summary": [json.dumps(r, default=float) for r in rows]}
+
+
+def quiet_ray_data() -> None:
+    """Ray Data's plan and logged-progress lines in its log files only (xmr prints a line per
+    shard; a terminal still gets Ray Data's progress bars), unless ``--verbose``."""
+    import logging
+
+    if os.environ.get("XMR_VERBOSE") != "1":
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+def build_sharded(checkpoint: str, gallery: str | None, split: str, out: str, shards: int, *, approx: str = "auto",
+                  ann_args: dict[str, Any] | None = None, endpoint_url: str | None = None,
+                  address: str | None = None, workers: int = 0, cpus_per_worker: float = 1.0,
+                  gpu: bool = False) -> dict[str, Any]:
+    """Build (or finish building) a sharded index; returns its ``shards.json``.
+
+    The missing shards are encoded by a Ray Data job over the cluster (``workers`` model
+    replicas, 0: as many as there are shards to build and CPUs for them); each shard's
+    summary is printed as it lands. ``out`` must be a folder every worker can write (this
+    machine, or a filesystem the cluster's nodes share)."""
+    import ray
+
+    from xmr.checkpoint import fetch_checkpoint, load_checkpoint
+    from xmr.data.manifest import load_manifest
+    from xmr.train.driver import ensure_ray
+
+    if shards < 1:
+        raise ValueError(f"--shards {shards}: at least 1")
+    out = os.path.abspath(out)
+    gallery = os.path.abspath(gallery) if gallery and "://" not in gallery else gallery
+    cfg, _, _ = load_checkpoint(fetch_checkpoint(checkpoint, endpoint_url=endpoint_url))
+    root = gallery or cfg.data.path
+    manifest = load_manifest(root, endpoint_url=endpoint_url)
+    if split not in manifest.splits:
+        raise ValueError(f"gallery {root!r} has no split {split!r} (splits: {sorted(manifest.splits)})")
+    unit = "videos" if manifest.task == "vcmr" else "items"
+    total = manifest.splits[split].num_samples
+    if shards > total:
+        raise ValueError(f"--shards {shards}: the split holds only {total} {unit}")
+    Path(out).mkdir(parents=True, exist_ok=True)
+    todo = [i for i in range(shards) if not _complete(Path(out) / shard_name(i))]
+    done = shards - len(todo)
+    print(f"[xmr] sharded index: {shards} shards of ~{total // shards} {unit} -> {out}"
+          + (f" ({done} already built, resuming)" if done else ""), flush=True)
+    job = {"gallery": root, "split": split, "out": out, "shards": shards, "approx": approx, "ann_args": ann_args}
+    summaries: dict[int, dict[str, Any]] = {}
+    if todo:
+        ensure_ray(address, quiet=True, dashboard=False)
+        quiet_ray_data()
+        n_workers = workers or max(1, min(len(todo), int(ray.cluster_resources().get("CPU", 1) // cpus_per_worker)))
+        ds = ray.data.from_items([{"shard": i} for i in todo], override_num_blocks=len(todo))
+        ds = ds.map_batches(ShardEncoder, batch_size=1, compute=ray.data.ActorPoolStrategy(size=n_workers),
+                            num_cpus=cpus_per_worker, num_gpus=1 if gpu else None,
+                            fn_constructor_kwargs={"checkpoint": checkpoint, "endpoint_url": endpoint_url,
+                                                   "job": job, "gpu": gpu})
+        t0 = time.perf_counter()
+        for row in ds.iter_rows():
+            s = json.loads(row["summary"])
+            summaries[s["shard"]] = s
+            print(f"[xmr] shard {s['shard'] + 1}/{shards}: {s['items']} {unit} in {s['build_s']:.1f} s "
+                  f"({len(summaries) + done}/{shards} built, {time.perf_counter() - t0:.0f} s)", flush=True)
+    parts, offset = [], 0
+    for i in range(shards):
+        meta = json.loads((Path(out) / shard_name(i) / "index.json").read_text())
+        parts.append({"path": shard_name(i), "items": int(meta["gallery_size"]), "offset": offset,
+                      "search": meta.get("search"), "approx_recall_at_10": meta.get("approx_recall_at_10") or {}})
+        offset += int(meta["gallery_size"])
+    if offset != total:
+        raise RuntimeError(f"{out}: the shards hold {offset} {unit}, the split {total}; remove the shard folders "
+                           "and build again")
+    first = json.loads((Path(out) / shard_name(0) / "index.json").read_text())
+    meta = {"format": FORMAT, "items": total, "task": first["task"], "method": first["method"],
+            "embed_dim": first["embed_dim"], "checkpoint": checkpoint, "gallery": root, "split": split,
+            "search": sorted({p["search"] for p in parts}), "shards": parts, "manifest": first["manifest"],
+            "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    (Path(out) / SHARDS_FILE).write_text(json.dumps(meta, indent=2, default=float))
+    return meta
+
+
+# --------------------------------------------------------------------------- merging shards' answers
+#
+# Exactness. A category shard's top-k holds every item of that shard that can be in the
+# global top-k, so the global top-k is the top-k of the shards' lists. Equal scores are
+# ordered by global position (shard order, then the shard's own order), which is the order
+# one index over the concatenated shards gives its equal scores, as the shards are
+# contiguous parts of the split. Scores are the same dot products; a matrix product of
+# another shape may round the last bit differently, so tests compare ids and order exactly
+# and scores to 1e-6.
+#
+# VCMR (``merge_moments``): a moment's score is its video's score times its span
+# probabilities, all of its own video, but one index ranks moments only within each query's
+# top-N videos (``model.top_videos``). A shard's own top N holds every one of its videos in
+# the global top N (fewer videos outrank them), so each shard returns its top-k moments over
+# its top N videos and those videos' scores; the gateway takes the global top N and keeps
+# the moments of those videos. A shard's list is known to hold all of its eligible moments
+# that can enter the top k when it ran out (fewer than asked), when at least k of its
+# moments are eligible, or when its last moment scores below the merged k-th; otherwise the
+# gateway asks that shard again for twice as many (``needs_more``).
+
+
+def merge_hits(per_shard: list[list[dict[str, Any]] | None], k: int) -> list[dict[str, Any]]:
+    """The top ``k`` of the shards' top-k lists (None: a shard that did not answer)."""
+    rows = [(-float(h["score"]), s, j, h) for s, hits in enumerate(per_shard) if hits for j, h in enumerate(hits)]
+    rows.sort(key=lambda r: r[:3])
+    return [r[3] for r in rows[:k]]
+
+
+def global_videos(per_shard: list[dict[str, Any] | None], top_videos: int) -> dict[str, int]:
+    """{video id: rank} of the global top-N videos from the shards' own top-N lists."""
+    rows = [(-float(score), s, j, vid) for s, ans in enumerate(per_shard) if ans
+            for j, (vid, score) in enumerate(ans["videos"])]
+    rows.sort(key=lambda r: r[:3])
+    return {r[3]: rank for rank, r in enumerate(rows[:top_videos])}
+
+
+def merge_moments(per_shard: list[dict[str, Any] | None], k: int, top_videos: int) -> list[dict[str, Any]]:
+    """The global top ``k`` moments: the eligible moments (of the global top-N videos) of
+    every shard, by score, equal scores by (video rank, start, end) as one index orders them."""
+    rank = global_videos(per_shard, top_videos)
+    rows = [(-float(m["score"]), rank[m["video"]], m["start"], m["end"], m) for ans in per_shard if ans
+            for m in ans["results"] if m["video"] in rank]
+    rows.sort(key=lambda r: r[:4])
+    return [r[4] for r in rows[:k]]
+
+
+def needs_more(per_shard: list[dict[str, Any] | None], asked: list[int], k: int, top_videos: int) -> list[int]:
+    """The shards whose lists may miss an eligible moment of the global top ``k`` (see the
+    note above): ask them again with a larger k."""
+    rank = global_videos(per_shard, top_videos)
+    merged = merge_moments(per_shard, k, top_videos)
+    kth = float(merged[-1]["score"]) if len(merged) == k else -float("inf")
+    out = []
+    for s, ans in enumerate(per_shard):
+        if not ans or len(ans["results"]) < asked[s]:  # no answer, or ran out: nothing more to get
+            continue
+        eligible = sum(m["video"] in rank for m in ans["results"])
+        if eligible >= k or (ans["results"] and float(ans["results"][-1]["score"]) < kth):
+            continue
+        out.append(s)
+    return out
+
+
+async def moments_across(ask, n_shards: int, k: int, top_videos: int) -> list[dict[str, Any] | None]:
+    """Every shard's answer for a VCMR query, complete enough for ``merge_moments`` to be
+    exact: ``ask(shards, ks)`` awaits the answers of those shards with those k (None for a
+    shard that had none in time); a shard whose list may miss an eligible moment is asked
+    again for twice as many (``needs_more``), until none may. The gateway's loop, apart so
+    that tests run it against the families' search without HTTP."""
+    asked = [k] * n_shards
+    per_shard = await ask(list(range(n_shards)), asked)
+    while True:
+        again = needs_more(per_shard, asked, k, top_videos)
+        if not again:
+            return per_shard
+        for s in again:
+            asked[s] *= 2
+        more = await ask(again, [asked[s] for s in again])
+        for s, ans in zip(again, more):
+            per_shard[s] = ans
