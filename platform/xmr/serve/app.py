@@ -9,6 +9,7 @@ import functools
 import json
 from typing import Any
 
+from xmr.data.manifest import Manifest
 from xmr.raycompat import with_version
 from xmr.serve.deployments import Gateway, Retriever, TextFeaturiser
 from xmr.serve.gallery import served_manifest, text_encoder_of
@@ -23,7 +24,9 @@ def build_app(args: dict[str, Any]):
     there; an error names the field): checkpoint (required), gallery, split, index, approx,
     endpoint_url, replicas or autoscaling, max_ongoing_requests, api_key_sha256, drain_s,
     body_timeout_s, batch_size, batch_wait_s, inline_lone, retries, retry_budget_s,
-    threads, access_log.
+    shard_deadline_s, threads, access_log. An ``index`` that ``xmr index build --shards``
+    wrote gets a retriever deployment per shard (``Retriever000``, ...), each with
+    ``replicas`` replicas, and a gateway that merges their answers (``xmr.serve.shards``).
     """
     s = serve_settings(args)
     load = s.load_args()
@@ -36,17 +39,17 @@ def build_app(args: dict[str, Any]):
     retriever = Retriever.options(user_config=retriever_config, max_ongoing_requests=s.max_ongoing_requests,
                                   **scaling, **common)
     gateways = scaling.get("num_replicas") or scaling["autoscaling_config"]["min_replicas"]
-    encoder = text_encoder_of(served_manifest(**load))
+    sharded = read_shards(s.index) if is_sharded(s.index) else None
+    encoder = text_encoder_of(Manifest.from_dict(sharded["manifest"]) if sharded else served_manifest(**load))
     featuriser = (_same_code(TextFeaturiser.options(**common), encoder).bind(encoder["name"], encoder)
                   if encoder else None)
     gateway_config = {"api_key_sha256": s.api_key_sha256, "body_timeout_s": s.body_timeout_s, "retries": s.retries,
                       "retry_budget_s": s.retry_budget_s, "shard_deadline_s": s.shard_deadline_s}
-    if is_sharded(s.index):  # a retriever deployment per shard (each with its replicas); the gateway merges
-        meta = read_shards(s.index)
+    if sharded:  # a retriever deployment per shard (each with its replicas); the gateway merges
         shards = [_same_code(retriever.options(name=f"Retriever{i:03d}",
                                                user_config={**retriever_config, "index": part["path"]})).bind()
-                  for i, part in enumerate(meta["shards"])]
-        gateway_config.update(shard_items=[p["items"] for p in meta["shards"]], top_videos=_top_videos(load))
+                  for i, part in enumerate(sharded["shards"])]
+        gateway_config.update(shard_items=[p["items"] for p in sharded["shards"]], top_videos=_top_videos(load))
         gateway = Gateway.options(user_config=gateway_config, num_replicas=gateways, **common)
         return _same_code(gateway, encoder and encoder["name"], len(shards)).bind(None, featuriser, shards)
     gateway = Gateway.options(user_config=gateway_config, num_replicas=gateways, **common)

@@ -109,11 +109,8 @@ def served_manifest(checkpoint: str, gallery: str | None = None, index: str | No
     """The manifest of the dataset an application will serve, read without loading the model
     (the application builder decides from it which featurisers to deploy)."""
     if index:
-        from xmr.serve.shards import SHARDS_FILE, is_sharded
-
-        name = SHARDS_FILE if is_sharded(index) else "index.json"
         try:
-            return Manifest.from_dict(json.loads((Path(index) / name).read_text())["manifest"])
+            return Manifest.from_dict(json.loads((Path(index) / "index.json").read_text())["manifest"])
         except (OSError, ValueError, KeyError) as exc:
             raise ValueError(f"{index}: not a readable xmr index ({exc})") from None
     root = gallery

@@ -40,44 +40,37 @@ class VcmrFamily(TaskFamily):
 
     def score_share(self, model, cfg, manifest, split: str, detailed: bool = False,
                     nms: float | None = None) -> dict[str, np.ndarray]:
-        """Encode this rank's videos, assemble the whole corpus on every rank, then rank this
-        rank's queries against it."""
+        """This rank's videos (a contiguous share of the corpus) encoded and kept here; every
+        query ranked against them, the ranks agreeing on each query's global top videos
+        (``CorpusShare``); ``score`` merges the ranks' candidates per query. A rank holds
+        1/world of the corpus's clip encodings, so evaluation memory falls with the ranks."""
         rank, world = world_info()
         was_training = model.training
         model.eval()
         try:
-            info, share_of = manifest.splits[split], (lambda n: -(-n // world) if n else None)
+            info = manifest.splits[split]
             videos = with_progress(loader_for(cfg, split, unit="video", rank=rank, world_size=world, manifest=manifest),
-                                   f"{split}: encoding videos", share_of(info.num_samples), "videos", units_in,
+                                   f"{split}: encoding videos", -(-info.num_samples // world), "videos", units_in,
                                    speak=rank == 0)
             corpus, meta = encode_corpus(model, videos)
-            device = corpus["clip_mask"].device
-            shares = all_gather_objects(({k: v.cpu() for k, v in corpus.items()}, meta))
-            if len(shares) > 1:
-                n = max(c["h_v"].shape[1] for c, _ in shares)
-                padded = [pad_encoding(c, n) for c, _ in shares]
-                corpus = {k: torch.cat([p[k] for p in padded]).to(device) for k in padded[0]}
-                meta = {"video_index": torch.cat([m["video_index"] for _, m in shares]),
-                        "duration": torch.cat([m["duration"] for _, m in shares]),
-                        "vid_name": [name for _, m in shares for name in m["vid_name"]]}
-            queries = with_progress(loader_for(cfg, split, unit="query", rank=rank, world_size=world, manifest=manifest),
-                                    f"{split}: ranking queries", share_of(info.num_queries or 0), "queries",
-                                    units_in, speak=rank == 0)
-            share = rank_query_batches(model, corpus, meta, queries, manifest.clip_len or 1.0, cfg.model.top_videos,
-                                       cfg.model.max_moment_clips, detailed=detailed,
-                                       candidates=NMS_CANDIDATES if nms is not None else 100)
-            if detailed:  # the corpus, for the prediction file's video2idx
-                share["corpus"] = {"vid_name": list(meta["vid_name"]), "video_index": meta["video_index"].tolist()}
-            return share
+            share = CorpusShare.gathered(meta)
+            queries = with_progress(loader_for(cfg, split, unit="query", manifest=manifest),
+                                    f"{split}: ranking queries", info.num_queries or 0, "queries", units_in,
+                                    speak=rank == 0)
+            out = rank_query_batches(model, corpus, meta, queries, manifest.clip_len or 1.0, cfg.model.top_videos,
+                                     cfg.model.max_moment_clips, detailed=detailed,
+                                     candidates=NMS_CANDIDATES if nms is not None else 100, share=share)
+            if detailed:  # the whole corpus, for the prediction file's video2idx
+                out["corpus"] = {"vid_name": share.names, "video_index": share.video_index}
+            return out
         finally:
             model.train(was_training)
 
     @staticmethod
     def _merged(shares: list) -> dict[str, np.ndarray]:
-        shares = [s for s in shares if len(s["gt_video"])]
-        merged = {k: np.concatenate([s[k] for s in shares]) for k in shares[0] if k != "corpus"}
-        order = np.argsort(merged["index"], kind="stable")
-        return {k: v[order] for k, v in merged.items()}
+        """Every rank ranked every query against its videos: per query, the best of the
+        ranks' candidates (VR and VCMR), and the SVMR of the rank that holds its video."""
+        return merge_ranked([{k: v for k, v in s.items() if k != "corpus"} for s in shares])
 
     def score(self, shares: list, cfg) -> dict[str, float]:
         return score_vcmr(self._merged(shares))
@@ -193,57 +186,160 @@ def rank_queries(model, q: torch.Tensor, corpus: dict[str, torch.Tensor], top_vi
     return scores, moments
 
 
+@dataclass
+class CorpusShare:
+    """Where this rank's videos sit in a corpus sharded by video across the ranks: a
+    contiguous share (the evaluation read plan's), so a video's global position is its
+    rank's ``offset`` plus its position there, the order one process would give it."""
+
+    offset: int  # global position of this rank's first video
+    video_index: list[int]  # every video's dataset index, in global order
+    names: list[str]  # every video's name, in global order
+    duration: torch.Tensor  # [videos] every video's duration, in global order
+
+    @classmethod
+    def gathered(cls, meta: dict[str, Any]) -> "CorpusShare":
+        """From every rank's ``encode_corpus`` meta (a collective: every rank calls it)."""
+        rank, _ = world_info()
+        parts = all_gather_objects((meta["video_index"].tolist(), [str(n) for n in meta["vid_name"]],
+                                    meta["duration"].cpu()))
+        return cls(offset=sum(len(p[0]) for p in parts[:rank]), video_index=[i for p in parts for i in p[0]],
+                   names=[n for p in parts for n in p[1]], duration=torch.cat([p[2] for p in parts]))
+
+    @classmethod
+    def whole(cls, meta: dict[str, Any]) -> "CorpusShare":
+        return cls(0, meta["video_index"].tolist(), [str(n) for n in meta["vid_name"]], meta["duration"].cpu())
+
+
+def global_top(values: torch.Tensor, positions: torch.Tensor, n: int) -> torch.Tensor:
+    """[B, n] global positions of the n best (value, then lower position) of every rank's
+    candidates ([B, M] each, gathered): the videos one process would rank within."""
+    _, world = world_info()
+    if world > 1:
+        parts = all_gather_objects((values.cpu(), positions.cpu()))
+        values, positions = torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1)
+    by_pos = positions.argsort(dim=1, stable=True)
+    by_value = values.gather(1, by_pos).argsort(dim=1, descending=True, stable=True)
+    return positions.gather(1, by_pos.gather(1, by_value))[:, :n]
+
+
 @torch.no_grad()
 def rank_query_batches(model, corpus: dict[str, torch.Tensor], meta: dict[str, Any],
                        query_batches: Iterable[dict[str, Any]], clip_len: float, top_videos: int = 100,
-                       max_len: int = 16, detailed: bool = False, candidates: int = 100) -> dict[str, np.ndarray]:
-    """Per-query predictions against a whole encoded corpus: the VR ranking (top 100), the
-    top ``candidates`` VCMR (video, t_s, t_e), the SVMR top span in the ground-truth video,
-    and the ground truth. Arrays over queries, so shares from several ranks concatenate.
-    ``detailed`` adds what a prediction file needs: every score, the SVMR top 100, the
-    queries' desc_id, type and text."""
-    position = {int(v): i for i, v in enumerate(meta["video_index"].tolist())}
-    keys = ["index", "vr", "vcmr_video", "vcmr_spans", "svmr_spans", "gt_video", "gt_spans"]
+                       max_len: int = 16, detailed: bool = False, candidates: int = 100,
+                       share: CorpusShare | None = None) -> dict[str, np.ndarray]:
+    """Per-query candidates against the videos in ``corpus`` (this rank's share of the
+    corpus, or all of it): the top 100 videos (VR) with their scores, the top ``candidates``
+    VCMR (video, t_s, t_e, score) within the query's global top ``top_videos`` videos, the
+    SVMR top span where the query's own video is here (``svmr_here``), and the ground truth;
+    videos by global position. Across ranks the query batches must be the same (every rank
+    reads every query): each batch's global top videos are agreed by one all-gather.
+    Exactness: a rank's top ``top_videos`` holds each of its videos in the global top
+    (fewer videos outrank them), so masking the others out leaves exactly the candidates one
+    process would decode; ``merge_ranked`` keeps the best across ranks. ``detailed`` adds
+    what a prediction file needs: the SVMR top 100, the queries' desc_id, type and text."""
+    share = share or CorpusShare.whole(meta)
+    local = {int(v): i for i, v in enumerate(meta["video_index"].tolist())}
+    position = {v: i for i, v in enumerate(share.video_index)}
+    keys = ["index", "vr", "vr_scores", "vcmr_video", "vcmr_spans", "vcmr_scores", "svmr_spans", "svmr_scores",
+            "svmr_here", "gt_video", "gt_spans"]
     if detailed:
-        keys += ["vr_scores", "vcmr_scores", "svmr_scores", "desc_id", "type", "desc"]
+        keys += ["desc_id", "type", "desc"]
     parts: dict[str, list[np.ndarray]] = {k: [] for k in keys}
     device = corpus["clip_mask"].device
     buckets = bucket_corpus(corpus)
+    durations = meta["duration"].cpu()
+    n_here, svmr_k = corpus["clip_mask"].shape[0], 100 if detailed else 1
     for batch in query_batches:
         if len(batch["index"]) == 0:
             continue
         q = model.encode_queries(batch["q_tokens"].to(device), batch["q_mask"].to(device))
-        scores, moments = rank_queries(model, q, corpus, top_videos, max_len, top_k=candidates, buckets=buckets)
+        scores, top, start, end = model.search(q, corpus, top_videos, buckets=buckets)
+        eligible = global_top(scores.gather(1, top).float(), top + share.offset, top_videos)
+        keep = ((top + share.offset).unsqueeze(-1) == eligible.to(top.device).unsqueeze(1)).any(-1)  # [B, N]
+        mask = corpus["clip_mask"][top] & keep.unsqueeze(-1)
+        moments = rank_moments(scores, start.softmax(-1), end.softmax(-1), mask, top, max_len, candidates)
         scores, moments = scores.float().cpu(), type(moments)(*(t.cpu() for t in moments))
+        t_s, t_e = clips_to_moment(moments.st.numpy(), moments.ed.numpy(), clip_len,
+                                   durations[moments.video.clamp(min=0)].numpy())
         try:
-            gt = torch.tensor([position[int(v)] for v in batch["video_index"]])
+            gt = [position[int(v)] for v in batch["video_index"]]
         except KeyError as exc:
             raise ValueError(f"evaluate_vcmr: query on video index {exc} that is not in the corpus split") from None
-        durations = meta["duration"][moments.video.clamp(min=0)]
-        t_s, t_e = clips_to_moment(moments.st.numpy(), moments.ed.numpy(), clip_len, durations.numpy())
-        # SVMR: the same decoding restricted to the ground-truth video.
-        only = gt[:, None].to(device)
-        start, end = model.span_logits(q, corpus, only)
-        single = rank_moments(torch.ones(len(gt), len(position), device=device), start.softmax(-1), end.softmax(-1),
-                              corpus["clip_mask"], only, max_len, top_k=100 if detailed else 1)
-        s_s, s_e = clips_to_moment(single.st.cpu().numpy(), single.ed.cpu().numpy(), clip_len,
-                                   meta["duration"][gt][:, None].numpy())
-        parts["index"].append(batch["index"].numpy())
+        # SVMR: the same decoding restricted to the ground-truth video, where that video is here.
+        b = len(gt)
+        svmr_spans, svmr_scores = np.full((b, svmr_k, 2), np.nan), np.full((b, svmr_k), -np.inf)
+        rows = [i for i, v in enumerate(batch["video_index"].tolist()) if int(v) in local]
+        if rows:
+            only = torch.tensor([[local[int(batch["video_index"][i])]] for i in rows], device=device)
+            s_start, s_end = model.span_logits(q[rows], corpus, only)
+            single = rank_moments(torch.ones(len(rows), n_here, device=device), s_start.softmax(-1),
+                                  s_end.softmax(-1), corpus["clip_mask"], only, max_len, top_k=svmr_k)
+            s_s, s_e = clips_to_moment(single.st.cpu().numpy(), single.ed.cpu().numpy(), clip_len,
+                                       durations[only.cpu()].numpy())
+            w = s_s.shape[1]  # fewer than asked when the video has fewer spans
+            svmr_spans[rows, :w] = np.stack([s_s, s_e], axis=-1)
+            svmr_scores[rows, :w] = single.score.cpu().numpy()
+        here = np.zeros(b, dtype=bool)
+        here[rows] = True
         vr = scores.topk(min(100, scores.shape[1]), dim=1)
-        parts["vr"].append(vr.indices.numpy())
+        video = moments.video.numpy()
+        pad = candidates - video.shape[1]  # fewer spans than candidates in these videos: pad every batch alike
+        parts["index"].append(batch["index"].numpy())
+        parts["vr"].append(vr.indices.numpy() + share.offset)
+        parts["vr_scores"].append(vr.values.numpy())
+        parts["vcmr_video"].append(np.pad(np.where(video >= 0, video + share.offset, -1), ((0, 0), (0, pad)),
+                                          constant_values=-1))
+        parts["vcmr_spans"].append(np.pad(np.stack([t_s, t_e], axis=-1), ((0, 0), (0, pad), (0, 0))))
+        parts["vcmr_scores"].append(np.pad(moments.score.numpy(), ((0, 0), (0, pad)), constant_values=-np.inf))
+        parts["svmr_spans"].append(svmr_spans)
+        parts["svmr_scores"].append(svmr_scores)
+        parts["svmr_here"].append(here)
+        parts["gt_video"].append(np.array(gt))
+        parts["gt_spans"].append(batch["ts"].numpy())
         if detailed:
-            parts["vr_scores"].append(vr.values.numpy())
-            parts["vcmr_scores"].append(moments.score.numpy())
-            parts["svmr_scores"].append(single.score.cpu().numpy())
             parts["desc_id"].append(batch["desc_id"].numpy())
             parts["type"].append(np.array(batch["type"], dtype=object))
             parts["desc"].append(np.array(batch["desc"], dtype=object))
-        parts["vcmr_video"].append(moments.video.numpy())
-        parts["vcmr_spans"].append(np.stack([t_s, t_e], axis=-1))
-        parts["svmr_spans"].append(np.stack([s_s, s_e], axis=-1))
-        parts["gt_video"].append(gt.numpy())
-        parts["gt_spans"].append(batch["ts"].numpy())
     return {k: np.concatenate(v) if v else np.zeros((0,)) for k, v in parts.items()}
+
+
+def _best(keys: tuple[np.ndarray, ...], columns: list[np.ndarray], n: int) -> list[np.ndarray]:
+    """Per row, the ``n`` best columns by ``keys`` (np.lexsort: the last key first)."""
+    order = np.lexsort(keys, axis=-1)[:, :n]
+    return [np.take_along_axis(c, order if c.ndim == 2 else order[..., None], axis=1) for c in columns]
+
+
+def merge_ranked(shares: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """One ranking per query from every rank's ``rank_query_batches`` over all queries: VR
+    the best 100 of the ranks' videos (score, then position), VCMR the best ``candidates``
+    of their moments (score, then video position, start, end: the order one process gives
+    equal scores up to the video's rank within the query's top videos, which equal scores
+    of different videos could only swap), SVMR from the rank holding the query's video.
+    In query order (``index``)."""
+    shares = [s for s in shares if len(s["gt_video"])]
+    if not shares:
+        raise ValueError("evaluate_vcmr: the query split yielded no queries")
+    first = shares[0]
+    if len(shares) == 1:
+        r = dict(first)
+    else:
+        cat = {k: np.concatenate([s[k] for s in shares], axis=1)
+               for k in ("vr", "vr_scores", "vcmr_video", "vcmr_spans", "vcmr_scores")}
+        r = {k: v for k, v in first.items() if k not in cat}
+        r["vr"], r["vr_scores"] = _best((cat["vr"], -cat["vr_scores"]), [cat["vr"], cat["vr_scores"]],
+                                        min(100, cat["vr"].shape[1]))
+        n = first["vcmr_video"].shape[1]
+        sc = np.where(np.isfinite(cat["vcmr_scores"]), -cat["vcmr_scores"], np.inf)
+        r["vcmr_video"], r["vcmr_spans"], r["vcmr_scores"] = _best(
+            (cat["vcmr_spans"][..., 1], cat["vcmr_spans"][..., 0], cat["vcmr_video"], sc),
+            [cat["vcmr_video"], cat["vcmr_spans"], cat["vcmr_scores"]], n)
+        owner = np.argmax(np.stack([s["svmr_here"] for s in shares]), axis=0)
+        for k in ("svmr_spans", "svmr_scores"):
+            stacked = np.stack([s[k] for s in shares])
+            r[k] = stacked[owner, np.arange(len(owner))]
+    order = np.argsort(r["index"], kind="stable")
+    return {k: v[order] for k, v in r.items() if k != "svmr_here"}
 
 
 def score_vcmr(ranked: dict[str, np.ndarray]) -> dict[str, float]:
@@ -270,7 +366,7 @@ def evaluate_vcmr(model, video_batches: Iterable[dict[str, Any]], query_batches:
         ranked = rank_query_batches(model, corpus, meta, query_batches, clip_len, top_videos, max_len)
     finally:
         model.train(was_training)
-    return score_vcmr(ranked)
+    return score_vcmr(merge_ranked([ranked]))
 
 
 # --------------------------------------------------------------------------- search
