@@ -162,6 +162,81 @@ def evaluate(storage: Path, name: str, out: Path) -> dict:
                                                           if k.startswith(("vr_", "vcmr_0.7", "svmr_0.7"))}}
 
 
+EVAL_RANK = r"""
+import json, os, resource, sys, time
+sys.path.insert(0, {platform!r})
+import torch, torch.distributed as dist
+from xmr.data.manifest import load_manifest
+from xmr.method import load_model
+from xmr.tasks.evaluate import evaluate
+world = int(os.environ["WORLD_SIZE"])
+if world > 1:
+    dist.init_process_group("gloo", rank=int(os.environ["RANK"]), world_size=world)
+torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+model, cfg = load_model({ckpt!r})
+manifest = load_manifest(cfg.data.path)
+t0 = time.perf_counter()
+metrics = evaluate(model, cfg, manifest, "val")
+print(json.dumps({{"rank": int(os.environ["RANK"]), "wall_s": time.perf_counter() - t0,
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "vcmr_0.7_r10": metrics["vcmr_0.7_r10"], "vr_r10": metrics["vr_r10"]}}))
+if world > 1:
+    dist.barrier()
+    dist.destroy_process_group()
+"""
+
+
+def eval_ranks(platform: Path, ckpt: str, world: int) -> dict:
+    """The validation evaluation in ``world`` gloo processes (as Ray Train workers run it):
+    each process's own peak RSS (``ru_maxrss``) and wall time."""
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(world)}
+    code = EVAL_RANK.format(platform=str(platform), ckpt=ckpt)
+    procs = [subprocess.Popen([sys.executable, "-c", code], env={**env, "RANK": str(r)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for r in range(world)]
+    rows = []
+    for p in procs:
+        out, err = p.communicate(timeout=3600)
+        if p.returncode != 0:
+            raise SystemExit(f"eval rank failed ({p.returncode}):\n{err[-3000:]}")
+        rows.append(json.loads(out.strip().splitlines()[-1]))
+    return {"ranks": rows, "peak_rss_mb_per_rank": max(r["peak_rss_mb"] for r in rows),
+            "wall_s": max(r["wall_s"] for r in rows), "vcmr_0.7_r10": rows[0]["vcmr_0.7_r10"]}
+
+
+def eval_memory(work: Path, videos: int) -> dict:
+    """Evaluation memory per rank at TVR validation scale (issue 25): the corpus sharded by
+    video across ranks (this checkout) against the corpus gathered on every rank (the code
+    before it, ``BEFORE``, from a git worktree), 1 and 2 ranks, one run. The model is the
+    QACLN preset at the release's dimensions and d = 384, untrained: memory does not depend
+    on the weights."""
+    from xmr.checkpoint import save_checkpoint
+    from xmr.checks import resolve
+    from xmr.config import load_config
+    from xmr.method import Method
+
+    rel, shards = work / "release-eval", work / "shards-eval"
+    release(rel, {"train": 8, "val": videos})
+    convert(rel, str(shards))
+    shutil.rmtree(rel)
+    cfg, _ = resolve(load_config("qacln", [f"data.path={shards}"]))
+    ckpt = str(save_checkpoint(work / "eval-ckpt", Method(cfg).eval(), cfg))
+    old = work / "before"
+    subprocess.run(["git", "worktree", "add", "--detach", str(old), BEFORE], cwd=REPO, check=True,
+                   capture_output=True)
+    try:
+        out = {"videos": videos, "before_commit": BEFORE}
+        for label, platform, world in (("sharded_1", REPO / "platform", 1), ("sharded_2", REPO / "platform", 2),
+                                       ("gathered_2", old / "platform", 2)):
+            print(f"[bench] eval memory: {label} ...", flush=True)
+            out[label] = eval_ranks(platform, ckpt, world)
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(old)], cwd=REPO, capture_output=True)
+    return out
+
+
+BEFORE = "e612c9d"  # the last commit whose evaluation gathers the whole corpus on every rank
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -205,7 +280,11 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=2, help="Ray Train workers")
     ap.add_argument("--s3-videos", default="train=300,val=100", help="the S3 leg's corpus")
     ap.add_argument("--keep", action="store_true", help="keep the scratch folder")
+    ap.add_argument("--only-eval-memory", action="store_true",
+                    help="run only the evaluation-memory leg and merge it into the saved results")
     args = ap.parse_args()
+    if args.only_eval_memory:
+        return only_eval_memory(args)
     splits = {s: max(8, round(n * args.scale)) for s, n in TVR_SIZES.items()}
     work = args.work
     if work.exists():
@@ -229,6 +308,8 @@ def main() -> int:
         fig["checkpoint"] = checkpoint_save(work / "runs", "local")
         print("[bench] xmr eval over the validation split ...", flush=True)
         fig["eval"] = evaluate(work / "runs", "local", work / "eval")
+        print("[bench] evaluation memory per rank ...", flush=True)
+        fig["eval_memory"] = eval_memory(work, splits["val"])
         print("[bench] S3 leg ...", flush=True)
         s3_videos = {k: int(v) for k, v in (p.split("=") for p in args.s3_videos.split(","))}
         fig["s3"] = s3_leg(work, s3_videos, args.workers, args.steps)
@@ -255,13 +336,52 @@ def main() -> int:
     ]
     for what, value, note in rows:
         print(f"{what:30s} {value:>12s}   {note}")
+    _memory_rows(fig["eval_memory"])
     print(f"wall {fig['wall_s'] / 60:.1f} min")
     write_results(__file__, fig, {
         "train_videos_per_s": consumption, "reader_over_consumption": ratio,
         "worker_peak_rss_mb": fig["train_local"]["worker_peak_rss_mb"], "eval_s": fig["eval"]["wall_s"],
         "convert_peak_rss_mb": fig["convert"]["peak_rss_mb"], "convert_s": fig["convert"]["wall_s"],
         "s3_train_videos_per_s": fig["s3"]["train"]["queries_per_s_per_worker"], "scale": args.scale,
-        "eval_queries": fig["eval"]["queries"], "wall_s": fig["wall_s"]})
+        "eval_queries": fig["eval"]["queries"], "wall_s": fig["wall_s"], **_memory_headline(fig["eval_memory"])})
+    return 0
+
+
+def _memory_rows(mem: dict) -> None:
+    for label in ("sharded_1", "sharded_2", "gathered_2"):
+        m = mem[label]
+        print(f"eval, {label:12s} {m['peak_rss_mb_per_rank']:8.0f} MB per rank {m['wall_s']:7.0f} s   "
+              f"vcmr_0.7_r10 {m['vcmr_0.7_r10']:.4f}")
+
+
+def _memory_headline(mem: dict) -> dict:
+    return {"eval_peak_rss_mb_per_rank": mem["sharded_2"]["peak_rss_mb_per_rank"],
+            "eval_peak_rss_mb_one_rank": mem["sharded_1"]["peak_rss_mb_per_rank"],
+            "eval_peak_rss_mb_per_rank_gathered": mem["gathered_2"]["peak_rss_mb_per_rank"]}
+
+
+def only_eval_memory(args) -> int:
+    """The evaluation-memory leg alone, merged into bench/results/tvr_scale.json (its own
+    date in ``figures.eval_memory.date``; the other figures keep theirs)."""
+    import datetime
+
+    work = args.work
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    try:
+        mem = eval_memory(work, max(8, round(TVR_SIZES["val"] * args.scale)))
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    mem["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    _memory_rows(mem)
+    path = REPO / "bench" / "results" / "tvr_scale.json"
+    saved = json.loads(path.read_text()) if path.is_file() else {"figures": {}, "headline": {}}
+    saved["figures"]["eval_memory"] = mem
+    saved["headline"].update(_memory_headline(mem))
+    path.write_text(json.dumps(saved, indent=2, default=float))
+    print(f"merged into {path}")
     return 0
 
 

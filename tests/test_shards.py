@@ -144,9 +144,10 @@ def _post(url: str, body) -> requests.Response:
 
 
 @pytest.fixture(scope="module")
-def sharded(checkpoints, tmp_path_factory):
-    """One Ray: 3-shard indexes built with ``xmr index build --shards 3`` (category: the
-    digits' test split; VCMR: a 24-video corpus), each served beside the whole gallery."""
+def sharded(checkpoints, tmp_path_factory, s3_endpoint):
+    """One Ray (started after the S3 endpoint's variables are set, so its workers reach it):
+    3-shard indexes built with ``xmr index build --shards 3`` (category: the digits' test
+    split; VCMR: a 24-video corpus), each served beside the whole gallery."""
     import ray
     from ray import serve
 
@@ -173,7 +174,8 @@ def sharded(checkpoints, tmp_path_factory):
     }
     for url in urls.values():
         _wait(url)
-    yield {**urls, "cat_idx": cat_idx, "v_idx": v_idx, "checkpoints": checkpoints, "vdata": str(vdata)}
+    yield {**urls, "cat_idx": cat_idx, "v_idx": v_idx, "checkpoints": checkpoints, "vdata": str(vdata),
+           "port": port}
     serve.shutdown()
     ray.shutdown()
 
@@ -270,3 +272,24 @@ class TestOverHttp:
         assert "2 already built, resuming" in said and "shard 2/3" in said and "shard 1/3" not in said
         assert (out / "shard-001" / "embeddings.safetensors").read_bytes() == before
         assert json.loads((out / "shards.json").read_text())["items"] == 140
+
+    def test_a_sharded_index_on_s3_builds_and_serves(self, sharded, s3_bucket, s3_endpoint):
+        """Built to s3:// (each shard uploaded, its index.json last) and served from there
+        (each shard's replicas download only their shard): the same answers."""
+        from xmr.cli import main
+        from xmr.serve.cli import start
+
+        uri = f"s3://{s3_bucket}/indexes/cat2"
+        assert main(["index", "build", "--checkpoint", sharded["checkpoints"]["cat0"], "--gallery", AVDIGITS,
+                     "--split", "test", "--shards", "2", "--out", uri]) == 0
+        url = start({"checkpoint": sharded["checkpoints"]["cat0"], "index": uri, "endpoint_url": s3_endpoint},
+                    port=sharded["port"], name="cat2s3", route_prefix="/cat2s3")
+        _wait(url)
+        info = requests.get(f"{url}/info", timeout=30).json()
+        assert [s["items"] for s in info["shards"]] == [70, 70]
+        assert all(s["gallery"].startswith(uri) for s in info["shards"])
+        rng = np.random.default_rng(9)
+        for _ in range(5):
+            body = {"query": rng.standard_normal(info["input_dims"]["a"]).astype(np.float32).tolist(), "k": 20}
+            a, b = _post(f"{sharded['cat1']}/search", body).json(), _post(f"{url}/search", body).json()
+            assert [h["id"] for h in b["results"]] == [h["id"] for h in a["results"]]

@@ -39,7 +39,7 @@ def build_app(args: dict[str, Any]):
     retriever = Retriever.options(user_config=retriever_config, max_ongoing_requests=s.max_ongoing_requests,
                                   **scaling, **common)
     gateways = scaling.get("num_replicas") or scaling["autoscaling_config"]["min_replicas"]
-    sharded = read_shards(s.index) if is_sharded(s.index) else None
+    sharded = read_shards(s.index, s.endpoint_url) if is_sharded(s.index, s.endpoint_url) else None
     encoder = text_encoder_of(Manifest.from_dict(sharded["manifest"]) if sharded else served_manifest(**load))
     featuriser = (_same_code(TextFeaturiser.options(**common), encoder).bind(encoder["name"], encoder)
                   if encoder else None)

@@ -60,7 +60,7 @@ def served_replicas(index: str | None, replicas: int) -> int:
     """Retriever replicas an app asks for: ``replicas`` per shard of a sharded index."""
     from xmr.serve.shards import is_sharded, read_shards
 
-    return replicas * (len(read_shards(index)["shards"]) if is_sharded(index) else 1)
+    return replicas * (len(read_shards(index)["shards"]) if index and is_sharded(index) else 1)
 
 
 def direct_urls(name: str, route_prefix: str = "/", timeout_s: float = 60.0) -> list[str]:

@@ -48,7 +48,7 @@ def load_for_serving(checkpoint: str, gallery: str | None = None, split: str = "
     fam = family_of(cfg)
     shard = None
     if index:
-        manifest, g, meta = load_index(index, cfg)
+        manifest, g, meta = load_index(str(fetch_index(index, endpoint_url)), cfg)
         root, shard = index, meta.get("shard")
     else:
         root = gallery or cfg.data.path
@@ -81,6 +81,32 @@ def save_index(out: str | Path, loaded: Loaded, recalls: dict[str, float]) -> Pa
     return out
 
 
+def fetch_index(uri: str, endpoint_url: str | None = None) -> Path:
+    """A local folder for a saved index: ``uri`` itself, or an s3:// index downloaded once
+    into a cache keyed by its URI (a shard's replicas fetch only their shard)."""
+    import hashlib
+    import os
+    import shutil
+
+    from xmr.data import storage
+
+    if not storage.is_s3(uri):
+        return Path(uri)
+    cache = Path(os.environ.get("XMR_CACHE", Path.home() / ".cache" / "xmr")) / "indexes"
+    local = cache / hashlib.sha1(uri.encode()).hexdigest()[:16]
+    if not (local / "index.json").is_file():
+        part = local.with_name(f"{local.name}.part-{os.getpid()}")
+        try:
+            storage.download_dir(uri, str(part), endpoint_url=endpoint_url, progress=False)
+        except FileNotFoundError:
+            raise ValueError(f"{uri}: nothing there (not an xmr index)") from None
+        if local.exists():  # a concurrent download finished first
+            shutil.rmtree(part, ignore_errors=True)
+        else:
+            part.replace(local)
+    return local
+
+
 def load_index(path: str, cfg: Config) -> tuple[Manifest, Any, dict[str, Any]]:
     """(the dataset's manifest, the family's gallery, index.json) of a saved index folder."""
     p = Path(path)
@@ -109,8 +135,11 @@ def served_manifest(checkpoint: str, gallery: str | None = None, index: str | No
     """The manifest of the dataset an application will serve, read without loading the model
     (the application builder decides from it which featurisers to deploy)."""
     if index:
+        from xmr.data import storage
+
         try:
-            return Manifest.from_dict(json.loads((Path(index) / "index.json").read_text())["manifest"])
+            return Manifest.from_dict(json.loads(storage.read_bytes(storage.join(index, "index.json"),
+                                                                    endpoint_url=endpoint_url))["manifest"])
         except (OSError, ValueError, KeyError) as exc:
             raise ValueError(f"{index}: not a readable xmr index ({exc})") from None
     root = gallery

@@ -25,10 +25,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 import time
 import uuid
 from pathlib import Path
 from typing import Any
+
+from xmr.data import storage
 
 SHARDS_FILE = "shards.json"
 FORMAT = "xmr-sharded-index-1"
@@ -38,16 +41,16 @@ def shard_name(i: int) -> str:
     return f"shard-{i:03d}"
 
 
-def is_sharded(path: str | None) -> bool:
-    return bool(path) and (Path(str(path)) / SHARDS_FILE).is_file()
+def is_sharded(path: str | None, endpoint_url: str | None = None) -> bool:
+    return bool(path) and storage.exists(storage.join(str(path), SHARDS_FILE), endpoint_url=endpoint_url)
 
 
-def read_shards(path: str) -> dict[str, Any]:
-    """The sharded index's ``shards.json``, checked: every part's folder is there, offsets
-    follow each other, counts add up. Each part's ``path`` is made absolute."""
-    root = Path(path)
+def read_shards(path: str, endpoint_url: str | None = None) -> dict[str, Any]:
+    """The sharded index's ``shards.json`` (local or s3://), checked: every part's folder is
+    complete, offsets follow each other, counts add up. Each part's ``path`` becomes its
+    full location (absolute, or its s3:// prefix: each shard's replicas download only theirs)."""
     try:
-        meta = json.loads((root / SHARDS_FILE).read_text())
+        meta = json.loads(storage.read_bytes(storage.join(path, SHARDS_FILE), endpoint_url=endpoint_url))
     except (OSError, ValueError) as exc:
         raise ValueError(f"{path}: not a readable sharded xmr index ({exc})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("shards"), list):
@@ -57,19 +60,34 @@ def read_shards(path: str) -> dict[str, Any]:
         if s.get("offset") != offset or not isinstance(s.get("items"), int) or s["items"] < 1:
             raise ValueError(f"{path}/{SHARDS_FILE}: shards[{i}] has offset {s.get('offset')} and items "
                              f"{s.get('items')}; expected offset {offset} and at least one item")
-        folder = root / s["path"]
-        if not (folder / "index.json").is_file():
+        folder = storage.join(path, s["path"]) if storage.is_s3(path) else str((Path(path) / s["path"]).resolve())
+        if not _complete(folder, endpoint_url):
             raise ValueError(f"{path}: shard {i} ({s['path']}) is missing; rebuild it with "
                              f"xmr index build --shards {len(meta['shards'])} --out {path}")
-        s["path"] = str(folder.resolve())
+        s["path"] = folder
         offset += s["items"]
     if offset != meta.get("items"):
         raise ValueError(f"{path}/{SHARDS_FILE}: the shards hold {offset} items, the manifest says {meta.get('items')}")
     return meta
 
 
-def _complete(folder: Path) -> bool:
-    return (folder / "index.json").is_file()
+def _complete(folder: str, endpoint_url: str | None = None) -> bool:
+    """A shard folder is complete when its index.json is there (written, or uploaded, last)."""
+    return storage.exists(storage.join(folder, "index.json"), endpoint_url=endpoint_url)
+
+
+def _publish(tmp: Path, folder: str, endpoint_url: str | None) -> None:
+    """Put a finished shard in place: renamed locally; on S3 every file uploaded, index.json
+    last, so a shard that is there is whole."""
+    if not storage.is_s3(folder):
+        if Path(folder).exists():  # an incomplete folder left by a build that died before the rename
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+        return
+    rest = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file() and p.name != "index.json")
+    storage.upload_dir(str(tmp), folder, endpoint_url=endpoint_url, progress=False, files=rest)
+    storage.upload_dir(str(tmp), folder, endpoint_url=endpoint_url, progress=False, files=["index.json"])
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def build_one(model_cfg, checkpoint: str, gallery: str | None, split: str, out: str, shard: int, shards: int,
@@ -79,9 +97,9 @@ def build_one(model_cfg, checkpoint: str, gallery: str | None, split: str, out: 
     from xmr.serve.gallery import load_for_serving, save_index
     from xmr.tasks.ann import AnnConfig
 
-    folder = Path(out) / shard_name(shard)
-    if _complete(folder):
-        meta = json.loads((folder / "index.json").read_text())
+    folder = storage.join(out, shard_name(shard))
+    if _complete(folder, endpoint_url):
+        meta = json.loads(storage.read_bytes(storage.join(folder, "index.json"), endpoint_url=endpoint_url))
         return {"shard": shard, "items": meta["gallery_size"], "build_s": 0.0, "resumed": True,
                 "recalls": meta.get("approx_recall_at_10") or {}, "search": meta.get("search")}
     t0 = time.perf_counter()
@@ -89,11 +107,10 @@ def build_one(model_cfg, checkpoint: str, gallery: str | None, split: str, out: 
                               ann=AnnConfig(**ann_args) if ann_args else None, part=(shard, shards),
                               model_cfg=model_cfg)
     loaded.info["shard"] = {"index": shard, "of": shards}
-    tmp = Path(out) / f".{shard_name(shard)}.{uuid.uuid4().hex[:8]}.partial"
+    scratch = Path(tempfile.gettempdir()) if storage.is_s3(out) else Path(out)
+    tmp = scratch / f".{shard_name(shard)}.{uuid.uuid4().hex[:8]}.partial"
     save_index(tmp, loaded, getattr(loaded.gallery, "recalls", {}))
-    if folder.exists():  # an incomplete folder left by a build that died before the rename
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
+    _publish(tmp, folder, endpoint_url)
     return {"shard": shard, "items": loaded.gallery.size, "build_s": round(time.perf_counter() - t0, 3),
             "resumed": False, "recalls": getattr(loaded.gallery, "recalls", {}), "search": loaded.info["search"]}
 
@@ -146,7 +163,7 @@ def build_sharded(checkpoint: str, gallery: str | None, split: str, out: str, sh
 
     if shards < 1:
         raise ValueError(f"--shards {shards}: at least 1")
-    out = os.path.abspath(out)
+    out = out if storage.is_s3(out) else os.path.abspath(out)
     gallery = os.path.abspath(gallery) if gallery and "://" not in gallery else gallery
     cfg, _, _ = load_checkpoint(fetch_checkpoint(checkpoint, endpoint_url=endpoint_url))
     root = gallery or cfg.data.path
@@ -157,8 +174,9 @@ def build_sharded(checkpoint: str, gallery: str | None, split: str, out: str, sh
     total = manifest.splits[split].num_samples
     if shards > total:
         raise ValueError(f"--shards {shards}: the split holds only {total} {unit}")
-    Path(out).mkdir(parents=True, exist_ok=True)
-    todo = [i for i in range(shards) if not _complete(Path(out) / shard_name(i))]
+    if not storage.is_s3(out):
+        Path(out).mkdir(parents=True, exist_ok=True)
+    todo = [i for i in range(shards) if not _complete(storage.join(out, shard_name(i)), endpoint_url)]
     done = shards - len(todo)
     print(f"[xmr] sharded index: {shards} shards of ~{total // shards} {unit} -> {out}"
           + (f" ({done} already built, resuming)" if done else ""), flush=True)
@@ -179,21 +197,33 @@ def build_sharded(checkpoint: str, gallery: str | None, split: str, out: str, sh
             summaries[s["shard"]] = s
             print(f"[xmr] shard {s['shard'] + 1}/{shards}: {s['items']} {unit} in {s['build_s']:.1f} s "
                   f"({len(summaries) + done}/{shards} built, {time.perf_counter() - t0:.0f} s)", flush=True)
+    return write_manifest(out, shards, checkpoint, root, split, total, endpoint_url)
+
+
+def write_manifest(out: str, shards: int, checkpoint: str, gallery: str, split: str, total: int,
+                   endpoint_url: str | None = None) -> dict[str, Any]:
+    """``shards.json`` over the complete shard folders of ``out`` (written last: a sharded
+    index is complete when it is there); returns it."""
+
+    def index_json(i: int) -> dict[str, Any]:
+        return json.loads(storage.read_bytes(storage.join(out, shard_name(i), "index.json"), endpoint_url=endpoint_url))
+
     parts, offset = [], 0
     for i in range(shards):
-        meta = json.loads((Path(out) / shard_name(i) / "index.json").read_text())
+        meta = index_json(i)
         parts.append({"path": shard_name(i), "items": int(meta["gallery_size"]), "offset": offset,
                       "search": meta.get("search"), "approx_recall_at_10": meta.get("approx_recall_at_10") or {}})
         offset += int(meta["gallery_size"])
     if offset != total:
-        raise RuntimeError(f"{out}: the shards hold {offset} {unit}, the split {total}; remove the shard folders "
+        raise RuntimeError(f"{out}: the shards hold {offset} items, the split {total}; remove the shard folders "
                            "and build again")
-    first = json.loads((Path(out) / shard_name(0) / "index.json").read_text())
+    first = index_json(0)
     meta = {"format": FORMAT, "items": total, "task": first["task"], "method": first["method"],
-            "embed_dim": first["embed_dim"], "checkpoint": checkpoint, "gallery": root, "split": split,
+            "embed_dim": first["embed_dim"], "checkpoint": checkpoint, "gallery": gallery, "split": split,
             "search": sorted({p["search"] for p in parts}), "shards": parts, "manifest": first["manifest"],
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    (Path(out) / SHARDS_FILE).write_text(json.dumps(meta, indent=2, default=float))
+    storage.write_bytes(storage.join(out, SHARDS_FILE), json.dumps(meta, indent=2, default=float).encode(),
+                        endpoint_url=endpoint_url)
     return meta
 
 

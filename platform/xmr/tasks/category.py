@@ -94,14 +94,18 @@ class CategoryFamily(TaskFamily):
     def save_gallery(self, g: "CategoryGallery", out: Path) -> None:
         from safetensors.numpy import save_file
 
-        save_file({f"emb_{r}": e.contiguous().numpy() for r, e in g.emb.items()}, str(out / "embeddings.safetensors"))
-        (out / "items.json").write_text(json.dumps({"ids": g.ids, "labels": g.labels}))
+        shared = g.emb["a"] is g.emb["b"]  # one table serves both sides (a synthetic gallery): stored once
+        save_file({f"emb_{r}": e.contiguous().numpy() for r, e in g.emb.items() if not (shared and r == "b")},
+                  str(out / "embeddings.safetensors"))
+        (out / "items.json").write_text(json.dumps({"ids": g.ids, "labels": g.labels, "shared_embeddings": shared}))
         for role, index in g.approx.items():
             meta = index.save(str(out / f"faiss_{role}.index"))
             (out / f"faiss_{role}.json").write_text(json.dumps(meta, indent=2))
 
     def load_gallery(self, path: Path, arrays: dict, items: dict) -> "CategoryGallery":
-        g = CategoryGallery({r: torch.from_numpy(arrays[f"emb_{r}"]) for r in ("a", "b")}, items["ids"], items["labels"])
+        a = torch.from_numpy(arrays["emb_a"])
+        b = a if items.get("shared_embeddings") else torch.from_numpy(arrays["emb_b"])
+        g = CategoryGallery({"a": a, "b": b}, items["ids"], items["labels"])
         for role in ("a", "b"):
             f, meta = path / f"faiss_{role}.index", path / f"faiss_{role}.json"
             if f.is_file():
@@ -245,7 +249,10 @@ class CategoryGallery:
 
     def __post_init__(self) -> None:
         for role, e in self.emb.items():
-            if half_prescan_ok(e):
+            twin = next((self.half[r] for r, other in self.emb.items() if other is e and r in self.half), None)
+            if twin is not None:  # one table serves both sides (a synthetic gallery): one float16 copy
+                self.half[role] = twin
+            elif half_prescan_ok(e):
                 self.half[role] = e.half()
 
     @property
