@@ -77,9 +77,10 @@ def hey(url: str, body: Path, content_type: str, n: int, c: int) -> dict:
             "qps": len(ok) / wall if ok else 0.0}
 
 
-def start_server(mode: str, ckpt: str, index: str, log: Path) -> tuple[subprocess.Popen, str]:
+def start_server(mode: str, ckpt: str, index: str, log: Path, replicas: int = 2, port: int = PORT,
+                 wait_s: float = 900) -> tuple[subprocess.Popen, str]:
     """``xmr serve`` as a user runs it; returns (process, base URL the load goes to)."""
-    cmd = [XMR, "serve", "--checkpoint", ckpt, "--index", index, "--replicas", "2", "--port", str(PORT)]
+    cmd = [XMR, "serve", "--checkpoint", ckpt, "--index", index, "--replicas", str(replicas), "--port", str(port)]
     if mode == "direct":
         cmd.append("--direct")
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"}
@@ -94,7 +95,7 @@ def start_server(mode: str, ckpt: str, index: str, log: Path) -> tuple[subproces
             fh.flush()
 
     threading.Thread(target=read, daemon=True).start()
-    deadline = time.monotonic() + 900
+    deadline = time.monotonic() + wait_s
     want = "replicas answering directly" if mode == "direct" else "[xmr] serving"
     while not any(want in ln for ln in lines):
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -103,7 +104,7 @@ def start_server(mode: str, ckpt: str, index: str, log: Path) -> tuple[subproces
     if mode == "direct":
         urls = next(ln for ln in lines if want in ln).split(": ", 1)[1].split(", ")
         return proc, urls[0]
-    return proc, f"http://127.0.0.1:{PORT}"
+    return proc, f"http://127.0.0.1:{port}"
 
 
 def stop_server(proc: subprocess.Popen) -> dict:

@@ -51,10 +51,9 @@ import torch  # noqa: E402
 
 from _common import fake_manifest, write_results  # noqa: E402
 from _million import DIM, _model, draw_inputs, encode  # noqa: E402
-from serve_load import hey  # noqa: E402
+from serve_load import hey, start_server  # noqa: E402
 
 PORT = 8361
-XMR = str(ROOT / ".venv" / "bin" / "xmr") if (ROOT / ".venv" / "bin" / "xmr").exists() else "xmr"
 
 
 def build(cache: Path, n: int, shards: int, log=print) -> dict:
@@ -111,28 +110,6 @@ def exact_top10(index: Path, shards: int, queries: np.ndarray) -> list[list[str]
         del emb, s
     order = np.argsort(-best_s, axis=1, kind="stable")[:, :10]
     return np.take_along_axis(best_id, order, 1).tolist()
-
-
-def start_server(ckpt: str, index: str, replicas: int, log: Path) -> subprocess.Popen:
-    cmd = [XMR, "serve", "--checkpoint", ckpt, "--index", index, "--replicas", str(replicas), "--port", str(PORT)]
-    fh = open(log, "w")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=fh, text=True, start_new_session=True,
-                            env={**os.environ, "RAY_AUTH_MODE": "token"})
-    lines: list[str] = []
-
-    def read() -> None:
-        for line in proc.stdout:  # type: ignore[union-attr]
-            lines.append(line.rstrip())
-            fh.write(line)
-            fh.flush()
-
-    threading.Thread(target=read, daemon=True).start()
-    deadline = time.monotonic() + 1800
-    while not any("[xmr] serving" in ln for ln in lines):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"xmr serve did not come up; see {log}")
-        time.sleep(1.0)
-    return proc
 
 
 def replica_rss_mb() -> dict[str, float]:
@@ -197,9 +174,9 @@ def main() -> int:
     body.write_text(json.dumps({"query": method_q[0].tolist(), "k": 10}))
     print("[bench] starting xmr serve ...", flush=True)
     t = time.perf_counter()
-    proc = start_server(built["ckpt"], built["index"], args.replicas, work / "serve.log")
+    proc, url = start_server("proxy", built["ckpt"], built["index"], work / "serve.log", replicas=args.replicas,
+                             port=PORT, wait_s=1800)
     start_s = time.perf_counter() - t
-    url = f"http://127.0.0.1:{PORT}"
     fig: dict = {"items": args.items, "shards": args.shards, "replicas_per_shard": args.replicas, "dim": DIM,
                  "build_s": built["build_s"], "build_cached": built["cached"], "start_s": start_s,
                  "search": "exact (float32, certified float16 pre-scan)", "phases": []}
@@ -223,7 +200,10 @@ def main() -> int:
         hey(f"{url}/search", body, "application/json", 16, 4)  # warm
         per_c = {1: 60, 8: 160, 32: 320} if not args.quick else {1: 20, 8: 48, 32: 96}
         for c, n in per_c.items():
+            before = requests.get(f"{url}/info", timeout=60).json()["partial_answers"]
             fig["phases"].append(hey(f"{url}/search", body, "application/json", n, c))
+            # a 200 that names a shard past its deadline (queueing at high concurrency)
+            fig["phases"][-1]["partial_answers"] = requests.get(f"{url}/info", timeout=60).json()["partial_answers"] - before
             print(f"[bench]   c={c}: {fig['phases'][-1]}", flush=True)
         print("[bench] a shard's replica killed under load ...", flush=True)
         fig["kill"] = kill_phase(url, body, 240 if not args.quick else 80)
@@ -234,9 +214,10 @@ def main() -> int:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             fig["shutdown_exit"] = proc.wait()
-    print(f"\n{'phase':10s} {'p50 ms':>9s} {'p99 ms':>9s} {'QPS':>7s} {'errors':>7s}")
+    print(f"\n{'phase':10s} {'p50 ms':>9s} {'p99 ms':>9s} {'QPS':>7s} {'errors':>7s} {'partial':>8s}")
     for p in fig["phases"]:
-        print(f"c={p['concurrency']:<8d} {p['p50_ms']:9.1f} {p['p99_ms']:9.1f} {p['qps']:7.2f} {p['errors']:7d}")
+        print(f"c={p['concurrency']:<8d} {p['p50_ms']:9.1f} {p['p99_ms']:9.1f} {p['qps']:7.2f} {p['errors']:7d} "
+              f"{p['partial_answers']:8d}")
     k = fig["kill"]
     print(f"shard kill  {k['p50_ms']:9.1f} {k['p99_ms']:9.1f} {k['qps']:7.2f} {k['errors']:7d}   "
           f"({k['partial_answers']} answers flagged partial)")

@@ -40,6 +40,7 @@ def _cluster_specs():
     """Every RayCluster spec in the folder: the RayCluster itself and the RayService's own."""
     yield "raycluster.yaml", _load("raycluster.yaml")["spec"]
     yield "rayservice.yaml", _load("rayservice.yaml")["spec"]["rayClusterConfig"]
+    yield "rayservice-sharded.yaml", _load("rayservice-sharded.yaml")["spec"]["rayClusterConfig"]
 
 
 def _containers(spec: dict):
@@ -51,7 +52,8 @@ def _containers(spec: dict):
 def test_every_manifest_parses_with_kind_and_version():
     kinds = {p.name: yaml.safe_load(p.read_text()) for p in sorted(K8S.glob("*.yaml"))}
     assert {n: d["kind"] for n, d in kinds.items()} == {"raycluster.yaml": "RayCluster", "rayjob-train.yaml": "RayJob",
-                                                         "rayjob-tune.yaml": "RayJob", "rayservice.yaml": "RayService"}
+                                                         "rayjob-tune.yaml": "RayJob", "rayservice.yaml": "RayService",
+                                                         "rayservice-sharded.yaml": "RayService"}
     assert all(d["apiVersion"] == "ray.io/v1" and d["metadata"]["name"] for d in kinds.values())
 
 
@@ -123,3 +125,16 @@ def test_rayservice_serve_config_passes_serves_schema_and_is_serving_config():
     assert callable(getattr(importlib.import_module(module), attr))  # the installed library's builder
     # inside a pod the Service reaches the proxy on the pod IP; locally it stays on 127.0.0.1
     assert serve_config["http_options"]["host"] == "0.0.0.0" and local["http_options"]["host"] == "127.0.0.1"
+
+
+def test_sharded_rayservice_is_the_same_application_over_a_sharded_s3_index():
+    from ray.serve.schema import ServeDeploySchema
+
+    from xmr.serve.settings import serve_settings
+
+    config = yaml.safe_load(_load("rayservice-sharded.yaml")["spec"]["serveConfigV2"])
+    (app,) = ServeDeploySchema.model_validate(config).applications
+    (plain,) = ServeDeploySchema.model_validate(yaml.safe_load(_load("rayservice.yaml")["spec"]["serveConfigV2"])).applications
+    assert app.import_path == plain.import_path and app.runtime_env == plain.runtime_env
+    s = serve_settings(app.args)  # typed and range-checked as xmr serve checks them
+    assert s.index.startswith("s3://") and s.gallery is None and s.replicas >= 2 and s.shard_deadline_s > 0

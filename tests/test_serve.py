@@ -29,6 +29,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from train_helpers import wait_healthy
 from xmr.data.manifest import load_manifest
 from xmr.data.reader import make_loader
 from xmr.method import Method
@@ -327,20 +328,8 @@ def served(endpoint, checkpoints):
                     "api_key_sha256": hashlib.sha256(KEY.encode()).hexdigest()}, port=port, name="locked",
                    route_prefix="/locked")
     for base in (url, locked):
-        _wait_healthy(base)
+        wait_healthy(base)
     return {"url": url, "locked": locked}
-
-
-def _wait_healthy(base: str, timeout: float = 120.0) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            if requests.get(f"{base}/healthz", timeout=10).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"{base} never became healthy")
 
 
 def _query() -> list[float]:
@@ -506,7 +495,7 @@ def text_app(endpoint, tmp_path_factory):
     ckpt = save_checkpoint(root / "ck", run.method, cfg)
     url = start({"checkpoint": str(ckpt), "gallery": str(data), "split": "train"}, port=endpoint["port"],
                 name="text", route_prefix="/t")
-    _wait_healthy(url)
+    wait_healthy(url)
     return {"url": url, "data": str(data)}
 
 

@@ -22,7 +22,7 @@ import requests
 import torch
 
 from conftest import write_tiny_vcmr
-from train_helpers import preset_cfg, processes_titled
+from train_helpers import preset_cfg, processes_titled, wait_healthy
 from xmr.data.manifest import load_manifest
 from xmr.method import Method
 from xmr.serve.shards import merge_hits, merge_moments, moments_across, needs_more
@@ -127,18 +127,6 @@ def test_vcmr_shards_merge_to_one_corpus_answer(vcmr_model):
 RAY = [pytest.mark.ray, pytest.mark.serve, pytest.mark.timeout(420)]
 
 
-def _wait(url: str, timeout: float = 180.0) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            if requests.get(f"{url}/healthz", timeout=10).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"{url} never became healthy")
-
-
 def _post(url: str, body) -> requests.Response:
     return requests.post(url, data=json.dumps(body), headers={"Content-Type": "application/json"}, timeout=60)
 
@@ -173,7 +161,7 @@ def sharded(checkpoints, tmp_path_factory, s3_endpoint):
         "v3": start({"checkpoint": checkpoints["vcmr"], "index": v_idx}, port=port, name="v3", route_prefix="/v3"),
     }
     for url in urls.values():
-        _wait(url)
+        wait_healthy(url, 180.0)
     yield {**urls, "cat_idx": cat_idx, "v_idx": v_idx, "checkpoints": checkpoints, "vdata": str(vdata),
            "port": port}
     serve.shutdown()
@@ -255,7 +243,7 @@ class TestOverHttp:
             assert got["missing_shards"] in ([], [1])
             if not got["missing_shards"]:
                 assert [h["id"] for h in got["results"]] == [h["id"] for h in full["results"]]
-        _wait(url)
+        wait_healthy(url, 180.0)
 
     def test_interrupted_build_resumes_with_the_missing_shard(self, sharded, capsys):
         from xmr.cli import main
@@ -284,7 +272,7 @@ class TestOverHttp:
                      "--split", "test", "--shards", "2", "--out", uri]) == 0
         url = start({"checkpoint": sharded["checkpoints"]["cat0"], "index": uri, "endpoint_url": s3_endpoint},
                     port=sharded["port"], name="cat2s3", route_prefix="/cat2s3")
-        _wait(url)
+        wait_healthy(url, 180.0)
         info = requests.get(f"{url}/info", timeout=30).json()
         assert [s["items"] for s in info["shards"]] == [70, 70]
         assert all(s["gallery"].startswith(uri) for s in info["shards"])

@@ -115,3 +115,20 @@ def kill_an_actor_after(metrics_glob, epoch: int, class_name: str, killed: list,
                 killed.append(pid)
                 return
         time.sleep(0.05)
+
+
+def wait_healthy(base: str, timeout: float = 120.0) -> None:
+    """Until the endpoint at ``base`` answers ``/healthz`` with 200 (a deployment starting)."""
+    import time
+
+    import requests
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if requests.get(f"{base}/healthz", timeout=10).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"{base} never became healthy")
