@@ -142,23 +142,31 @@ def sharded(checkpoints, tmp_path_factory, s3_endpoint):
     from xmr.cli import main
     from xmr.serve.cli import start
 
+    from xmr.checkpoint import save_checkpoint
+
     root = tmp_path_factory.mktemp("sharded")
     vdata = write_tiny_vcmr(root / "vcmr", splits={"train": 4, "val": 24})
-    ray.init(num_cpus=16, include_dashboard=False)
+    # moments ranked within each query's top 3 videos: most of a shard's own top videos fall
+    # outside the global top 3, so the gateway's second round is exercised over HTTP too
+    vcfg = preset_cfg("qacln", str(vdata), "model.embed_dim=16", "model.num_heads=2", "model.top_videos=3")
+    torch.manual_seed(0)
+    vckpt = str(save_checkpoint(root / "qacln3", Method(vcfg).eval(), vcfg))
+    ray.init(num_cpus=20, include_dashboard=False)
     port = 8000 + os.getpid() % 1000
     cat_idx, v_idx = str(root / "cat3"), str(root / "v3")
     assert main(["index", "build", "--checkpoint", checkpoints["cat0"], "--gallery", AVDIGITS, "--split", "test",
                  "--shards", "3", "--out", cat_idx]) == 0
-    assert main(["index", "build", "--checkpoint", checkpoints["vcmr"], "--gallery", str(vdata), "--split", "val",
+    assert main(["index", "build", "--checkpoint", vckpt, "--gallery", str(vdata), "--split", "val",
                  "--shards", "3", "--out", v_idx]) == 0
     urls = {
         "cat1": start({"checkpoint": checkpoints["cat0"], "gallery": AVDIGITS, "split": "test"}, port=port,
                       name="cat1", route_prefix="/cat1"),
         "cat3": start({"checkpoint": checkpoints["cat0"], "index": cat_idx, "shard_deadline_s": 2.0}, port=port,
                       name="cat3", route_prefix="/cat3"),
-        "v1": start({"checkpoint": checkpoints["vcmr"], "gallery": str(vdata), "split": "val"}, port=port,
+        "v1": start({"checkpoint": vckpt, "gallery": str(vdata), "split": "val"}, port=port,
                     name="v1", route_prefix="/v1"),
-        "v3": start({"checkpoint": checkpoints["vcmr"], "index": v_idx}, port=port, name="v3", route_prefix="/v3"),
+        "v3": start({"checkpoint": vckpt, "index": v_idx, "shard_deadline_s": 2.0}, port=port, name="v3",
+                    route_prefix="/v3"),
     }
     for url in urls.values():
         wait_healthy(url, 180.0)
@@ -219,19 +227,43 @@ class TestOverHttp:
         body = {"query": q, "k": 140}
         full = _post(f"{url}/search", body).json()
         shard1 = set(json.loads((Path(sharded["cat_idx"]) / "shard-001" / "items.json").read_text())["ids"])
+        vurl, vinfo = sharded["v3"], requests.get(f"{sharded['v3']}/info", timeout=30).json()
+        vq = np.random.default_rng(6).standard_normal((4, vinfo["input_dims"]["query"][-1])).astype(np.float32).tolist()
+        vfull = _post(f"{vurl}/moments", {"query": vq, "k": 30}).json()
+        vid0, vid1 = (json.loads((Path(sharded["v_idx"]) / f"shard-00{i}" / "items.json").read_text())["ids"][0]
+                      for i in (0, 1))
         pids = processes_titled("ray::ServeReplica:cat3:Retriever001")
-        assert len(pids) == 1, pids
-        os.kill(pids[0], signal.SIGSTOP)
+        vpids = processes_titled("ray::ServeReplica:v3:Retriever001")
+        assert len(pids) == len(vpids) == 1, (pids, vpids)
+        for pid in pids + vpids:
+            os.kill(pid, signal.SIGSTOP)
         try:
             t0 = time.perf_counter()
             part = _post(f"{url}/search", body)
             waited = time.perf_counter() - t0
+            health = requests.get(f"{url}/healthz", timeout=30)
+            info_now = requests.get(f"{url}/info", timeout=30).json()
+            moments = _post(f"{vurl}/moments", {"query": vq, "k": 30})
+            t0 = time.perf_counter()
+            svmr_here = _post(f"{vurl}/moments", {"query": vq, "k": 3, "video": vid0})
+            svmr_wait = time.perf_counter() - t0
+            svmr_there = _post(f"{vurl}/moments", {"query": vq, "k": 3, "video": vid1})
         finally:
-            os.kill(pids[0], signal.SIGCONT)
+            for pid in pids + vpids:
+                os.kill(pid, signal.SIGCONT)
         assert part.status_code == 200, part.text
         got = part.json()
         assert (got["missing_shards"], got["partial"]) == ([1], True) and waited >= 2.0
         assert [h["id"] for h in got["results"]] == [h["id"] for h in full["results"] if h["id"] not in shard1][:140]
+        # degraded, not down: the gateway still answers (flagged); the stalled shard is named
+        assert health.status_code == 200 and health.json()["status"] == "degraded"
+        assert health.json()["missing_shards"] == [1] and info_now["shards"][1]["answering"] is False
+        assert moments.status_code == 200 and moments.json()["missing_shards"] == [1]
+        vids1 = set(json.loads((Path(sharded["v_idx"]) / "shard-001" / "items.json").read_text())["ids"])
+        res = moments.json()["results"]  # the other shards' merge: none of the stalled shard's videos
+        assert res and all(m["video"] not in vids1 for m in res) and any(m["video"] in vids1 for m in vfull["results"])
+        assert svmr_here.status_code == 200 and svmr_wait < 2.0  # its shard answered: no wait for the stalled one
+        assert svmr_there.status_code == 503 and "[1]" in svmr_there.json()["error"]
         after = requests.get(f"{url}/info", timeout=30).json()
         assert after["partial_answers"] >= 1 and after["shards"][1]["missing_from_answers"] >= 1
         assert _post(f"{url}/search", body).json()["missing_shards"] == []
@@ -260,6 +292,13 @@ class TestOverHttp:
         assert "2 already built, resuming" in said and "shard 2/3" in said and "shard 1/3" not in said
         assert (out / "shard-001" / "embeddings.safetensors").read_bytes() == before
         assert json.loads((out / "shards.json").read_text())["items"] == 140
+        # finishing it with another checkpoint would mix two models in one index: refused
+        shutil.rmtree(out / "shard-002")
+        (out / "shards.json").unlink()
+        capsys.readouterr()
+        assert main(["index", "build", "--checkpoint", sharded["checkpoints"]["cat1"], "--gallery", AVDIGITS,
+                     "--split", "test", "--shards", "3", "--out", str(out)]) == 2
+        assert "belongs to another build (checkpoint was" in capsys.readouterr().err
 
     def test_a_sharded_index_on_s3_builds_and_serves(self, sharded, s3_bucket, s3_endpoint):
         """Built to s3:// (each shard uploaded, its index.json last) and served from there

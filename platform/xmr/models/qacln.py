@@ -259,7 +259,7 @@ class QACLN(nn.Module):
 
     @torch.no_grad()
     def search(self, q: torch.Tensor, enc: dict[str, torch.Tensor], top_videos: int, chunk: int = 256,
-               buckets: list | None = None):
+               buckets: list | None = None, narrow=None):
         """Corpus inference in one pass over the clip encodings.
 
         Returns (video scores [Q, V] in (0, 1], top video indices [Q, K], start and end
@@ -267,7 +267,9 @@ class QACLN(nn.Module):
         span product needs (XML-style). ConvSE's per-clip S_vq are the same q·h products φ
         uses, so the top videos' spans cost no second pass over the clips. The corpus is
         scanned in groups of videos of similar length (``bucket_corpus``; pass them in to
-        reuse them across calls), each padded only to its own longest video.
+        reuse them across calls), each padded only to its own longest video. ``narrow``
+        (scores, top) -> top: fewer videos per query to decode spans for (a sharded
+        evaluation keeps the ones in the global top N: ``xmr.tasks.vcmr.rank_query_batches``).
         """
         buckets = buckets if buckets is not None else bucket_corpus(enc, chunk)
         n_videos, n_clips = enc["clip_mask"].shape
@@ -280,6 +282,8 @@ class QACLN(nn.Module):
             s_vq.append(s)
         scores = torch.exp(VR_SHARPNESS * (phi - 1.0))
         top = scores.topk(min(top_videos, scores.shape[1]), dim=1).indices
+        if narrow is not None:
+            top = narrow(scores, top)
         start, end = self.convse(_pick_top(s_vq, buckets, top, n_clips), enc["clip_mask"][top])
         return scores, top, start, end
 

@@ -132,7 +132,8 @@ def _serve(ns: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     args = {"checkpoint": ns.checkpoint, "gallery": ns.gallery, "split": ns.split, "index": ns.index,
-            "approx": ns.approx, "replicas": ns.replicas, "api_key_sha256": digest, "drain_s": ns.drain_s}
+            "approx": ns.approx, "replicas": ns.replicas, "api_key_sha256": digest, "drain_s": ns.drain_s,
+            "shard_deadline_s": ns.shard_deadline_s}
     try:
         replicas = served_replicas(ns.index, ns.replicas)
     except ValueError as exc:
@@ -238,6 +239,13 @@ def _sharded_build(ns: argparse.Namespace, ann) -> int:
     except ValueError as exc:
         print(f"xmr index build: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:  # noqa: BLE001 - a worker's failure arrives wrapped by Ray Data
+        cause = exc
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
+        print(f"xmr index build: a shard failed ({type(cause).__name__}: {(str(cause).strip().splitlines() or [''])[-1][:300]}); "
+              f"the shards already built are kept: run the same command again to build the rest", file=sys.stderr)
+        return 1
     recalls = [r for s in meta["shards"] for r in s["approx_recall_at_10"].values()]
     print(f"[xmr] sharded index of {meta['items']} items in {len(meta['shards'])} shards "
           f"({', '.join(str(s['items']) for s in meta['shards'])}) -> {ns.out} ({time.perf_counter() - t0:.1f} s); "
@@ -267,6 +275,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--api-key-file", default=None,
                    help="file holding the bearer token clients must send (default: XMR_API_KEY; required "
                         "when --host is not loopback)")
+    p.add_argument("--shard-deadline-s", type=float, default=5.0,
+                   help="a sharded --index: answer with the shards that answered within this, naming the others "
+                        "in missing_shards (default 5)")
     p.add_argument("--drain-s", type=float, default=20.0,
                    help="on SIGTERM / SIGINT, how long in-flight requests may take to finish")
     p.add_argument("--verbose", action="store_true",

@@ -24,6 +24,7 @@ the dataset has a text encoder; ``video`` restricts it to one video, SVMR), ``GE
 # no `from __future__ import annotations`: FastAPI reads the request models from real annotations
 
 import asyncio
+import logging
 import time
 from typing import Any
 
@@ -45,6 +46,7 @@ from xmr.serve.settings import LOAD_FIELDS, ServeSettings
 from xmr.serve.shards import merge_hits, merge_moments, moments_across
 from xmr.tasks import FAMILIES
 
+logger = logging.getLogger("xmr.serve")
 DEFAULTS = ServeSettings()  # the batching and retry settings until reconfigure gives the app's
 FEATURISE_TIMEOUT_S = 5.0
 
@@ -348,8 +350,10 @@ class Gateway:
                 exc = t.exception()
                 if exc is None:
                     out[s] = t.result()
-                elif not (isinstance(exc, RequestError) and exc.status == 503):
-                    raise exc  # the client's error (the same from every shard), or an internal one
+                elif isinstance(exc, RequestError) and 400 <= exc.status < 500:
+                    raise exc  # the client's error: the same from every shard
+                elif not isinstance(exc, RequestError):  # a shard's own fault: that shard is missing, not the query
+                    logger.warning("shard %d failed: %s: %s", s, type(exc).__name__, str(exc)[:300])
         return out
 
     def _flagged(self, body: dict[str, Any], per_shard: list[Any]) -> dict[str, Any]:
@@ -377,10 +381,16 @@ class Gateway:
         deadline = time.monotonic() + self.shard_deadline_s
         if req.video is not None:  # SVMR: the one shard that holds the video answers
             return await self._svmr_shards(req, binary, tokens, deadline)
+        rounds: list[int] = []
 
         async def ask(shards: list[int], ks: list[int]) -> list[Any]:
+            """One round: the first has the deadline; a second round goes only to shards that
+            answered the first (alive), so it gets a deadline of its own rather than the
+            first round's remainder (spent waiting on a stalled shard)."""
             k_of = dict(zip(shards, ks))
-            out = await self._scatter("moments", only=shards, deadline=deadline,
+            limit = deadline if not rounds else time.monotonic() + self.shard_deadline_s
+            rounds.append(len(shards))
+            out = await self._scatter("moments", only=shards, deadline=limit,
                                       args_of=lambda s: (req.model_copy(update={"k": k_of[s]}), binary, tokens))
             return [out[s] for s in shards]
 
@@ -388,24 +398,33 @@ class Gateway:
         return self._flagged({"k": req.k, "results": merge_moments(per_shard, req.k, self.top_videos)}, per_shard)
 
     async def _svmr_shards(self, req, binary, tokens, deadline: float) -> dict[str, Any]:
-        tasks = [asyncio.ensure_future(self._call("moments", req, binary, tokens, handle=h,
-                                                  budget_s=self.shard_deadline_s)) for h in self.shards]
-        done, pending = await asyncio.wait(tasks, timeout=max(0.0, deadline - time.monotonic()))
-        for t in pending:
-            t.cancel()
-        not_here, missing = 0, []
-        for s, t in enumerate(tasks):
-            exc = t.exception() if t in done and not t.cancelled() else RequestError(503, "no answer")
-            if exc is None:
-                return {**t.result(), "shards": len(tasks), "missing_shards": [], "partial": False}
-            if isinstance(exc, RequestError) and exc.status == 404:
-                not_here += 1
-            elif isinstance(exc, RequestError) and exc.status == 503:
-                missing.append(s)
-            else:
-                raise exc
+        """The shard that holds the video answers (the others say 404): its answer is
+        returned as soon as it arrives."""
+        tasks = {asyncio.ensure_future(self._call("moments", req, binary, tokens, handle=h,
+                                                  budget_s=self.shard_deadline_s)): s for s, h in enumerate(self.shards)}
+        pending, answered = set(tasks), set()
+        try:
+            while pending:
+                done, pending = await asyncio.wait(pending, timeout=max(0.0, deadline - time.monotonic()),
+                                                   return_when=asyncio.FIRST_COMPLETED)
+                if not done:
+                    break
+                for t in done:
+                    exc = t.exception()
+                    if exc is None:
+                        return {**t.result(), "shards": len(tasks), "missing_shards": [], "partial": False}
+                    if isinstance(exc, RequestError) and exc.status == 404:
+                        answered.add(tasks[t])
+                    elif isinstance(exc, RequestError) and 400 <= exc.status < 500:
+                        raise exc
+        finally:
+            for t in pending:
+                t.cancel()
+        missing = sorted(set(tasks.values()) - answered)
         if missing:
             self.partial += 1
+            for s in missing:
+                self.missing_counts[s] += 1
             raise RequestError(503, f"video {req.video[:80]!r} is in none of the shards that answered; shard(s) "
                                     f"{missing} did not answer in time: retry shortly")
         raise RequestError(404, f"video {req.video[:80]!r}: not in the served corpus")
@@ -414,12 +433,12 @@ class Gateway:
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, Any]:
-        if self.shards:
+        if self.shards:  # degraded (some shards down) still answers, flagged: it is up to the probe
             per_shard = await self._scatter("healthy")
             down = [s for s, ok in enumerate(per_shard) if ok is None]
-            if down:
-                raise RequestError(503, f"shard(s) {down} have no ready replica")
-            return {"status": "ok", "shards": len(per_shard)}
+            if len(down) == len(per_shard):
+                raise RequestError(503, "no shard has a ready replica")
+            return {"status": "degraded" if down else "ok", "shards": len(per_shard), "missing_shards": down}
         await self._call("healthy")
         return {"status": "ok"}
 

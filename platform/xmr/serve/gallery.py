@@ -92,8 +92,12 @@ def fetch_index(uri: str, endpoint_url: str | None = None) -> Path:
 
     if not storage.is_s3(uri):
         return Path(uri)
+    try:  # keyed by the URI and its index.json: an index rebuilt at the same URI is fetched anew
+        stamp = storage.read_bytes(storage.join(uri, "index.json"), endpoint_url=endpoint_url)
+    except FileNotFoundError:
+        raise ValueError(f"{uri}: no index.json there (not an xmr index)") from None
     cache = Path(os.environ.get("XMR_CACHE", Path.home() / ".cache" / "xmr")) / "indexes"
-    local = cache / hashlib.sha1(uri.encode()).hexdigest()[:16]
+    local = cache / hashlib.sha1(uri.encode() + b"\0" + stamp).hexdigest()[:16]
     if not (local / "index.json").is_file():
         part = local.with_name(f"{local.name}.part-{os.getpid()}")
         try:

@@ -71,6 +71,25 @@ def read_shards(path: str, endpoint_url: str | None = None) -> dict[str, Any]:
     return meta
 
 
+def _identity(checkpoint: str, gallery: str | None, split: str, approx: str) -> dict[str, Any]:
+    """What makes two shard folders parts of the same index (a resumed build checks it)."""
+    return {"checkpoint": checkpoint, "gallery": gallery, "split": split, "approx": approx}
+
+
+def _check_resumable(out: str, done: list[int], shards: int, identity: dict[str, Any],
+                     endpoint_url: str | None) -> None:
+    """Refuse to finish a build whose existing shards came from another checkpoint, dataset,
+    split, approx setting or shard count: mixing them would serve two indexes as one."""
+    for i in done:
+        meta = json.loads(storage.read_bytes(storage.join(out, shard_name(i), "index.json"), endpoint_url=endpoint_url))
+        theirs = meta.get("shard") or {}
+        differs = {k: (theirs.get(k), v) for k, v in {"of": shards, **identity}.items() if theirs.get(k) != v}
+        if differs:
+            what = "; ".join(f"{k} was {a!r}, now {b!r}" for k, (a, b) in differs.items())
+            raise ValueError(f"{out}: {shard_name(i)} belongs to another build ({what}); remove the folder or "
+                             "choose another --out")
+
+
 def _complete(folder: str, endpoint_url: str | None = None) -> bool:
     """A shard folder is complete when its index.json is there (written, or uploaded, last)."""
     return storage.exists(storage.join(folder, "index.json"), endpoint_url=endpoint_url)
@@ -98,7 +117,7 @@ def build_one(model_cfg, checkpoint: str, gallery: str | None, split: str, out: 
     from xmr.tasks.ann import AnnConfig
 
     folder = storage.join(out, shard_name(shard))
-    if _complete(folder, endpoint_url):
+    if _complete(folder, endpoint_url):  # built by an earlier run (build_sharded checked it is of this build)
         meta = json.loads(storage.read_bytes(storage.join(folder, "index.json"), endpoint_url=endpoint_url))
         return {"shard": shard, "items": meta["gallery_size"], "build_s": 0.0, "resumed": True,
                 "recalls": meta.get("approx_recall_at_10") or {}, "search": meta.get("search")}
@@ -106,7 +125,7 @@ def build_one(model_cfg, checkpoint: str, gallery: str | None, split: str, out: 
     loaded = load_for_serving(checkpoint, gallery, split, approx=approx, endpoint_url=endpoint_url,
                               ann=AnnConfig(**ann_args) if ann_args else None, part=(shard, shards),
                               model_cfg=model_cfg)
-    loaded.info["shard"] = {"index": shard, "of": shards}
+    loaded.info["shard"] = {"index": shard, "of": shards, **_identity(checkpoint, gallery, split, approx)}
     scratch = Path(tempfile.gettempdir()) if storage.is_s3(out) else Path(out)
     tmp = scratch / f".{shard_name(shard)}.{uuid.uuid4().hex[:8]}.partial"
     save_index(tmp, loaded, getattr(loaded.gallery, "recalls", {}))
@@ -165,6 +184,7 @@ def build_sharded(checkpoint: str, gallery: str | None, split: str, out: str, sh
         raise ValueError(f"--shards {shards}: at least 1")
     out = out if storage.is_s3(out) else os.path.abspath(out)
     gallery = os.path.abspath(gallery) if gallery and "://" not in gallery else gallery
+    checkpoint = checkpoint if storage.is_s3(checkpoint) else os.path.abspath(checkpoint)
     cfg, _, _ = load_checkpoint(fetch_checkpoint(checkpoint, endpoint_url=endpoint_url))
     root = gallery or cfg.data.path
     manifest = load_manifest(root, endpoint_url=endpoint_url)
@@ -176,8 +196,15 @@ def build_sharded(checkpoint: str, gallery: str | None, split: str, out: str, sh
         raise ValueError(f"--shards {shards}: the split holds only {total} {unit}")
     if not storage.is_s3(out):
         Path(out).mkdir(parents=True, exist_ok=True)
+        for stale in Path(out).glob(".shard-*.partial"):  # left by a build that died mid-write
+            shutil.rmtree(stale, ignore_errors=True)
     todo = [i for i in range(shards) if not _complete(storage.join(out, shard_name(i)), endpoint_url)]
     done = shards - len(todo)
+    _check_resumable(out, [i for i in range(shards) if i not in todo], shards,
+                     _identity(checkpoint, root, split, approx), endpoint_url)
+    if storage.exists(storage.join(out, SHARDS_FILE), endpoint_url=endpoint_url) and todo:
+        raise ValueError(f"{out}: a complete sharded index ({SHARDS_FILE}) with missing shard folders; remove "
+                         f"{SHARDS_FILE} to rebuild them")
     print(f"[xmr] sharded index: {shards} shards of ~{total // shards} {unit} -> {out}"
           + (f" ({done} already built, resuming)" if done else ""), flush=True)
     job = {"gallery": root, "split": split, "out": out, "shards": shards, "approx": approx, "ann_args": ann_args}
@@ -215,8 +242,8 @@ def write_manifest(out: str, shards: int, checkpoint: str, gallery: str, split: 
                       "search": meta.get("search"), "approx_recall_at_10": meta.get("approx_recall_at_10") or {}})
         offset += int(meta["gallery_size"])
     if offset != total:
-        raise RuntimeError(f"{out}: the shards hold {offset} items, the split {total}; remove the shard folders "
-                           "and build again")
+        raise ValueError(f"{out}: the shards hold {offset} items, the split {total}; remove the shard folders "
+                         "and build again")
     first = index_json(0)
     meta = {"format": FORMAT, "items": total, "task": first["task"], "method": first["method"],
             "embed_dim": first["embed_dim"], "checkpoint": checkpoint, "gallery": gallery, "split": split,
@@ -282,6 +309,8 @@ def needs_more(per_shard: list[dict[str, Any] | None], asked: list[int], k: int,
     out = []
     for s, ans in enumerate(per_shard):
         if not ans or len(ans["results"]) < asked[s]:  # no answer, or ran out: nothing more to get
+            continue
+        if not any(vid in rank for vid, _ in ans["videos"]):  # none of its videos can contribute
             continue
         eligible = sum(m["video"] in rank for m in ans["results"])
         if eligible >= k or (ans["results"] and float(ans["results"][-1]["score"]) < kth):

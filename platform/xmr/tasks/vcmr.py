@@ -60,7 +60,7 @@ class VcmrFamily(TaskFamily):
             out = rank_query_batches(model, corpus, meta, queries, manifest.clip_len or 1.0, cfg.model.top_videos,
                                      cfg.model.max_moment_clips, detailed=detailed,
                                      candidates=NMS_CANDIDATES if nms is not None else 100, share=share)
-            if detailed:  # the whole corpus, for the prediction file's video2idx
+            if detailed and rank == 0:  # the whole corpus, for the prediction file's video2idx
                 out["corpus"] = {"vid_name": share.names, "video_index": share.video_index}
             return out
         finally:
@@ -68,8 +68,8 @@ class VcmrFamily(TaskFamily):
 
     @staticmethod
     def _merged(shares: list) -> dict[str, np.ndarray]:
-        """Every rank ranked every query against its videos: per query, the best of the
-        ranks' candidates (VR and VCMR), and the SVMR of the rank that holds its video."""
+        """Rank 0's share: the ranks' candidates already merged per query batch
+        (``rank_query_batches``); the other ranks' shares are empty."""
         return merge_ranked([{k: v for k, v in s.items() if k != "corpus"} for s in shares])
 
     def score(self, shares: list, cfg) -> dict[str, float]:
@@ -245,7 +245,8 @@ def rank_query_batches(model, corpus: dict[str, torch.Tensor], meta: dict[str, A
             "svmr_here", "gt_video", "gt_spans"]
     if detailed:
         keys += ["desc_id", "type", "desc"]
-    parts: dict[str, list[np.ndarray]] = {k: [] for k in keys}
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in keys if k != "svmr_here"}
+    rank, _ = world_info()
     device = corpus["clip_mask"].device
     buckets = bucket_corpus(corpus)
     durations = meta["duration"].cpu()
@@ -254,10 +255,19 @@ def rank_query_batches(model, corpus: dict[str, torch.Tensor], meta: dict[str, A
         if len(batch["index"]) == 0:
             continue
         q = model.encode_queries(batch["q_tokens"].to(device), batch["q_mask"].to(device))
-        scores, top, start, end = model.search(q, corpus, top_videos, buckets=buckets)
-        eligible = global_top(scores.gather(1, top).float(), top + share.offset, top_videos)
-        keep = ((top + share.offset).unsqueeze(-1) == eligible.to(top.device).unsqueeze(1)).any(-1)  # [B, N]
-        mask = corpus["clip_mask"][top] & keep.unsqueeze(-1)
+        agreed: dict[str, torch.Tensor] = {}
+
+        def narrow(scores: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+            """This rank's top videos cut to the last one in the global top N (spans are
+            decoded for those only); ``keep`` marks the ones inside it."""
+            eligible = global_top(scores.gather(1, top).float(), top + share.offset, top_videos)
+            keep = ((top + share.offset).unsqueeze(-1) == eligible.to(top.device).unsqueeze(1)).any(-1)  # [B, N]
+            width = max(1, int((keep * torch.arange(1, top.shape[1] + 1, device=top.device)).amax()))
+            agreed["keep"] = keep[:, :width]
+            return top[:, :width]
+
+        scores, top, start, end = model.search(q, corpus, top_videos, buckets=buckets, narrow=narrow)
+        mask = corpus["clip_mask"][top] & agreed["keep"].unsqueeze(-1)
         moments = rank_moments(scores, start.softmax(-1), end.softmax(-1), mask, top, max_len, candidates)
         scores, moments = scores.float().cpu(), type(moments)(*(t.cpu() for t in moments))
         t_s, t_e = clips_to_moment(moments.st.numpy(), moments.ed.numpy(), clip_len,
@@ -285,22 +295,23 @@ def rank_query_batches(model, corpus: dict[str, torch.Tensor], meta: dict[str, A
         vr = scores.topk(min(100, scores.shape[1]), dim=1)
         video = moments.video.numpy()
         pad = candidates - video.shape[1]  # fewer spans than candidates in these videos: pad every batch alike
-        parts["index"].append(batch["index"].numpy())
-        parts["vr"].append(vr.indices.numpy() + share.offset)
-        parts["vr_scores"].append(vr.values.numpy())
-        parts["vcmr_video"].append(np.pad(np.where(video >= 0, video + share.offset, -1), ((0, 0), (0, pad)),
-                                          constant_values=-1))
-        parts["vcmr_spans"].append(np.pad(np.stack([t_s, t_e], axis=-1), ((0, 0), (0, pad), (0, 0))))
-        parts["vcmr_scores"].append(np.pad(moments.score.numpy(), ((0, 0), (0, pad)), constant_values=-np.inf))
-        parts["svmr_spans"].append(svmr_spans)
-        parts["svmr_scores"].append(svmr_scores)
-        parts["svmr_here"].append(here)
-        parts["gt_video"].append(np.array(gt))
-        parts["gt_spans"].append(batch["ts"].numpy())
+        mine = {"index": batch["index"].numpy(), "vr": vr.indices.numpy() + share.offset,
+                "vr_scores": vr.values.numpy(),
+                "vcmr_video": np.pad(np.where(video >= 0, video + share.offset, -1), ((0, 0), (0, pad)),
+                                     constant_values=-1),
+                "vcmr_spans": np.pad(np.stack([t_s, t_e], axis=-1), ((0, 0), (0, pad), (0, 0))),
+                "vcmr_scores": np.pad(moments.score.numpy(), ((0, 0), (0, pad)), constant_values=-np.inf),
+                "svmr_spans": svmr_spans, "svmr_scores": svmr_scores, "svmr_here": here, "gt_video": np.array(gt),
+                "gt_spans": batch["ts"].numpy()}
         if detailed:
-            parts["desc_id"].append(batch["desc_id"].numpy())
-            parts["type"].append(np.array(batch["type"], dtype=object))
-            parts["desc"].append(np.array(batch["desc"], dtype=object))
+            mine.update(desc_id=batch["desc_id"].numpy(), type=np.array(batch["type"], dtype=object),
+                        desc=np.array(batch["desc"], dtype=object))
+        # Merged batch by batch, kept by rank 0 alone: a rank holds one copy of the split's
+        # candidates at most (not one per rank), whatever the number of ranks.
+        merged = merge_ranked(all_gather_objects(mine))
+        if rank == 0:
+            for k, v in merged.items():
+                parts[k].append(v)
     return {k: np.concatenate(v) if v else np.zeros((0,)) for k, v in parts.items()}
 
 
@@ -317,7 +328,7 @@ def merge_ranked(shares: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     equal scores up to the video's rank within the query's top videos, which equal scores
     of different videos could only swap), SVMR from the rank holding the query's video.
     In query order (``index``)."""
-    shares = [s for s in shares if len(s["gt_video"])]
+    shares = [s for s in shares if len(s.get("gt_video", ()))]
     if not shares:
         raise ValueError("evaluate_vcmr: the query split yielded no queries")
     first = shares[0]
