@@ -130,17 +130,24 @@ def replica_pids(app: str = "xmr") -> list[int]:
             if a.class_name.endswith(f"{app}:Retriever")]
 
 
+def load_with_kill(url: str, body: Path, n: int, pid: int, c: int = 8, after_s: float = 3.0) -> dict:
+    """``hey`` with ``n`` requests at concurrency ``c`` on ``/search``; process ``pid``
+    SIGKILLed ``after_s`` into it."""
+    result: dict = {}
+    load = threading.Thread(target=lambda: result.update(hey(f"{url}/search", body, "application/json", n, c)))
+    load.start()
+    time.sleep(after_s)
+    os.kill(pid, signal.SIGKILL)
+    load.join()
+    return result
+
+
 def kill_phase(url: str, body: Path, n: int) -> dict:
     """Steady load at concurrency 8; one replica SIGKILLed 3 s in."""
     pids = replica_pids()
     if len(pids) != 2:
         raise SystemExit(f"expected 2 retriever replicas, found {len(pids)}")
-    result: dict = {}
-    load = threading.Thread(target=lambda: result.update(hey(f"{url}/search", body, "application/json", n, 8)))
-    load.start()
-    time.sleep(3.0)
-    os.kill(pids[0], signal.SIGKILL)
-    load.join()
+    result = load_with_kill(url, body, n, pids[0])
     import ray
 
     deadline = time.monotonic() + 120

@@ -37,7 +37,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -51,7 +50,7 @@ import torch  # noqa: E402
 
 from _common import fake_manifest, write_results  # noqa: E402
 from _million import DIM, _model, draw_inputs, encode  # noqa: E402
-from serve_load import hey, start_server  # noqa: E402
+from serve_load import hey, load_with_kill, start_server  # noqa: E402
 
 PORT = 8361
 
@@ -133,12 +132,7 @@ def kill_phase(url: str, body: Path, n: int) -> dict:
     """Load at concurrency 8; shard 1's replica SIGKILLed 3 s in."""
     before = requests.get(f"{url}/info", timeout=60).json()["partial_answers"]
     pids = [int(k.split("#")[1]) for k in replica_rss_mb() if k.startswith("Retriever001")]
-    result: dict = {}
-    load = threading.Thread(target=lambda: result.update(hey(f"{url}/search", body, "application/json", n, 8)))
-    load.start()
-    time.sleep(3.0)
-    os.kill(pids[0], signal.SIGKILL)
-    load.join()
+    result = load_with_kill(url, body, n, pids[0])
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         try:
