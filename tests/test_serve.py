@@ -33,6 +33,7 @@ from train_helpers import wait_healthy
 from xmr.data.manifest import load_manifest
 from xmr.data.reader import make_loader
 from xmr.method import Method
+from xmr.serve.gallery import shown
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.ray, pytest.mark.serve]
 
@@ -124,6 +125,9 @@ def test_info_and_health(endpoint, checkpoints):
     info = requests.get(f"{endpoint['cat']}/info", timeout=10).json()
     assert info["gallery_size"] == load_manifest(AVDIGITS).splits["test"].num_samples
     assert info["input_dims"] == {"a": [64], "b": [32, 40]} and info["search"] == "exact"
+    # which run and checkpoint, not where they lie on the replica's disk
+    assert info["checkpoint"] == f"{Path(checkpoints['cat0']).parent.name}/cat0" and info["gallery"] == "data/avdigits"
+    assert "checkpoint_local" not in info and not any(str(v).startswith("/") for v in info.values())
     schema = requests.get(f"{endpoint['cat']}/openapi.json", timeout=10).json()
     assert "/search" in schema["paths"] and {"SearchResponse", "MomentsResponse"} <= set(schema["components"]["schemas"])
 
@@ -276,7 +280,7 @@ def test_checkpoint_swap_under_load_loses_no_request(endpoint, checkpoints):
     try:
         start({"checkpoint": checkpoints["cat1"], "gallery": AVDIGITS, "split": "test"}, port=port, name="cat")
         deadline = __import__("time").time() + 120
-        while requests.get(f"{url}/info", timeout=10).json()["checkpoint"] != checkpoints["cat1"]:
+        while requests.get(f"{url}/info", timeout=10).json()["checkpoint"] != shown(checkpoints["cat1"]):
             assert __import__("time").time() < deadline, "the new checkpoint never went live"
     finally:
         stop.set()

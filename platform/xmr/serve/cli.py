@@ -145,7 +145,8 @@ def _serve(ns: argparse.Namespace) -> int:
                 direct=ns.direct)
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     info = json.loads(urllib.request.urlopen(urllib.request.Request(f"{url}/info", headers=headers), timeout=60).read())
-    print(f"[xmr] serving {info['method']} ({info['task']}) from {info['checkpoint']}: gallery {info['gallery']} "
+    where = ns.index or ns.gallery or info["gallery"]  # this machine's paths: the operator's own
+    print(f"[xmr] serving {info['method']} ({info['task']}) from {ns.checkpoint}: gallery {where} "
           f"split {info['split']}, {info['gallery_size']} items, {info['search']} search, "
           f"{ns.replicas} replica(s){', bearer token required' if digest else ''}; {url}/docs", flush=True)
     if ns.direct:

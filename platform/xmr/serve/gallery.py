@@ -60,14 +60,23 @@ def load_for_serving(checkpoint: str, gallery: str | None = None, split: str = "
     approx_index = getattr(g, "approx", None) or {}
     search = ("approximate (" + ", ".join(sorted({a.kind for a in approx_index.values()})) + ")" if approx_index
               else "exact")
-    info = {"method": cfg.method, "task": cfg.task, "model": cfg.model.name, "checkpoint": checkpoint,
-            "checkpoint_local": str(local), "gallery": root, "split": split, "gallery_size": g.size,
+    info = {"method": cfg.method, "task": cfg.task, "model": cfg.model.name, "checkpoint": shown(checkpoint),
+            "gallery": shown(root), "split": split, "gallery_size": g.size,
             "embed_dim": cfg.model.embed_dim, "input_dims": cfg.model.dims,
             "search": search,
             "build_s": round(time.perf_counter() - t0, 3), "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     if shard is not None:  # one shard of a sharded index: the search answers what the gateway merges
         info["shard"] = shard
     return Loaded(model, cfg, manifest, g, info)
+
+
+def shown(location: str) -> str:
+    """How ``/info`` names a served location: an s3:// URI whole; a local path by its last two
+    parts (which run, which checkpoint), not where it lies on the replica's disk (the
+    endpoint's clients need not learn the machine's layout)."""
+    if "://" in location:
+        return location
+    return "/".join(Path(location).parts[-2:])
 
 
 def save_index(out: str | Path, loaded: Loaded, recalls: dict[str, float]) -> Path:
