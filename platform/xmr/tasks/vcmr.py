@@ -228,10 +228,11 @@ def rank_query_batches(model, corpus: dict[str, torch.Tensor], meta: dict[str, A
                        query_batches: Iterable[dict[str, Any]], clip_len: float, top_videos: int = 100,
                        max_len: int = 16, detailed: bool = False, candidates: int = 100,
                        share: CorpusShare | None = None) -> dict[str, np.ndarray]:
-    """Per-query candidates against the videos in ``corpus`` (this rank's share of the
-    corpus, or all of it): the top 100 videos (VR) with their scores, the top ``candidates``
-    VCMR (video, t_s, t_e, score) within the query's global top ``top_videos`` videos, the
-    SVMR top span where the query's own video is here (``svmr_here``), and the ground truth;
+    """Per-query predictions against the videos in ``corpus`` (this rank's share of the
+    corpus, or all of it), merged across the ranks batch by batch and returned on rank 0
+    (other ranks return nothing): the top 100 videos (VR) with their scores, the top
+    ``candidates`` VCMR (video, t_s, t_e, score) within the query's global top
+    ``top_videos`` videos, the SVMR top span in the query's own video, and the ground truth;
     videos by global position. Across ranks the query batches must be the same (every rank
     reads every query): each batch's global top videos are agreed by one all-gather.
     Exactness: a rank's top ``top_videos`` holds each of its videos in the global top
@@ -241,11 +242,7 @@ def rank_query_batches(model, corpus: dict[str, torch.Tensor], meta: dict[str, A
     share = share or CorpusShare.whole(meta)
     local = {int(v): i for i, v in enumerate(meta["video_index"].tolist())}
     position = {v: i for i, v in enumerate(share.video_index)}
-    keys = ["index", "vr", "vr_scores", "vcmr_video", "vcmr_spans", "vcmr_scores", "svmr_spans", "svmr_scores",
-            "svmr_here", "gt_video", "gt_spans"]
-    if detailed:
-        keys += ["desc_id", "type", "desc"]
-    parts: dict[str, list[np.ndarray]] = {k: [] for k in keys if k != "svmr_here"}
+    parts: dict[str, list[np.ndarray]] = {}
     rank, _ = world_info()
     device = corpus["clip_mask"].device
     buckets = bucket_corpus(corpus)
@@ -311,8 +308,8 @@ def rank_query_batches(model, corpus: dict[str, torch.Tensor], meta: dict[str, A
         merged = merge_ranked(all_gather_objects(mine))
         if rank == 0:
             for k, v in merged.items():
-                parts[k].append(v)
-    return {k: np.concatenate(v) if v else np.zeros((0,)) for k, v in parts.items()}
+                parts.setdefault(k, []).append(v)
+    return {k: np.concatenate(v) for k, v in parts.items()}
 
 
 def _best(keys: tuple[np.ndarray, ...], columns: list[np.ndarray], n: int) -> list[np.ndarray]:
