@@ -4,6 +4,8 @@ Runs each spec twice as a user would (``xmr compare --spec NAME``), once with it
 ``tuning.seed`` and once with ``--tuning-seed`` set to another value, and tabulates every
 (claim, level) verdict side by side. A verdict that changes with the candidates was decided
 by the draw, not by the variants; the two runs share nothing but the data and the seeds.
+The spec's own seed reuses what ``xmr compare`` left in ``--default-storage`` (a stored run
+is reused only if it is this job's: ``compare.runner.check_stored``).
 
     .venv/bin/python bench/compare_reseed.py                       # every shipped spec (hours on 2 cores)
     .venv/bin/python bench/compare_reseed.py --spec cdaml_hierarchy --other-seed 2024
@@ -32,7 +34,10 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--spec", action="append", default=[], help="spec name (repeatable; default: every shipped spec)")
     p.add_argument("--other-seed", type=int, default=2024, help="the second run's tuning seed (default 2024)")
-    p.add_argument("--storage", default="runs/compare_reseed", help="where both runs go (resumable)")
+    p.add_argument("--storage", default="runs/compare_reseed", help="where the other seed's runs go (resumable)")
+    p.add_argument("--default-storage", default="runs/compare",
+                   help="where the spec's own tuning seed runs go (default: where `xmr compare` puts them, so a "
+                        "finished `xmr compare --all` is reused, not retrained)")
     args = p.parse_args()
     names = args.spec or sorted(x.stem for x in SPEC_DIR.glob("*.yaml"))
     rows, t0, default_seed = [], time.perf_counter(), None
@@ -41,7 +46,8 @@ def main() -> int:
         runs = {}
         for seed in (default_seed, args.other_seed):
             spec = load_spec(name, tuning_seed=seed)
-            runs[seed] = run_comparison(spec, f"{args.storage}/tuning-seed-{seed}")
+            root = args.default_storage if seed == default_seed else f"{args.storage}/tuning-seed-{seed}"
+            runs[seed] = run_comparison(spec, root)
         a, b = runs[default_seed], runs[args.other_seed]
         for ca, cb in zip(a.claims, b.claims):
             assert (ca["claim"], str(ca["level"])) == (cb["claim"], str(cb["level"]))

@@ -1,10 +1,11 @@
 """Load from an outside client: ``hey`` against a running ``xmr serve`` over the million-item
-gallery, at concurrency 1, 8, 32 and 64 on both ingress paths, and through a replica kill.
+gallery, at concurrency 1, 8, 32 and 64 on each ingress path, and through replica kills.
 
 What a team putting the endpoint in front of users runs before they do:
 
 - The endpoint is started as a user starts it, ``xmr serve --checkpoint ... --index ...
-  --replicas 2`` (``--direct`` for the throughput-optimised ingress), in its own process
+  --replicas 2`` (``--direct`` for the throughput-optimised ingress, ``--ingress haproxy``
+  with a bearer token for Serve's HAProxy ingress), in its own process
   with its own embedded Ray, over the saved 1,000,000 x 256 index of bench/_million.py
   (built once, both index kinds measured, the faster one reaching recall@10 0.95 kept).
 - Load comes from ``hey`` (a Go HTTP load generator, the Debian package; ``make bench``
@@ -15,10 +16,14 @@ What a team putting the endpoint in front of users runs before they do:
 - Binary bodies: the same phases at concurrency 1 and 32 with the query as an
   ``application/x-npy`` body, and the in-process cost of parsing each body form for the
   256-d query and a 20 x 768 VCMR query (the endpoint's own parser, median of 200).
-- Replica kill (proxy ingress, the path that routes around a dead replica): a steady load
-  at concurrency 8 while one of the two replicas is SIGKILLed by PID from Ray's state API.
-  In direct ingress a client talks to one replica's own port, so a killed replica's
-  clients see refused connections until a load balancer (not part of xmr) moves them.
+- Replica kills (proxy and HAProxy ingress, the paths that route around a dead replica): a
+  steady load at concurrency 8 while one of the two retriever replicas, then one of the two
+  gateway replicas (the ingress deployment, which holds the client's request), is
+  SIGKILLed by PID (found by its process title). hey is a Go client: it resends a request
+  whose keep-alive connection closed before any answer, which is how HAProxy hands back
+  a request it cannot replay itself. In direct ingress a client talks to one replica's own
+  port, so a killed replica's clients see refused connections until a load balancer (not
+  part of xmr) moves them.
 - Shutdown: SIGTERM to ``xmr serve``; its exit status and last line are recorded.
 
 On this 2-core machine hey, the proxy and two replicas share the cores: QPS figures are
@@ -54,15 +59,21 @@ from _common import write_results  # noqa: E402
 from _million import N_ITEMS, ensure_million_index  # noqa: E402
 
 PORT = 8351
+# --ingress haproxy needs a bearer token (HAProxy's other ports listen on every interface):
+# a server this module starts that way gets KEY, and hey sends it.
+KEY = os.urandom(16).hex()
+AUTH: dict[str, str] = {}
 XMR = str(ROOT / ".venv" / "bin" / "xmr") if (ROOT / ".venv" / "bin" / "xmr").exists() else "xmr"
 
 
-def hey(url: str, body: Path, content_type: str, n: int, c: int) -> dict:
+def hey(url: str, body: Path, content_type: str, n: int, c: int, headers: dict | None = None) -> dict:
     """One phase: ``n`` requests at concurrency ``c`` (hey sends n // c per worker, so n is
-    rounded down to a multiple of c); figures from hey's per-answer CSV."""
+    rounded down to a multiple of c); figures from hey's per-answer CSV. ``headers``
+    defaults to the bearer token of a server this module started with one (``KEY``)."""
     n = (n // c) * c
+    extra = [x for k, v in (headers if headers is not None else AUTH).items() for x in ("-H", f"{k}: {v}")]
     out = subprocess.run(["hey", "-n", str(n), "-c", str(c), "-m", "POST", "-T", content_type, "-D", str(body),
-                          "-t", "30", "-o", "csv", url], capture_output=True, text=True, timeout=900)
+                          *extra, "-t", "30", "-o", "csv", url], capture_output=True, text=True, timeout=900)
     rows = [ln.split(",") for ln in out.stdout.splitlines()[1:] if ln.count(",") == 7]
     lat = [1000 * float(r[0]) for r in rows]
     ok = [lat_ms for lat_ms, r in zip(lat, rows) if r[6] == "200"]
@@ -81,9 +92,15 @@ def start_server(mode: str, ckpt: str, index: str, log: Path, replicas: int = 2,
                  wait_s: float = 900) -> tuple[subprocess.Popen, str]:
     """``xmr serve`` as a user runs it; returns (process, base URL the load goes to)."""
     cmd = [XMR, "serve", "--checkpoint", ckpt, "--index", index, "--replicas", str(replicas), "--port", str(port)]
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"}
     if mode == "direct":
         cmd.append("--direct")
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"}
+    if mode == "haproxy":
+        cmd += ["--ingress", "haproxy"]
+        env["XMR_API_KEY"] = KEY
+        AUTH["Authorization"] = f"Bearer {KEY}"
+    else:
+        AUTH.clear()
     fh = open(log, "w")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=fh, text=True, env=env, start_new_session=True)
     lines: list[str] = []
@@ -118,16 +135,20 @@ def stop_server(proc: subprocess.Popen) -> dict:
     return {"exit_code": rc, "stop_s": time.perf_counter() - t}
 
 
-def replica_pids(app: str = "xmr") -> list[int]:
-    """PIDs of the application's retriever replicas, from Ray's state API (attached as a
-    driver to the cluster the server started)."""
-    import ray
-    from ray.util.state import list_actors
-
-    if not ray.is_initialized():
-        ray.init(address="auto", logging_level="ERROR", log_to_driver=False)
-    return [int(a.pid) for a in list_actors(filters=[("state", "=", "ALIVE")])
-            if a.class_name.endswith(f"{app}:Retriever")]
+def replica_pids(deployment: str = "Retriever", app: str = "xmr") -> list[int]:
+    """PIDs of the application's replicas of one deployment, by their process titles
+    (``ray::ServeReplica:<app>:<deployment>``): no Ray driver of our own, so no chance of
+    attaching to another Ray on the machine."""
+    title = f"ray::ServeReplica:{app}:{deployment}".encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "cmdline").read_bytes().startswith(title):
+                    pids.append(int(entry.name))
+            except OSError:
+                pass
+    return sorted(pids)
 
 
 def load_with_kill(url: str, body: Path, n: int, pid: int, c: int = 8, after_s: float = 3.0) -> dict:
@@ -142,21 +163,18 @@ def load_with_kill(url: str, body: Path, n: int, pid: int, c: int = 8, after_s: 
     return result
 
 
-def kill_phase(url: str, body: Path, n: int) -> dict:
-    """Steady load at concurrency 8; one replica SIGKILLed 3 s in."""
-    pids = replica_pids()
+def kill_phase(url: str, body: Path, n: int, deployment: str = "Retriever") -> dict:
+    """Steady load at concurrency 8; one of the two replicas of ``deployment`` (the
+    retrievers, or the gateway: the ingress deployment) SIGKILLed 3 s in."""
+    pids = replica_pids(deployment)
     if len(pids) != 2:
-        raise SystemExit(f"expected 2 retriever replicas, found {len(pids)}")
+        raise SystemExit(f"expected 2 {deployment} replicas, found {len(pids)}")
     result = load_with_kill(url, body, n, pids[0])
-    import ray
-
     deadline = time.monotonic() + 120
-    while len(replica_pids()) < 2 and time.monotonic() < deadline:
+    while len(replica_pids(deployment)) < 2 and time.monotonic() < deadline:
         time.sleep(1.0)
-    result["replicas_after"] = len(replica_pids())
-    ray.shutdown()
-    return {**result, "killed_pid": pids[0]}
-
+    result["replicas_after"] = len(replica_pids(deployment))
+    return {**result, "killed": deployment, "killed_pid": pids[0]}
 
 def parse_costs(repeats: int = 200) -> dict:
     """In-process cost of the endpoint's own body parser per body form (to the float32 array
@@ -206,7 +224,8 @@ def main() -> int:
     parser.add_argument("--items", type=int, default=N_ITEMS, help="gallery size (default 1,000,000)")
     parser.add_argument("--cache", default=os.environ.get("XMR_BENCH_CACHE", "/tmp/xmr-bench-cache"),
                         help="where the built gallery index is kept between runs")
-    parser.add_argument("--modes", default="proxy,direct")
+    parser.add_argument("--modes", default="proxy,direct,haproxy",
+                        help="ingress paths: proxy (Serve's), direct (replicas' own ports), haproxy (--ingress haproxy)")
     parser.add_argument("--quick", action="store_true", help="fewer requests per phase")
     args = parser.parse_args()
     if shutil.which("hey") is None:
@@ -237,13 +256,15 @@ def main() -> int:
             print(f"[bench]   {mode} c={c}: {row['json'][-1]}", flush=True)
         for c in (1, 32):
             row["npy"].append(hey(f"{url}/search?k=10", body_npy, "application/x-npy", per_c[c], c))
-        if mode == "proxy":
-            print("[bench]   replica kill under load ...", flush=True)
-            try:
-                row["kill"] = kill_phase(url, body_json, 3000 if not args.quick else 800)
-            except Exception as exc:  # noqa: BLE001 - record it; the other phases still count
-                print(f"[bench]   replica kill phase failed: {type(exc).__name__}: {exc}", flush=True)
-                row["kill"] = {"error": f"{type(exc).__name__}: {exc}"}
+        if mode in ("proxy", "haproxy"):  # direct: a client holds one replica's port, no routing around
+            for phase, deployment in (("kill", "Retriever"), ("ingress_kill", "Gateway")):
+                print(f"[bench]   {deployment} replica kill under load ...", flush=True)
+                try:
+                    row[phase] = kill_phase(url, body_json, 3000 if not args.quick else 800, deployment)
+                    print(f"[bench]   {mode} {deployment} kill: {row[phase]}", flush=True)
+                except Exception as exc:  # noqa: BLE001 - record it; the other phases still count
+                    print(f"[bench]   {deployment} kill phase failed: {type(exc).__name__}: {exc}", flush=True)
+                    row[phase] = {"error": f"{type(exc).__name__}: {exc}"}
         row["shutdown"] = stop_server(proc)
         phases[mode] = row
     print_tables(million, costs, phases)
@@ -251,6 +272,8 @@ def main() -> int:
     by_c = {r["concurrency"]: r for r in phases[lead]["json"]}
     headline = {"qps_c32_over_c1": by_c[32]["qps"] / by_c[1]["qps"],
                 "errors_during_replica_kill": phases.get("proxy", {}).get("kill", {}).get("errors"),
+                **{f"errors_during_gateway_kill_{m}": p["ingress_kill"].get("errors")
+                   for m, p in phases.items() if "ingress_kill" in p},
                 "hnsw_1m_recall10": million["choice"]["hnsw"]["recall_at_10"],
                 "hnsw_1m_p50_ms": million["choice"]["hnsw"]["p50_ms_1thread"],
                 "index_kind": million["chosen"], "index_recall10": chosen["recall_at_10"],
@@ -279,10 +302,12 @@ def print_tables(million: dict, costs: dict, phases: dict) -> None:
             for r in p[form]:
                 print(f"{mode:<8}{form:<6}{r['concurrency']:>4}{r['requests']:>6}{r['p50_ms']:>9.1f}{r['p99_ms']:>9.1f}"
                       f"{r['qps']:>8.1f}{r['errors']:>8}")
-        if "kill" in p and "error" not in p["kill"]:
-            k = p["kill"]
-            print(f"{mode:<8}kill  {k['concurrency']:>4}{k['requests']:>6}{k['p50_ms']:>9.1f}{k['p99_ms']:>9.1f}"
-                  f"{k['qps']:>8.1f}{k['errors']:>8}  (replicas after: {k['replicas_after']})")
+        for phase in ("kill", "ingress_kill"):
+            if phase in p and "error" not in p[phase]:
+                k = p[phase]
+                print(f"{mode:<8}{'kill':<6}{k['concurrency']:>4}{k['requests']:>6}{k['p50_ms']:>9.1f}{k['p99_ms']:>9.1f}"
+                      f"{k['qps']:>8.1f}{k['errors']:>8}  ({k['killed']} SIGKILLed; statuses {k['statuses']}; "
+                      f"replicas after: {k['replicas_after']})")
         print(f"{mode:<8}start {p['start_s']:.0f} s; SIGTERM -> exit {p['shutdown']['exit_code']} in "
               f"{p['shutdown']['stop_s']:.1f} s")
 

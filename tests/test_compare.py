@@ -234,13 +234,14 @@ def test_tiny_claim_map_end_to_end(tmp_path, monkeypatch):
     are the scipy-checked paired intervals, and the page is rebuilt with its overview."""
     import ray
 
-    from xmr.compare.report import update_report
+    from xmr.compare.report import update_report, write_page
     from xmr.compare.runner import run_comparison
 
     monkeypatch.chdir(tmp_path)  # relative paths, as a user writes them: trials run in working dirs of their own
     spec_path = tmp_path / "spec.yaml"
     spec_path.write_text(yaml.safe_dump({
         "name": "tiny", "claim": "SCCMRL beats the triplet baseline whatever the number of classes.",
+        "premise": "Classes are planted clusters.",
         "dataset": {"path": "data",
                     "synth": {"kind": "category", "splits": {"train": 96, "val": 32, "test": 32}, "seed": 1}},
         "metric": "map_mean", "seeds": 2,
@@ -297,9 +298,16 @@ def test_tiny_claim_map_end_to_end(tmp_path, monkeypatch):
     assert int(scored["best_epoch"].item()) == best["epoch"]
     report = tmp_path / "results.md"
     update_report(report, c)
+    notes = "<!-- xmr-notes:start -->\n## Reading these results\n\nWhy a verdict changed.\n<!-- xmr-notes:end -->\n"
+    text = report.read_text()
+    report.write_text(text.replace("## All claims", notes + "\n## All claims", 1))  # a person's prose
     update_report(report, c)  # replaces its own section instead of appending a second one
     text = report.read_text()
     assert text.count("<!-- xmr-compare:tiny:start -->") == 1 and "| broken |" in text and "failed" in text
+    assert text.count(notes) == 1 and text.index(notes) < text.index("## All claims")  # the prose is kept
+    assert "**Premise true by construction.** Classes are planted clusters." in text
+    write_page(report, [c], "All runs took no time.")  # `--all` keeps it too
+    assert report.read_text().count(notes) == 1
     assert "## All claims" in text and text.count("`sccmrl > triplet`") >= 4  # overview + section, 2 levels each
     assert "Reproduce: `xmr compare --spec tiny" in text
 
@@ -338,3 +346,31 @@ def test_identical_variants_and_swapped_order_find_nothing(tmp_path, monkeypatch
     assert {cl["claim"]: cl["verdict"] for cl in a.claims} == {cl["claim"]: cl["verdict"] for cl in b.claims}
     score = lambda c: c.runs.set_index(["variant", "seed"])["map_mean"].sort_index()  # noqa: E731
     pd.testing.assert_series_equal(score(a), score(b))
+
+
+def test_a_stored_result_is_reused_only_for_its_own_job(tmp_path):
+    """A comparison run again into the same storage with another tuning seed (or --data,
+    --set) has jobs of the same names and other values: the stored results are refused,
+    naming what differs, instead of being handed back as this comparison's scores."""
+    from xmr.compare.runner import RESULT, check_stored, identity
+    from xmr.config import SpecError
+    from xmr.train.runfs import RunDir
+
+    job = {"variant": "flat", "seed": 1000, "phase": "tune", "level": None, "values": {"optim.lr": 0.00112},
+           "split": "val", "config": {"optim": {"lr": 0.001, "epochs": 30}}, "pretrain": None, "run": "tune-flat-00",
+           "endpoint_url": None}
+    runs = str(tmp_path / "runs")
+    RunDir(runs, job["run"]).write_text(RESULT, json.dumps({"job": identity(job), "metrics": {"map_mean": 0.3}}))
+    check_stored({"a": job}, runs)  # its own result: reused
+    other_draw = {**job, "values": {"optim.lr": 0.00294}}
+    with pytest.raises(SpecError, match=r"tune-flat-00 holds a finished run of another comparison.*values"):
+        check_stored({"a": other_draw}, runs)
+    other_config = {**job, "config": {"optim": {"lr": 0.001, "epochs": 60}}}
+    with pytest.raises(SpecError, match="config_sha256"):
+        check_stored({"a": other_config}, runs)
+    # a result written before the digest existed is compared on the fields it holds
+    old = {k: v for k, v in identity(job).items() if k != "config_sha256"}
+    RunDir(runs, job["run"]).write_text(RESULT, json.dumps({"job": old, "metrics": {"map_mean": 0.3}}))
+    check_stored({"a": other_config}, runs)
+    with pytest.raises(SpecError, match="values"):
+        check_stored({"a": other_draw}, runs)

@@ -162,3 +162,144 @@ def test_commands_attach_to_a_running_ray_start_cluster(ray_start_cluster, check
     out, _ = train.communicate(timeout=240)
     assert train.returncode == 0, out[-3000:]
     assert "attached to the Ray cluster running on this machine" in out and "Traceback" not in out
+
+
+def _searches(url: str, body: dict, key: str, stop: threading.Event, answers: list) -> None:
+    """Searches back to back until ``stop``; each answer as (status, body's first bytes,
+    times resent). Like Go's HTTP client or a browser, the session resends a request whose
+    connection closed before any answer came (RFC 9110 §9.2.2; every xmr route is a read):
+    HAProxy closes a keep-alive client connection that way when the gateway replica holding
+    its request dies on a reused server connection, where Serve's proxy answers a 500."""
+    from requests.adapters import HTTPAdapter
+    from urllib3.util.retry import Retry
+
+    with requests.Session() as s:
+        s.mount("http://", HTTPAdapter(max_retries=Retry(total=2, connect=2, read=2, status=0, other=0,
+                                                          allowed_methods=None, raise_on_status=False)))
+        while not stop.is_set():
+            try:
+                r = s.post(f"{url}/search", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=60)
+                answers.append((r.status_code, r.text[:200], len(r.raw.retries.history) if r.raw.retries else 0))
+            except requests.RequestException as exc:
+                answers.append((None, repr(exc), None))
+
+
+def _haproxy_replays(stats_port: int, stop: threading.Event, seen: list) -> None:
+    """Polls HAProxy's stats CSV until ``stop``: the largest count of requests it retried or
+    redispatched (``wretr`` + ``wredis``) on the gateway backend. Counters restart with each
+    HAProxy reload (Serve reloads it when a replica comes or goes), hence the polling."""
+    while not stop.is_set():
+        try:
+            rows = requests.get(f"http://127.0.0.1:{stats_port}/stats;csv", timeout=5).text.splitlines()
+            head = rows[0].lstrip("# ").split(",")
+            total = 0
+            for row in rows[1:]:
+                cells = dict(zip(head, row.split(",")))
+                if cells.get("svname") == "BACKEND" and cells.get("pxname", "").startswith("http-xmr"):
+                    total += int(cells.get("wretr") or 0) + int(cells.get("wredis") or 0)
+            seen.append(total)
+        except (requests.RequestException, IndexError, ValueError):
+            pass
+        stop.wait(0.2)
+
+
+def _listening_addresses(port: int) -> set[str]:
+    """The IPv4 addresses something listens on at TCP ``port`` (from /proc/net/tcp)."""
+    found = set()
+    for row in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = row.split()
+        host, hex_port = fields[1].split(":")
+        if fields[3] == "0A" and int(hex_port, 16) == port:
+            found.add(".".join(str(b) for b in reversed(bytes.fromhex(host))))
+    return found
+
+
+@pytest.mark.timeout(480)
+def test_haproxy_ingress_loses_no_request_when_a_replica_of_either_deployment_dies(checkpoints):
+    """``xmr serve --ingress haproxy`` (Serve's HAProxy ingress, with xmr's retry policy) and
+    two replicas of each deployment, under a steady load of 6 clients: SIGKILLing a gateway
+    replica (the ingress deployment: with Serve's Python proxy this answers some requests
+    with a plain-text 500) and then a retriever replica costs no request (no 5xx, nothing a
+    client that resends on a connection closed without an answer sees); HAProxy's client
+    port listens on 127.0.0.1 only; SIGTERM stops it with the server (no haproxy left)."""
+    from train_helpers import processes_titled
+
+    key = "k3y-" + os.urandom(12).hex()
+    port, stats, metrics = free_port(), free_port(), free_port()
+    proc = _xmr("serve", "--checkpoint", checkpoints["cat0"], "--gallery", AVDIGITS, "--port", str(port),
+                "--replicas", "2", "--ingress", "haproxy",
+                env={"XMR_API_KEY": key, "RAY_SERVE_HAPROXY_STATS_PORT": str(stats),
+                     "RAY_SERVE_HAPROXY_METRICS_PORT": str(metrics)})
+    seen: list[str] = []
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_line(proc, "[xmr] HAProxy ingress", 240, seen)
+        assert _listening_addresses(port) == {"127.0.0.1"}
+        assert _listening_addresses(stats) == {"0.0.0.0"}  # HAProxy is in front; Ray binds its stats port widely
+        body = {"query": _query(), "k": 5}
+        answers: list = []
+        stop = threading.Event()
+        clients = [threading.Thread(target=_searches, args=(url, body, key, stop, answers)) for _ in range(6)]
+        replays: list[int] = []
+        clients.append(threading.Thread(target=_haproxy_replays, args=(stats, stop, replays)))
+        for t in clients:
+            t.start()
+        killed = {}
+        try:
+            for kind in ("Gateway", "Retriever"):
+                replicas = processes_titled(f"ray::ServeReplica:xmr:{kind}")
+                assert len(replicas) == 2, (kind, replicas)
+                before = len(answers)
+                while len(answers) < before + 30:  # the load is flowing
+                    time.sleep(0.05)
+                os.kill(replicas[0], signal.SIGKILL)
+                killed[kind] = len(answers)
+                if kind == "Gateway":
+                    resent_before = sum(a[2] > 0 for a in answers if a[2] is not None)
+                deadline = time.time() + 120  # Serve notices and starts a replacement
+                while len(processes_titled(f"ray::ServeReplica:xmr:{kind}")) < 2 and time.time() < deadline:
+                    time.sleep(0.5)
+                mark = len(answers)
+                while len(answers) < mark + 30 and time.time() < deadline:  # and the load flows on
+                    time.sleep(0.05)
+        finally:
+            stop.set()
+            for t in clients:
+                t.join()
+        assert all(len(answers) > at + 30 for at in killed.values()), (killed, len(answers))
+        failed = [a for a in answers if a[0] != 200]
+        assert failed == [], (len(answers), failed[:5])
+        resent = sum(a[2] > 0 for a in answers)
+        # the gateway kill hit requests in flight, and they were covered: replayed by HAProxy
+        # or resent by the client after HAProxy closed their connection unanswered
+        assert max(replays, default=0) + resent - resent_before > 0, (replays[-5:], resent)
+        print(f"{len(answers)} searches, all 200; HAProxy replayed up to {max(replays, default=0)}, the clients "
+              f"resent {resent} whose connection closed without an answer")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            rest, _ = proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, ("".join(seen) + rest)[-3000:]
+    assert _listening_addresses(port) == set() and _listening_addresses(stats) == set()  # no haproxy left
+
+
+def test_haproxy_ingress_needs_a_key(monkeypatch):
+    """Ray's HAProxy config binds its stats and metrics ports (and the gateway replicas'
+    ports) on every interface: without a key, ``--ingress haproxy`` is refused before any Ray
+    starts, saying why and what to do."""
+    monkeypatch.delenv("XMR_API_KEY", raising=False)
+    proc = _xmr("serve", "--checkpoint", "no-such-checkpoint", "--ingress", "haproxy")
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2, out
+    assert "--ingress haproxy" in out and "XMR_API_KEY" in out and "every interface" in out, out
+    proc = _xmr("serve", "--checkpoint", "no-such-checkpoint", "--ingress", "haproxy", "--direct",
+                env={"XMR_API_KEY": "k" * 32})
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "choose one" in out, out
+    # Ray's own switch in the environment starts HAProxy too: the same rule, whatever --ingress says
+    proc = _xmr("serve", "--checkpoint", "no-such-checkpoint", env={"RAY_SERVE_ENABLE_HA_PROXY": "1"})
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "RAY_SERVE_ENABLE_HA_PROXY=1" in out and "XMR_API_KEY" in out, out

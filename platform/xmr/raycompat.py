@@ -41,6 +41,28 @@ def check_version() -> None:
                            f"{ray.__version__} (install the pinned version: make setup)")
 
 
+def started_cluster_address() -> str | None:
+    """The address of the cluster ``ray start`` last started on this machine (its bootstrap
+    file), or None. xmr attaches only to such a cluster: ``ray.init(address="auto")`` also
+    attaches to any GCS it finds among the machine's processes, including the embedded,
+    private Ray of another xmr command, so an ``xmr serve`` started while ``xmr compare``
+    ran deployed into the comparison's Ray and would have died with it. Ray reads this file
+    for ``ray.init()`` with no address but offers no public way to ask for it alone; goes
+    when it does. None too when nothing listens at that address any more."""
+    import socket
+
+    from ray._private.utils import read_ray_address
+
+    address = read_ray_address() or None
+    if address:  # a file that outlived its cluster (no `ray stop`): Ray would retry it for ~20 s
+        host, _, port = address.rpartition(":")
+        try:
+            socket.create_connection((host, int(port)), timeout=2).close()
+        except (OSError, ValueError):
+            return None
+    return address
+
+
 def process_env() -> dict[str, str]:
     """The environment variables every Ray process xmr starts needs: the auth mode and Ray
     Train's controller poll interval (``TRAIN_POLL_INTERVAL_S``)."""

@@ -147,7 +147,10 @@ def _verdict(cl: dict[str, Any]) -> str:
 def markdown(c: Comparison, machine: str | None = None) -> str:
     spec, m = c.spec, c.spec.metric
     cols = [m] + [x for x in metric_columns(c.runs) if x != m][:3]
-    lines = [f"## {spec.name}", "", f"**Claim.** {spec.claim}", "", f"**Data.** {_data_line(c)}.", ""]
+    lines = [f"## {spec.name}", "", f"**Claim.** {spec.claim}", ""]
+    if spec.premise:
+        lines += [f"**Premise true by construction.** {spec.premise}", ""]
+    lines += [f"**Data.** {_data_line(c)}.", ""]
     train = (f"each variant trains up to {spec.max_epochs} epochs" if spec.max_epochs else "each variant trains its preset's epochs")
     if spec.patience:
         train += f", stopping after {spec.patience} epochs without a better validation metric"
@@ -239,6 +242,14 @@ def write_outputs(c: Comparison, out: RunDir) -> None:
 _SECTION = re.compile(r"<!-- xmr-compare:(?P<name>[\w.\-]+):start -->\n(?P<body>.*?)<!-- xmr-compare:(?P=name):end -->\n",
                       re.S)
 _CLAIMS = re.compile(r"<!-- claims (?P<json>\[.*?\]) -->", re.S)
+# Hand-written reading of the numbers (what changed since the last page, and why): kept,
+# word for word, when the page is regenerated; it sits between the page head and the table.
+_NOTES = re.compile(r"<!-- xmr-notes:start -->\n.*?<!-- xmr-notes:end -->\n", re.S)
+
+
+def _notes_of(text: str) -> str:
+    m = _NOTES.search(text)
+    return "\n" + m.group(0) if m else ""
 
 
 def _section(c: Comparison) -> str:
@@ -273,7 +284,7 @@ def update_report(report: str | Path, c: Comparison, wall_note: str | None = Non
     text = report.read_text() if report.is_file() else ""
     sections = {m.group("name"): m.group(0) for m in _SECTION.finditer(text)}
     sections[c.spec.name] = _section(c)
-    head = PAGE_HEAD + (f"\n{wall_note}\n" if wall_note else "")
+    head = PAGE_HEAD + (f"\n{wall_note}\n" if wall_note else "") + _notes_of(text)
     report.write_text(head + "\n" + _overview(sections) + "\n" + "\n".join(sections.values()))
     (report.parent / f"{c.spec.name}.png").write_bytes(plot(c))
 
@@ -282,6 +293,8 @@ def write_page(report: str | Path, comparisons: list[Comparison], wall_note: str
     """The whole results page from these comparisons (``xmr compare --all --report``)."""
     report = Path(report)
     sections = {c.spec.name: _section(c) for c in comparisons}
-    report.write_text(PAGE_HEAD + f"\n{wall_note}\n\n" + _overview(sections) + "\n" + "\n".join(sections.values()))
+    notes = _notes_of(report.read_text()) if report.is_file() else ""
+    report.write_text(PAGE_HEAD + f"\n{wall_note}\n" + notes + "\n" + _overview(sections) + "\n"
+                      + "\n".join(sections.values()))
     for c in comparisons:
         (report.parent / f"{c.spec.name}.png").write_bytes(plot(c))

@@ -12,6 +12,7 @@ that finished.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -25,7 +26,7 @@ from xmr.compare.report import write_outputs
 from xmr.compare.results import Comparison, metric_columns
 from xmr.compare.spec import ComparisonSpec, Variant
 from xmr.compare.stats import PairedDifference, holm, paired_difference, t_interval, verdict
-from xmr.config import from_dict, with_values
+from xmr.config import SpecError, from_dict, with_values
 from xmr.tasks import family_of
 from xmr.train.runfs import RunDir
 
@@ -145,10 +146,35 @@ def run_job(job: dict[str, Any], runs_root: str) -> dict[str, Any]:
         log_finished_run(t["uri"], t["parent"], job["run"], {"variant": job["variant"], "seed": job["seed"],
                                                               "phase": job["phase"], "level": job["level"],
                                                               **job["values"]}, history, metrics, t["folder"])
-    run.write_text(RESULT, json.dumps({"job": {k: job[k] for k in ("variant", "seed", "phase", "level", "values",
-                                                                    "split")}, "metrics": metrics}, indent=2,
-                                      default=float))
+    run.write_text(RESULT, json.dumps({"job": identity(job), "metrics": metrics}, indent=2, default=float))
     return metrics
+
+
+def identity(job: dict[str, Any]) -> dict[str, Any]:
+    """What makes a stored result this job's: its variant, seed, phase, level, tuned values,
+    split and a digest of its configs (as JSON stores them)."""
+    ident = {k: job[k] for k in ("variant", "seed", "phase", "level", "values", "split")}
+    configs = json.dumps([job["config"], job.get("pretrain")], sort_keys=True, default=str)
+    ident["config_sha256"] = hashlib.sha256(configs.encode()).hexdigest()
+    return json.loads(json.dumps(ident, default=float))
+
+
+def check_stored(jobs: dict[str, dict[str, Any]], runs_root: str) -> None:
+    """A run folder's result is reused only if it is this job's: a comparison run again into
+    the same storage with another tuning seed, ``--data`` or ``--set`` has jobs of the same
+    names and other values, and would otherwise be handed the old runs' scores. Results
+    written before the digest existed are compared on the fields they hold."""
+    for job in jobs.values():
+        done = RunDir(runs_root, job["run"], job.get("endpoint_url")).read_text(RESULT)
+        if not done:
+            continue
+        stored, now = json.loads(done).get("job", {}), identity(job)
+        differs = sorted(k for k in stored if k in now and stored[k] != now[k])
+        if differs:
+            raise SpecError(f"{runs_root}/{job['run']} holds a finished run of another comparison (it differs in "
+                            f"{', '.join(differs)}: stored {[stored[k] for k in differs]}, now "
+                            f"{[now[k] for k in differs if k != 'config_sha256'] or 'another config'}); "
+                            "use another --storage, or delete that folder to train it again")
 
 
 # --------------------------------------------------------------------------- the comparison
@@ -247,6 +273,7 @@ def _run_jobs(jobs: dict[str, dict[str, Any]], name: str, root: str, runs_root: 
 
     if not jobs:
         return {}
+    check_stored(jobs, runs_root)
     from xmr.tune.trials import trial_resources
 
     trainable = tune.with_parameters(comparison_trial, jobs=jobs, runs_root=runs_root)

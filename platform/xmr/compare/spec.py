@@ -46,7 +46,7 @@ from xmr.tune.space import Param, SpaceError, parse_param
 
 SPEC_DIR = Path(__file__).resolve().parent / "specs"
 _CLAIM = re.compile(r"^\s*([\w.\-]+)\s*(>|<)\s*([\w.\-]+)\s*$")
-_KEYS = {"name", "claim", "dataset", "metric", "seeds", "common", "variants", "claims", "expect", "split",
+_KEYS = {"name", "claim", "premise", "dataset", "metric", "seeds", "common", "variants", "claims", "expect", "split",
          "training", "tuning", "map", "equivalence_margin"}
 TUNING_AT = ("every_level", "middle_level")
 
@@ -86,6 +86,10 @@ class ComparisonSpec:
     equivalence_margin: float = DEFAULT_EQUIVALENCE_MARGIN
     map: ClaimMap | None = None
     source: str = ""
+    # What the (synthetic) data was built to make true, said beside the claim it serves: a
+    # verdict on data generated so that the claim's premise holds shows the method can use
+    # that structure, not that real data has it.
+    premise: str = ""
 
     def tuning_levels(self) -> list[Any]:
         """The levels tuning runs at: [None] without a claim map."""
@@ -231,4 +235,4 @@ def load_spec(name_or_path: str, data_path: str | None = None, seeds: int | None
                           tuning_seed=tuning_seed if tuning_seed is not None else _int(tuning, "seed", 1000, "tuning"),
                           tuning_at=tuning_at,
                           extend=_int(training, "extend", 2, "training"), equivalence_margin=float(margin),
-                          map=claim_map, source=str(path))
+                          map=claim_map, source=str(path), premise=" ".join(str(raw.get("premise") or "").split()))

@@ -16,36 +16,77 @@ from typing import Any
 # Ray is started, or on the cluster's `ray start` (cluster.yaml).
 THROUGHPUT_ENV = "RAY_SERVE_THROUGHPUT_OPTIMIZED"
 
+# Ray Serve's HAProxy ingress (``--ingress haproxy``): HAProxy, not Serve's Python proxy,
+# takes the clients' connections and forwards each request to a gateway replica's own HTTP
+# port. Its retry policy is the reason xmr offers it: a gateway replica killed mid-request
+# closes the connection without an answer, and HAProxy replays the request on another
+# gateway replica (``empty-response``) instead of answering 500, as Serve's proxy does.
+# Every xmr route is a read (a search, /info, /healthz), so a replay is safe. Ray's own
+# default is ``conn-failure`` only, because a replayed write could run twice. HAProxy
+# replays only a request it still holds whole: one that fits its buffer
+# (RAY_SERVE_HAPROXY_TUNE_BUFSIZE, 16 KB by default), which JSON and .npy queries do and a
+# long WAV upload does not. Read when Ray starts: an embedded Ray gets them from here,
+# a cluster from its ``ray start`` (cluster.yaml) or its pods' environment (k8s).
+HAPROXY_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response",
+               "RAY_SERVE_HAPROXY_RETRIES": "3"}
+# Ray 2.60's HAProxy config binds these on every interface (its template names no host),
+# and the gateway replicas' own ports too: --ingress haproxy therefore needs an API key.
+HAPROXY_PORTS = {"RAY_SERVE_HAPROXY_STATS_PORT": 8404, "RAY_SERVE_HAPROXY_METRICS_PORT": 9101}
+
 
 REQUEST_TIMEOUT_S = 60.0
 
 
+class IngressError(RuntimeError):
+    """The cluster's Serve ingress does not fit what was asked (raised before deploying)."""
+
+
 def start(args: dict[str, Any], host: str = "127.0.0.1", port: int = 8000, address: str | None = None,
-          name: str = "xmr", route_prefix: str = "/", direct: bool = False):
+          name: str = "xmr", route_prefix: str = "/", direct: bool = False, ingress: str = "proxy"):
     """Start (or update) the application on Serve; returns its base URL once it answers.
-    ``direct`` starts an embedded Ray in throughput-optimised mode (see THROUGHPUT_ENV)."""
+    ``direct`` starts an embedded Ray in throughput-optimised mode (see THROUGHPUT_ENV),
+    ``ingress="haproxy"`` one with Serve's HAProxy ingress (see HAPROXY_ENV). Refuses
+    (IngressError, nothing deployed) an HAProxy ingress without a key, wherever its setting
+    came from, and ``ingress="haproxy"`` on a cluster whose Serve runs its Python proxy."""
     from ray import serve
 
     from xmr.serve.app import build_app
 
-    connect(address, direct)
+    connect(address, direct, ingress=ingress)
     # A backstop deadline per request at the proxy (the gateway's body deadline and the
     # retriever's limits come first): nothing a client does holds a proxy slot past it.
     serve.start(http_options={"host": host, "port": port, "request_timeout_s": REQUEST_TIMEOUT_S})
+    kind = ingress_kind()
+    if kind == "haproxy" and not args.get("api_key_sha256"):
+        raise IngressError("this Ray runs Serve's HAProxy ingress (RAY_SERVE_ENABLE_HA_PROXY=1 when it started), "
+                           "which binds the gateway replicas' ports and its stats and metrics ports on every "
+                           "interface: set XMR_API_KEY or --api-key-file")
+    if ingress == "haproxy" and kind == "proxy":
+        raise IngressError("--ingress haproxy: this Ray cluster's Serve runs its Python proxy; start the cluster with "
+                           f"{' '.join(f'{k}={v!r}' for k, v in HAPROXY_ENV.items())} in `ray start`'s environment "
+                           "(cluster.yaml), or serve without --ingress haproxy")
+    if ingress == "haproxy" and kind is None:
+        print("[xmr] warning: --ingress haproxy: Ray's state API (the dashboard) is not available to confirm that "
+              "this cluster's Serve runs HAProxy", file=sys.stderr)
     serve.run(build_app(args), name=name, route_prefix=route_prefix, blocking=False)
     return f"http://{host}:{port}{route_prefix.rstrip('/')}"
 
 
-def connect(address: str | None = None, direct: bool = False, replicas: int = 1) -> str:
+def connect(address: str | None = None, direct: bool = False, replicas: int = 1, ingress: str = "proxy") -> str:
     """Attach to the Ray there is, or start an embedded one (in throughput-optimised mode with
-    ``direct``) with logical CPUs for ``replicas`` retriever replicas (every shard's) beside
-    the gateway; idempotent. Returns how (``ensure_ray``'s words: "started ..." if embedded)."""
+    ``direct``, with the HAProxy ingress for ``ingress="haproxy"``) with logical CPUs for
+    ``replicas`` retriever replicas (every shard's) beside the gateway; idempotent. Returns
+    how (``ensure_ray``'s words: "started ..." if embedded)."""
     import ray
 
     from xmr.train.driver import ensure_ray
 
-    if direct and not ray.is_initialized() and not (address or os.environ.get("RAY_ADDRESS")):
-        os.environ[THROUGHPUT_ENV] = "1"
+    if not ray.is_initialized() and not (address or os.environ.get("RAY_ADDRESS")):
+        if direct:
+            os.environ[THROUGHPUT_ENV] = "1"
+        if ingress == "haproxy":
+            for name, value in HAPROXY_ENV.items():
+                os.environ.setdefault(name, value)  # the operator's own settings win
     if os.environ.get("XMR_VERBOSE") != "1":
         # Serve's components log to their files and, by default, to stderr too, which an embedded
         # Ray streams to this console: xmr serve prints its own lines only (--verbose: Ray's too)
@@ -91,6 +132,80 @@ def direct_urls(name: str, route_prefix: str = "/", timeout_s: float = 60.0) -> 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
+def busy_ports(ports: dict[str, int]) -> list[str]:
+    """The ``ports`` (named by what sets them) that something on this machine already listens
+    on, each with the listening process where the OS tells: HAProxy exits at start when one
+    of its ports is taken (a leftover haproxy of a server that was SIGKILLed, say), which
+    Serve reports only as an unhealthy proxy, retried forever."""
+    import socket
+
+    busy = []
+    for what, port in ports.items():
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(("0.0.0.0", port))
+                continue
+            except OSError:
+                pass
+        holders = _listeners(port)
+        holder = ("; held by " + ", ".join(f"pid {pid} ({name})" for pid, name in holders)) if holders else ""
+        busy.append(f"{what} {port}{holder}")
+    return busy
+
+
+def _listeners(port: int) -> list[tuple[int, str]]:
+    """(pid, command name) of the processes listening on TCP ``port``, from Linux's /proc
+    (empty elsewhere, or where another user's processes cannot be read)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = open(table, encoding="ascii").read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+                inodes.add(f"socket:[{fields[9]}]")
+    found = []
+    for proc in os.listdir("/proc") if inodes else []:
+        if not proc.isdigit():
+            continue
+        try:
+            if any(os.readlink(f"/proc/{proc}/fd/{fd}") in inodes for fd in os.listdir(f"/proc/{proc}/fd")):
+                found.append((int(proc), open(f"/proc/{proc}/comm", encoding="utf-8").read().strip()))
+        except OSError:
+            continue
+    return found
+
+
+def haproxy_ports(port: int) -> dict[str, int]:
+    """The ports Serve's HAProxy ingress listens on: the HTTP port, its stats and metrics."""
+    return {"--port": port, **{name: int(os.environ.get(name, default)) for name, default in HAPROXY_PORTS.items()}}
+
+
+def ingress_kind(timeout_s: float = 30.0) -> str | None:
+    """Which ingress the cluster's Serve runs: "haproxy" (an HAProxyManager actor alive) or
+    "proxy" (Serve's ProxyActor), waiting up to ``timeout_s`` for Serve to start one; None
+    when Ray's state API (a dashboard service) cannot say."""
+    from ray.util.state import list_actors
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            names = [a.class_name for a in list_actors(filters=[("state", "=", "ALIVE")], limit=100_000,
+                                                       raise_on_missing_output=False)]
+        except Exception:  # noqa: BLE001 - the state API is a dashboard service; without it, unknown
+            return None
+        if any(n.endswith("HAProxyManager") for n in names):
+            return "haproxy"
+        if any(n.endswith("ProxyActor") for n in names):
+            return "proxy"
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.5)
+
+
 def read_api_key(key_file: str | None) -> str | None:
     """The bearer token from ``--api-key-file`` or XMR_API_KEY, or None. XMR_API_KEY is
     removed from this process's environment once read, so no process started from here (an
@@ -131,6 +246,28 @@ def _serve(ns: argparse.Namespace) -> int:
               f"--api-key-file (clients then send 'Authorization: Bearer <key>'), or bind 127.0.0.1",
               file=sys.stderr)
         return 2
+    from xmr.raycompat import started_cluster_address
+
+    embedding = not (ns.address or os.environ.get("RAY_ADDRESS") or started_cluster_address())
+    env_haproxy = embedding and os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1"
+    if env_haproxy and ns.ingress != "haproxy":
+        print("[xmr] note: RAY_SERVE_ENABLE_HA_PROXY=1 is set: the embedded Ray runs Serve's HAProxy ingress "
+              "(as --ingress haproxy)", file=sys.stderr)
+        ns.ingress = "haproxy"
+    if ns.ingress == "haproxy" and ns.direct:
+        print("[xmr] error: --direct and --ingress haproxy are two ingress paths (clients on the replicas' own "
+              "ports, or HAProxy in front of them): choose one", file=sys.stderr)
+        return 2
+    if ns.ingress == "haproxy" and digest is None:
+        print("[xmr] error: --ingress haproxy binds the gateway replicas' own ports and HAProxy's stats and metrics "
+              "ports on every interface (Ray's HAProxy config has no host setting): set XMR_API_KEY or "
+              "--api-key-file, or keep the default --ingress proxy, which listens on --host only", file=sys.stderr)
+        return 2
+    if ns.ingress == "haproxy" and embedding and (busy := busy_ports(haproxy_ports(ns.port))):
+        print(f"[xmr] error: --ingress haproxy needs these ports free: {'; '.join(busy)}. Stop what holds them "
+              "(a leftover haproxy from a server that was killed: kill its pid), or choose others with --port, "
+              f"{' and '.join(HAPROXY_PORTS)}", file=sys.stderr)
+        return 2
     args = {"checkpoint": ns.checkpoint, "gallery": ns.gallery, "split": ns.split, "index": ns.index,
             "approx": ns.approx, "replicas": ns.replicas, "api_key_sha256": digest, "drain_s": ns.drain_s,
             "shard_deadline_s": ns.shard_deadline_s}
@@ -140,15 +277,31 @@ def _serve(ns: argparse.Namespace) -> int:
         print(f"[xmr] error: {exc}", file=sys.stderr)
         return 2
     # else: leave the cluster running on exit
-    embedded = connect(ns.address, ns.direct, replicas).startswith("started")
-    url = start({k: v for k, v in args.items() if v is not None}, host=ns.host, port=ns.port, address=ns.address,
-                direct=ns.direct)
+    embedded = connect(ns.address, ns.direct, replicas, ingress=ns.ingress).startswith("started")
+    try:
+        url = start({k: v for k, v in args.items() if v is not None}, host=ns.host, port=ns.port, address=ns.address,
+                    direct=ns.direct, ingress=ns.ingress)
+    except IngressError as exc:  # nothing deployed: an application already on the cluster is left alone
+        print(f"[xmr] error: {exc}", file=sys.stderr)
+        if embedded:  # Serve first, so that an HAProxy it started goes with it
+            import ray
+            from ray import serve
+
+            serve.shutdown()
+            ray.shutdown()
+        return 2
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     info = json.loads(urllib.request.urlopen(urllib.request.Request(f"{url}/info", headers=headers), timeout=60).read())
     where = ns.index or ns.gallery or info["gallery"]  # this machine's paths: the operator's own
     print(f"[xmr] serving {info['method']} ({info['task']}) from {ns.checkpoint}: gallery {where} "
           f"split {info['split']}, {info['gallery_size']} items, {info['search']} search, "
           f"{ns.replicas} replica(s){', bearer token required' if digest else ''}; {url}/docs", flush=True)
+    if ns.ingress == "haproxy":
+        stats = ", ".join(f"{port}" for name, port in haproxy_ports(ns.port).items() if name != "--port")
+        print(f"[xmr] HAProxy ingress on {ns.host}:{ns.port}: a request whose gateway replica dies is replayed on "
+              f"another{'' if ns.replicas > 1 else ' once Serve has replaced it (--replicas 2: at once)'}, or its "
+              "keep-alive connection is closed unanswered for the client to resend; its stats and metrics ports "
+              f"({stats}) and the gateway replicas' ports listen on every interface", flush=True)
     if ns.direct:
         try:
             urls = direct_urls("xmr")
@@ -272,6 +425,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--direct", action="store_true",
                    help=f"throughput-optimised Serve ({THROUGHPUT_ENV}=1): replicas also answer HTTP on ports "
                         "of their own, bypassing the proxy (lowest latency); the proxy port keeps working")
+    p.add_argument("--ingress", default="proxy", choices=["proxy", "haproxy"],
+                   help="what takes the clients' connections: Serve's Python proxy (default; listens on --host "
+                        "only), or Serve's HAProxy ingress, which replays a request on another gateway replica "
+                        "when the one holding it dies (needs an API key: its other ports listen on every interface)")
     p.add_argument("--detach", action="store_true", help="return once the endpoint answers")
     p.add_argument("--api-key-file", default=None,
                    help="file holding the bearer token clients must send (default: XMR_API_KEY; required "

@@ -21,7 +21,7 @@ from xmr.checkpoint import BEST
 from xmr.checks import check, resolve
 from xmr.config import Config, ConfigError
 from xmr.data.storage import is_s3
-from xmr.raycompat import check_version, process_env, set_driver_env
+from xmr.raycompat import check_version, process_env, set_driver_env, started_cluster_address
 from xmr.tasks import family_of
 from xmr.train.progress import summary_table
 from xmr.train.runfs import RunDir, s3_endpoint
@@ -90,10 +90,15 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, quiet
         ray.init(address=address, runtime_env=env, logging_level=_ray_log_level())
         how = f"attached to the Ray cluster at {address}"
     else:
-        try:
-            ray.init(address="auto", runtime_env=env, logging_level=_ray_log_level())
-            how = "attached to the Ray cluster running on this machine (set RAY_ADDRESS or --address for another)"
-        except ConnectionError:
+        how = ""
+        started = started_cluster_address()
+        if started:
+            try:
+                ray.init(address=started, runtime_env=env, logging_level=_ray_log_level())
+                how = "attached to the Ray cluster running on this machine (set RAY_ADDRESS or --address for another)"
+            except ConnectionError:  # it went between the check and here
+                pass
+        if not how:
             # The dashboard (bound to 127.0.0.1) serves Ray's state API, which Ray Train uses to
             # release a stopped run's placement group (e.g. a trial ASHA ends early); work with
             # no Ray Train in it (a sweep of one-worker trials) goes without: the dashboard's
@@ -102,9 +107,10 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, quiet
             # watcher (for spot nodes) only adds an error line about its constructor
             # arguments, so it is off here.
             local_env = {**env, "env_vars": {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", **env["env_vars"]}}
-            ray.init(num_cpus=num_cpus or max(4, 2 * (os.cpu_count() or 1)), include_dashboard=dashboard,
-                     dashboard_host="127.0.0.1", runtime_env=local_env, configure_logging=False,
-                     log_to_driver=True)
+            # address="local": a new Ray whatever address file `ray start` left on the machine
+            ray.init(address="local", num_cpus=num_cpus or max(4, 2 * (os.cpu_count() or 1)),
+                     include_dashboard=dashboard, dashboard_host="127.0.0.1", runtime_env=local_env,
+                     configure_logging=False, log_to_driver=True)
             how = "started an embedded local Ray"
     if not quiet and not how.startswith("started"):
         print(f"[xmr] {how}", flush=True)
