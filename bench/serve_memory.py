@@ -8,14 +8,14 @@ gateway and retriever replicas, found by their process titles, is read:
 - at **start** (the endpoint answers /healthz, nothing else sent);
 - **warm**: after 200 valid searches and one of each refused body (the code paths a first
   request of each kind imports or builds, once);
-- after each of 4 **bursts**: 48 bodies from 4 clients at once, half over the 4 MiB body
+- after each of 8 **bursts** (``--bursts``): 48 bodies from 4 clients at once, half over the 4 MiB body
   limit (413) and half a 100,000-number query for a 256-d model (422, parsed in full),
   then 200 valid searches.
 
 Growth that stops after the first burst is the allocator keeping freed pages for reuse;
 growth with every burst is a leak. Both are reported against start and against warm.
 
-    RAY_AUTH_MODE=token python bench/serve_memory.py
+    RAY_AUTH_MODE=token python bench/serve_memory.py [--bursts 8]
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from serve_latency import category_index  # noqa: E402
 from serve_load import replica_pids, start_server, stop_server  # noqa: E402
 
 PORT = 8361
-BURSTS = 4
+BURSTS = 8
 
 
 def rss_mb(pid: int) -> float:
@@ -83,6 +83,11 @@ def burst(url: str, bodies: list[bytes]) -> list[int]:
 
 
 def main() -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--bursts", type=int, default=BURSTS, help=f"bursts of bad bodies (default {BURSTS})")
+    bursts = parser.parse_args().bursts
     rng = np.random.default_rng(0)
     root = Path(tempfile.mkdtemp(prefix="xmr-serve-memory-"))
     ckpt, index = category_index(root, 10_000)
@@ -100,7 +105,7 @@ def main() -> int:
         rows.append({"phase": "start", **snapshot(), "statuses": {}})
         statuses = valid(url, query) + [post(url, b) for b in refused]
         rows.append({"phase": "warm", **snapshot(), "statuses": _count(statuses)})
-        for i in range(BURSTS):
+        for i in range(bursts):
             statuses = burst(url, bodies) + valid(url, query)
             time.sleep(1.0)
             rows.append({"phase": f"burst {i + 1}", **snapshot(), "statuses": _count(statuses)})
@@ -113,7 +118,7 @@ def main() -> int:
     headline = {f"{d.lower()}_{name}": last[d] / ref[d] for d in ("Gateway", "Retriever")
                 for name, ref in (("after_bursts_over_start", start), ("after_bursts_over_warm", warm),
                                   ("last_burst_over_first", first))}
-    headline["bursts"] = BURSTS
+    headline["bursts"] = bursts
     print("headline:", json.dumps(headline))
     write_results(__file__, {"rows": rows, "shutdown": shutdown, "body_mb": {"over_limit": len(over_limit) / 2**20,
                                                                             "wrong_dim": len(wrong_dim) / 2**20}},

@@ -438,11 +438,13 @@ def _load(url: str, body: dict, stop: threading.Event, statuses: list) -> None:
 
 
 def test_killing_a_replica_under_load_loses_no_request(served):
+    import ray
     from ray.util.state import list_actors
 
     url = served["url"]
-    replicas = [a for a in list_actors(filters=[("state", "=", "ALIVE")])
-                if a.class_name.endswith("two:Retriever")]
+    # this test's own Ray (another one on the machine would make an address-less query ambiguous)
+    alive = list_actors(address=ray.get_runtime_context().gcs_address, filters=[("state", "=", "ALIVE")])
+    replicas = [a for a in alive if a.class_name.endswith("two:Retriever")]
     assert len(replicas) == 2, [a.class_name for a in replicas]
     statuses: list = []
     stop = threading.Event()

@@ -114,6 +114,15 @@ def test_the_key_reaches_no_ray_process_only_its_digest(checkpoints):
         assert ok.status_code == 200, ok.text
         # the process the user started holds what the user gave it; nothing it started does
         assert _environments_holding(key.encode(), skip={proc.pid, os.getpid()}) == []
+        # the gateway's malloc keeps a fixed mmap threshold (GATEWAY_ENV: memory after bursts of large bodies)
+        from train_helpers import processes_titled
+        from xmr.serve.deployments import GATEWAY_ENV
+
+        gateways = processes_titled("ray::ServeReplica:xmr:Gateway")
+        assert gateways, "no gateway replica found by its title"
+        for pid in gateways:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            assert all(f"{k}={v}".encode() in environ for k, v in GATEWAY_ENV.items()), pid
     finally:
         proc.send_signal(signal.SIGTERM)
         try:

@@ -188,13 +188,16 @@ def ingress_kind(timeout_s: float = 30.0) -> str | None:
     """Which ingress the cluster's Serve runs: "haproxy" (an HAProxyManager actor alive) or
     "proxy" (Serve's ProxyActor), waiting up to ``timeout_s`` for Serve to start one; None
     when Ray's state API (a dashboard service) cannot say."""
+    import ray
     from ray.util.state import list_actors
 
+    # the cluster this process is connected to (without an address the state API looks for one)
+    address = ray.get_runtime_context().gcs_address if ray.is_initialized() else None
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            names = [a.class_name for a in list_actors(filters=[("state", "=", "ALIVE")], limit=100_000,
-                                                       raise_on_missing_output=False)]
+            names = [a.class_name for a in list_actors(address=address, filters=[("state", "=", "ALIVE")],
+                                                       limit=100_000, raise_on_missing_output=False)]
         except Exception:  # noqa: BLE001 - the state API is a dashboard service; without it, unknown
             return None
         if any(n.endswith("HAProxyManager") for n in names):
