@@ -99,7 +99,8 @@ def start_server(mode: str, ckpt: str, index: str, log: Path, replicas: int = 2,
         cmd += ["--ingress", "haproxy"]
         env["XMR_API_KEY"] = KEY
         AUTH["Authorization"] = f"Bearer {KEY}"
-    else:
+    else:  # no key: the endpoint open to this machine, as hey calls it (a key in the caller's environment stays out)
+        env.pop("XMR_API_KEY", None)
         AUTH.clear()
     fh = open(log, "w")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=fh, text=True, env=env, start_new_session=True)
