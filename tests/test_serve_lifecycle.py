@@ -312,3 +312,31 @@ def test_haproxy_ingress_needs_a_key(monkeypatch):
     proc = _xmr("serve", "--checkpoint", "no-such-checkpoint", env={"RAY_SERVE_ENABLE_HA_PROXY": "1"})
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 2 and "RAY_SERVE_ENABLE_HA_PROXY=1" in out and "XMR_API_KEY" in out, out
+
+
+def test_another_commands_embedded_ray_is_not_attached():
+    """An embedded Ray another process started (as `xmr compare` runs one) is that process's
+    own: a second command starts its own Ray instead of attaching to it (it would die with
+    the first command), while a `ray start` cluster is still attached to (the test above)."""
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "PYTHONPATH": str(REPO / "platform")}
+    env.pop("RAY_ADDRESS", None)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import ray, sys; ray.init(address='local', num_cpus=1, include_dashboard=False); "
+                               "print(ray.get_runtime_context().gcs_address, flush=True); sys.stdin.read(); ray.shutdown()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    try:
+        theirs = holder.stdout.readline().strip()
+        assert theirs, "the first process's Ray did not start"
+        probe = subprocess.run(
+            [sys.executable, "-c", "import ray; from xmr.train.driver import ensure_ray; "
+                                   "how = ensure_ray(num_cpus=1, dashboard=False, quiet=True); "
+                                   "print(how); print(ray.get_runtime_context().gcs_address); ray.shutdown()"],
+            capture_output=True, text=True, env=env, timeout=180)
+        how, ours = (probe.stdout.strip().splitlines() + ["", ""])[:2]
+        assert how == "started an embedded local Ray" and ours and ours != theirs, probe.stdout + probe.stderr[-2000:]
+    finally:
+        holder.stdin.close()
+        try:
+            holder.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            holder.kill()
