@@ -1,4 +1,4 @@
-"""Do a spec's verdicts survive other tuning candidates? (issue 23, guard 5c)
+"""Do a spec's verdicts survive another tuning seed? (issues 23 and 34, guard 5c)
 
 Runs each spec twice as a user would (``xmr compare --spec NAME``), once with its own
 ``tuning.seed`` and once with ``--tuning-seed`` set to another value, and tabulates every
@@ -7,10 +7,17 @@ by the draw, not by the variants; the two runs share nothing but the data and th
 The spec's own seed reuses what ``xmr compare`` left in ``--default-storage`` (a stored run
 is reused only if it is this job's: ``compare.runner.check_stored``).
 
-    .venv/bin/python bench/compare_reseed.py                       # every shipped spec (hours on 2 cores)
+    .venv/bin/python bench/compare_reseed.py        # the specs whose verdicts moved at stop 32
     .venv/bin/python bench/compare_reseed.py --spec cdaml_hierarchy --other-seed 2024
+    .venv/bin/python bench/compare_reseed.py --all  # every shipped spec (hours on 2 cores)
 
-Writes bench/results/compare_reseed.json; ``headline``: specs, tests, verdicts_agree, share.
+Since issue 34 every replicate tunes on its own draw, so each interval already covers the
+tuning choice: another tuning seed should move an estimate outside its own interval about
+as often as the interval's 5% says, and should never turn a verdict into its contradiction
+(held vs reversed, or held / reversed vs equivalent).
+
+Writes bench/results/compare_reseed.json; ``headline``: specs, tests, verdicts_agree, share,
+contradictions, outside_own_interval. Rows of the protocol before issue 34 are not mixed in.
 """
 
 from __future__ import annotations
@@ -27,19 +34,31 @@ from _common import RESULTS, machine  # noqa: E402
 
 
 
+PROTOCOL = "replicate-tuning"  # issue 34: every replicate tunes on its own draw
+MOVED = ("map_center_modality_gap", "map_cdaml_samples_per_class", "k_sweep")  # verdicts that moved at stop 32
+
+
+def contradicts(a: str, b: str) -> bool:
+    """Held vs reversed, or held / reversed vs equivalent: one run says the opposite of the other."""
+    decided = {"held", "reversed"}
+    return ({a, b} == decided) or (a in decided and b == "equivalent") or (b in decided and a == "equivalent")
+
+
 def main() -> int:
     from xmr.compare.runner import run_comparison
     from xmr.compare.spec import SPEC_DIR, load_spec
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--spec", action="append", default=[], help="spec name (repeatable; default: every shipped spec)")
+    p.add_argument("--spec", action="append", default=[],
+                   help="spec name (repeatable; default: " + ", ".join(MOVED) + ")")
+    p.add_argument("--all", action="store_true", help="every shipped spec")
     p.add_argument("--other-seed", type=int, default=2024, help="the second run's tuning seed (default 2024)")
     p.add_argument("--storage", default="runs/compare_reseed", help="where the other seed's runs go (resumable)")
     p.add_argument("--default-storage", default="runs/compare",
                    help="where the spec's own tuning seed runs go (default: where `xmr compare` puts them, so a "
                         "finished `xmr compare --all` is reused, not retrained)")
     args = p.parse_args()
-    names = args.spec or sorted(x.stem for x in SPEC_DIR.glob("*.yaml"))
+    names = sorted(x.stem for x in SPEC_DIR.glob("*.yaml")) if args.all else (args.spec or list(MOVED))
     rows, t0, default_seed = [], time.perf_counter(), None
     for name in names:
         default_seed = load_spec(name).tuning_seed
@@ -51,27 +70,35 @@ def main() -> int:
         a, b = runs[default_seed], runs[args.other_seed]
         for ca, cb in zip(a.claims, b.claims):
             assert (ca["claim"], str(ca["level"])) == (cb["claim"], str(cb["level"]))
-            rows.append({"spec": name, "claim": ca["claim"], "level": ca["level"],
-                         "verdict": ca["verdict"], "diff": ca["mean"], "verdict_other": cb["verdict"],
-                         "diff_other": cb["mean"], "agree": ca["verdict"] == cb["verdict"],
-                         "wall_min": (a.wall_s + b.wall_s) / 60})
+            rows.append({"spec": name, "claim": ca["claim"], "level": ca["level"], "protocol": PROTOCOL,
+                         "verdict": ca["verdict"], "diff": ca["mean"], "low": ca["low"], "high": ca["high"],
+                         "verdict_other": cb["verdict"], "diff_other": cb["mean"], "low_other": cb["low"],
+                         "high_other": cb["high"], "agree": ca["verdict"] == cb["verdict"],
+                         "contradiction": contradicts(ca["verdict"], cb["verdict"]),
+                         "outside": not (ca["low"] <= cb["mean"] <= ca["high"] and cb["low"] <= ca["mean"] <= cb["high"]),
+                         "wall_min": a.wall_s / 60, "wall_min_other": b.wall_s / 60})
     # rows of specs this run did not touch are kept from the last run with the same seeds, so
     # the specs can be run one at a time (each a few minutes to half an hour on 2 cores)
     previous = RESULTS / "compare_reseed.json"
     if previous.is_file():
         old = json.loads(previous.read_text())
         if old.get("seeds") == [default_seed, args.other_seed]:
-            rows = [r for r in old["rows"] if r["spec"] not in names] + rows
+            rows = [r for r in old["rows"] if r["spec"] not in names and r.get("protocol") == PROTOCOL] + rows
     rows.sort(key=lambda r: r["spec"])
     print(f"| spec | claim | level | spec's tuning seed ({default_seed}) | seed {args.other_seed} | agree |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['spec']} | `{r['claim']}` | {r['level'] if r['level'] is not None else ''} | "
               f"{r['verdict']} ({r['diff']:+.4f}) | {r['verdict_other']} ({r['diff_other']:+.4f}) | "
-              f"{'yes' if r['agree'] else '**no**'} |")
+              f"{'yes' if r['agree'] else ('**contradiction**' if r['contradiction'] else '**no**')} |")
     agree = sum(r["agree"] for r in rows)
     headline = {"specs": len({r["spec"] for r in rows}), "tests": len(rows), "verdicts_agree": agree,
                 "share": agree / len(rows) if rows else float("nan"),
+                "contradictions": sum(r["contradiction"] for r in rows),
+                "outside_own_interval": sum(r["outside"] for r in rows),
+                "wall_min_per_spec": {n: round(sum(r["wall_min"] + r["wall_min_other"] for r in rows if r["spec"] == n)
+                                               / max(1, sum(r["spec"] == n for r in rows)), 1)
+                                      for n in sorted({r["spec"] for r in rows})},
                 "wall_min_this_invocation": (time.perf_counter() - t0) / 60}
     print("headline:", headline)
     RESULTS.mkdir(exist_ok=True)

@@ -253,6 +253,7 @@ LIVE = {
     "data.on_bad_sample": ("sccmrl", "skip", "loader"),
     "data.max_clips": ("qacln", 3, "loader"),
     "data.max_query_tokens": ("qacln", 2, "loader"),
+    "data.label_noise": ("sccmrl", 0.5, "loader"),
     "data.endpoint_url": ("sccmrl", "http://127.0.0.1:9", "loader"),
     "model.name": ("sccmrl", "mixer_mae", "forward"),
     "model.embed_dim": ("sccmrl", 12, "forward"),
@@ -331,7 +332,7 @@ LIVE = {
 
 # Where a field does not apply, the check says so (field, base, value).
 REJECTED = [
-    ("data.max_clips", "sccmrl", 3), ("data.max_query_tokens", "sccmrl", 2),
+    ("data.max_clips", "sccmrl", 3), ("data.max_query_tokens", "sccmrl", 2), ("data.label_noise", "qacln", 0.3),
     ("model.mask_ratio", "sccmrl", 0.5), ("model.decoder_layers", "pair_vec", 2),
     ("model.tokens_b", "sccmrl", 2), ("model.hierarchical", "sccmrl", True), ("model.attention", "sccmrl", True),
     ("model.query_layers", "sccmrl", 1), ("model.query_fusion", "sccmrl", False), ("model.netvlad", "sccmrl", True),

@@ -208,3 +208,24 @@ def test_load_npy_matches_np_load(array: np.ndarray) -> None:
         assert got.dtype == array.dtype and got.shape == array.shape and np.array_equal(got, array)
     with pytest.raises(ValueError):
         load_npy(buf.getvalue()[:-1] if array.size else buf.getvalue() + b"x")
+
+
+def test_corrupt_labels_changes_a_fixed_share_to_another_class():
+    """``data.label_noise``: about that share of samples get a wrong label, never their own,
+    and the same samples in every call (a corrupted dataset, not fresh noise each epoch)."""
+    import torch
+
+    from xmr.data.reader import corrupt_labels
+
+    index = torch.arange(20_000)
+    label = index % 6
+    batch = {"index": index, "label": label, "a": torch.zeros(20_000, 1)}
+    for fraction in (0.3, 0.5):
+        out = corrupt_labels(batch, fraction, [6])
+        wrong = out["label"] != label
+        assert abs(float(wrong.float().mean()) - fraction) < 0.02
+        assert (out["label"] >= 0).all() and (out["label"] < 6).all()
+        assert torch.equal(corrupt_labels(batch, fraction, [6])["label"], out["label"])  # fixed per sample
+        counts = torch.bincount(out["label"][wrong], minlength=6)
+        assert (counts > 0).all()  # wrong labels spread over the other classes
+    assert torch.equal(corrupt_labels(batch, 0.0, [6])["label"], label)

@@ -100,6 +100,9 @@ def resolve(cfg: Config) -> tuple[Config, Manifest]:
         cfg.model.num_classes = list(manifest.labels.num_classes)
     if not cfg.model.label_kind:
         cfg.model.label_kind = manifest.labels.kind
+    if cfg.data.label_noise > 0 and manifest.labels.kind != "single":
+        _fail(f"data.label_noise = {cfg.data.label_noise}: corrupts single labels only; the dataset at "
+              f"{cfg.data.path!r} has {manifest.labels.kind!r} labels")
     return cfg, manifest
 
 

@@ -60,6 +60,11 @@ class DataConfig:
     on_bad_sample: Literal["error", "skip"] = "error"
     max_clips: int = 128  # vcmr: clips kept per video
     max_query_tokens: int = 32  # vcmr: tokens kept per query
+    # category: this fraction of the training split's samples carry a wrong label (each one
+    # fixed by its sample index, the same in every epoch and seed). A handicap by
+    # construction: the known positive of ``xmr compare``'s guards (a twin trained on
+    # corrupted labels must lose to the original), never a setting to train with.
+    label_noise: float = 0.0
     endpoint_url: str | None = None  # S3-compatible endpoint; default from AWS env/config
 
 
@@ -445,6 +450,8 @@ def validate(cfg: Config) -> None:
         value = getattr(cfg.data, name)
         _require(value >= 1, f"data.{name} = {value}: must be >= 1")
     _require(cfg.data.num_workers >= 0, f"data.num_workers = {cfg.data.num_workers}: must be >= 0")
+    _require(0.0 <= cfg.data.label_noise < 1.0,
+             f"data.label_noise = {cfg.data.label_noise}: a fraction of the training samples, in [0, 1)")
     _require(cfg.data.max_clips >= 1, f"data.max_clips = {cfg.data.max_clips}: must be >= 1")
     _require(cfg.data.max_query_tokens >= 1, f"data.max_query_tokens = {cfg.data.max_query_tokens}: must be >= 1")
     m = cfg.model

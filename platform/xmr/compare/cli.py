@@ -22,9 +22,10 @@ def _compare(args: argparse.Namespace) -> int:
              for n in names]  # all checked first
     status, done, t0 = 0, [], time.perf_counter()
     for spec in specs:
-        print(f"[xmr] comparison {spec.name}: {len(spec.variants)} variants x {len(spec.seeds)} seeds"
+        print(f"[xmr] comparison {spec.name}: {len(spec.variants)} variants x {len(spec.seeds)} replicates"
               + (f" x {len(spec.map.levels)} levels of {spec.map.label}" if spec.map else "")
-              + (f", {spec.tuning_trials} tuning trials per variant" if spec.tuning_trials else ""), flush=True)
+              + (f", {spec.tuning_trials} tuning candidates per variant in every replicate" if spec.tuning_trials else ""),
+              flush=True)
         c = run_comparison(spec, args.storage, concurrency=args.concurrency, address=args.address,
                            verbose=args.verbose)
         done.append(c)
@@ -46,18 +47,23 @@ def _compare(args: argparse.Namespace) -> int:
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser("compare", help="tune, train and test methods / baselines / ablations across seeds",
-                              description="For every variant of a comparison spec: the same tuning candidates on "
-                                          "validation, then N seeds trained until validation stops improving (rerun "
-                                          "at a larger epoch cap while they peak at it), the best checkpoint scored "
-                                          "on the test split; each claimed ordering judged held / reversed / "
-                                          "equivalent / inconclusive from the paired differences (Holm-adjusted "
-                                          "across the spec's claims).")
+                              description="For every replicate r of a comparison spec: every variant tunes on "
+                                          "its own fresh draw of candidates (the same draw for every variant), each "
+                                          "trained with training seed r until validation stops improving; the best "
+                                          "on validation is replicate r's run and is scored on the test split. Both "
+                                          "sides of a claim share one epoch cap (doubled for all, and retuned, while "
+                                          "a chosen run still improves at it); a range whose winners sit at its edge "
+                                          "is widened. Each claimed ordering is judged held / reversed / equivalent / "
+                                          "inconclusive from the paired differences (Holm-adjusted across the "
+                                          "spec's claims), with P(claimed side wins).")
     p.add_argument("--spec", action="append", default=[], help="shipped spec name or YAML path (repeatable)")
     p.add_argument("--all", action="store_true", help="every shipped spec (with --report: rewrite the whole page)")
     p.add_argument("--data", default=None, help="run on this dataset instead of the spec's (default: the spec's)")
-    p.add_argument("--seeds", type=int, default=None, help="seeds per variant (default: the spec's, 5)")
+    p.add_argument("--seeds", type=int, default=None,
+                   help="replicates (a training seed and a tuning draw each; default: the spec's, 5)")
     p.add_argument("--tuning-seed", type=int, default=None,
-                   help="seed of the tuning candidates (default: the spec's tuning.seed, 1000)")
+                   help="seed of the tuning draws (default: the spec's tuning.seed, 1000; a variant's own "
+                        "tuning_seed is kept)")
     p.add_argument("--set", action="append", default=[], metavar="A.B=VALUE",
                    help="a config override for every variant (repeatable)")
     p.add_argument("--storage", default="runs/compare", help="where runs and tables go, local or s3:// (default: runs/compare)")

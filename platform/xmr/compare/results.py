@@ -10,7 +10,8 @@ import pandas as pd
 from xmr.compare.spec import ComparisonSpec
 
 NOT_METRICS = {"variant", "seed", "level", "status", "error", "phase", "trial", "best_epoch", "epochs", "wall_s",
-               "finished_at", "n_no_relevant", "pretrain_epochs", "cap", "extended", "peaked_at_cap"}
+               "finished_at", "n_no_relevant", "pretrain_epochs", "cap", "extended", "peaked_at_cap", "round", "candidate",
+               "val_score", "last_gain"}
 
 
 @dataclass
@@ -24,7 +25,8 @@ class Comparison:
     claims: list[dict[str, Any]]  # per (claim, level): paired difference, interval, verdict
     wall_s: float
     out: str
-    notes: dict[str, Any] = field(default_factory=dict)  # e.g. in-batch negatives per anchor
+    notes: dict[str, Any] = field(default_factory=dict)  # e.g. in-batch negatives per anchor, per-level caps
+    trends: list[dict[str, Any]] = field(default_factory=list)  # per claim: slope over the map's levels
 
 
 def metric_columns(runs: pd.DataFrame) -> list[str]:

@@ -12,6 +12,11 @@ Four verdicts on a claim ``left > right`` with equivalence margin δ:
   or more, so the variants are the same within the margin the spec names;
 - **inconclusive**: neither: too noisy to tell a difference from none at this budget.
 
+Beside the verdict: whether a held or reversed difference is **smaller than δ** (its whole
+interval inside ±δ: real, but below the margin the spec calls practical), the share of
+replicates the left side wins, P(A > B), with its Wilson 95% interval, and, for a claim map
+whose claim is a trend, a test of the trend (``trend_test``).
+
 Holm's step-down correction controls the chance of *any* false held / reversed across a
 spec's tests at α, whatever their dependence; it is applied to the difference tests, not
 to the equivalence tests (which use the plain 95% interval, stricter than TOST's usual
@@ -115,3 +120,68 @@ def verdict(diff: PairedDifference, op: str, p_adjusted: float | None = None,
     if -margin < diff.low and diff.high < margin:
         return "equivalent"
     return "inconclusive"
+
+
+def smaller_than_margin(diff: PairedDifference, margin: float) -> bool:
+    """The whole 95% interval inside (−δ, +δ): a held or reversed difference this small is
+    reported as "held, smaller than δ", not as a plain held."""
+    return not math.isnan(diff.low) and -margin < diff.low and diff.high < margin
+
+
+def wilson_interval(successes: float, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson's score interval of a proportion (``successes`` may be fractional: a tie counts
+    half); (nan, nan) without trials."""
+    if n <= 0:
+        return math.nan, math.nan
+    z = float(stats.norm.ppf(0.5 + confidence / 2))
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def win_share(left: dict[int, float], right: dict[int, float]) -> dict[str, float]:
+    """P(A > B): the share of paired replicates in which ``left`` beats ``right`` (ties count
+    half), with its Wilson 95% interval."""
+    seeds = [s for s in left if s in right and not math.isnan(left[s]) and not math.isnan(right[s])]
+    wins = sum(1.0 if left[s] > right[s] else 0.5 if left[s] == right[s] else 0.0 for s in seeds)
+    low, high = wilson_interval(wins, len(seeds))
+    return {"p_win": wins / len(seeds) if seeds else math.nan, "p_win_low": low, "p_win_high": high}
+
+
+@dataclass
+class Trend:
+    """The slope of the paired differences over the map's levels (per level step), its 95%
+    interval and two-sided p-value, and the verdict on the claimed direction."""
+
+    slope: float
+    low: float
+    high: float
+    p: float
+    n: int
+    verdict: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def trend_test(diffs_by_level: list[list[float]], direction: str) -> Trend:
+    """Least-squares slope of every replicate's paired difference against the level's rank
+    (0, 1, 2, ...: the levels' order, whatever their spacing), t-tested (scipy's
+    ``linregress``): **held** when p < α with the slope in the claimed ``direction``
+    ("increasing" or "decreasing"), **reversed** on the other side, otherwise
+    **inconclusive**. A verdict per level does not show a trend: "helps at 0, equivalent at
+    1.5" can be two draws of one effect."""
+    if direction not in ("increasing", "decreasing"):
+        raise ValueError(f"trend direction {direction!r}: use increasing or decreasing")
+    xs = [float(i) for i, ds in enumerate(diffs_by_level) for d in ds if not math.isnan(d)]
+    ys = [float(d) for ds in diffs_by_level for d in ds if not math.isnan(d)]
+    if len(set(xs)) < 2 or len(xs) < 3:
+        return Trend(math.nan, math.nan, math.nan, math.nan, len(xs), "inconclusive")
+    fit = stats.linregress(xs, ys)
+    half = float(stats.t.ppf(0.975, df=len(xs) - 2)) * float(fit.stderr)
+    p = float(fit.pvalue) if not math.isnan(float(fit.pvalue)) else 1.0
+    verdict = "inconclusive"
+    if p < ALPHA and fit.slope != 0:
+        verdict = "held" if (fit.slope > 0) == (direction == "increasing") else "reversed"
+    return Trend(float(fit.slope), float(fit.slope) - half, float(fit.slope) + half, p, len(xs), verdict)

@@ -213,8 +213,9 @@ class Loader:
     def __init__(self, root: str, split: str, manifest: Manifest, *, local_batch_size: int, rank: int,
                  world_size: int, num_workers: int, seed: int, epoch: int, shuffle: bool, mode: str, unit: str,
                  on_bad_sample: str, max_clips: int | None, max_query_tokens: int | None,
-                 endpoint_url: str | None, shuffle_buffer: int) -> None:
+                 endpoint_url: str | None, shuffle_buffer: int, label_noise: float = 0.0) -> None:
         self.root, self.split, self.manifest = root, split, manifest
+        self.label_noise = label_noise
         self.kw = dict(local_batch_size=local_batch_size, rank=rank, world_size=world_size,
                        num_workers=num_workers, seed=seed, shuffle=shuffle, mode=mode)
         self.unit, self.on_bad_sample, self.endpoint_url = unit, on_bad_sample, endpoint_url
@@ -255,16 +256,33 @@ class Loader:
         n = 0
         for batch in dl:
             n += 1
-            yield batch
+            yield corrupt_labels(batch, self.label_noise, self.manifest.labels.num_classes) if self.label_noise else batch
         if n != self.plan.steps:
             raise RuntimeError(f"{self.root} {self.split}: yielded {n} batches, plan says {self.plan.steps}")
+
+
+def corrupt_labels(batch: dict, fraction: float, num_classes: list[int]) -> dict:
+    """``batch`` with the labels of about ``fraction`` of its samples replaced by another
+    class. Which samples and which wrong class depend on the sample's index alone (a fixed
+    hash), so the same samples are wrong in every epoch and every seed: a dataset with
+    corrupted labels, not label-smoothing noise."""
+    import torch
+
+    index = batch["index"].to(torch.int64)
+    h = (index * 2654435761 + 97) % 4294967296  # Knuth's multiplicative hash: spread, deterministic
+    wrong = (h % 100_000).to(torch.float64) < fraction * 100_000
+    c = int(num_classes[0])
+    shift = 1 + (h // 100_000) % max(1, c - 1)  # another class, never the true one
+    label = batch["label"]
+    return {**batch, "label": torch.where(wrong, (label + shift) % c, label)}
 
 
 def make_loader(root: str, split: str, *, local_batch_size: int, rank: int = 0, world_size: int = 1,
                 num_workers: int = 0, seed: int = 0, epoch: int = 0, shuffle: bool = True, mode: str = "shard",
                 unit: str | None = None, on_bad_sample: str = "error", max_clips: int | None = None,
                 max_query_tokens: int | None = None, endpoint_url: str | None = None,
-                shuffle_buffer: int = SHUFFLE_BUFFER, manifest: Manifest | None = None) -> Loader:
+                shuffle_buffer: int = SHUFFLE_BUFFER, manifest: Manifest | None = None,
+                label_noise: float = 0.0) -> Loader:
     """A loader over ``<root>`` (local or s3://) split ``split`` for one rank.
 
     ``unit``: category -> "pair" (default); vcmr -> "query" (default, training) or "video"
@@ -281,7 +299,7 @@ def make_loader(root: str, split: str, *, local_batch_size: int, rank: int = 0, 
     return Loader(root, split, m, local_batch_size=local_batch_size, rank=rank, world_size=world_size,
                   num_workers=num_workers, seed=seed, epoch=epoch, shuffle=shuffle, mode=mode, unit=unit,
                   on_bad_sample=on_bad_sample, max_clips=max_clips, max_query_tokens=max_query_tokens,
-                  endpoint_url=endpoint_url, shuffle_buffer=shuffle_buffer)
+                  endpoint_url=endpoint_url, shuffle_buffer=shuffle_buffer, label_noise=label_noise)
 
 
 def loader_for(cfg, split: str, *, train: bool = False, unit: str | None = None, rank: int = 0,
@@ -294,7 +312,7 @@ def loader_for(cfg, split: str, *, train: bool = False, unit: str | None = None,
                        rank=rank, world_size=world_size, num_workers=d.num_workers, seed=cfg.seed, shuffle=train,
                        mode=d.split_mode if train else "shard", unit=unit, on_bad_sample=d.on_bad_sample,
                        max_clips=d.max_clips, max_query_tokens=d.max_query_tokens, endpoint_url=d.endpoint_url,
-                       manifest=manifest)
+                       manifest=manifest, label_noise=d.label_noise if train else 0.0)
 
 
 def to_device(batches: Iterable[dict[str, Any]], device) -> Iterator[dict[str, Any]]:

@@ -30,6 +30,7 @@ class CategoryFamily(TaskFamily):
     title = "category"
     labelled = True
     output_files = ("per_query.csv",)
+    data_fields = ("data.label_noise",)
 
     def targets(self, batch: dict[str, Any]) -> torch.Tensor:
         return batch["label"]
@@ -124,6 +125,7 @@ class PairFamily(CategoryFamily):
     title = "pair"
     main_metric = "r1_mean"
     labelled = False
+    data_fields = ()  # relevance is the pair itself: no label to corrupt
 
     def targets(self, batch: dict[str, Any]) -> torch.Tensor:
         return batch["index"].reshape(-1)
