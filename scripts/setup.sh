@@ -39,4 +39,16 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     || { echo "[setup] install failed" >&2; exit 1; }
   echo "$want" > "$stamp"
 fi
+# openapi-python-client (tests/test_openapi.py's generated client) pins a typer that transformers
+# cannot share: a venv of its own inside .venv, re-made when requirements/codegen.txt changes.
+codegen_stamp=.venv/codegen/.xmr-installed
+codegen_want=$(sha256sum requirements/codegen.txt | cut -d' ' -f1)
+if [ "$(cat "$codegen_stamp" 2>/dev/null)" != "$codegen_want" ]; then
+  echo "[setup] installing openapi-python-client into .venv/codegen"
+  [ -x .venv/codegen/bin/python ] || "$PY" -m venv .venv/codegen
+  .venv/codegen/bin/python -m pip install -q -r requirements/codegen.txt 2>&1 | grep -v "is ignored" || true
+  .venv/codegen/bin/openapi-python-client --version >/dev/null \
+    || { echo "[setup] openapi-python-client install failed" >&2; exit 1; }
+  echo "$codegen_want" > "$codegen_stamp"
+fi
 echo "[setup] ready: $(.venv/bin/python -c 'import torch, ray; print(f"torch {torch.__version__}, ray {ray.__version__}")')"

@@ -34,6 +34,7 @@ from fastapi import Request
 from fastapi.responses import Response
 from ray import serve
 
+from xmr.serve.contract import set_contract
 from xmr.serve.featurise import audio_featuriser
 from xmr.serve.gallery import Loaded, load_for_serving, text_encoder_of
 from xmr.serve.http import JSONBytes, api
@@ -308,6 +309,7 @@ class Gateway:
     def reconfigure(self, config: dict[str, Any]) -> None:
         set_key_digest(config.get("api_key_sha256"))
         set_body_timeout(config.get("body_timeout_s"))
+        set_contract(config.get("contract"))  # what /openapi.json documents (xmr.serve.contract)
         self.retries = int(config.get("retries", DEFAULTS.retries))
         self.retry_budget_s = float(config.get("retry_budget_s", DEFAULTS.retry_budget_s))
         self.shard_deadline_s = float(config.get("shard_deadline_s", DEFAULTS.shard_deadline_s))

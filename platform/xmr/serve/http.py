@@ -13,6 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from xmr.serve.contract import openapi_document
 from xmr.serve.middleware import BearerToken, BoundedBody, error_response as _error
 from xmr.serve.requests import RequestError, error_text
 
@@ -50,13 +51,21 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
         message = str(exc.detail)
     if exc.status_code < 500:
         LOG.warning("%d %s %r: %r", exc.status_code, request.method, request.url.path[:200], message[:300])
-    return _error(exc.status_code, message)
+    # Starlette's 405 carries the route's methods in Allow (RFC 9110 requires it): kept
+    return _error(exc.status_code, message, dict(exc.headers) if exc.headers else None)
 
 
 @api.exception_handler(Exception)
 async def _internal_error(_: Request, exc: Exception) -> JSONResponse:
     return _error(500, f"internal error ({type(exc).__name__}); the request may be retried")
 
+
+def _openapi() -> dict[str, Any]:
+    """The served checkpoint's document (``xmr.serve.contract``), from FastAPI's."""
+    return openapi_document(FastAPI.openapi(api))
+
+
+api.openapi = _openapi  # FastAPI's documented way to change the document /openapi.json serves
 
 api.add_middleware(BoundedBody)
 api.add_middleware(BearerToken)

@@ -11,7 +11,7 @@ import re
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, ValidationError
 from starlette.requests import Request
 
 MAX_BODY_BYTES = 4 << 20  # 4 MiB: a 100 k-element float query in JSON, or ~90 s of 16 kHz WAV in base64
@@ -30,6 +30,15 @@ MAX_ABS_VALUE = 1e15
 # element by pydantic: a 20 x 768 query is 15k numbers, and per-element validation of that
 # costs more than the search itself.
 FeatureArray = Annotated[list, Field(min_length=1, max_length=MAX_ELEMENTS)]
+
+
+def _integral(value: Any) -> Any:
+    """JSON does not tell 5 from 5.0 (JSON Schema calls both integers): a float with no
+    fraction is the integer; strings and booleans stay refused."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+Count = Annotated[StrictInt, BeforeValidator(_integral)]
 
 
 class RequestError(Exception):
@@ -84,7 +93,7 @@ class SearchRequest(BaseModel):
     text: str | None = Field(None, min_length=1, max_length=2000,
                              description="raw text (datasets whose query features came from a text encoder)")
     modality: Literal["a", "b"] | None = Field(None, description="the query's modality; results are the other")
-    k: StrictInt = Field(10, ge=1, le=MAX_K)
+    k: Count = Field(10, ge=1, le=MAX_K)
 
 
 class MomentsRequest(BaseModel):
@@ -95,7 +104,7 @@ class MomentsRequest(BaseModel):
     text: str | None = Field(None, min_length=1, max_length=2000,
                              description="raw text, for datasets whose query tokens came from a text encoder "
                                          "(xmr data synth vcmr --text-encoder): featurised by the same encoder")
-    k: StrictInt = Field(10, ge=1, le=100)
+    k: Count = Field(10, ge=1, le=100)
     video: str | None = Field(None, min_length=1, max_length=512, description="video id: search only this video")
 
 
@@ -129,6 +138,59 @@ class MomentsResponse(BaseModel):
     shards: int | None = Field(None, description="a sharded index: how many shards it has")
     missing_shards: list[int] | None = Field(None, description="a sharded index: shards that did not answer in time")
     partial: bool | None = Field(None, description="a sharded index: true when missing_shards is not empty")
+
+
+class BatchingCounters(BaseModel):
+    batches: int
+    queries: int
+    mean_batch: float = Field(description="queries per batch")
+    compute_ms_per_batch: float
+    compute_s: float = Field(description="compute seconds, all batches")
+
+
+class ShardInfo(BaseModel):
+    shard: int
+    items: int
+    answering: bool = Field(description="whether it answered this /info in time")
+    missing_from_answers: int = Field(description="answers given without it")
+    replica: str | None = None
+    search: str | None = None
+    gallery: str | None = None
+    batching: dict[str, BatchingCounters] | None = None
+
+
+class InfoResponse(BaseModel):
+    """What the endpoint serves and how it has been doing."""
+
+    method: str = Field(description="the checkpoint's method")
+    task: str = Field(description="its task family (category, pair, vcmr)")
+    model: str
+    checkpoint: str = Field(description="which run and checkpoint (its last two path parts, or the s3:// URI)")
+    gallery: str = Field(description="the dataset (or index) searched; 'sharded' for a sharded index")
+    split: str | None = None
+    gallery_size: int = Field(description="items (category) or videos (VCMR) searched")
+    embed_dim: int
+    input_dims: dict[str, list[int]] = Field(description="each modality's feature shape")
+    search: str = Field(description="exact, or approximate (its index kinds)")
+    build_s: float | None = Field(None, description="seconds the replica took to load and encode")
+    built_at: str | None = None
+    loading: str | None = Field(description="a checkpoint being loaded to replace this one, or null")
+    batch_size: int | None = None
+    batching: dict[str, BatchingCounters] | None = Field(None, description="per route: is batching paying")
+    torch_threads: int | None = None
+    replica: str | None = Field(None, description="the replica that answered")
+    featurisers: list[str] = Field(description="raw query forms this endpoint turns into features")
+    text_encoder: dict[str, Any] | None = Field(description="the corpus's text encoder, or null")
+    retried_calls: int = Field(description="calls sent again after their replica died")
+    auth: bool = Field(description="whether a bearer key is required")
+    shards: list[ShardInfo] | None = Field(None, description="a sharded index: each shard")
+    partial_answers: int | None = Field(None, description="a sharded index: answers given without every shard")
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok", "degraded"] = Field(description="degraded: some shards of a sharded index are down")
+    shards: int | None = None
+    missing_shards: list[int] | None = None
 
 
 def numeric_array(value: Any, field: str) -> np.ndarray:
@@ -286,23 +348,66 @@ def base64_floats(text: str) -> np.ndarray:
     return np.frombuffer(raw, dtype="<f4").astype(np.float32)
 
 
+# What the gateway serves (``xmr.serve.contract.served_contract``: route, feature shapes per
+# modality, gallery size), set with the OpenAPI contract (``set_contract``): a .npy body's
+# modality follows from its shape, and ``k`` is checked against the gallery here too.
+SERVED: list[dict[str, Any] | None] = [None]
+QUERY_PARAMS = ("k", "modality", "video")
+
+
+def _query_params(request: Request, model) -> dict[str, Any]:
+    """``k``, ``modality``, ``video`` from the query string (a .npy body's only place for
+    them), each once; any other parameter is refused, naming it."""
+    params: dict[str, Any] = {}
+    for name, value in request.query_params.multi_items():
+        if name not in QUERY_PARAMS or name not in model.model_fields:
+            raise RequestError(422, f"query parameter {name[:40]!r}: not one this route takes "
+                                    f"({', '.join(p for p in QUERY_PARAMS if p in model.model_fields)})")
+        if name in params:
+            raise RequestError(422, f"query parameter {name!r}: given more than once")
+        params[name] = value
+    if "k" in params:
+        try:
+            if len(params["k"]) > 8:
+                raise ValueError
+            params["k"] = int(params["k"])
+        except ValueError:
+            raise RequestError(422, f"k: expected an integer query parameter, got {params['k'][:20]!r}") from None
+    return params
+
+
+def _npy_modality(arr: np.ndarray) -> str | None:
+    """The one served modality whose shape (or element count, flat) the array has, if any."""
+    served = SERVED[0] or {}
+    dims = served.get("dims") if served.get("route") == "search" else None
+    if not dims:
+        return None
+    fits = [r for r, d in dims.items() if list(arr.shape) == list(d)
+            or (arr.ndim == 1 and arr.size == int(np.prod(d)))]
+    return fits[0] if len(fits) == 1 else None
+
+
 async def parse_request(request: Request, model) -> tuple[Any, np.ndarray | None]:
-    """(validated request model, binary query array or None) from a JSON or .npy body."""
+    """(validated request model, binary query array or None) from a JSON or .npy body. Query
+    parameters apply to both; a field of a JSON body takes precedence over its parameter."""
     body = await request.body()
+    params = _query_params(request, model)
     if request.headers.get("content-type", "").split(";")[0].strip() == NPY:
-        params = dict(request.query_params)
-        if "k" in params:
-            try:
-                if len(params["k"]) > 8:
-                    raise ValueError
-                params["k"] = int(params["k"])
-            except ValueError:
-                raise RequestError(422, f"k: expected an integer query parameter, got {params['k'][:20]!r}") from None
-        req, binary = validated(model, params), parse_npy_body(body)
-        return req, binary
+        binary = parse_npy_body(body)
+        if "modality" in model.model_fields and "modality" not in params:
+            inferred = _npy_modality(binary)
+            if inferred is not None:
+                params["modality"] = inferred
+        return validated(model, params), binary
+    if params:  # each parameter valid on its own, whatever the body gives
+        checked = validated(model, params)
+        size = (SERVED[0] or {}).get("gallery_size") if (SERVED[0] or {}).get("route") == "search" else None
+        if "k" in params and size and checked.k > size:
+            raise RequestError(422, f"k = {checked.k}: the gallery holds {size} items")
     data = parse_json_body(body)
     if not isinstance(data, dict):
         raise RequestError(422, f"body: expected a JSON object, got {type(data).__name__}")
+    data = {**params, **data}
     encoded = data.pop("query_base64", None)
     req = validated(model, data)
     if encoded is None:
