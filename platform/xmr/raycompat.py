@@ -11,6 +11,7 @@ revisit each function below (its docstring says what would let it go).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
@@ -63,6 +64,113 @@ def started_cluster_address() -> str | None:
     return address
 
 
+# Ray's C++ core installs Abseil's failure signal handler in every process it starts and in
+# the driver (when ``ray.init`` connects): on SIGTERM it dumps a stack ("*** SIGTERM received
+# at time=... PC: @ ... clock_nanosleep", logging.cc lines) before dying. A command that exits
+# on SIGTERM / Ctrl-C with a line of its own keeps it off in its own process. Ray reads this
+# variable (not part of its documented API) when a process's core worker starts.
+FAILURE_HANDLER_ENV = "RAY_DISABLE_FAILURE_SIGNAL_HANDLER"
+
+
+@contextlib.contextmanager
+def quiet_failure_handler():
+    """For the ``ray.init`` inside it, the driver process (this one) gets no Abseil failure
+    signal handler (``FAILURE_HANDLER_ENV``): xmr's own SIGTERM / SIGINT handlers decide how it
+    exits, with one line. A local Ray started inside it inherits the variable (its processes
+    are started from here and read it then): they, too, stop on SIGTERM without a stack dump in
+    their log files; a crash (SIGSEGV) in them then has no C++ stack in its log. ``--verbose``
+    (XMR_VERBOSE=1) keeps Ray's handler everywhere. The caller's own setting wins. Goes when Ray
+    offers a public switch, or stops handling SIGTERM as a failure."""
+    if os.environ.get("XMR_VERBOSE") == "1" or FAILURE_HANDLER_ENV in os.environ:
+        yield
+        return
+    os.environ[FAILURE_HANDLER_ENV] = "1"
+    try:
+        yield
+    finally:
+        os.environ.pop(FAILURE_HANDLER_ENV, None)
+
+
+# The driver threads through which Ray prints what its processes report: the GCS's error
+# messages for this job ("(raylet) Task ServeController.graceful_shutdown failed ...", "A
+# worker died ...") and, with ``log_to_driver``, its workers' lines. Ray's thread names, not
+# an API: where they change, those lines simply reach the console again.
+RAY_CONSOLE_THREADS = ("ray_listen_error_messages", "ray_print_logs")
+
+
+class _ByThread:
+    """A text stream that sends what Ray's console threads write to ``log`` and everything
+    else to ``console``."""
+
+    def __init__(self, console, log) -> None:
+        self._console, self._log = console, log
+
+    def write(self, text: str) -> int:
+        import threading
+
+        if threading.current_thread().name in RAY_CONSOLE_THREADS:
+            self._log.write(text)
+            self._log.flush()
+            return len(text)
+        return self._console.write(text)
+
+    def flush(self) -> None:
+        self._console.flush()
+
+    def __getattr__(self, name: str):  # fileno, isatty, encoding, ...: the console's
+        return getattr(self._console, name)
+
+
+def divert_ray_console(command: str) -> str | None:
+    """Ray's own lines out of a command's console into a log file, for a command that
+    promises its own lines only (``xmr serve``, ``xmr index build`` without ``--verbose``):
+
+    - Ray's C++ core writes its ERROR lines (``core_worker.cc ... has constructor arguments
+      in the object store``, failures to reach a stopping cluster) to file descriptor 2,
+      whatever Python's logging says, and Ray has no switch for the driver's console alone
+      (``RAY_BACKEND_LOG_LEVEL`` also reaches the log files of every process a local Ray
+      starts). Descriptor 2 goes to the log file; Python's ``sys.stderr`` keeps the terminal
+      (a duplicate of the old descriptor), so xmr's error lines and any traceback still
+      reach the user.
+    - What Ray's console threads print (``RAY_CONSOLE_THREADS``: the job's error messages,
+      printed to ``sys.stdout`` with a ``(raylet)`` prefix even without ``log_to_driver``)
+      goes to the log file too.
+
+    Returns the log file's path (removed at exit when nothing was written to it). Call before
+    Ray starts. Goes when Ray's driver keeps its native lines and the GCS's error messages
+    in its session's files."""
+    import atexit
+    import sys
+    import tempfile
+
+    if os.environ.get("XMR_VERBOSE") == "1":
+        return None
+    path = os.path.join(tempfile.gettempdir(), f"xmr-{command}-{os.getpid()}.log")
+    try:
+        sys.stderr.flush()
+        keep = os.dup(2)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    except OSError:  # no descriptor 2 to move, or nowhere to write: leave the console as it is
+        return None
+    os.dup2(fd, 2)
+    os.close(fd)
+    console_err = os.fdopen(keep, "w", buffering=1, encoding=getattr(sys.stderr, "encoding", None) or "utf-8",
+                            errors="backslashreplace")
+    log = open(path, "a", buffering=1, encoding="utf-8", errors="backslashreplace")
+    sys.stderr = _ByThread(console_err, log)
+    sys.stdout = _ByThread(sys.stdout, log)
+
+    def tidy() -> None:
+        try:
+            if os.path.getsize(path) == 0:
+                os.remove(path)
+        except OSError:
+            pass
+
+    atexit.register(tidy)
+    return path
+
+
 def process_env() -> dict[str, str]:
     """The environment variables every Ray process xmr starts needs: the auth mode and Ray
     Train's controller poll interval (``TRAIN_POLL_INTERVAL_S``)."""
@@ -106,3 +214,12 @@ def validate_cluster_config(config: dict) -> None:
     from ray.autoscaler._private.util import prepare_config, validate_config
 
     validate_config(prepare_config(config))
+
+
+def optuna_search_records(search):
+    """Tune's ``OptunaSearch``: its Optuna study, its live Optuna trials by Tune trial id, and
+    the Tune trial ids it has told the study about. ``xmr.tune.study.StudySearch`` records
+    pruned trials as PRUNED with one intermediate value per epoch, which Ray's class does
+    not; Ray keeps these as private attributes. Goes when OptunaSearch records a stopped trial
+    as pruned itself."""
+    return search._ot_study, search._ot_trials, search._completed_trials

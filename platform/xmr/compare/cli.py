@@ -69,6 +69,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--storage", default="runs/compare", help="where runs and tables go, local or s3:// (default: runs/compare)")
     p.add_argument("--concurrency", type=int, default=0, help="runs at a time (default: as the cluster's CPUs allow)")
     p.add_argument("--report", default=None, help="results page to write, e.g. docs/results.md (default: none)")
-    p.add_argument("--address", default=None, help="Ray cluster (default: RAY_ADDRESS, a running local one, or embedded)")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster, or 'local' for a new local Ray (default: RAY_ADDRESS, a running local one, or embedded)")
     p.add_argument("--verbose", action="store_true", help="show Ray Tune's own trial tables and logs (default: xmr's lines)")
     p.set_defaults(func=_compare)

@@ -14,7 +14,7 @@ from xmr.raycompat import with_version
 from xmr.serve.deployments import Gateway, Retriever, TextFeaturiser
 from xmr.serve.gallery import served_manifest, text_encoder_of
 from xmr.serve.settings import replica_options, serve_settings
-from xmr.serve.shards import is_sharded, read_shards
+from xmr.serve.shards import is_sharded, read_shards, replica_memory
 
 
 def build_app(args: dict[str, Any]):
@@ -43,48 +43,63 @@ def build_app(args: dict[str, Any]):
     encoder = text_encoder_of(Manifest.from_dict(sharded["manifest"]) if sharded else served_manifest(**load))
     featuriser = (_same_code(TextFeaturiser.options(**common), encoder).bind(encoder["name"], encoder)
                   if encoder else None)
-    manifest = Manifest.from_dict(sharded["manifest"]) if sharded else served_manifest(**load)
     gateway_config = {"api_key_sha256": s.api_key_sha256, "body_timeout_s": s.body_timeout_s, "retries": s.retries,
-                      "retry_budget_s": s.retry_budget_s, "shard_deadline_s": s.shard_deadline_s,
-                      "contract": _contract(s, manifest, encoder, sharded)}
+                      "retry_budget_s": s.retry_budget_s, "shard_deadline_s": s.shard_deadline_s}
     if sharded:  # a retriever deployment per shard (each with its replicas); the gateway merges
-        shards = [_same_code(retriever.options(name=f"Retriever{i:03d}",
+        shards = [_same_code(retriever.options(name=f"Retriever{i:03d}", ray_actor_options=_actor_options(part),
                                                user_config={**retriever_config, "index": part["path"]})).bind()
                   for i, part in enumerate(sharded["shards"])]
         gateway_config.update(shard_items=[p["items"] for p in sharded["shards"]], top_videos=_top_videos(load))
         gateway = Gateway.options(user_config=gateway_config, num_replicas=gateways, **common)
         return _same_code(gateway, encoder and encoder["name"], len(shards)).bind(None, featuriser, shards)
     gateway = Gateway.options(user_config=gateway_config, num_replicas=gateways, **common)
+    if s.index:  # a saved index records its loaded size: the replica asks for that memory
+        retriever = retriever.options(ray_actor_options=_actor_options(_index_meta(s.index, s.endpoint_url)))
     return _same_code(gateway, encoder and encoder["name"]).bind(_same_code(retriever).bind(), featuriser)
 
 
-def _contract(s, manifest: Manifest, encoder: dict[str, Any] | None, sharded: dict[str, Any] | None) -> dict[str, Any]:
-    """What the OpenAPI document says of this checkpoint (``xmr.serve.contract``): its task's
-    route, input shapes, gallery size and raw query forms, read without loading the model."""
-    import yaml
+def _actor_options(part: dict[str, Any]) -> dict[str, Any]:
+    """A retriever replica's actor options: the deployment's CPUs, and the memory its index
+    needs (``xmr.serve.shards.replica_memory``: the size recorded at build time plus the
+    replica's process), so Ray places it on a node with that much to spare."""
+    options = dict(Retriever.ray_actor_options or {})
+    memory = replica_memory(part.get("resident_bytes"))
+    if memory:
+        options["memory"] = memory
+    return options
 
-    from xmr.checkpoint import CONFIG, fetch_checkpoint
-    from xmr.config import from_dict
+
+def _index_meta(index: str, endpoint_url: str | None) -> dict[str, Any]:
+    """An unsharded index's index.json ({} where it cannot be read: loading will say why)."""
     from xmr.data import storage
-    from xmr.serve.contract import served_contract
-    from xmr.serve.featurise import audio_featuriser
-    from xmr.tasks import family_of
 
-    local = fetch_checkpoint(s.checkpoint, endpoint_url=s.endpoint_url)
-    cfg = from_dict(yaml.safe_load((local / CONFIG).read_text()) or {})
-    if sharded:
-        size = sum(p["items"] for p in sharded["shards"])
-    elif s.index:
-        try:
-            size = json.loads(storage.read_bytes(storage.join(s.index, "index.json"),
-                                                 endpoint_url=s.endpoint_url))["gallery_size"]
-        except (OSError, ValueError, KeyError):  # the retriever's load says what is wrong with it
-            size = None
+    try:
+        return json.loads(storage.read_bytes(storage.join(index, "index.json"), endpoint_url=endpoint_url))
+    except (OSError, ValueError):
+        return {}
+
+
+def replica_needs(args: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """What one replica of each deployment of the app asks Ray for ({deployment: {"CPU": ..,
+    "memory": bytes}}), the same options ``build_app`` deploys with: what ``xmr serve`` checks
+    against the cluster before deploying and names when a replica cannot be placed."""
+    s = serve_settings(args)
+
+    def of(options: dict[str, Any]) -> dict[str, float]:
+        need = {"CPU": float(options.get("num_cpus", 1))}
+        if options.get("num_gpus"):
+            need["GPU"] = float(options["num_gpus"])
+        if options.get("memory"):
+            need["memory"] = float(options["memory"])
+        return need
+
+    needs = {"Gateway": of(Gateway.ray_actor_options or {})}
+    if is_sharded(s.index, s.endpoint_url):
+        for i, part in enumerate(read_shards(s.index, s.endpoint_url)["shards"]):
+            needs[f"Retriever{i:03d}"] = of(_actor_options(part))
     else:
-        size = manifest.splits[s.split].num_samples if s.split in manifest.splits else None
-    audio = audio_featuriser(manifest)
-    return served_contract(family_of(cfg).route, cfg.model.dims, size, cfg.data.max_query_tokens,
-                           audio[0] if audio else None, encoder is not None)
+        needs["Retriever"] = of(_actor_options(_index_meta(s.index, s.endpoint_url) if s.index else {}))
+    return needs
 
 
 def _top_videos(load: dict[str, Any]) -> int:

@@ -41,18 +41,60 @@ class IngressError(RuntimeError):
     """The cluster's Serve ingress does not fit what was asked (raised before deploying)."""
 
 
+class StartError(RuntimeError):
+    """The application did not start: it cannot be placed (before deploying) or was not
+    serving by the start-up deadline; the message says why and what to change."""
+
+
+class Signals:
+    """xmr serve's SIGTERM / SIGINT handling, installed before any Ray starts and again once
+    ``ray.init`` has returned (its core worker installs handlers of its own). A signal is
+    only recorded (``received``) and wakes the main thread (``wake``), which acts on it: the
+    handler never raises, as an exception raised inside a Ray call (``ray.get`` in Cython)
+    leaves Ray's state half-unwound and prints a chained SystemError."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.received: list[str] = []
+        self.wake = threading.Event()
+
+    def install(self) -> None:
+        import signal
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum, _frame) -> None:  # replaces Ray's handler, which dumps a C++ stack
+        import signal
+
+        self.received.append(signal.Signals(signum).name)
+        self.wake.set()
+
+
+DEFAULT_START_TIMEOUT_S = 600.0
+
+
 def start(args: dict[str, Any], host: str = "127.0.0.1", port: int = 8000, address: str | None = None,
-          name: str = "xmr", route_prefix: str = "/", direct: bool = False, ingress: str = "proxy"):
+          name: str = "xmr", route_prefix: str = "/", direct: bool = False, ingress: str = "proxy",
+          start_timeout_s: float = DEFAULT_START_TIMEOUT_S, say=None):
     """Start (or update) the application on Serve; returns its base URL once it answers.
     ``direct`` starts an embedded Ray in throughput-optimised mode (see THROUGHPUT_ENV),
     ``ingress="haproxy"`` one with Serve's HAProxy ingress (see HAPROXY_ENV). Refuses
     (IngressError, nothing deployed) an HAProxy ingress without a key, wherever its setting
-    came from, and ``ingress="haproxy"`` on a cluster whose Serve runs its Python proxy."""
+    came from, and ``ingress="haproxy"`` on a cluster whose Serve runs its Python proxy;
+    refuses (StartError, nothing deployed) an app whose replicas fit on no node of the
+    cluster. While deploying, ``say`` (default: print to stderr) gets one line per
+    deployment whose replicas cannot be placed, naming what one needs and what the cluster
+    has; past ``start_timeout_s`` it raises StartError (the app is left deployed: the caller
+    deletes it or stops its Ray)."""
     from ray import serve
 
-    from xmr.serve.app import build_app
+    from xmr.serve.app import build_app, replica_needs
 
     connect(address, direct, ingress=ingress)
+    needs = replica_needs(args)
+    refuse_unplaceable(needs, args)
     # A backstop deadline per request at the proxy (the gateway's body deadline and the
     # retriever's limits come first): nothing a client does holds a proxy slot past it.
     serve.start(http_options={"host": host, "port": port, "request_timeout_s": REQUEST_TIMEOUT_S})
@@ -68,20 +110,208 @@ def start(args: dict[str, Any], host: str = "127.0.0.1", port: int = 8000, addre
     if ingress == "haproxy" and kind is None:
         print("[xmr] warning: --ingress haproxy: Ray's state API (the dashboard) is not available to confirm that "
               "this cluster's Serve runs HAProxy", file=sys.stderr)
-    serve.run(build_app(args), name=name, route_prefix=route_prefix, blocking=False)
+    run_watched(build_app(args), name, route_prefix, needs, start_timeout_s, say)
     return f"http://{host}:{port}{route_prefix.rstrip('/')}"
 
 
-def connect(address: str | None = None, direct: bool = False, replicas: int = 1, ingress: str = "proxy") -> str:
-    """Attach to the Ray there is, or start an embedded one (in throughput-optimised mode with
-    ``direct``, with the HAProxy ingress for ``ingress="haproxy"``) with logical CPUs for
-    ``replicas`` retriever replicas (every shard's) beside the gateway; idempotent. Returns
-    how (``ensure_ray``'s words: "started ..." if embedded)."""
+def _stderr_line(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def run_watched(app, name: str, route_prefix: str, needs: dict[str, dict[str, float]], timeout_s: float,
+                say=None, poll_s: float = 1.0) -> None:
+    """``serve.run`` (in a thread of its own: Serve waits for the app, without a deadline),
+    watched from this one: one line per deployment whose replicas wait for resources the
+    cluster does not have (``unplaced``), and StartError past ``timeout_s``. A signal
+    handler that raises (``Signals``) interrupts the wait here, in the main thread."""
+    import threading
+
+    from ray import serve
+
+    say = say or _stderr_line
+    done, box = threading.Event(), {}
+
+    def deploy() -> None:
+        try:
+            serve.run(app, name=name, route_prefix=route_prefix, blocking=False)
+        except BaseException as exc:  # noqa: BLE001 - handed to the watching thread
+            box["error"] = exc
+        finally:
+            done.set()
+
+    threading.Thread(target=deploy, name="xmr-deploy", daemon=True).start()
+    t0 = time.monotonic()
+    said: set[str] = set()
+    first_seen: dict[str, float] = {}
+    while not done.wait(poll_s):
+        late = time.monotonic() - t0 > timeout_s
+        for dep, line in unplaced(name, needs, first_seen, final=late):
+            if dep not in said:
+                said.add(dep)
+                say(line)
+        if late:
+            waiting = _not_running(name)
+            raise StartError(f"not serving after {timeout_s:g} s (--start-timeout-s)"
+                             + (f": {', '.join(waiting)} not running" if waiting else "")
+                             + ("; see the lines above" if said else "; --verbose shows Ray Serve's own lines"))
+    if "error" in box:
+        exc = box["error"]
+        raise StartError(f"the application failed to deploy: {str(exc).strip()[-800:]}") from None
+
+
+def _app_status(name: str):
+    from ray import serve
+
+    try:
+        return serve.status().applications.get(name)
+    except Exception:  # noqa: BLE001 - Serve's controller is starting: nothing to say yet
+        return None
+
+
+def _not_running(name: str) -> list[str]:
+    app = _app_status(name)
+    return sorted(d for d, st in (app.deployments if app else {}).items() if str(st.status).split(".")[-1] != "HEALTHY")
+
+
+def _pending_by_state_api(name: str) -> dict[str, dict[str, float]] | None:
+    """{deployment: the resources its waiting replica requires} of the app's replica actors
+    not yet placed on a node (Ray's state API: an actor pending creation with no node); None
+    when the state API (a dashboard service) cannot say."""
+    import ray
+    from ray.util.state import list_actors
+
+    try:
+        actors = list_actors(address=ray.get_runtime_context().gcs_address,
+                             filters=[("state", "=", "PENDING_CREATION")], detail=True, limit=10_000,
+                             raise_on_missing_output=False, timeout=10)
+    except Exception:  # noqa: BLE001 - no dashboard on this cluster
+        return None
+    prefix = f"ServeReplica:{name}:"
+    out: dict[str, dict[str, float]] = {}
+    for a in actors:
+        cls = getattr(a, "class_name", "") or ""
+        if cls.startswith(prefix) and not getattr(a, "node_id", None):
+            out.setdefault(cls[len(prefix):], dict(getattr(a, "required_resources", None) or {}))
+    return out
+
+
+def unplaced(name: str, needs: dict[str, dict[str, float]], first_seen: dict[str, float],
+             final: bool = False, grace_s: float = 5.0) -> list[tuple[str, str]]:
+    """(deployment, line) for each deployment of app ``name`` whose replicas wait for
+    resources no node has free. Which: those Ray's state API shows unplaced for ``grace_s``;
+    where the state API is missing, those Serve's status says are waiting to be scheduled;
+    and at the deadline (``final``) any deployment not yet running whose replica does not fit
+    in what the cluster has free. Only those a replica of which cannot fit now are named (a
+    replica that waits for a node starting up fits once it is up)."""
     import ray
 
-    from xmr.train.driver import ensure_ray
+    app = _app_status(name)
+    deployments = app.deployments if app else {}
+    not_running = {d for d, st in deployments.items() if str(st.status).split(".")[-1] != "HEALTHY"}
+    pending = _pending_by_state_api(name)
+    now = time.monotonic()
+    candidates: dict[str, dict[str, float]] = {}
+    if pending is not None:
+        for dep, req in pending.items():
+            first_seen.setdefault(dep, now)
+            if now - first_seen[dep] >= grace_s or final:
+                candidates[dep] = {**needs.get(dep, {}), **_as_need(req)}
+    else:
+        for dep, st in deployments.items():
+            if "to be scheduled" in (st.message or ""):
+                candidates[dep] = needs.get(dep, {})
+    if final:
+        for dep in not_running:
+            candidates.setdefault(dep, needs.get(dep, {}))
+    if not candidates:
+        return []
+    free, total = ray.available_resources(), ray.cluster_resources()
+    out = []
+    for dep in sorted(candidates):
+        need = candidates[dep]
+        short = [r for r, v in need.items() if v > free.get(r, 0.0) + 1e-9]
+        if need and short:
+            out.append((dep, f"[xmr] {dep} {placement_words(need, free, total)}"))
+    return out
 
-    if not ray.is_initialized() and not (address or os.environ.get("RAY_ADDRESS")):
+
+def _as_need(req: dict[str, Any]) -> dict[str, float]:
+    """The state API's required resources (``CPU``, ``memory``, ...) as xmr's need dict."""
+    return {k: float(v) for k, v in req.items() if k in ("CPU", "GPU", "memory")}
+
+
+def _amount(resource: str, value: float) -> str:
+    if resource == "memory":
+        return f"{value / 2**30:.1f} GiB of memory"
+    unit = resource if value == 1 else f"{resource}s"
+    return f"{value:g} {unit}"
+
+
+def placement_words(need: dict[str, float], free: dict[str, float], total: dict[str, float]) -> str:
+    """"needs 1 CPU; the cluster has 0 of 2 free: ..." for one replica's ``need``."""
+    wants = " and ".join(_amount(r, v) for r, v in need.items())
+    has = "; ".join(
+        (f"{free.get(r, 0.0) / 2**30:.1f} of {total.get(r, 0.0) / 2**30:.1f} GiB of memory free" if r == "memory"
+         else f"{free.get(r, 0.0):g} of {total.get(r, 0.0):g} {r}s free")
+        for r in need)
+    return (f"needs {wants}; the cluster has {has}: lower --replicas or shards, or add nodes "
+            "(a replica waits until it fits)")
+
+
+def refuse_unplaceable(needs: dict[str, dict[str, float]], args: dict[str, Any]) -> None:
+    """StartError (before anything is deployed) when a replica of a deployment fits on no
+    node of the cluster at all (more memory, CPUs or GPUs than its largest node has): it
+    would wait forever. The error names the deployment, its shard and the sizes."""
+    import ray
+
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    problems = unfit(needs, nodes)
+    if not problems:
+        return
+    shards = {}
+    index = args.get("index")
+    if index:
+        from xmr.serve.shards import is_sharded, read_shards
+
+        if is_sharded(index, args.get("endpoint_url")):
+            parts = read_shards(index, args.get("endpoint_url"))["shards"]
+            shards = {f"Retriever{i:03d}": p for i, p in enumerate(parts)}
+    lines = []
+    for dep, resource, need, largest in problems:
+        part = shards.get(dep)
+        what = (f"{dep} (shard {dep[-3:]}, {part['items']:,} items, {part['resident_bytes'] / 2**30:.2f} GiB loaded)"
+                if part and part.get("resident_bytes") else dep)
+        lines.append(f"{what} needs {_amount(resource, need)} per replica; the largest node of this cluster has "
+                     f"{_amount(resource, largest)}")
+    raise StartError("this index fits on no node of the cluster: " + "; ".join(lines)
+                     + ". Cut it into more shards (xmr index build --shards), or add larger nodes")
+
+
+def unfit(needs: dict[str, dict[str, float]], nodes: list[dict[str, float]]) -> list[tuple[str, str, float, float]]:
+    """(deployment, resource, needed, the largest node's total) for each resource a replica
+    needs more of than any one node has (``nodes``: each alive node's total resources)."""
+    out = []
+    for dep, need in needs.items():
+        for resource, amount in need.items():
+            largest = max((float(n.get(resource, 0.0)) for n in nodes), default=0.0)
+            if amount > largest + 1e-9:
+                out.append((dep, resource, amount, largest))
+    return out
+
+
+def connect(address: str | None = None, direct: bool = False, replicas: int = 1, ingress: str = "proxy") -> str:
+    """Attach to the Ray there is, or start an embedded one (also for ``address="local"``: a
+    new local Ray, as Ray's own convention says; in throughput-optimised mode with
+    ``direct``, with the HAProxy ingress for ``ingress="haproxy"``) with logical CPUs for
+    ``replicas`` retriever replicas (every shard's) beside the gateway; idempotent. Returns
+    how (``ensure_ray``'s words: "started ..." if this process started it). Ray's own lines
+    (its processes' logs streamed to the driver, Serve's INFO lines) only with --verbose."""
+    import ray
+
+    from xmr.train.driver import default_cpus, ensure_ray, is_local
+
+    given = address or os.environ.get("RAY_ADDRESS")
+    if not ray.is_initialized() and (not given or is_local(given)):
         if direct:
             os.environ[THROUGHPUT_ENV] = "1"
         if ingress == "haproxy":
@@ -94,7 +324,8 @@ def connect(address: str | None = None, direct: bool = False, replicas: int = 1,
         import logging
 
         logging.getLogger("ray.serve").setLevel(logging.WARNING)  # this process's "Started Serve ..." lines
-    return ensure_ray(address, num_cpus=max(4, 2 * (os.cpu_count() or 1), replicas + 2))
+    return ensure_ray(address, num_cpus=max(default_cpus(), replicas + 2),
+                      driver_logs=os.environ.get("XMR_VERBOSE") == "1")
 
 
 def served_replicas(index: str | None, replicas: int) -> int:
@@ -236,12 +467,14 @@ def key_digest(key: str | None) -> str | None:
 
 
 def _serve(ns: argparse.Namespace) -> int:
-    import signal
     import threading
     import urllib.request
 
     if ns.verbose:
         os.environ["XMR_VERBOSE"] = "1"
+    # before any Ray starts: SIGTERM / Ctrl-C at any moment of start-up exits with one line
+    signals = Signals()
+    signals.install()
     key = read_api_key(ns.api_key_file)
     digest = key_digest(key)
     if ns.host not in LOOPBACK and digest is None:
@@ -249,9 +482,14 @@ def _serve(ns: argparse.Namespace) -> int:
               f"--api-key-file (clients then send 'Authorization: Bearer <key>'), or bind 127.0.0.1",
               file=sys.stderr)
         return 2
+    if ns.start_timeout_s <= 0:
+        print(f"[xmr] error: --start-timeout-s {ns.start_timeout_s:g}: must be > 0", file=sys.stderr)
+        return 2
     from xmr.raycompat import started_cluster_address
+    from xmr.train.driver import is_local
 
-    embedding = not (ns.address or os.environ.get("RAY_ADDRESS") or started_cluster_address())
+    given = ns.address or os.environ.get("RAY_ADDRESS")
+    embedding = is_local(given) or not (given or started_cluster_address())
     env_haproxy = embedding and os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1"
     if env_haproxy and ns.ingress != "haproxy":
         print("[xmr] note: RAY_SERVE_ENABLE_HA_PROXY=1 is set: the embedded Ray runs Serve's HAProxy ingress "
@@ -279,22 +517,47 @@ def _serve(ns: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"[xmr] error: {exc}", file=sys.stderr)
         return 2
-    # else: leave the cluster running on exit
-    embedded = connect(ns.address, ns.direct, replicas, ingress=ns.ingress).startswith("started")
-    try:
-        url = start({k: v for k, v in args.items() if v is not None}, host=ns.host, port=ns.port, address=ns.address,
-                    direct=ns.direct, ingress=ns.ingress)
-    except IngressError as exc:  # nothing deployed: an application already on the cluster is left alone
-        print(f"[xmr] error: {exc}", file=sys.stderr)
-        if embedded:  # Serve first, so that an HAProxy it started goes with it
-            import ray
-            from ray import serve
+    import ray
 
-            serve.shutdown()
-            ray.shutdown()
-        return 2
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
-    info = json.loads(urllib.request.urlopen(urllib.request.Request(f"{url}/info", headers=headers), timeout=60).read())
+    from xmr.raycompat import divert_ray_console
+
+    if not ray.is_initialized():
+        divert_ray_console("serve")  # Ray's native ERROR lines: a log file, unless --verbose
+    # ray.init in this thread (a signal meanwhile is acted on once it returns: Ray is then
+    # stopped cleanly); the rest of start-up in a thread of its own, watched from here, so that
+    # a signal is acted on at once whatever Ray call the start-up is in
+    embedded = connect(ns.address, ns.direct, replicas, ingress=ns.ingress).startswith("started")
+    signals.install()
+    if signals.received:
+        return stopped_starting(signals.received[0], embedded, deployed=False)
+    box: dict[str, Any] = {}
+
+    def starting() -> None:
+        try:
+            url = start({k: v for k, v in args.items() if v is not None}, host=ns.host, port=ns.port,
+                        address=ns.address, direct=ns.direct, ingress=ns.ingress, start_timeout_s=ns.start_timeout_s)
+            headers = {"Authorization": f"Bearer {key}"} if key else {}
+            box["info"] = json.loads(urllib.request.urlopen(urllib.request.Request(f"{url}/info", headers=headers),
+                                                            timeout=60).read())
+            box["url"] = url
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+            box["error"] = exc
+        finally:
+            signals.wake.set()
+
+    threading.Thread(target=starting, name="xmr-start", daemon=True).start()
+    signals.wake.wait()
+    if signals.received:
+        return stopped_starting(signals.received[0], embedded, deployed=True)
+    exc = box.get("error")
+    if isinstance(exc, (IngressError, StartError)):  # an application already on the cluster is left alone
+        print(f"[xmr] error: {exc}", file=sys.stderr, flush=True)
+        stop_ray(embedded, delete="xmr" if isinstance(exc, StartError) else None, serve_started=True)
+        return 2 if isinstance(exc, IngressError) else 1
+    if exc is not None:
+        stop_ray(embedded, serve_started=True)
+        raise exc
+    url, info = box["url"], box["info"]
     where = ns.index or ns.gallery or info["gallery"]  # this machine's paths: the operator's own
     print(f"[xmr] serving {info['method']} ({info['task']}) from {ns.checkpoint}: gallery {where} "
           f"split {info['split']}, {info['gallery_size']} items, {info['search']} search, "
@@ -314,18 +577,40 @@ def _serve(ns: argparse.Namespace) -> int:
         print(f"[xmr] replicas answering directly (no proxy hop): {', '.join(urls)}")
     if ns.detach:
         return 0
-    stop = threading.Event()
-    received: list[str] = []
+    while not signals.received:
+        signals.wake.wait(3600)
+    return shutdown(embedded, signals.received[0])
 
-    def on_signal(signum, _frame) -> None:  # replaces Ray's handler, which dumps a C++ stack
-        received.append(signal.Signals(signum).name)
-        stop.set()
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, on_signal)
-    while not stop.wait(3600):
-        pass
-    return shutdown(embedded, received[0] if received else "stop")
+def stop_ray(embedded: bool, delete: str | None = None, serve_started: bool = False) -> None:
+    """After a failed or interrupted start: delete the application ``delete`` (on a cluster
+    that keeps running: nothing of it is left behind), or stop the embedded Ray (Serve first
+    where it was started, so that an HAProxy it started goes with it)."""
+    import ray
+
+    if not ray.is_initialized():
+        return
+    try:
+        from ray import serve
+
+        if embedded:
+            if serve_started:
+                serve.shutdown()
+            ray.shutdown()
+        elif delete:
+            serve.delete(delete, _blocking=True)
+    except Exception as exc:  # noqa: BLE001 - report and still exit: the process is going away
+        print(f"[xmr] warning: clean-up incomplete ({type(exc).__name__}: {str(exc)[:200]})", file=sys.stderr)
+
+
+def stopped_starting(why: str, embedded: bool, deployed: bool, name: str = "xmr") -> int:
+    """SIGTERM / Ctrl-C during start-up: whatever was deployed removed (or the embedded Ray
+    stopped), one line, exit 0."""
+    stop_ray(embedded, delete=name if deployed else None, serve_started=deployed)
+    where = ("embedded Ray stopped" if embedded
+             else "the application removed; the cluster keeps running" if deployed else "the cluster keeps running")
+    print(f"[xmr] {why} during start-up: stopped before serving; {where}", flush=True)
+    return 0
 
 
 def shutdown(embedded: bool, why: str, name: str = "xmr") -> int:
@@ -351,6 +636,10 @@ def shutdown(embedded: bool, why: str, name: str = "xmr") -> int:
 
 def _index_build(ns: argparse.Namespace) -> int:
     from xmr.serve.gallery import load_for_serving, save_index
+    from xmr.serve.shards import resident_bytes
+
+    if ns.verbose:
+        os.environ["XMR_VERBOSE"] = "1"
     from xmr.tasks.ann import AnnConfig
 
     try:
@@ -364,6 +653,7 @@ def _index_build(ns: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     loaded = load_for_serving(ns.checkpoint, ns.gallery, ns.split, approx=ns.approx, ann=ann)
     recalls = getattr(loaded.gallery, "recalls", {})  # the family's approximate-index check, if it built one
+    loaded.info["resident_bytes"] = resident_bytes(loaded)  # what a replica asks Ray for (memory)
     out = save_index(ns.out, loaded, recalls)
     print(f"[xmr] index of {loaded.gallery.size} items ({loaded.info['embed_dim']}-d) -> {out} "
           f"({time.perf_counter() - t0:.1f} s with encoding)")
@@ -389,6 +679,12 @@ def _sharded_build(ns: argparse.Namespace, ann) -> int:
     if ns.workers < 0:
         print(f"xmr index build: --workers {ns.workers}: 0 (as many as the cluster allows) or a count", file=sys.stderr)
         return 2
+    import ray
+
+    from xmr.raycompat import divert_ray_console
+
+    if not ray.is_initialized():
+        divert_ray_console("index-build")  # Ray's native ERROR lines: a log file, unless --verbose
     t0 = time.perf_counter()
     try:
         meta = build_sharded(ns.checkpoint, ns.gallery, ns.split, ns.out, ns.shards, approx=ns.approx,
@@ -424,7 +720,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--host", default=os.environ.get("XMR_SERVE_HOST", "127.0.0.1"),
                    help="bind address (default 127.0.0.1; 0.0.0.0 exposes the endpoint)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port of Serve's proxy")
-    p.add_argument("--address", default=None, help="Ray cluster (default: RAY_ADDRESS or a local Ray)")
+    p.add_argument("--address", default=None, help="Ray cluster to attach to, or 'local' for a new local Ray here "
+                                                   "(default: RAY_ADDRESS, a `ray start` cluster on this machine, "
+                                                   "or an embedded Ray)")
     p.add_argument("--direct", action="store_true",
                    help=f"throughput-optimised Serve ({THROUGHPUT_ENV}=1): replicas also answer HTTP on ports "
                         "of their own, bypassing the proxy (lowest latency); the proxy port keeps working")
@@ -439,6 +737,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--shard-deadline-s", type=float, default=5.0,
                    help="a sharded --index: answer with the shards that answered within this, naming the others "
                         "in missing_shards (default 5)")
+    p.add_argument("--start-timeout-s", type=float, default=DEFAULT_START_TIMEOUT_S,
+                   help="give up (exit 1) when the endpoint is not serving after this long, saying which deployments "
+                        f"are not running and why (default {DEFAULT_START_TIMEOUT_S:g})")
     p.add_argument("--drain-s", type=float, default=20.0,
                    help="on SIGTERM / SIGINT, how long in-flight requests may take to finish")
     p.add_argument("--verbose", action="store_true",
@@ -471,6 +772,8 @@ def register(subparsers: Any) -> None:
     b.add_argument("--workers", type=int, default=0,
                    help="with --shards: encoding workers (default: as many as shards to build and CPUs allow)")
     b.add_argument("--gpu", action="store_true", help="with --shards: one GPU per encoding worker")
-    b.add_argument("--address", default=None, help="with --shards: Ray cluster (default: RAY_ADDRESS, a running "
-                                                   "local one, or embedded)")
+    b.add_argument("--address", default=None, help="with --shards: Ray cluster, or 'local' for a new local Ray "
+                                                   "(default: RAY_ADDRESS, a running local one, or embedded)")
+    b.add_argument("--verbose", action="store_true",
+                   help="show Ray's and Ray Data's own lines (progress, INFO) beside xmr's")
     b.set_defaults(func=_index_build)

@@ -36,6 +36,71 @@ from xmr.data import storage
 SHARDS_FILE = "shards.json"
 FORMAT = "xmr-sharded-index-1"
 
+# A retriever replica's process before its shard: Python, torch, Ray's worker and Serve's
+# replica, FastAPI's models, the buffers of a batch. Measured: a replica serving a 47-item
+# shard of the digits holds 480 MB of RSS once serving (3 replicas, 491,556..491,952 kB);
+# rounded up for the batches a loaded replica holds.
+REPLICA_BASE_BYTES = 640 * 2**20
+
+
+def resident_bytes(loaded) -> int:
+    """What a loaded index holds in memory, computed (not sampled): the bytes of every tensor
+    and array of its gallery (each counted once: a table that serves both sides, or a view,
+    shares its storage), its FAISS indexes (their serialised size: the index's vectors, codes
+    and links, which is what faiss keeps resident), the model's parameters, and the ids and
+    labels as Python objects (``sys.getsizeof`` of each, plus the list's slots). Recorded in
+    the index's index.json by ``xmr index build``; a replica asks Ray for this plus
+    ``REPLICA_BASE_BYTES`` (``replica_memory``)."""
+    import sys
+
+    import numpy as np
+    import torch
+
+    seen: set[tuple[int, int]] = set()
+    total = 0
+
+    def add(x) -> None:
+        nonlocal total
+        if isinstance(x, torch.Tensor):
+            st = x.untyped_storage()
+            key = (st.data_ptr(), st.nbytes())
+            if key not in seen:
+                seen.add(key)
+                total += st.nbytes()
+        elif isinstance(x, np.ndarray):
+            base = x if x.base is None else x.base
+            key = (id(base), getattr(base, "nbytes", x.nbytes))
+            if key not in seen:
+                seen.add(key)
+                total += x.nbytes
+        elif isinstance(x, dict):
+            for v in x.values():
+                add(v)
+        elif isinstance(x, (list, tuple)):
+            if x and all(isinstance(v, (str, int, float, type(None))) for v in x[:64]):
+                total += sys.getsizeof(x) + sum(sys.getsizeof(v) for v in x if v is not None)
+            else:
+                for v in x:
+                    add(v)
+        elif hasattr(x, "index") and hasattr(x, "bytes_per_item") and hasattr(x, "search_params"):  # AnnIndex
+            import faiss
+
+            total += int(faiss.serialize_index(x.index).nbytes)
+        elif hasattr(x, "__dataclass_fields__"):
+            for name in x.__dataclass_fields__:
+                add(getattr(x, name))
+
+    add(loaded.gallery)
+    for p in loaded.model.parameters():
+        add(p.data)
+    return int(total)
+
+
+def replica_memory(resident: int | None) -> int | None:
+    """Bytes of memory a retriever replica asks Ray for: its shard's resident size and the
+    replica process's own (None: an index built before the size was recorded asks nothing)."""
+    return int(resident) + REPLICA_BASE_BYTES if resident else None
+
 
 def shard_name(i: int) -> str:
     return f"shard-{i:03d}"
@@ -126,6 +191,7 @@ def build_one(model_cfg, checkpoint: str, gallery: str | None, split: str, out: 
                               ann=AnnConfig(**ann_args) if ann_args else None, part=(shard, shards),
                               model_cfg=model_cfg)
     loaded.info["shard"] = {"index": shard, "of": shards, **_identity(checkpoint, gallery, split, approx)}
+    loaded.info["resident_bytes"] = resident_bytes(loaded)
     scratch = Path(tempfile.gettempdir()) if storage.is_s3(out) else Path(out)
     tmp = scratch / f".{shard_name(shard)}.{uuid.uuid4().hex[:8]}.partial"
     save_index(tmp, loaded, getattr(loaded.gallery, "recalls", {}))
@@ -156,12 +222,21 @@ class ShardEncoder:
 
 
 def quiet_ray_data() -> None:
-    """Ray Data's plan and logged-progress lines in its log files only (xmr prints a line per
-    shard; a terminal still gets Ray Data's progress bars), unless ``--verbose``."""
+    """Ray Data's own lines (its plan, the logged progress a non-terminal gets, its progress
+    bars on a terminal) in its log files only, unless ``--verbose``: xmr prints a line per
+    shard with the items per second and an ETA. Ray Data configures its ``ray.data`` logger
+    when ``ray.data`` is imported (its console handler at INFO), hence the import first: a
+    level set before it is reset then."""
     import logging
 
-    if os.environ.get("XMR_VERBOSE") != "1":
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
+    import ray.data
+
+    if os.environ.get("XMR_VERBOSE") == "1":
+        return
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    for handler in logging.getLogger("ray.data").handlers:
+        if not isinstance(handler, logging.FileHandler):  # its console; the file keeps everything
+            handler.setLevel(logging.ERROR)
 
 
 def build_sharded(checkpoint: str, gallery: str | None, split: str, out: str, shards: int, *, approx: str = "auto",
@@ -210,7 +285,7 @@ def build_sharded(checkpoint: str, gallery: str | None, split: str, out: str, sh
     job = {"gallery": root, "split": split, "out": out, "shards": shards, "approx": approx, "ann_args": ann_args}
     summaries: dict[int, dict[str, Any]] = {}
     if todo:
-        ensure_ray(address, quiet=True, dashboard=False)
+        ensure_ray(address, dashboard=False, driver_logs=os.environ.get("XMR_VERBOSE") == "1")
         quiet_ray_data()
         n_workers = workers or max(1, min(len(todo), int(ray.cluster_resources().get("CPU", 1) // cpus_per_worker)))
         ds = ray.data.from_items([{"shard": i} for i in todo], override_num_blocks=len(todo))
@@ -219,12 +294,32 @@ def build_sharded(checkpoint: str, gallery: str | None, split: str, out: str, sh
                             fn_constructor_kwargs={"checkpoint": checkpoint, "endpoint_url": endpoint_url,
                                                    "job": job, "gpu": gpu})
         t0 = time.perf_counter()
+        left = sum(part_sizes(total, shards)[i] for i in todo)
         for row in ds.iter_rows():
             s = json.loads(row["summary"])
             summaries[s["shard"]] = s
-            print(f"[xmr] shard {s['shard'] + 1}/{shards}: {s['items']} {unit} in {s['build_s']:.1f} s "
-                  f"({len(summaries) + done}/{shards} built, {time.perf_counter() - t0:.0f} s)", flush=True)
+            line = progress_line(s, shards, len(summaries) + done, left, time.perf_counter() - t0, unit, summaries)
+            print(f"[xmr] {line}", flush=True)
     return write_manifest(out, shards, checkpoint, root, split, total, endpoint_url)
+
+
+def part_sizes(total: int, shards: int) -> list[int]:
+    """Items of each contiguous part (the read plan's near-equal shares)."""
+    from xmr.data.plan import near_equal
+
+    return list(near_equal(total, shards))
+
+
+def progress_line(s: dict[str, Any], shards: int, built: int, to_build: int, elapsed: float, unit: str,
+                  summaries: dict[int, dict[str, Any]]) -> str:
+    """One shard landed: its size and time, shards built, the job's rate and an ETA (the
+    shards still to build at the rate so far)."""
+    encoded = sum(x["items"] for x in summaries.values() if not x.get("resumed"))
+    rate = encoded / elapsed if elapsed > 0 else 0.0
+    remaining = max(0, to_build - encoded)
+    eta = f"ETA {remaining / rate:.0f} s" if remaining and rate > 0 else "done"
+    return (f"shard {s['shard'] + 1}/{shards}: {s['items']:,} {unit} in {s['build_s']:.1f} s "
+            f"({built}/{shards} built, {elapsed:.0f} s; {rate:,.0f} {unit}/s; {eta})")
 
 
 def write_manifest(out: str, shards: int, checkpoint: str, gallery: str, split: str, total: int,
@@ -239,7 +334,8 @@ def write_manifest(out: str, shards: int, checkpoint: str, gallery: str, split: 
     for i in range(shards):
         meta = index_json(i)
         parts.append({"path": shard_name(i), "items": int(meta["gallery_size"]), "offset": offset,
-                      "search": meta.get("search"), "approx_recall_at_10": meta.get("approx_recall_at_10") or {}})
+                      "search": meta.get("search"), "approx_recall_at_10": meta.get("approx_recall_at_10") or {},
+                      "resident_bytes": meta.get("resident_bytes")})
         offset += int(meta["gallery_size"])
     if offset != total:
         raise ValueError(f"{out}: the shards hold {offset} items, the split {total}; remove the shard folders "

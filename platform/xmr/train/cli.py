@@ -11,8 +11,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="A.B=VALUE",
                         help="override a config field (repeatable), e.g. --set loss.lambdas.center=0.1")
     parser.add_argument("--address", default=None,
-                        help="Ray cluster to attach to (default: RAY_ADDRESS, a Ray running on this machine, "
-                             "else an embedded local Ray)")
+                        help="Ray cluster to attach to, or 'local' for a new local Ray (default: RAY_ADDRESS, a Ray "
+                             "running on this machine, else an embedded local Ray)")
     parser.add_argument("--verbose", action="store_true", help="show Ray's own logs beside xmr's lines")
     parser.add_argument("--tracking-uri", default=None,
                         help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else SQLite in the run folder)")
@@ -62,8 +62,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                              "(0.5 is XML's setting; default: none)")
     parser.add_argument("--workers", type=int, default=1,
                         help="Ray Train workers sharing the corpus and queries (default 1: in this process)")
-    parser.add_argument("--address", default=None, help="Ray cluster for --workers > 1 (default: RAY_ADDRESS, a "
-                                                        "running local one, or embedded)")
+    parser.add_argument("--address", default=None, help="Ray cluster for --workers > 1, or 'local' "
+                                                        "(default: RAY_ADDRESS, a running local one, or embedded)")
     parser.add_argument("--endpoint-url", default=None, help="S3 endpoint (default: the AWS environment's)")
 
 

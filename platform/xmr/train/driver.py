@@ -21,7 +21,7 @@ from xmr.checkpoint import BEST
 from xmr.checks import check, resolve
 from xmr.config import Config, ConfigError
 from xmr.data.storage import is_s3
-from xmr.raycompat import check_version, process_env, set_driver_env, started_cluster_address
+from xmr.raycompat import check_version, process_env, quiet_failure_handler, set_driver_env, started_cluster_address
 from xmr.tasks import family_of
 from xmr.train.progress import summary_table
 from xmr.train.runfs import RunDir, s3_endpoint
@@ -59,7 +59,7 @@ def local_cpus(cfg: Config) -> int:
     """Logical CPUs for an embedded Ray: more than the cores, so a trainer's controller, its
     workers and their data loading never wait on each other on a small machine."""
     need = cfg.resources.num_workers * cfg.resources.cpus_per_worker * (1 + cfg.data.num_workers) + 2
-    return int(max(4, 2 * (os.cpu_count() or 1), need))
+    return int(max(default_cpus(), need))
 
 
 def cluster_address(cfg: Config, address: str | None = None) -> str | None:
@@ -67,13 +67,30 @@ def cluster_address(cfg: Config, address: str | None = None) -> str | None:
     return address or cfg.resources.address or os.environ.get("RAY_ADDRESS")
 
 
+LOCAL = "local"  # Ray's own convention (ray.init(address="local")): start a new local Ray here
+
+
+def is_local(address: str | None) -> bool:
+    """``--address local`` / ``RAY_ADDRESS=local``: a new local Ray, never an address to attach to."""
+    return (address or "").strip().lower() == LOCAL
+
+
+def default_cpus() -> int:
+    """The one sizing policy of a local Ray xmr starts (embedded, or ``--address local``) when
+    the command names no need of its own: logical CPUs beyond the cores."""
+    return max(4, 2 * (os.cpu_count() or 1))
+
+
 def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, quiet: bool = False,
-               extra_env: dict[str, str] | None = None, dashboard: bool = True) -> str:
+               extra_env: dict[str, str] | None = None, dashboard: bool = True, driver_logs: bool = True) -> str:
     """Attach to whatever Ray is there, or start one (idempotent); returns how.
 
-    ``address`` / ``RAY_ADDRESS`` -> that cluster; else a cluster already running on this
-    machine (``ray start``) -> attach to it; else start an embedded local Ray with
-    ``num_cpus``. Start-only arguments are never passed when attaching (Ray refuses them).
+    ``address`` / ``RAY_ADDRESS`` -> that cluster, except ``local`` (Ray's convention: a new
+    local Ray here, sized and set up as the embedded default, and said so); else a cluster
+    already running on this machine (``ray start``) -> attach to it; else start an embedded
+    local Ray with ``num_cpus``. Start-only arguments are never passed when attaching (Ray
+    refuses them). ``driver_logs=False``: the Ray processes' own lines (workers, raylet, GCS)
+    stay in Ray's log files instead of streaming to this console (``log_to_driver``).
     """
     set_driver_env()  # before Ray is imported: it reads the auth mode then
     import ray
@@ -83,18 +100,25 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, quiet
         return "already connected"
     env = code_runtime_env(extra_env)
     address = address or os.environ.get("RAY_ADDRESS")
+    local = is_local(address)
+    if local:  # not an address: nothing started from here may read it as one
+        os.environ.pop("RAY_ADDRESS", None)
+        address = None
     # A Ray started from here inherits this process's environment: the endpoint's key (read
     # by ``xmr serve`` before it gets here) must not reach the raylet, workers or replicas.
     os.environ.pop("XMR_API_KEY", None)
     if address:
-        ray.init(address=address, runtime_env=env, logging_level=_ray_log_level())
+        with quiet_failure_handler():
+            ray.init(address=address, runtime_env=env, logging_level=_ray_log_level(), log_to_driver=driver_logs)
         how = f"attached to the Ray cluster at {address}"
     else:
         how = ""
-        started = started_cluster_address()
+        started = None if local else started_cluster_address()
         if started:
             try:
-                ray.init(address=started, runtime_env=env, logging_level=_ray_log_level())
+                with quiet_failure_handler():
+                    ray.init(address=started, runtime_env=env, logging_level=_ray_log_level(),
+                             log_to_driver=driver_logs)
                 how = "attached to the Ray cluster running on this machine (set RAY_ADDRESS or --address for another)"
             except ConnectionError:  # it went between the check and here
                 pass
@@ -107,12 +131,14 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, quiet
             # watcher (for spot nodes) only adds an error line about its constructor
             # arguments, so it is off here.
             local_env = {**env, "env_vars": {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", **env["env_vars"]}}
+            cpus = num_cpus or default_cpus()
             # address="local": a new Ray whatever address file `ray start` left on the machine
-            ray.init(address="local", num_cpus=num_cpus or max(4, 2 * (os.cpu_count() or 1)),
-                     include_dashboard=dashboard, dashboard_host="127.0.0.1", runtime_env=local_env,
-                     configure_logging=False, log_to_driver=True)
-            how = "started an embedded local Ray"
-    if not quiet and not how.startswith("started"):
+            with quiet_failure_handler():
+                ray.init(address="local", num_cpus=cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
+                         runtime_env=local_env, configure_logging=False, log_to_driver=driver_logs)
+            how = (f"started a new local Ray (--address local) with {cpus} logical CPUs" if local
+                   else "started an embedded local Ray")
+    if not quiet and (local or not how.startswith("started")):
         print(f"[xmr] {how}", flush=True)
     return how
 
