@@ -43,8 +43,10 @@ def build_app(args: dict[str, Any]):
     encoder = text_encoder_of(Manifest.from_dict(sharded["manifest"]) if sharded else served_manifest(**load))
     featuriser = (_same_code(TextFeaturiser.options(**common), encoder).bind(encoder["name"], encoder)
                   if encoder else None)
+    manifest = Manifest.from_dict(sharded["manifest"]) if sharded else served_manifest(**load)
     gateway_config = {"api_key_sha256": s.api_key_sha256, "body_timeout_s": s.body_timeout_s, "retries": s.retries,
-                      "retry_budget_s": s.retry_budget_s, "shard_deadline_s": s.shard_deadline_s}
+                      "retry_budget_s": s.retry_budget_s, "shard_deadline_s": s.shard_deadline_s,
+                      "contract": _contract(s, manifest, encoder, sharded)}
     if sharded:  # a retriever deployment per shard (each with its replicas); the gateway merges
         shards = [_same_code(retriever.options(name=f"Retriever{i:03d}", ray_actor_options=_actor_options(part),
                                                user_config={**retriever_config, "index": part["path"]})).bind()
@@ -100,6 +102,35 @@ def replica_needs(args: dict[str, Any]) -> dict[str, dict[str, float]]:
     else:
         needs["Retriever"] = of(_actor_options(_index_meta(s.index, s.endpoint_url) if s.index else {}))
     return needs
+
+
+def _contract(s, manifest: Manifest, encoder: dict[str, Any] | None, sharded: dict[str, Any] | None) -> dict[str, Any]:
+    """What the OpenAPI document says of this checkpoint (``xmr.serve.contract``): its task's
+    route, input shapes, gallery size and raw query forms, read without loading the model."""
+    import yaml
+
+    from xmr.checkpoint import CONFIG, fetch_checkpoint
+    from xmr.config import from_dict
+    from xmr.data import storage
+    from xmr.serve.contract import served_contract
+    from xmr.serve.featurise import audio_featuriser
+    from xmr.tasks import family_of
+
+    local = fetch_checkpoint(s.checkpoint, endpoint_url=s.endpoint_url)
+    cfg = from_dict(yaml.safe_load((local / CONFIG).read_text()) or {})
+    if sharded:
+        size = sum(p["items"] for p in sharded["shards"])
+    elif s.index:
+        try:
+            size = json.loads(storage.read_bytes(storage.join(s.index, "index.json"),
+                                                 endpoint_url=s.endpoint_url))["gallery_size"]
+        except (OSError, ValueError, KeyError):  # the retriever's load says what is wrong with it
+            size = None
+    else:
+        size = manifest.splits[s.split].num_samples if s.split in manifest.splits else None
+    audio = audio_featuriser(manifest)
+    return served_contract(family_of(cfg).route, cfg.model.dims, size, cfg.data.max_query_tokens,
+                           audio[0] if audio else None, encoder is not None)
 
 
 def _top_videos(load: dict[str, Any]) -> int:
