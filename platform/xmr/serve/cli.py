@@ -175,8 +175,9 @@ def _not_running(name: str) -> list[str]:
 
 def _pending_by_state_api(name: str) -> dict[str, dict[str, float]] | None:
     """{deployment: the resources its waiting replica requires} of the app's replica actors
-    not yet placed on a node (Ray's state API: an actor pending creation with no node); None
-    when the state API (a dashboard service) cannot say."""
+    not yet placed on a node (Ray's state API: an actor pending creation with no worker
+    process; one being started has its pid); None when the state API (a dashboard service)
+    cannot say."""
     import ray
     from ray.util.state import list_actors
 
@@ -190,7 +191,8 @@ def _pending_by_state_api(name: str) -> dict[str, dict[str, float]] | None:
     out: dict[str, dict[str, float]] = {}
     for a in actors:
         cls = getattr(a, "class_name", "") or ""
-        if cls.startswith(prefix) and not getattr(a, "node_id", None):
+        # pending creation with no worker process yet (pid 0): waiting for a node, not starting up
+        if cls.startswith(prefix) and not getattr(a, "pid", None) and not getattr(a, "node_id", None):
             out.setdefault(cls[len(prefix):], dict(getattr(a, "required_resources", None) or {}))
     return out
 
