@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -78,14 +79,15 @@ def _finished_trials(root: Path, epochs: int) -> dict[str, float]:
 
 
 def _recorded_finished(sweep: Path) -> set[str]:
-    """Run folder names of the trials Tune's saved experiment state lists as finished."""
+    """Tune trial ids of the trials Tune's saved experiment state lists as finished (a trial's
+    run folder is ``trial_<number>_<id>``)."""
     out = set()
     for state in sweep.glob("experiment_state-*.json"):
         try:
             entries = json.loads(state.read_text())["trial_data"]
         except (ValueError, KeyError, OSError):  # being written
             continue
-        out |= {f"trial_{trial['trial_id']}" for trial in (json.loads(e[0]) for e in entries)
+        out |= {trial["trial_id"] for trial in (json.loads(e[0]) for e in entries)
                 if trial["status"] == "TERMINATED"}
     return out
 
@@ -97,9 +99,10 @@ def test_interrupted_multi_objective_sweep_resumes_without_redoing_trials(tmp_pa
     # Tune saves its experiment state every ~10 s by default; these trials take seconds, so the
     # sweep would end before a state listing a finished trial exists to be killed after
     monkeypatch.setenv("TUNE_GLOBAL_CHECKPOINT_S", "1")
+    monkeypatch.setenv("XMR_PROGRESS_EVERY_S", "1")  # the status line, printed each second in a log
     n = 6  # trials train in their own processes, a few seconds each: enough of them to cut the sweep short
     args = ["tune", "--config", "sccmrl", "--space", str(space_file), "--trials", str(n), "--concurrency", "1",
-            "--no-asha", "--multi-objective", "--storage", str(tmp_path / "sw"), "--name", "resumable",
+            "--no-asha", "--multi-objective", "--confirm-top", "0", "--storage", str(tmp_path / "sw"), "--name", "resumable",
             "--set", f"data.path={synth}", *[x for s in SMALL for x in ("--set", s)], "--set", "optim.epochs=2"]
     proc = xmr(*args)
     sweep = tmp_path / "sw" / "resumable"
@@ -110,7 +113,8 @@ def test_interrupted_multi_objective_sweep_resumes_without_redoing_trials(tmp_pa
     proc.wait(timeout=30)
     # finished as Tune saved it: a trial whose run folder completed in the moment before the
     # kill, but which Tune's saved state does not list as finished, is sampled again
-    before = {k: v for k, v in _finished_trials(sweep / "trials", 2).items() if k in _recorded_finished(sweep)}
+    before = {k: v for k, v in _finished_trials(sweep / "trials", 2).items()
+              if k.rsplit("_", 1)[-1] in _recorded_finished(sweep)}
     assert before, f"no trial finished before the kill:\n{proc.stdout.read()[-3000:]}"
     assert not (sweep / "trials.csv").exists()  # it really was cut short
 
@@ -129,8 +133,14 @@ def test_interrupted_multi_objective_sweep_resumes_without_redoing_trials(tmp_pa
 
     study = optuna.load_study(study_name="resumable", storage=f"sqlite:///{sweep / 'optuna.db'}")
     assert len([t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]) == n
+    assert (sweep / "plot_history.png").is_file()  # drawn from that study (its first objective)
     assert "Reporting training result" not in out
     assert "Configuration for experiment" not in out
+    # xmr's lines only: no trial's epoch lines with Ray's (trial_driver pid=...) prefix, no
+    # "[repeated 2x across cluster]"; a line per finished trial and the status line instead
+    assert "pid=" not in out and "repeated" not in out and "] epoch 1/2" not in out, out[-3000:]
+    assert re.search(r"\[xmr\] sweep \d/6 ", out) and re.search(r"\[xmr\] sweep: \d running, \d/6 done", out), out
+    assert "confirm" not in out  # --confirm-top 0: none
     # multi-objective: (metric, seconds per epoch) for every trial, and the non-dominated ones
     assert table["train_s_per_epoch"].gt(0).all()
     front = pd.read_csv(sweep / "pareto.csv")
@@ -152,7 +162,24 @@ def one_ray():
     ray.shutdown()
 
 
-def test_sweep_six_trials_asha_best_checkpoint_reproduces(tmp_path, synth, space_file, one_ray):
+def plotly_traces(html_file: Path) -> list[dict]:
+    """The traces of a figure Optuna / plotly wrote as HTML (the JSON handed to Plotly.newPlot)."""
+    import re
+
+    html = html_file.read_text()
+    start = re.search(r'Plotly\.newPlot\(\s*"[^"]+",\s*', html)
+    assert start, f"no figure in {html_file}"
+    traces, _ = json.JSONDecoder().raw_decode(html, start.end())
+    return traces
+
+
+def test_sweep_six_trials_asha_study_confirmed_winner(tmp_path, synth, space_file, one_ray):
+    """Six trials, three at a time, ASHA pruning, then the top two confirmed with two new seeds:
+    the study in optuna.db records what happened (pruned trials PRUNED with one value per
+    epoch, finished ones COMPLETE with their best epoch), the history plot is that study in
+    trial order, and best.json follows the confirmed winner (the best mean over its seeds)."""
+    import optuna
+
     from xmr.checkpoint import fetch_checkpoint
     from xmr.method import Method
     from xmr.data.reader import make_loader
@@ -162,7 +189,8 @@ def test_sweep_six_trials_asha_best_checkpoint_reproduces(tmp_path, synth, space
 
     cfg = load_config("sccmrl", [f"data.path={synth}", f"storage.root={tmp_path / 'sw'}", *SMALL])
     space = load_space(space_file, base=cfg)
-    settings = SweepSettings(name="six", trials=6, concurrency=3, seed=0, reduction_factor=3)
+    settings = SweepSettings(name="six", trials=6, concurrency=3, seed=0, reduction_factor=3, confirm_top=2,
+                             confirm_seeds=2)
     result = run_sweep(cfg, space, settings)
     table = result.table
     assert len(table) == 6 and table["error"].isna().all()
@@ -171,12 +199,61 @@ def test_sweep_six_trials_asha_best_checkpoint_reproduces(tmp_path, synth, space
     # the conditional parameter exists exactly when its condition holds
     assert (table["negatives.memory_bank"].notna() == (table["negatives.strategy"] == "hardest")).all()
     sweep = tmp_path / "sw" / "six"
-    for name in ("trials.csv", "best_config.yaml", "best.json", "plot_history.html", "plot_history.png",
-                 "plot_importances.png", "plot_contour.png"):
+    for name in ("trials.csv", "best_config.yaml", "best.json", "confirm.csv", "plot_history.html", "plot_history.png",
+                 "plot_importances.png", "plot_contour.png", "plot_intermediate.html", "plot_intermediate.png"):
         assert (sweep / name).is_file(), name
+
+    # the study is the record: every trial in it, in the state it ended in, with its epochs
+    study = optuna.load_study(study_name="six", storage=f"sqlite:///{sweep}/optuna.db")
+    assert len(study.trials) == 6
+    by_number = {t.number: t for t in study.trials}
+    for _, row in table.iterrows():
+        trial = by_number[int(row["number"])]
+        assert trial.state.name == row["state"] == ("PRUNED" if row["pruned"] else "COMPLETE"), row["trial"]
+        # one intermediate value per trained epoch, step = epoch (a stopped trial may have
+        # trained on into the epoch after its stop: that one never reaches Tune)
+        assert sorted(trial.intermediate_values) == list(range(1, int(row["epochs"]) + 1)), row["trial"]
+        history = pd.read_csv(sweep / "trials" / row["trial"] / "metrics.csv").set_index("epoch")
+        for epoch, value in trial.intermediate_values.items():
+            assert value == pytest.approx(history.loc[epoch, "map_mean"]), (row["trial"], epoch)
+        if row["pruned"]:  # its value is the epoch it was stopped at, not a final one
+            assert trial.value == pytest.approx(trial.intermediate_values[int(row["epochs"])])
+        else:  # its best epoch, what its best checkpoint scores
+            assert trial.value == pytest.approx(max(trial.intermediate_values.values()))
+            assert trial.value == pytest.approx(row["map_mean"])
+    # the history plot is that study in trial order: x the trial numbers, rising; y their values
+    (points,) = [t for t in plotly_traces(sweep / "plot_history.html") if t.get("mode") == "markers" and t.get("x")]
+    complete = sorted((t.number, t.value) for t in study.trials if t.state.name == "COMPLETE")
+    assert points["x"] == [n for n, _ in complete] and points["y"] == pytest.approx([v for _, v in complete])
+    # the learning curves mark the pruned trials
+    curves = {t["name"]: t for t in plotly_traces(sweep / "plot_intermediate.html")}
+    pruned_numbers = {t.number for t in study.trials if t.state.name == "PRUNED"}
+    assert {n for n in curves if n.endswith("(pruned)")} == {f"trial {n} (pruned)" for n in pruned_numbers}
+    # Tune's trial folders and the run folders: trial_<number>_<id>, not Ray's long names
+    for folder in [*sweep.glob("trial_*"), *(sweep / "trials").iterdir()]:
+        assert re.fullmatch(r"trial_\d{3}_[0-9a-f]{5,8}", folder.name), folder.name
+    assert {p.name for p in sweep.glob("trial_*")} == set(table["trial"])
+
+    # the confirmation: the top two finished trials, two new seeds each (not the search's seed 0)
+    finished = table[~table["pruned"]].sort_values("map_mean", ascending=False)
+    confirm = pd.read_csv(sweep / "confirm.csv")
+    assert set(confirm["candidate"]) == set(finished["trial"].head(2))
+    seeds = confirm[["seed_1", "seed_2"]]
+    assert confirm["mean"].tolist() == pytest.approx(seeds.mean(axis=1).tolist())
+    winner = confirm.loc[confirm["mean"].idxmax()]
     best = result.best
-    assert best["value"] == pytest.approx(table["map_mean"].max())
-    method = Method.from_checkpoint(fetch_checkpoint(str(sweep)))  # "the best of this sweep"
+    assert best["confirmed"]["search_trial"] == winner["candidate"] == result.confirmation.winner
+    assert best["confirmed"]["seeds"] == [1, 2]
+    assert best["value"] == pytest.approx(max(winner["seed_1"], winner["seed_2"]))  # its best confirmation run
+    assert "/confirm/trials/" in best["checkpoint"]
+    runs = pd.read_csv(sweep / "confirm_runs.csv")
+    assert sorted(zip(runs["candidate"], runs["seed"])) == sorted((c, s) for c in confirm["candidate"] for s in (1, 2))
+    assert (runs["epochs"] == 4).all() and runs["error"].isna().all()
+    searched = table.set_index("trial").loc[winner["candidate"]]
+    for path, value in best["params"].items():
+        assert (value is None and pd.isna(searched[path])) or value == pytest.approx(searched[path])
+    method = Method.from_checkpoint(fetch_checkpoint(str(sweep)))  # "the best of this sweep": the confirmed winner
+    assert method.cfg.seed in (1, 2)
     for path, value in best["params"].items():
         if value is not None:
             node = method.cfg.to_dict()
@@ -185,21 +262,21 @@ def test_sweep_six_trials_asha_best_checkpoint_reproduces(tmp_path, synth, space
             assert node == pytest.approx(value)
     val = make_loader(synth, "val", local_batch_size=64, shuffle=False)
     assert evaluate_category(method.model, val, "category")["map_mean"] == pytest.approx(best["value"], abs=1e-5)
-    # tracking: one MLflow parent for the sweep, a child per trial with its params and epochs;
-    # the Optuna study in a SQLite file in the sweep folder (what optuna-dashboard opens)
-    import optuna
+    # tracking: one MLflow parent for the sweep, a child per trial and confirmation run
     from mlflow.tracking import MlflowClient
 
     from train_helpers import mlflow_runs
 
     uri = f"sqlite:///{sweep}/mlflow.db"
-    runs = mlflow_runs(uri)
-    (parent,) = [r for r in runs if r.data.tags.get("xmr.parent") == "true"]
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert len(runs) == 7 and len(children) == 6
-    assert {r.info.run_name for r in children} == set(table["trial"])
+    mlruns = mlflow_runs(uri)
+    (parent,) = [r for r in mlruns if r.data.tags.get("xmr.parent") == "true"]
+    children = [r for r in mlruns if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(mlruns) == 11 and len(children) == 10
+    assert {r.info.run_name for r in children} >= set(table["trial"])
     client = MlflowClient(uri)
     for child in children:
+        if child.info.run_name not in set(table["trial"]):
+            continue
         row = table.loc[table["trial"] == child.info.run_name].iloc[0]
         assert child.data.params["optim.lr"] == str(row["optim.lr"]) or \
             float(child.data.params["optim.lr"]) == pytest.approx(row["optim.lr"])
@@ -209,8 +286,6 @@ def test_sweep_six_trials_asha_best_checkpoint_reproduces(tmp_path, synth, space
         assert steps == list(range(len(steps))) and len(steps) >= row["epochs"] + 1
         if not row["pruned"]:
             assert len(steps) == row["epochs"] + 1
-    study = optuna.load_study(study_name="six", storage=f"sqlite:///{sweep}/optuna.db")
-    assert len(study.trials) == 6
 
 
 def test_a_killed_trial_is_retried_from_its_run_folder(tmp_path, synth, one_ray):

@@ -25,7 +25,8 @@ def _tune(args: argparse.Namespace) -> int:
     settings = SweepSettings(name=name, trials=args.trials, concurrency=args.concurrency, seed=args.seed,
                              searcher=args.searcher, scheduler="none" if args.no_asha else "asha",
                              grace_period=args.grace_period, optuna_storage=args.optuna_storage,
-                             multi_objective=args.multi_objective)
+                             multi_objective=args.multi_objective, confirm_top=args.confirm_top,
+                             confirm_seeds=args.confirm_seeds)
     if args.ablate:
         seeds = [int(s) for s in args.seeds.split(",")]
         result = run_ablation(cfg, space.ablation_variants(cfg), settings, seeds, address=args.address)
@@ -53,6 +54,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("--seed", type=int, default=0, help="sampler seed")
     p.add_argument("--multi-objective", action="store_true",
                    help="Optuna over (metric, training seconds per epoch); writes the Pareto front (no ASHA)")
+    p.add_argument("--confirm-top", type=int, default=2,
+                   help="after the search, retrain the top K configurations with new seeds and pick the winner by "
+                        "its mean (with --multi-objective: the Pareto front's members); 0: no confirmation (default 2)")
+    p.add_argument("--confirm-seeds", type=int, default=3,
+                   help="new seeds per confirmed configuration (the search's own seed is not among them; default 3)")
     p.add_argument("--ablate", action="store_true", help="train the preset with each ablation of the space file")
     p.add_argument("--seeds", default="0", help="--ablate: comma-separated training seeds (default 0)")
     p.set_defaults(func=_tune)

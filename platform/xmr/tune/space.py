@@ -76,6 +76,24 @@ class SearchSpace:
                 sampled[param.path] = param.suggest(trial)
         return sampled
 
+    def typed(self, values: dict[str, Any]) -> dict[str, Any]:
+        """Values read back from a table (pandas turns an int column with gaps into floats,
+        NaN for an inactive parameter) as the space samples them: ints as int, a categorical
+        as its own choice, inactive ones as None."""
+        out: dict[str, Any] = {}
+        for param in self.params:
+            v = values.get(param.path)
+            v = v.item() if hasattr(v, "item") else v
+            if v is None or (isinstance(v, float) and v != v):
+                out[param.path] = None
+            elif param.kind == "int":
+                out[param.path] = int(round(float(v)))
+            elif param.kind == "categorical":
+                out[param.path] = next((c for c in param.choices if c == v or str(c) == str(v)), v)
+            else:
+                out[param.path] = float(v)
+        return out
+
     def apply(self, cfg: Config, sampled: dict[str, Any]) -> Config:
         """A new Config with the sampled values set (validated like any config)."""
         return with_values(cfg, sampled)

@@ -9,6 +9,7 @@ best checkpoint) under ``<sweep>/trials/``, so the best one is served like any r
 from __future__ import annotations
 
 import os
+import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -35,33 +36,48 @@ class SweepSettings:
     reduction_factor: int = 2
     optuna_storage: str | None = None  # default: sqlite in the sweep folder (local storage); a URL for another
     multi_objective: bool = False  # Optuna over (metric, training seconds per epoch): a Pareto front
+    confirm_top: int = 0  # after the search: retrain the top K configurations (the Pareto front's members
+    confirm_seeds: int = 0  # with --multi-objective) with this many new seeds each; 0: no confirmation
 
 
 def trial_driver(config: dict[str, Any], base: dict[str, Any], trials_root: str,
-                 variants: dict[str, list[str]] | None = None) -> None:
-    """One Tune trial: the sampled values (dotted config paths) or a named variant, trained
-    by ``run_trial``; every epoch's row reaches Tune."""
+                 variants: dict[str, list[str]] | None = None,
+                 candidates: dict[str, dict[str, Any]] | None = None, verbose: bool = True) -> None:
+    """One Tune trial: the sampled values (dotted config paths), a named variant, or a named
+    candidate's values (a confirmation run), trained by ``run_trial``; every epoch's row
+    reaches Tune. The run folder is named after the Tune trial (``trial_<number>_<id>``)."""
     from ray import tune
 
-    cfg = with_values(from_dict(base), {k: v for k, v in config.items() if "." in k})
+    values = {k: v for k, v in config.items() if "." in k}
+    if candidates is not None:
+        values = {k: v for k, v in candidates[config["candidate"]].items() if v is not None}
+    cfg = with_values(from_dict(base), values)
     if variants is not None:
         cfg = from_dict(apply_overrides(cfg.to_dict(), variants[config["variant"]]))
     if "seed" in config:
         cfg.seed = int(config["seed"])
     cfg.storage.root = trials_root
-    cfg.storage.run_name = f"trial_{tune.get_context().get_trial_id()}"
-    run_trial(cfg)
+    context = tune.get_context()
+    name = context.get_trial_name() or ""
+    short = re.fullmatch(r"trial_\d+_\w+", name) is not None  # trial_dirname's, not Tune's default name
+    cfg.storage.run_name = name if short else f"trial_{context.get_trial_id()}"
+    run_trial(cfg, verbose=verbose)
+
+
+def _verbose() -> bool:
+    return os.environ.get("XMR_VERBOSE") == "1"
 
 
 def run_sweep(cfg: Config, space, settings: SweepSettings, address: str | None = None) -> SweepResult:
     """Sample ``settings.trials`` configs from ``space`` with Optuna (TPE, seeded), prune with
-    ASHA, and write the trials table, best config, best-checkpoint pointer and plots."""
+    ASHA, confirm the top ones with new seeds (``settings.confirm_top``), and write the trials
+    table, best config, best-checkpoint pointer and plots (from the sweep's own study)."""
     import optuna
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.optuna import OptunaSearch
 
     from xmr.train.driver import ensure_ray, local_cpus
+    from xmr.tune import study as studies
 
     cfg, _, _ = prepare(cfg, run_name=settings.name)
     metric = space.metric or cfg.storage.checkpoint_metric or family_of(cfg).main_metric
@@ -72,20 +88,23 @@ def run_sweep(cfg: Config, space, settings: SweepSettings, address: str | None =
     sampler = (optuna.samplers.TPESampler(seed=settings.seed, n_startup_trials=max(2, min(10, settings.trials // 3)))
                if settings.searcher == "tpe" else optuna.samplers.RandomSampler(seed=settings.seed))
     optuna_logging_quiet()  # Optuna's "A new study created" INFO line: xmr says it in its own
-    storage_url = settings.optuna_storage or default_study_storage(cfg, settings.name)
-    study_storage = optuna.storages.RDBStorage(storage_url) if storage_url else None
-    if storage_url:
-        print(f"[xmr] Optuna study {settings.name!r} in {storage_url} (watch it: optuna-dashboard {storage_url})",
-              flush=True)
+    sweep = RunDir(cfg.storage.root, settings.name, cfg.data.endpoint_url)
+    storage_url = settings.optuna_storage or studies.default_storage(cfg.storage.root, settings.name)
+    if not settings.optuna_storage and storage.is_s3(cfg.storage.root):
+        studies.fetch_study(storage_url, sweep)  # a resumed S3 sweep: its study as last written there
+    study_storage = optuna.storages.RDBStorage(storage_url)
+    print(f"[xmr] Optuna study {settings.name!r} in {storage_url} (watch it: optuna-dashboard {storage_url})",
+          flush=True)
     track_under_parent(cfg, settings.name, {"trials": settings.trials, "searcher": settings.searcher,
                                             "space": [p.path for p in space.params]})
     if settings.multi_objective:  # ASHA needs one metric; TPE handles several (Pareto-based)
         settings.scheduler = "none"
-        search = OptunaSearch(space=space.suggest, metric=[metric, "train_s"], mode=[mode, "min"], sampler=sampler,
-                              study_name=settings.name, storage=study_storage)
+        search = studies.StudySearch(space=space.suggest, metric=[metric, "train_s"], mode=[mode, "min"],
+                                     sampler=sampler, study_name=settings.name, storage=study_storage,
+                                     max_epochs=cfg.optim.epochs)
     else:
-        search = OptunaSearch(space=space.suggest, metric=metric, mode=mode, sampler=sampler,
-                              study_name=settings.name, storage=study_storage)
+        search = studies.StudySearch(space=space.suggest, metric=metric, mode=mode, sampler=sampler,
+                                     study_name=settings.name, storage=study_storage, max_epochs=cfg.optim.epochs)
     # "epoch", not Tune's report count: a trial retried from its run folder goes on at the epoch
     # it reached, and ASHA must judge it there, beside its peers' same epoch
     scheduler = (ASHAScheduler(time_attr="epoch", max_t=cfg.optim.epochs,
@@ -93,26 +112,77 @@ def run_sweep(cfg: Config, space, settings: SweepSettings, address: str | None =
                  if settings.scheduler == "asha" else None)
     # Ray Train's trials need the state API (the dashboard): on whenever a trial may have workers
     multi = cfg.resources.num_workers > 1 or any(p.path.startswith("resources.") for p in space.params)
-    ensure_ray(address, num_cpus=max(local_cpus(cfg), int(2 * per_trial_cpus(cfg)) + 2), dashboard=multi)
+    ensure_ray(address, num_cpus=max(local_cpus(cfg), int(2 * per_trial_cpus(cfg)) + 2), dashboard=multi,
+               driver_logs=_verbose())  # the trials' epoch lines (and Ray's notices) only with --verbose
     trials_root = storage.join(cfg.storage.root, settings.name, "trials")
-    trainable = tune.with_parameters(trial_driver, base=cfg.to_dict(), trials_root=trials_root)
+    trainable = tune.with_parameters(trial_driver, base=cfg.to_dict(), trials_root=trials_root, verbose=_verbose())
     t0 = time.perf_counter()
     grid = make_tuner(trainable, cfg, settings.name, settings.trials, metric=None if settings.multi_objective else metric,
                       mode=None if settings.multi_objective else mode, max_concurrent=settings.concurrency,
-                      search_alg=search, scheduler=scheduler).fit()
-    table = trials_table(grid, cfg, metric, mode, [p.path for p in space.params])
-    return write_sweep_report(cfg, settings, space, table, metric, mode, wall_s=time.perf_counter() - t0)
+                      search_alg=search, scheduler=scheduler, status=True, max_epochs=cfg.optim.epochs,
+                      progress_metric=metric, short_trial_dirs=True).fit()
+    search_s = time.perf_counter() - t0
+    study = studies.load(storage_url, settings.name)
+    table = with_study(trials_table(grid, cfg, metric, mode, [p.path for p in space.params]), study)
+    confirmation = None
+    if settings.confirm_top > 0 and settings.confirm_seeds > 0:
+        confirmation = run_confirmation(cfg, space, settings, table, metric, mode)
+    if not settings.optuna_storage and storage.is_s3(cfg.storage.root):
+        studies.sync_study(storage_url, sweep)  # the study beside the results
+    return write_sweep_report(cfg, settings, space, table, metric, mode, wall_s=search_s, study=study,
+                              confirmation=confirmation)
 
 
-def default_study_storage(cfg: Config, name: str) -> str | None:
-    """A SQLite file in the sweep folder for a local storage root (the study survives the
-    sweep, ``optuna-dashboard`` can open it while it runs, and a resumed sweep resumes it);
-    in memory for an S3 root (pass --optuna-storage to keep it)."""
-    if storage.is_s3(cfg.storage.root):
+def with_study(table: pd.DataFrame, study) -> pd.DataFrame:
+    """The trials table joined with the study: each trial's Optuna number and state; a trial is
+    ``pruned`` when the study says so (ASHA stopped it), not merely short of its epochs."""
+    from xmr.tune.study import by_tune_id
+
+    if not len(table):
+        return table
+    trials = by_tune_id(study)
+    table = table.copy()
+    found = [trials.get(t) for t in table["trial_id"]] if "trial_id" in table else [None] * len(table)
+    table.insert(1, "number", [t.number if t is not None else None for t in found])
+    table["state"] = [t.state.name if t is not None else None for t in found]
+    known = table["state"].notna()
+    table.loc[known, "pruned"] = table.loc[known, "state"] == "PRUNED"
+    table["pruned"] = table["pruned"].astype(bool)
+    return table
+
+
+def run_confirmation(cfg: Config, space, settings: SweepSettings, table: pd.DataFrame, metric: str,
+                     mode: str) -> dict[str, Any] | None:
+    """The search's top ``confirm_top`` configurations (its finished trials; with
+    ``--multi-objective`` the Pareto front's members) trained again with ``confirm_seeds`` new
+    seeds each (cfg.seed + 1, + 2, ...: the search's own score, the one the winner's curse
+    inflates, is not among them), by the same runner and trial driver, one grid of
+    (candidate, seed) under ``<sweep>/confirm``. Resumed with the sweep."""
+    from ray import tune
+
+    from xmr.tune.confirm import candidates as pick_candidates
+
+    names = pick_candidates(table, metric, mode, settings.confirm_top, settings.multi_objective)
+    if not names:
+        print("[xmr] confirmation: no finished trial to confirm", flush=True)
         return None
-    folder = os.path.join(cfg.storage.root, name)
-    os.makedirs(folder, exist_ok=True)
-    return f"sqlite:///{os.path.abspath(folder)}/optuna.db"
+    seeds = [cfg.seed + i for i in range(1, settings.confirm_seeds + 1)]
+    rows = table.set_index("trial")
+    params = {name: space.typed(rows.loc[name].to_dict()) for name in names}
+    n, t0 = len(names) * len(seeds), time.perf_counter()
+    print(f"[xmr] confirming the top {len(names)} configuration(s) with {len(seeds)} new seed(s) each "
+          f"(seeds {', '.join(map(str, seeds))}; {n} runs of {cfg.optim.epochs} epochs)", flush=True)
+    sweep_root = storage.join(cfg.storage.root, settings.name)
+    trials_root = storage.join(sweep_root, "confirm", "trials")
+    trainable = tune.with_parameters(trial_driver, base=cfg.to_dict(), trials_root=trials_root, candidates=params,
+                                     verbose=_verbose())
+    grid = make_tuner(trainable, cfg, "confirm", n, metric=metric, mode=mode, max_concurrent=settings.concurrency,
+                      param_space={"candidate": tune.grid_search(names), "seed": tune.grid_search(seeds)},
+                      root=sweep_root, what="confirm", status=True, max_epochs=cfg.optim.epochs,
+                      progress_metric=metric, short_trial_dirs=True).fit()
+    runs = trials_table(grid, cfg, metric, mode, ["candidate", "seed"])
+    return {"runs": runs, "names": names, "seeds": seeds, "params": params, "trials_root": trials_root,
+            "wall_s": time.perf_counter() - t0}
 
 
 def track_under_parent(cfg: Config, name: str, params: dict[str, Any]) -> None:
@@ -145,13 +215,16 @@ def run_ablation(cfg: Config, variants: dict[str, list[str]], settings: SweepSet
     track_under_parent(cfg, settings.name, {"variants": list(variants), "seeds": seeds})
     multi = any(from_dict(apply_overrides(cfg.to_dict(), o)).resources.num_workers > 1 for o in variants.values()) \
         or cfg.resources.num_workers > 1
-    ensure_ray(address, num_cpus=max(local_cpus(cfg), int(2 * per_trial_cpus(cfg)) + 2), dashboard=multi)
+    ensure_ray(address, num_cpus=max(local_cpus(cfg), int(2 * per_trial_cpus(cfg)) + 2), dashboard=multi,
+               driver_logs=_verbose())
     trials_root = storage.join(cfg.storage.root, settings.name, "trials")
-    trainable = tune.with_parameters(trial_driver, base=cfg.to_dict(), trials_root=trials_root, variants=variants)
+    trainable = tune.with_parameters(trial_driver, base=cfg.to_dict(), trials_root=trials_root, variants=variants,
+                                     verbose=_verbose())
     t0 = time.perf_counter()
     n = len(variants) * len(seeds)
     grid = make_tuner(trainable, cfg, settings.name, n, metric=metric, mode=mode, max_concurrent=settings.concurrency,
-                      param_space={"variant": tune.grid_search(list(variants)), "seed": tune.grid_search(seeds)}).fit()
+                      param_space={"variant": tune.grid_search(list(variants)), "seed": tune.grid_search(seeds)},
+                      short_trial_dirs=True).fit()
     table = trials_table(grid, cfg, metric, mode, ["variant", "seed"])
     return write_ablation_report(cfg, settings, table, metric, mode, variants, wall_s=time.perf_counter() - t0)
 
@@ -167,7 +240,9 @@ def trials_table(grid, cfg: Config, metric: str, mode: str, param_names: list[st
         values = history[metric].dropna() if metric in history else pd.Series(dtype=float)
         best_value = (values.max() if mode == "max" else values.min()) if len(values) else float("nan")
         run = str(history["run"].dropna().iloc[-1]) if "run" in history and history["run"].notna().any() else ""
-        row: dict[str, Any] = {"trial": run or os.path.basename(str(result.path))}
+        folder = os.path.basename(str(result.path))
+        row: dict[str, Any] = {"trial": run or folder,  # a trial that failed before any row: its Tune folder's id
+                               "trial_id": (result.metrics or {}).get("trial_id") or folder.rsplit("_", 1)[-1]}
         row.update({name: conf.get(name) for name in param_names})
         epoch_s = history["train_s"].dropna() if "train_s" in history else pd.Series(dtype=float)
         row.update({metric: best_value, f"last_{metric}": float(values.iloc[-1]) if len(values) else float("nan"),

@@ -82,6 +82,7 @@ class SweepResult:
     table: pd.DataFrame
     best: dict[str, Any] | None
     files: dict[str, str] = field(default_factory=dict)
+    confirmation: Any = None  # a sweep's xmr.tune.confirm.Confirmation, when it confirmed its top trials
 
 
 def per_trial_cpus(cfg: Config) -> float:
@@ -104,7 +105,8 @@ def make_tuner(trainable, cfg: Config, name: str, n_trials: int, *, metric: str 
                mode: str | None = None, max_concurrent: int = 0, search_alg=None, param_space=None,
                scheduler=None, root: str | None = None, resume: bool = True, what: str = "sweep",
                resources=None, reuse_actors: bool = True, verbose: bool = False,
-               progress_metric: str | None = None, max_failures: int | None = None):
+               progress_metric: str | None = None, max_failures: int | None = None,
+               status: bool = False, max_epochs: int | None = None, short_trial_dirs: bool = False):
     """A ``Tuner`` whose trials each reserve ``resources`` (a dict, or a function of the
     trial's config; default ``trial_resources(cfg)``), resumed from ``<root>/<name>`` when it
     exists there (finished trials kept; the saved state mended first, ``xmr.tune.snapshot``).
@@ -112,7 +114,12 @@ def make_tuner(trainable, cfg: Config, name: str, n_trials: int, *, metric: str 
     A failed one-worker trial is retried by Tune ``max_failures`` times (default
     ``storage.max_failures``) and resumes from its run folder; a multi-worker trial's
     ``TorchTrainer`` already retries its worker group that often, so Tune does not again
-    (default 0 there): one level of retries, not their product."""
+    (default 0 there): one level of retries, not their product.
+
+    ``status``: a live status line beside the per-trial lines (``progress_callback``);
+    ``max_epochs``: a trial's full length, so a trial stopped short of it counts as pruned;
+    ``short_trial_dirs``: Tune's trial folders (and trial names) ``trial_<number>_<short id>``
+    (``trial_dirname``) instead of Ray's ~150 characters of parameters and a timestamp."""
     from ray import tune
 
     fs, base = filesystem(root or cfg.storage.root, cfg.data.endpoint_url)
@@ -128,23 +135,42 @@ def make_tuner(trainable, cfg: Config, name: str, n_trials: int, *, metric: str 
             print(f"[xmr] {note}", flush=True)
         return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True,
                                   storage_filesystem=fs)
-    quiet = {} if verbose else {"verbose": 0, "callbacks": [progress_callback(n_trials, progress_metric or metric, what)]}
+    quiet = {} if verbose else {"verbose": 0, "callbacks": [progress_callback(
+        n_trials, progress_metric or metric, what, mode=mode, status=status, max_epochs=max_epochs)]}
+    names = {"trial_dirname_creator": trial_dirname, "trial_name_creator": trial_dirname} if short_trial_dirs else {}
     return tune.Tuner(
         trainable,
         param_space=param_space or {},
         tune_config=tune.TuneConfig(metric=metric, mode=mode, num_samples=n_trials if search_alg else 1,
                                     search_alg=search_alg, scheduler=scheduler, reuse_actors=reuse_actors,
-                                    max_concurrent_trials=concurrency(cfg, max_concurrent, n_trials)),
+                                    max_concurrent_trials=concurrency(cfg, max_concurrent, n_trials), **names),
         run_config=tune.RunConfig(name=name, storage_path=base, storage_filesystem=fs,
                                   failure_config=tune.FailureConfig(max_failures=max_failures), **quiet),
     )
 
 
-def progress_callback(total: int, metric: str | None, what: str):
-    """Tune's own trial tables replaced by one line per finished trial (``--verbose`` brings them back)."""
+def trial_dirname(trial) -> str:
+    """A Tune trial's folder and name, ``trial_<number>_<short id>`` (``trial_004_3fa2c1d9``):
+    the number Tune counts trials by (its experiment tag's first part; from 1 for a search,
+    0 for a grid), the id's first part. ``trial_driver`` names the trial's run folder the same."""
+    number = str(trial.experiment_tag or "").split("_", 1)[0]
+    short = str(trial.trial_id).split("_", 1)[0]
+    return f"trial_{int(number):03d}_{short}" if number.isdigit() else f"trial_{trial.trial_id}"
+
+
+def progress_callback(total: int, metric: str | None, what: str, *, mode: str | None = None, status: bool = False,
+                      max_epochs: int | None = None):
+    """Tune's own trial tables replaced by one line per finished trial (``--verbose`` brings
+    them back) and, with ``status``, a status line: trials running / done / pruned / failed,
+    the best so far and an ETA. On a terminal the status line is redrawn in place every
+    second; in a log (not a terminal) it is printed every ``XMR_PROGRESS_EVERY_S`` seconds
+    (default 30; 0: never), so a long sweep says where it is without a line per epoch."""
+    import sys
     import time
 
     from ray.tune import Callback
+
+    from xmr.progress_line import every_s
 
     class Progress(Callback):
         """Counts finished trials from Tune's list, so a resumed sweep goes on from where it
@@ -152,26 +178,85 @@ def progress_callback(total: int, metric: str | None, what: str):
         process's."""
 
         def __init__(self) -> None:
-            self.ran_here, self.t0 = 0, time.perf_counter()
+            self.ran_here, self.t0, self.shown, self.drawn = 0, time.perf_counter(), time.perf_counter(), False
 
         def setup(self, **info) -> None:  # also when resumed: this instance was unpickled
-            self.ran_here, self.t0 = 0, time.perf_counter()
+            self.ran_here, self.t0, self.shown, self.drawn = 0, time.perf_counter(), time.perf_counter(), False
+
+        def _pruned(self, trial, ending: bool = False) -> bool:
+            """Stopped short of its epochs (``ending``: the trial being completed, still RUNNING in Tune's list)."""
+            epoch = (trial.last_result or {}).get("epoch")
+            return bool(max_epochs and (ending or trial.status == "TERMINATED") and isinstance(epoch, (int, float))
+                        and epoch < max_epochs)
+
+        def _eta(self, done: int) -> float:
+            return (time.perf_counter() - self.t0) / self.ran_here * (total - done) if self.ran_here else float("nan")
+
+        def _clear(self) -> None:
+            if self.drawn:
+                sys.stdout.write("\r\033[K")
+                self.drawn = False
 
         def _line(self, trials, trial, outcome: str) -> None:
             self.ran_here += 1
             done = 1 + sum(t is not trial and t.status in FINISHED for t in trials)
             elapsed = time.perf_counter() - self.t0
-            eta = elapsed / self.ran_here * (total - done)
+            eta = self._eta(done)
             config = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in (trial.config or {}).items())
+            self._clear()
             print(f"[xmr] {what} {done}/{total} {outcome}: {config}  ({elapsed / 60:.1f} min, ETA {eta / 60:.1f} min)",
                   flush=True)
 
         def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-            value = (trial.last_result or {}).get(metric) if metric else None
-            self._line(trials, trial, f"{metric} {value:.4f}" if isinstance(value, float) else "done")
+            result = trial.last_result or {}
+            value = result.get(metric) if metric else None
+            shown = f"{metric} {value:.4f}" if isinstance(value, float) else "done"
+            if self._pruned(trial, ending=True):
+                shown = f"pruned at epoch {int(result['epoch'])} ({shown})"
+            self._line(trials, trial, shown)
 
         def on_trial_error(self, iteration, trials, trial, **info) -> None:
             self._line(trials, trial, "FAILED")
+
+        def status_line(self, trials) -> str:
+            running = sum(t.status == "RUNNING" for t in trials)
+            done = sum(t.status in FINISHED for t in trials)
+            pruned = sum(self._pruned(t) for t in trials)
+            failed = sum(t.status == "ERROR" for t in trials)
+            best = None
+            if metric and mode in ("max", "min"):
+                seen = [t.metric_analysis.get(metric, {}).get(mode) for t in trials]
+                seen = [v for v in seen if isinstance(v, (int, float))]
+                best = (max(seen) if mode == "max" else min(seen)) if seen else None
+            elapsed = time.perf_counter() - self.t0
+            eta = self._eta(done)
+            parts = [f"{running} running", f"{done}/{total} done", f"{pruned} pruned"]
+            if failed:
+                parts.append(f"{failed} failed")
+            if best is not None:
+                parts.append(f"best {metric} {best:.4f}")
+            parts.append(f"{elapsed / 60:.1f} min" + ("" if eta != eta else f", ETA {eta / 60:.1f} min"))
+            return f"[xmr] {what}: " + ", ".join(parts)
+
+        def on_step_end(self, iteration, trials, **info) -> None:
+            if not status:
+                return
+            tty = sys.stdout.isatty()
+            period = 1.0 if tty else every_s()
+            now = time.perf_counter()
+            if period <= 0 or now - self.shown < period:
+                return
+            self.shown = now
+            if tty:
+                sys.stdout.write("\r\033[K" + self.status_line(trials))
+                sys.stdout.flush()
+                self.drawn = True
+            else:
+                print(self.status_line(trials), flush=True)
+
+        def on_experiment_end(self, trials, **info) -> None:
+            self._clear()
+            sys.stdout.flush()
 
     return Progress()
 
