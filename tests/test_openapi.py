@@ -9,6 +9,7 @@ gateway is reconfigured in place), so the module costs one Serve start."""
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -24,6 +25,7 @@ import numpy as np
 import pytest
 import requests
 
+from conftest import TVR_DIR, needs_tvr
 from train_helpers import wait_healthy
 
 pytestmark = [pytest.mark.timeout(900), pytest.mark.ray, pytest.mark.serve]
@@ -80,6 +82,7 @@ def served(checkpoints):
             state.update(key=key, urls=urls)
         return state["urls"]
 
+    use.port = port
     yield use
     serve.shutdown()
     ray.shutdown()
@@ -125,6 +128,10 @@ def _generation_env(doc: dict) -> dict:
 def test_the_document_matches_the_served_checkpoint(served):
     urls = served(False)
     cat, vcmr = _document(urls["cat"], False), _document(urls["vcmr"], False)
+    from openapi_spec_validator import validate
+
+    for doc in (cat, vcmr):
+        validate(doc)  # valid OpenAPI 3.1
     assert set(cat["paths"]) == {"/search", "/healthz", "/info"}  # no /moments on a category model
     assert set(vcmr["paths"]) == {"/moments", "/healthz", "/info"}
     branches = {b["title"]: b for b in cat["components"]["schemas"]["SearchRequest"]["oneOf"]}
@@ -146,6 +153,9 @@ def test_the_document_matches_the_served_checkpoint(served):
 def test_a_key_adds_the_bearer_scheme(served):
     urls = served(True)
     doc = _document(urls["vcmr"], True)
+    from openapi_spec_validator import validate
+
+    validate(doc)
     assert doc["components"]["securitySchemes"]["bearer"] == {**doc["components"]["securitySchemes"]["bearer"],
                                                               "type": "http", "scheme": "bearer"}
     assert doc["paths"]["/healthz"]["get"]["security"] == []
@@ -158,12 +168,11 @@ def test_a_key_adds_the_bearer_scheme(served):
 # --------------------------------------------------------------------------- schemathesis, all checks
 
 
-@pytest.mark.parametrize("key", [False, True], ids=["no-key", "key"])
-@pytest.mark.parametrize("kind", ["cat", "vcmr"])
-def test_schemathesis_finds_nothing(served, kind, key, tmp_path):
-    urls = served(key)
-    doc = _document(urls[kind], key)
-    cmd = [str(ST), "run", f"{urls[kind]}/openapi.json", "--checks", "all", "--seed", str(SEED),
+def _schemathesis(url: str, key: bool, tmp_path: Path) -> None:
+    """``st run`` with every check, a fixed seed and EXAMPLES per operation: no finding, and
+    every operation of the document tested."""
+    doc = _document(url, key)
+    cmd = [str(ST), "run", f"{url}/openapi.json", "--checks", "all", "--seed", str(SEED),
            "--max-examples", str(EXAMPLES), "--workers", "1", "--request-timeout", "30",
            "--report", "junit", "--report-dir", str(tmp_path)]
     if key:
@@ -180,6 +189,43 @@ def test_schemathesis_finds_nothing(served, kind, key, tmp_path):
     tested = {case.get("name") for case in junit.iter("testcase")}
     assert tested == {f"{m.upper()} {p}" for p, item in doc["paths"].items() for m in item}, report[-4000:]
     assert [junit.get(n) for n in ("errors", "failures", "skipped")] == ["0", "0", "0"], report[-4000:]
+
+
+@pytest.mark.parametrize("kind, key", [("cat", False), ("vcmr", False), ("cat", True), ("vcmr", True)],
+                         ids=["cat-no-key", "vcmr-no-key", "cat-key", "vcmr-key"])
+def test_schemathesis_finds_nothing(served, kind, key, tmp_path):
+    _schemathesis(served(key)[kind], key, tmp_path)
+
+
+@needs_tvr
+def test_schemathesis_finds_nothing_on_a_text_corpus(served, tmp_path_factory, tmp_path):
+    """A corpus whose query tokens came from all-MiniLM-L6-v2: /moments also takes text (its
+    own branch of the document), featurised by the TextFeaturiser deployment."""
+    if importlib.util.find_spec("sentence_transformers") is None:
+        pytest.skip("the [text] extra is not installed (make test installs it: pip install -e '.[test,text]')")
+    import torch
+
+    from train_helpers import preset_cfg
+    from xmr.checkpoint import save_checkpoint
+    from xmr.cli import main
+    from xmr.method import Method
+    from xmr.serve.cli import start
+
+    served(False)
+    root = tmp_path_factory.mktemp("text")
+    data = root / "tvr-text"
+    assert main(["data", "synth", "vcmr", "--queries-from", str(TVR_DIR / "tvr_val_release.jsonl"), "--text-encoder",
+                 "minilm", "--splits", "train=4", "--out", str(data), "--quiet"]) == 0
+    cfg = preset_cfg("qacln", str(data), "model.embed_dim=16", "model.num_heads=2", "data.max_query_tokens=8",
+                     "data.val_split=train", "data.test_split=train")
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(root / "ck", Method(cfg).eval(), cfg)
+    url = start({"checkpoint": str(ckpt), "gallery": str(data), "split": "train"}, port=served.port, name="text",
+                route_prefix="/t")
+    wait_healthy(url)
+    doc = _document(url, False)
+    assert "TextQuery" in {b["title"] for b in doc["components"]["schemas"]["MomentsRequest"]["oneOf"]}
+    _schemathesis(url, False, tmp_path)
 
 
 # --------------------------------------------------------------------------- a generated client

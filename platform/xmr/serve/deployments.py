@@ -160,8 +160,8 @@ class Retriever:
         dim = st.cfg.model.dims["query"][-1]
         if req.text is not None and (req.query is not None or binary is not None):
             raise RequestError(422, "give one of text or query (token features), not both")
-        if text_tokens is not None:
-            value = text_tokens
+        if text_tokens is not None:  # any text of 1..2000 characters (the OpenAPI document): its first tokens,
+            value = text_tokens[:st.cfg.data.max_query_tokens]  # as many as the corpus's queries keep
         elif binary is not None:
             value = binary.reshape(-1, dim) if binary.ndim == 1 and binary.size % dim == 0 else binary
         elif req.text is not None:
