@@ -46,9 +46,10 @@ REPLICA_BASE_BYTES = 640 * 2**20
 def resident_bytes(loaded) -> int:
     """What a loaded index holds in memory, computed (not sampled): the bytes of every tensor
     and array of its gallery (each counted once: a table that serves both sides, or a view,
-    shares its storage), its FAISS indexes (their serialised size: the index's vectors, codes
-    and links, which is what faiss keeps resident), the model's parameters, and the ids and
-    labels as Python objects (``sys.getsizeof`` of each, plus the list's slots). Recorded in
+    shares its storage), its FAISS indexes (their serialised size, measured at build: the
+    index's vectors, codes and links, which is what faiss keeps resident), the model's
+    parameters, and the ids and labels as Python objects (``sys.getsizeof`` of each, plus the
+    list's slots). Recorded in
     the index's index.json by ``xmr index build``; a replica asks Ray for this plus
     ``REPLICA_BASE_BYTES`` (``replica_memory``)."""
     import sys
@@ -83,9 +84,9 @@ def resident_bytes(loaded) -> int:
                 for v in x:
                     add(v)
         elif hasattr(x, "index") and hasattr(x, "bytes_per_item") and hasattr(x, "search_params"):  # AnnIndex
-            import faiss
-
-            total += int(faiss.serialize_index(x.index).nbytes)
+            # its serialised size, measured when it was built (bytes per item): not serialised
+            # again here, which would hold a second copy of an HNSW index for a moment
+            total += int(x.bytes_per_item * x.index.ntotal) if x.bytes_per_item == x.bytes_per_item else 0
         elif hasattr(x, "__dataclass_fields__"):
             for name in x.__dataclass_fields__:
                 add(getattr(x, name))
