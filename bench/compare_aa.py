@@ -38,7 +38,7 @@ from _common import RESULTS, machine  # noqa: E402
 SMALL = {"name": "aa_small", "claim": "A/A: SCCMRL against itself with other tuning draws.",
          "metric": "map_mean", "seeds": 5,
          "common": ["data.batch_size=32", "model.embed_dim=16", "model.hidden_dim=32"],
-         "training": {"max_epochs": 3, "patience": 1, "extend": 0},
+         "training": {"max_epochs": 15, "patience": 3, "extend": 0},
          "tuning": {"trials": 2, "widen": 0,
                     "params": {"optim.lr": {"type": "loguniform", "low": 3.0e-4, "high": 3.0e-3}}},
          "equivalence_margin": {"value": 0.02, "reason": "a bench's margin"},
