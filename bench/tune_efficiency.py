@@ -1,17 +1,28 @@
-"""TPE + ASHA against random search (no early stopping) with the same trial budget.
+"""TPE + ASHA against random search (no early stopping): epochs spent to reach random search's best.
 
 A fixed synthetic category problem (seeded), the SCCMRL search space over λ_center,
-λ_label, temperature, K and lr, the same number of trials and epochs per trial for both
-arms. Reported per arm: the best validation mAP reached, total training epochs spent, and
-wall time. Both arms run in this one process on the same local Ray, one after the other.
+λ_label, temperature, K and lr, the same epochs per trial. Random search runs ``--trials``
+trials to the end; TPE + ASHA may run ``--tpe-trials`` (default twice as many: a pruned
+trial costs an epoch or two, and the comparison is per epoch spent, not per trial). Each arm
+runs with several sampler seeds (default 3). Per seed, from each arm's own Optuna study
+(``optuna.db``: one intermediate value per epoch, pruned trials PRUNED):
 
-    RAY_AUTH_MODE=token python bench/tune_efficiency.py [--trials 12] [--quick]
+- random search's best validation mAP, and the epochs it spent to first reach it (trials in
+  trial order, every epoch of an earlier trial counted);
+- the epochs TPE + ASHA spent to first reach that same mAP (the same count), or "not
+  reached" when none of its trials did.
+
+Reported: the median over seeds of both counts, side by side, and of the best mAPs. Both
+arms run in this one process on one local Ray, one sweep after another.
+
+    RAY_AUTH_MODE=token python bench/tune_efficiency.py [--trials 10] [--tpe-trials 20] [--epochs 4] [--seeds 0,1,2]
 """
 
 from __future__ import annotations
 
 import argparse
-import os
+import math
+import statistics
 import sys
 import tempfile
 import time
@@ -32,15 +43,42 @@ params:
 """
 
 
+def epochs_to_reach(study, target: float) -> float:
+    """Epochs spent, trials in trial order (all epochs of earlier trials counted), until an
+    epoch's validation value first reaches ``target``; inf when none does."""
+    spent = 0
+    for trial in sorted(study.trials, key=lambda t: t.number):
+        values = trial.intermediate_values
+        for epoch in sorted(values):
+            if epoch >= 1:
+                spent += 1
+                if values[epoch] >= target - 1e-12:
+                    return float(spent)
+    return math.inf
+
+
+def arm_figures(study, table) -> dict:
+    finished = [t for t in study.trials if t.intermediate_values]
+    best = max(max(v for e, v in t.intermediate_values.items() if e >= 1) for t in finished)
+    states = [t.state.name for t in study.trials]
+    return {"best_map": best, "epochs": int(table["epochs"].sum()), "trials": len(study.trials),
+            "pruned": states.count("PRUNED"), "complete": states.count("COMPLETE"), "failed": states.count("FAIL")}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--trials", type=int, default=12)
-    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--trials", type=int, default=10, help="random search's trials")
+    parser.add_argument("--tpe-trials", type=int, default=0, help="TPE + ASHA's trials (default 2 x --trials)")
+    parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--concurrency", type=int, default=2)
-    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--seeds", default="0,1,2", help="sampler seeds, one sweep per arm each")
+    parser.add_argument("--quick", action="store_true", help="one seed, 6 trials x 3 epochs (a smoke run)")
     args = parser.parse_args()
+    seeds = [int(s) for s in args.seeds.split(",")]
     if args.quick:
-        args.trials, args.epochs = 6, 3
+        args.trials, args.epochs, seeds = 6, 3, seeds[:1]
+    args.tpe_trials = args.tpe_trials or 2 * args.trials
+    import optuna
     import ray
 
     from xmr.config import load_config
@@ -52,35 +90,68 @@ def main() -> int:
     data = str(tmp / "data")
     write_synth_category(data, SynthCategoryConfig(splits={"train": 600, "val": 200}, seed=3), progress=False)
     (tmp / "space.yaml").write_text(SPACE)
-    cfg = load_config("sccmrl", [f"data.path={data}", f"optim.epochs={args.epochs}", "data.batch_size=64",
-                                 "model.embed_dim=32", "model.hidden_dim=64", f"storage.root={tmp / 'sweeps'}"])
-    space = load_space(tmp / "space.yaml", base=cfg)
-    arms = {"tpe_asha": SweepSettings(name="tpe_asha", trials=args.trials, concurrency=args.concurrency, seed=0,
-                                      searcher="tpe", scheduler="asha", grace_period=1, reduction_factor=3),
-            "random": SweepSettings(name="random", trials=args.trials, concurrency=args.concurrency, seed=0,
-                                    searcher="random", scheduler="none")}
-    rows = {}
-    for name, settings in arms.items():
-        t0 = time.perf_counter()
-        result = run_sweep(load_config("sccmrl", [f"data.path={data}", f"optim.epochs={args.epochs}",
-                                                  "data.batch_size=64", "model.embed_dim=32", "model.hidden_dim=64",
-                                                  f"storage.root={tmp / 'sweeps'}"]), space, settings)
-        t = result.table
-        rows[name] = {"best_map": float(t["map_mean"].max()), "median_map": float(t["map_mean"].median()),
-                      "epochs": int(t["epochs"].sum()), "pruned": int(t["pruned"].sum()),
-                      "failed": int(t["error"].notna().sum()), "wall_s": time.perf_counter() - t0}
+    overrides = [f"data.path={data}", f"optim.epochs={args.epochs}", "data.batch_size=64", "model.embed_dim=32",
+                 "model.hidden_dim=64", f"storage.root={tmp / 'sweeps'}"]
+    space = load_space(tmp / "space.yaml", base=load_config("sccmrl", overrides))
+    per_seed = []
+    t_all = time.perf_counter()
+    for seed in seeds:
+        row = {"seed": seed}
+        studies = {}
+        for arm, searcher, scheduler, n in (("random", "random", "none", args.trials),
+                                           ("tpe_asha", "tpe", "asha", args.tpe_trials)):
+            name = f"{arm}_s{seed}"
+            settings = SweepSettings(name=name, trials=n, concurrency=args.concurrency, seed=seed,
+                                     searcher=searcher, scheduler=scheduler, grace_period=1, reduction_factor=3)
+            t0 = time.perf_counter()
+            result = run_sweep(load_config("sccmrl", overrides), space, settings)
+            study = optuna.load_study(study_name=name, storage=f"sqlite:///{tmp / 'sweeps' / name / 'optuna.db'}")
+            studies[arm] = study
+            row[arm] = {**arm_figures(study, result.table), "wall_s": time.perf_counter() - t0}
+        target = row["random"]["best_map"]
+        row["target_map"] = target
+        row["random"]["epochs_to_target"] = epochs_to_reach(studies["random"], target)
+        row["tpe_asha"]["epochs_to_target"] = epochs_to_reach(studies["tpe_asha"], target)
+        per_seed.append(row)
     ray.shutdown()
-    print(f"\nSCCMRL space (5 params), synthetic category data (600 train / 200 val), {args.trials} trials x "
-          f"{args.epochs} epochs max, {args.concurrency} at a time")
-    print(f"{'arm':<10}{'best mAP':>10}{'median mAP':>12}{'epochs':>8}{'pruned':>8}{'wall s':>9}")
-    for name, r in rows.items():
-        print(f"{name:<10}{r['best_map']:>10.4f}{r['median_map']:>12.4f}{r['epochs']:>8}{r['pruned']:>8}"
-              f"{r['wall_s']:>9.0f}")
-    headline = {"tpe_asha_best_map": rows["tpe_asha"]["best_map"], "random_best_map": rows["random"]["best_map"],
-                "tpe_asha_epochs": rows["tpe_asha"]["epochs"], "random_epochs": rows["random"]["epochs"],
-                "epochs_saved_fraction": 1 - rows["tpe_asha"]["epochs"] / max(1, rows["random"]["epochs"])}
-    write_results(__file__, {"rows": rows, "trials": args.trials, "epochs": args.epochs,
-                             "concurrency": args.concurrency, "quick": args.quick}, headline)
+
+    def med(arm: str, key: str) -> float:
+        return float(statistics.median(r[arm][key] for r in per_seed))
+
+    print(f"\nSCCMRL space (5 params), synthetic category data (600 train / 200 val), {args.epochs} epochs a trial at "
+          f"most, {args.concurrency} at a time, sampler seeds {seeds}; random search {args.trials} trials, "
+          f"TPE + ASHA up to {args.tpe_trials}")
+    print("epochs to target: epochs spent (trials in order) until a validation mAP >= random search's best")
+    print(f"{'seed':>4} {'arm':<9}{'trials':>7}{'best mAP':>10}{'epochs':>8}{'pruned':>8}{'to target':>12}{'wall s':>8}")
+    for r in per_seed:
+        for arm in ("random", "tpe_asha"):
+            a = r[arm]
+            to = "not reached" if math.isinf(a["epochs_to_target"]) else f"{a['epochs_to_target']:.0f}"
+            print(f"{r['seed']:>4} {arm:<9}{a['trials']:>7}{a['best_map']:>10.4f}{a['epochs']:>8}{a['pruned']:>8}"
+                  f"{to:>12}{a['wall_s']:>8.0f}")
+    for arm in ("random", "tpe_asha"):
+        to = med(arm, "epochs_to_target")
+        print(f"{'med':>4} {arm:<9}{med(arm, 'trials'):>7.0f}{med(arm, 'best_map'):>10.4f}{med(arm, 'epochs'):>8.0f}"
+              f"{med(arm, 'pruned'):>8.0f}{'not reached' if math.isinf(to) else f'{to:.0f}':>12}{med(arm, 'wall_s'):>8.0f}")
+    reached = sum(not math.isinf(r["tpe_asha"]["epochs_to_target"]) for r in per_seed)
+    tpe_to, rnd_to = med("tpe_asha", "epochs_to_target"), med("random", "epochs_to_target")
+    fewer = sum(r["tpe_asha"]["epochs_to_target"] < r["random"]["epochs_to_target"] for r in per_seed)
+    print(f"TPE + ASHA reached random search's best in {reached}/{len(per_seed)} seeds, with fewer epochs than random "
+          f"search needed in {fewer}/{len(per_seed)}; median {'not reached' if math.isinf(tpe_to) else f'{tpe_to:.0f}'} vs {rnd_to:.0f} epochs "
+          f"({time.perf_counter() - t_all:.0f} s in all)")
+    finite = lambda v: None if math.isinf(v) else v  # noqa: E731  (JSON has no infinity: "not reached")
+    for r in per_seed:
+        for arm in ("random", "tpe_asha"):
+            r[arm]["epochs_to_target"] = finite(r[arm]["epochs_to_target"])
+    headline = {"seeds": len(per_seed), "tpe_asha_median_epochs_to_random_best": finite(tpe_to),
+                "random_median_epochs_to_its_best": finite(rnd_to),
+                "tpe_asha_fewer_epochs_seeds": fewer, "tpe_asha_reached_seeds": reached,
+                "tpe_asha_median_best_map": med("tpe_asha", "best_map"), "random_median_best_map": med("random", "best_map"),
+                "tpe_asha_median_epochs": med("tpe_asha", "epochs"), "random_median_epochs": med("random", "epochs")}
+    write_results(__file__, {"per_seed": per_seed, "trials": args.trials, "tpe_trials": args.tpe_trials,
+                             "epochs": args.epochs,
+                             "concurrency": args.concurrency, "quick": args.quick,
+                             "wall_s": time.perf_counter() - t_all}, headline)
     return 0
 
 
