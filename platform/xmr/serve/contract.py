@@ -195,8 +195,10 @@ def _responses(post: bool, secured: bool, open_route: bool, extra: dict[str, str
 
 
 def openapi_document(base: dict[str, Any]) -> dict[str, Any]:
-    """FastAPI's document (``base``) made to describe the served checkpoint; the same
-    document unchanged where no checkpoint was configured (the app outside Serve)."""
+    """FastAPI's document (``base``) made to describe the served checkpoint (its operation,
+    request schemas and parameters; where no checkpoint was configured, the app outside Serve,
+    both routes with their generic models), with every status each route answers and, when a
+    key is set, the bearer scheme."""
     c = _CONTRACT[0]
     secured = key_configured()
     key = (id(c), secured, id(base))
@@ -243,12 +245,11 @@ def openapi_document(base: dict[str, Any]) -> dict[str, Any]:
     for path, item in paths.items():
         for method, op in item.items():
             op["operationId"] = path.strip("/")  # the generated client's function names: search, info, ...
-            if path in ("/search", "/moments") and c is not None:
-                pass
-            elif path in ("/search", "/moments"):
-                op["responses"] = {"200": op["responses"]["200"],
-                                   **_responses(True, secured, False, {"404": "this checkpoint's task is served by the "
-                                                                             "other route, or an unknown video"})}
+            if path in ("/search", "/moments"):
+                if c is None:  # no checkpoint's facts: either route, either's 404
+                    op["responses"] = {"200": op["responses"]["200"], **_responses(
+                        True, secured, False, {"404": "the checkpoint's task is served by the other route, or an "
+                                                      "unknown video"})}
             else:
                 op["responses"] = {"200": op["responses"]["200"], **_responses(False, secured, path == "/healthz", {})}
             if secured:
