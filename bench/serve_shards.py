@@ -1,43 +1,47 @@
-"""A gallery past one replica, served sharded: ``xmr serve --index`` over a synthetic
-clustered gallery of 4,000,000 x 256 items in 4 shards, driven by ``hey`` (issue 25).
+"""Sharded search past one replica, exact and approximate: ``xmr index build --shards`` (the
+Ray Data job users run) over a 4,000,000 x 256 gallery in 4 shards, served by ``xmr serve``
+and driven by ``hey`` (issues 25, 36).
 
-- The gallery is bench/_million.py's recipe at four times the size: inputs drawn around
-  2,000 class centres, encoded by the checkpoint's query tower; queries are fresh draws
-  that the endpoint encodes with the same tower. One embedding table serves both sides
-  (stored and held once per shard). Each shard is written as ``xmr index build --shards``
-  writes it (contiguous quarters, ``shards.json`` last); the encoding is done here in one
-  process because the data are synthetic inputs, not a dataset's shards.
-- Search is exact (float32, with the certified float16 pre-scan: half the bytes per scan;
-  the float16 copy is what memory pays for it). Recall@10 against exact search over the
-  whole gallery (numpy, float32) is measured on the endpoint's own answers for 100 fresh
-  queries: it checks the scatter-gather merge, and would show an approximate index's loss.
-  An approximate per-shard index (``--approx on``) trades memory and build time this
-  2-core machine cannot spare at 4M items (HNSW over 1M x 256 alone: bench/serve_load.py).
-- ``xmr serve --checkpoint ... --index DIR`` starts as a user starts it, in its own process
-  with its own embedded Ray: a retriever deployment per shard (``--replicas`` each), the
-  gateway scattering every query and merging the shards' top-k.
-- ``hey`` at concurrency 1, 8 and 32: p50, p99, QPS, errors (non-200 or no answer).
-- One shard's replica SIGKILLed under load at concurrency 8 (by its process title): errors
-  (non-200) and answers flagged ``partial`` (from ``/info``) are counted; a partial answer
-  is a 200 that names the missing shard.
-- Memory per replica: each retriever replica's RSS (``/proc``) once serving.
+- The gallery is bench/_million.py's recipe at four times the size, written as an xmr
+  dataset (a category split, float16, WebDataset shards and manifest.json): item ``i`` is a
+  draw around one of 2,000 class centres (its ``b`` side, searched) and its ``a`` side is
+  another draw around the same centre (a query-like input: the held-out probes the
+  approximate index calibrates its search setting on). The checkpoint's two towers share
+  their weights: the alignment a trained model learns, stated, not tuned. The dataset
+  files are written by this script in bulk (the per-sample writer's checks cost 35 min at
+  4M items on this machine); the format is the writer's (``docs/shard-format.md``).
+- The indexes are built by ``xmr index build --shards N`` as a user runs it (its own
+  process, an embedded Ray, the Ray Data job): once exact (``--approx off``), once
+  approximate (``--approx on --ann-kind ivfpq``, each shard's search setting chosen by
+  measurement for recall@10 >= 0.95). ``build_s`` is the approximate job's wall time.
+- The reference: an unsharded 1,000,000-item approximate index (``xmr index build
+  --approx on``, same kind) over a gallery drawn the same way.
+- One after another (never two deployed at once: memory), each served by ``xmr serve`` in
+  its own process (proxy ingress, one replica per shard): p50 / p99 at one client, QPS at 8
+  (and 32 for the sharded ones), recall@10 of the endpoint's merged answers against exact
+  search over the whole gallery (numpy float32 over the shards' stored embeddings); for the
+  sharded approximate index, a shard's replica SIGKILLed under load at 8 clients (errors
+  and answers flagged partial counted); every retriever replica's RSS and the memory it
+  asked Ray for.
 
-On this 2-core machine hey, the proxy, the gateway and the replicas share the cores:
-latency is this machine's; the figures per shard are what the sizing in docs/design.md uses.
+On this 2-core machine hey, the proxy, the gateway and the replicas share the cores.
 
-    RAY_AUTH_MODE=token python bench/serve_shards.py [--items 4000000] [--shards 4] [--replicas 1] [--quick]
+    RAY_AUTH_MODE=token python bench/serve_shards.py [--items 4000000] [--shards 4] [--reference-items 1000000]
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,71 +52,159 @@ import numpy as np  # noqa: E402
 import requests  # noqa: E402
 import torch  # noqa: E402
 
-from _common import fake_manifest, write_results  # noqa: E402
-from _million import DIM, _model, draw_inputs, encode  # noqa: E402
-from serve_load import hey, load_with_kill, start_server  # noqa: E402
+from _common import write_results  # noqa: E402
+from _million import CLASSES, DIM, NOISE, _model  # noqa: E402
+from serve_load import XMR, hey, load_with_kill, start_server, stop_server  # noqa: E402
 
 PORT = 8361
+PER_TAR = 50_000  # samples per WebDataset shard file
 
 
-def build(cache: Path, n: int, shards: int, log=print) -> dict:
-    """The sharded index folder (cached), its checkpoint, and how long writing it took."""
-    from xmr.data.manifest import Manifest
-    from xmr.data.plan import near_equal
-    from xmr.serve.gallery import Loaded, save_index
-    from xmr.serve.shards import is_sharded, shard_name, write_manifest
-    from xmr.tasks.category import CategoryGallery
+# --------------------------------------------------------------------------- the dataset
 
-    root = cache / f"sharded-{n}-{shards}"
-    out = root / "index"
-    if is_sharded(str(out)):
-        return {**json.loads((root / "build.json").read_text()), "cached": True}
-    if root.exists():
-        shutil.rmtree(root)
+
+def _centres() -> np.ndarray:
+    return np.random.default_rng(12345).standard_normal((CLASSES, DIM)).astype(np.float32)
+
+
+def _draw(lo: int, hi: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Items lo..hi: (a: a query-like draw, b: the item), both around the item's class centre.
+    A pure function of (seed, lo): any range is drawn alike in any process."""
+    centres = _centres()
+    rng = np.random.default_rng([seed, lo])
+    cls = rng.integers(0, CLASSES, hi - lo)
+    b = centres[cls] + NOISE * rng.standard_normal((hi - lo, DIM)).astype(np.float32)
+    a = centres[cls] + NOISE * rng.standard_normal((hi - lo, DIM)).astype(np.float32)
+    return a.astype(np.float16), b.astype(np.float16)
+
+
+def _header(name: str, size: int) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = size, 0, 0o644, 0, 0, "", ""
+    return info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
+
+
+def _write_tar(root: str, split: str, t: int, lo: int, hi: int, seed: int) -> dict:
+    """One tar file of samples lo..hi, as xmr's writer lays it out: per sample ``key.a.npy``,
+    ``key.b.npy`` and ``key.json`` (``{"index": i}``), members sorted by name."""
+    import io
+
+    a, b = _draw(lo, hi, seed)
+    buf = io.BytesIO()
+    np.save(buf, np.zeros(DIM, np.float16), allow_pickle=False)
+    npy_head = buf.getvalue()[: -DIM * 2]
+    path = os.path.join(root, f"{split}-{t:06d}.tar")
+    h = hashlib.sha256()
+    with open(path, "wb") as f:
+        def put(data: bytes) -> None:
+            f.write(data)
+            h.update(data)
+
+        for j in range(hi - lo):
+            key = f"i{lo + j:08d}"
+            meta = json.dumps({"index": lo + j}, sort_keys=True).encode()
+            for name, data in ((f"{key}.a.npy", npy_head + a[j].tobytes()), (f"{key}.b.npy", npy_head + b[j].tobytes()),
+                               (f"{key}.json", meta)):
+                put(_header(name, len(data)) + data + b"\0" * (-len(data) % 512))
+        end = b"\0" * 1024
+        total = f.tell() + len(end)
+        put(end + b"\0" * (-total % tarfile.RECORDSIZE))
+    return {"path": os.path.basename(path), "num_samples": hi - lo, "sha256": h.hexdigest(),
+            "bytes": os.path.getsize(path)}
+
+
+def write_dataset(root: Path, n: int, seed: int, log=print) -> dict:
+    """An xmr category dataset of ``n`` items, split ``test`` (cached: its manifest is
+    written last)."""
+    from xmr.data.manifest import LabelSpec, Manifest, ModalitySpec, ShardInfo, SplitInfo
+
+    if (root / "manifest.json").is_file():
+        return {"root": str(root), "write_s": json.loads((root / "written.json").read_text())["write_s"],
+                "cached": True}
+    shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
-    method, cfg, ckpt = _model(root)
     t0 = time.perf_counter()
-    manifest = Manifest.from_dict(fake_manifest("category", {"a": [DIM], "b": [DIM]}, n))
-    offset = 0
-    for i, size in enumerate(near_equal(n, shards)):
-        t = time.perf_counter()
-        items = torch.from_numpy(encode(method.model, draw_inputs(size, seed=100 + i)))
-        g = CategoryGallery({"a": items, "b": items}, [f"item-{offset + j:08d}" for j in range(size)], [None] * size)
-        info = {"method": cfg.method, "task": cfg.task, "model": cfg.model.name, "embed_dim": DIM,
-                "gallery_size": size, "search": "exact", "shard": {"index": i, "of": shards}}
-        save_index(out / shard_name(i), Loaded(method.model, cfg, manifest, g, info), {})
-        log(f"[bench] shard {i + 1}/{shards}: {size:,} items in {time.perf_counter() - t:.0f} s")
-        offset += size
-        del g, items
-    write_manifest(str(out), shards, ckpt, "synthetic", "test", n)
-    meta = {"ckpt": ckpt, "index": str(out), "build_s": time.perf_counter() - t0, "items": n, "shards": shards}
-    (root / "build.json").write_text(json.dumps(meta))
+    ranges = [(t, lo, min(n, lo + PER_TAR)) for t, lo in enumerate(range(0, n, PER_TAR))]
+    with ProcessPoolExecutor(max_workers=2) as pool:
+        shards = list(pool.map(_write_tar, *zip(*[(str(root), "test", t, lo, hi, seed) for t, lo, hi in ranges])))
+    m = Manifest(name=f"bench-shards-{n}", task="category",
+                 modalities={r: ModalitySpec("synthetic", [DIM], "float16") for r in ("a", "b")},
+                 labels=LabelSpec("none", []), source={"kind": "bench", "details": {"seed": seed, "classes": CLASSES}},
+                 splits={"test": SplitInfo(num_samples=n, shards=[ShardInfo(**s) for s in shards])}, clip_len=None,
+                 created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    m.validate()
+    write_s = time.perf_counter() - t0
+    (root / "written.json").write_text(json.dumps({"write_s": write_s}))
+    (root / "manifest.json").write_text(m.to_json())
+    log(f"[bench] dataset of {n:,} items written in {write_s:.0f} s ({sum(s['bytes'] for s in shards) / 1e9:.1f} GB)")
+    return {"root": str(root), "write_s": write_s, "cached": False}
+
+
+def checkpoint(cache: Path) -> str:
+    """The bench's dual encoder (bench/_million.py's), its two towers sharing their weights."""
+    out = cache / "ckpt-shared"
+    if (out / "done").is_file():
+        return (out / "done").read_text()
+    from xmr.checkpoint import save_checkpoint
+
+    method, cfg, _ = _model(cache / "model")
+    method.model.enc["b"].load_state_dict(method.model.enc["a"].state_dict())
+    path = str(save_checkpoint(out / "ckpt", method, cfg))
+    (out / "done").write_text(path)
+    return path
+
+
+# --------------------------------------------------------------------------- building and measuring
+
+
+def index_build(ckpt: str, data: str, out: Path, shards: int, approx: str, ann_kind: str, log=print) -> dict:
+    """``xmr index build`` as a user runs it; its wall time and its own output (cached)."""
+    done = out.with_suffix(".build.json")
+    if done.is_file():
+        return {**json.loads(done.read_text()), "cached": True}
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [XMR, "index", "build", "--checkpoint", ckpt, "--gallery", data, "--split", "test", "--out", str(out),
+           "--approx", approx, "--ann-kind", ann_kind] + (["--shards", str(shards)] if shards > 1 else [])
+    log(f"[bench] {' '.join(cmd[1:])}")
+    t0 = time.perf_counter()
+    run = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "RAY_AUTH_MODE": "token"})
+    wall = time.perf_counter() - t0
+    for line in run.stdout.splitlines():
+        log(f"    {line}")
+    if run.returncode != 0:
+        raise SystemExit(f"xmr index build failed ({run.returncode}):\n{run.stdout[-2000:]}\n{run.stderr[-3000:]}")
+    meta = {"wall_s": wall, "stdout": run.stdout.splitlines(), "foreign_lines": run.stderr.splitlines()[-20:]}
+    done.write_text(json.dumps(meta))
     return {**meta, "cached": False}
 
 
-def exact_top10(index: Path, shards: int, queries: np.ndarray) -> list[list[str]]:
-    """Exact top 10 over the whole gallery (numpy float32, shard by shard, merged)."""
-    from safetensors.numpy import load_file
+def folders(index: Path) -> list[Path]:
+    return [index / p["path"] for p in json.loads((index / "shards.json").read_text())["shards"]] \
+        if (index / "shards.json").is_file() else [index]
 
-    from xmr.serve.shards import shard_name
+
+def exact_top10(index: Path, queries: np.ndarray) -> list[list[str]]:
+    """Exact top 10 over the whole gallery (numpy float32 over each folder's stored gallery
+    side ``emb_b``: what an ``a`` query searches), merged."""
+    from safetensors.numpy import load_file
 
     best_s = np.full((len(queries), 0), -np.inf, dtype=np.float32)
     best_id: np.ndarray = np.zeros((len(queries), 0), dtype=object)
-    for i in range(shards):
-        folder = index / shard_name(i)
-        emb = load_file(str(folder / "embeddings.safetensors"))["emb_a"]
+    for folder in folders(index):
+        arrays = load_file(str(folder / "embeddings.safetensors"))
+        emb = arrays.get("emb_b", arrays["emb_a"])
         ids = np.array(json.loads((folder / "items.json").read_text())["ids"], dtype=object)
         s = queries @ emb.T
         top = np.argpartition(-s, 10, axis=1)[:, :10]
         best_s = np.concatenate([best_s, np.take_along_axis(s, top, 1)], 1)
         best_id = np.concatenate([best_id, ids[top]], 1)
-        del emb, s
+        del arrays, emb, s
     order = np.argsort(-best_s, axis=1, kind="stable")[:, :10]
     return np.take_along_axis(best_id, order, 1).tolist()
 
 
-def replica_rss_mb() -> dict[str, float]:
-    """RSS of every retriever replica process, by its title (ray::ServeReplica:xmr:RetrieverNNN)."""
+def replicas() -> dict[str, dict]:
+    """Every retriever replica of app xmr: its RSS (``/proc``), by its process title."""
     out = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -122,35 +214,85 @@ def replica_rss_mb() -> dict[str, float]:
             if title.startswith("ray::ServeReplica:xmr:Retriever"):
                 rss = next(int(ln.split()[1]) for ln in (entry / "status").read_text().splitlines()
                            if ln.startswith("VmRSS:"))
-                out[f"{title.split(':')[-1]}#{entry.name}"] = rss / 1024
+                out[f"{title.split(':')[-1]}#{entry.name}"] = {"rss_mb": rss / 1024}
         except (OSError, StopIteration):
             pass
     return out
 
 
-def kill_phase(url: str, body: Path, n: int) -> dict:
-    """Load at concurrency 8; shard 1's replica SIGKILLed 3 s in."""
-    before = requests.get(f"{url}/info", timeout=60).json()["partial_answers"]
-    pids = [int(k.split("#")[1]) for k in replica_rss_mb() if k.startswith("Retriever001")]
-    result = load_with_kill(url, body, n, pids[0])
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(f"{url}/healthz", timeout=10).status_code == 200:
-                break
-        except requests.RequestException:
-            pass
-        time.sleep(1.0)
-    result["partial_answers"] = requests.get(f"{url}/info", timeout=60).json()["partial_answers"] - before
-    result["killed_pid"] = pids[0]
-    return result
+def asked_memory_mb(index: Path) -> list[float]:
+    """The memory each retriever replica asks Ray for (``xmr.serve.shards.replica_memory``)."""
+    from xmr.serve.shards import replica_memory
+
+    return [replica_memory(json.loads((f / "index.json").read_text()).get("resident_bytes")) / 2**20
+            for f in folders(index)]
+
+
+def recall(url: str, queries_raw: np.ndarray, exact: list[list[str]]) -> dict:
+    hits, partial = 0, 0
+    for row, q in enumerate(queries_raw):
+        got = requests.post(f"{url}/search", json={"query": q.tolist(), "k": 10}, timeout=120).json()
+        partial += bool(got.get("partial"))
+        hits += len({h["id"] for h in got["results"]} & set(exact[row]))
+    return {"recall10": hits / (10 * len(queries_raw)), "partial_answers": partial}
+
+
+def partial_count(url: str) -> int:
+    info = requests.get(f"{url}/info", timeout=60).json()
+    return int(info.get("partial_answers", 0))
+
+
+def measure(name: str, ckpt: str, index: Path, queries_raw: np.ndarray, exact: list[list[str]], work: Path,
+            concurrencies: dict[int, int], kill: int = 0, log=print) -> dict:
+    """One deployment: start, recall, load at each concurrency, (a shard kill), stop."""
+    body = work / "query.json"
+    body.write_text(json.dumps({"query": queries_raw[0].tolist(), "k": 10}))
+    log(f"[bench] {name}: starting xmr serve ...")
+    t = time.perf_counter()
+    proc, url = start_server("proxy", ckpt, str(index), work / f"serve-{name}.log", replicas=1, port=PORT,
+                             wait_s=1800)
+    fig: dict = {"start_s": time.perf_counter() - t, "phases": [], "replica_asked_mb": asked_memory_mb(index)}
+    try:
+        fig["replicas"] = replicas()
+        fig.update(recall(url, queries_raw, exact))
+        log(f"[bench]   recall@10 vs exact over the whole gallery: {fig['recall10']:.4f}")
+        hey(f"{url}/search", body, "application/json", 32, 4)  # warm
+        sharded = (index / "shards.json").is_file()
+        for c, n in concurrencies.items():
+            before = partial_count(url) if sharded else 0
+            phase = hey(f"{url}/search", body, "application/json", n, c)
+            phase["partial_answers"] = (partial_count(url) - before) if sharded else 0
+            fig["phases"].append(phase)
+            log(f"[bench]   c={c}: p50 {phase['p50_ms']:.1f} ms, p99 {phase['p99_ms']:.1f} ms, {phase['qps']:.1f} QPS, "
+                f"{phase['errors']} errors, {phase['partial_answers']} partial")
+        if kill:
+            before = partial_count(url)
+            pid = next(int(k.split("#")[1]) for k in replicas() if k.startswith("Retriever001"))
+            result = load_with_kill(url, body, kill, pid)
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline:
+                try:
+                    if requests.get(f"{url}/healthz", timeout=10).json().get("status") == "ok":
+                        break
+                except (requests.RequestException, ValueError):
+                    pass
+                time.sleep(1.0)
+            result["partial_answers"] = partial_count(url) - before
+            result["killed_pid"] = pid
+            fig["kill"] = result
+            log(f"[bench]   shard replica killed under load: {result['errors']} errors, "
+                f"{result['partial_answers']} answers flagged partial")
+    finally:
+        fig["stop"] = stop_server(proc)
+    return fig
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--items", type=int, default=4_000_000)
     ap.add_argument("--shards", type=int, default=4)
-    ap.add_argument("--replicas", type=int, default=1, help="retriever replicas per shard")
+    ap.add_argument("--reference-items", type=int, default=1_000_000)
+    ap.add_argument("--ann-kind", default="ivfpq", choices=["hnsw", "ivfpq", "ivf"])
     ap.add_argument("--cache", default=os.environ.get("XMR_BENCH_CACHE", "/tmp/xmr-bench-cache"))
     ap.add_argument("--quick", action="store_true", help="fewer requests per phase")
     args = ap.parse_args()
@@ -158,73 +300,73 @@ def main() -> int:
         print("bench/serve_shards.py needs hey (Debian package 'hey'): run `make bench`, or "
               "`apt-get install -y hey` as root", file=sys.stderr)
         return 2
-    cache = Path(args.cache)
-    print(f"[bench] sharded gallery: {args.items:,} x {DIM} in {args.shards} shards ...", flush=True)
-    built = build(cache, args.items, args.shards)
-    work = cache / "shards-load"
-    work.mkdir(parents=True, exist_ok=True)
-    method_q = draw_inputs(100, seed=7)
-    body = work / "query.json"
-    body.write_text(json.dumps({"query": method_q[0].tolist(), "k": 10}))
-    print("[bench] starting xmr serve ...", flush=True)
-    t = time.perf_counter()
-    proc, url = start_server("proxy", built["ckpt"], built["index"], work / "serve.log", replicas=args.replicas,
-                             port=PORT, wait_s=1800)
-    start_s = time.perf_counter() - t
-    fig: dict = {"items": args.items, "shards": args.shards, "replicas_per_shard": args.replicas, "dim": DIM,
-                 "build_s": built["build_s"], "build_cached": built["cached"], "start_s": start_s,
-                 "search": "exact (float32, certified float16 pre-scan)", "phases": []}
-    try:
-        fig["replica_rss_mb"] = replica_rss_mb()
-        print("[bench] recall@10 of the endpoint's answers against exact search ...", flush=True)
-        from xmr.method import load_model
+    cache = Path(args.cache) / "shards36"
+    cache.mkdir(parents=True, exist_ok=True)
+    work = cache / "work"
+    work.mkdir(exist_ok=True)
+    ckpt = checkpoint(cache)
+    n, s = args.items, args.shards
+    data = write_dataset(cache / f"data-{n}", n, seed=100)
+    ref_data = write_dataset(cache / f"data-{args.reference_items}-ref", args.reference_items, seed=200)
+    exact_idx, approx_idx, ref_idx = (cache / f"exact-{n}-{s}", cache / f"{args.ann_kind}-{n}-{s}",
+                                      cache / f"{args.ann_kind}-{args.reference_items}")
+    builds = {"exact": index_build(ckpt, data["root"], exact_idx, s, "off", args.ann_kind),
+              "approx": index_build(ckpt, data["root"], approx_idx, s, "on", args.ann_kind),
+              "reference": index_build(ckpt, ref_data["root"], ref_idx, 1, "on", args.ann_kind)}
 
-        model, _ = load_model(built["ckpt"])  # the tower the endpoint encodes queries with
-        model.eval()
-        with torch.no_grad():
-            q_emb = model.encode("a", torch.from_numpy(method_q)).float().numpy()
-        exact = exact_top10(Path(built["index"]), args.shards, q_emb)
-        hits, partial = 0, 0
-        for row, q in enumerate(method_q):
-            got = requests.post(f"{url}/search", json={"query": q.tolist(), "k": 10}, timeout=120).json()
-            partial += bool(got.get("partial"))
-            hits += len({h["id"] for h in got["results"]} & set(exact[row]))
-        fig["recall10"] = hits / (10 * len(method_q))
-        fig["recall_partial_answers"] = partial
-        hey(f"{url}/search", body, "application/json", 16, 4)  # warm
-        per_c = {1: 60, 8: 160, 32: 320} if not args.quick else {1: 20, 8: 48, 32: 96}
-        for c, n in per_c.items():
-            before = requests.get(f"{url}/info", timeout=60).json()["partial_answers"]
-            fig["phases"].append(hey(f"{url}/search", body, "application/json", n, c))
-            # a 200 that names a shard past its deadline (queueing at high concurrency)
-            fig["phases"][-1]["partial_answers"] = requests.get(f"{url}/info", timeout=60).json()["partial_answers"] - before
-            print(f"[bench]   c={c}: {fig['phases'][-1]}", flush=True)
-        print("[bench] a shard's replica killed under load ...", flush=True)
-        fig["kill"] = kill_phase(url, body, 240 if not args.quick else 80)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            fig["shutdown_exit"] = proc.wait(timeout=180)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            fig["shutdown_exit"] = proc.wait()
-    print(f"\n{'phase':10s} {'p50 ms':>9s} {'p99 ms':>9s} {'QPS':>7s} {'errors':>7s} {'partial':>8s}")
-    for p in fig["phases"]:
-        print(f"c={p['concurrency']:<8d} {p['p50_ms']:9.1f} {p['p99_ms']:9.1f} {p['qps']:7.2f} {p['errors']:7d} "
-              f"{p['partial_answers']:8d}")
-    k = fig["kill"]
-    print(f"shard kill  {k['p50_ms']:9.1f} {k['p99_ms']:9.1f} {k['qps']:7.2f} {k['errors']:7d}   "
-          f"({k['partial_answers']} answers flagged partial)")
-    rss = list(fig["replica_rss_mb"].values())
-    print(f"items {args.items:,} in {args.shards} shards; recall@10 vs exact {fig['recall10']:.4f}; "
-          f"replica RSS {min(rss):.0f}..{max(rss):.0f} MB; build {fig['build_s']:.0f} s; start {start_s:.0f} s")
-    by_c = {p["concurrency"]: p for p in fig["phases"]}
-    write_results(__file__, fig, {"items": args.items, "shards": args.shards, "recall10": fig["recall10"],
-                                  "p50_ms": by_c[1]["p50_ms"], "p99_ms": by_c[1]["p99_ms"],
-                                  "qps_c8": by_c[8]["qps"], "qps_c32": by_c[32]["qps"],
-                                  "errors_during_shard_kill": k["errors"],
-                                  "partial_answers_during_shard_kill": k["partial_answers"],
-                                  "replica_rss_mb_max": max(rss), "build_s": fig["build_s"]})
+    from xmr.method import load_model
+
+    model, _ = load_model(ckpt)
+    model.eval()
+    queries_raw = _draw(0, 100, seed=7)[0].astype(np.float32)  # fresh query-like draws
+    with torch.no_grad():
+        q_emb = model.encode("a", torch.from_numpy(queries_raw)).float().numpy()
+    exact = exact_top10(exact_idx, q_emb)
+    exact_ref = exact_top10(ref_idx, q_emb)
+    per_c = {1: 60, 8: 160, 32: 320} if not args.quick else {1: 20, 8: 48, 32: 96}
+    fig: dict = {"items": n, "shards": s, "dim": DIM, "reference_items": args.reference_items,
+                 "ann_kind": args.ann_kind, "datasets": {"gallery": data, "reference": ref_data},
+                 "builds": {k: {x: v[x] for x in ("wall_s", "stdout", "cached")} for k, v in builds.items()},
+                 "deployments": {}}
+    # one after another: never two deployed at once (memory)
+    fig["deployments"]["exact"] = measure("exact", ckpt, exact_idx, queries_raw, exact, work, per_c)
+    fig["deployments"]["approx"] = measure("approx", ckpt, approx_idx, queries_raw, exact, work, per_c,
+                                           kill=240 if not args.quick else 80)
+    fig["deployments"]["reference"] = measure("reference", ckpt, ref_idx, queries_raw, exact_ref, work,
+                                              {1: per_c[1], 8: per_c[8]})
+
+    by = {k: {p["concurrency"]: p for p in d["phases"]} for k, d in fig["deployments"].items()}
+    print(f"\n{'deployment':24s} {'c':>3s} {'p50 ms':>8s} {'p99 ms':>8s} {'QPS':>7s} {'errors':>6s} {'partial':>7s} "
+          f"{'recall@10':>9s}")
+    for k, d in fig["deployments"].items():
+        label = {"exact": f"exact {n:,} / {s}", "approx": f"{args.ann_kind} {n:,} / {s}",
+                 "reference": f"{args.ann_kind} {args.reference_items:,} / 1"}[k]
+        for c, p in by[k].items():
+            print(f"{label:24s} {c:3d} {p['p50_ms']:8.1f} {p['p99_ms']:8.1f} {p['qps']:7.2f} {p['errors']:6d} "
+                  f"{p['partial_answers']:7d} {d['recall10']:9.4f}")
+    k = fig["deployments"]["approx"]["kill"]
+    print(f"{'approx, shard kill':24s} {8:3d} {k['p50_ms']:8.1f} {k['p99_ms']:8.1f} {k['qps']:7.2f} {k['errors']:6d} "
+          f"{k['partial_answers']:7d}")
+    for name, b in fig["builds"].items():
+        print(f"build {name}: {b['wall_s']:.0f} s (xmr index build{' --shards ' + str(s) if name != 'reference' else ''})")
+    for name, d in fig["deployments"].items():
+        rss = [r["rss_mb"] for r in d["replicas"].values()]
+        print(f"{name}: replica RSS {min(rss):.0f}..{max(rss):.0f} MB, asked Ray for "
+              f"{min(d['replica_asked_mb']):.0f}..{max(d['replica_asked_mb']):.0f} MB")
+    ap_, ex, ref = by["approx"], by["exact"], by["reference"]
+    headline = {"items": n, "shards": s, "ann_kind": args.ann_kind,
+                "approx_p50_ms": ap_[1]["p50_ms"], "unsharded_1m_approx_p50_ms": ref[1]["p50_ms"],
+                "approx_p50_over_unsharded_1m": ap_[1]["p50_ms"] / ref[1]["p50_ms"],
+                "approx_qps_c8": ap_[8]["qps"], "exact_qps_c8": ex[8]["qps"],
+                "approx_qps_c8_over_exact": ap_[8]["qps"] / ex[8]["qps"],
+                "approx_recall10": fig["deployments"]["approx"]["recall10"],
+                "exact_recall10": fig["deployments"]["exact"]["recall10"],
+                "exact_p50_ms": ex[1]["p50_ms"],
+                "errors_during_shard_kill": k["errors"], "partial_answers_during_shard_kill": k["partial_answers"],
+                "build_s": fig["builds"]["approx"]["wall_s"], "exact_build_s": fig["builds"]["exact"]["wall_s"],
+                "replica_rss_mb_max_approx": max(r["rss_mb"] for r in fig["deployments"]["approx"]["replicas"].values())}
+    print(json.dumps(headline, indent=1))
+    write_results(__file__, fig, headline)
     return 0
 
 
