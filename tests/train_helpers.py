@@ -80,11 +80,31 @@ def processes_titled(prefix: str) -> list[int]:
     return sorted(out)
 
 
+def descends_from(pid: int, root: int) -> bool:
+    """Whether process ``pid`` is ``root`` or one of its descendants (parent links in /proc):
+    a Ray started by this test process has its raylet, and so its workers, below it."""
+    from pathlib import Path
+
+    seen = set()
+    while pid > 1 and pid not in seen:
+        if pid == root:
+            return True
+        seen.add(pid)
+        try:
+            stat = (Path("/proc") / str(pid) / "stat").read_text()
+        except OSError:
+            return False
+        pid = int(stat.rsplit(")", 1)[1].split()[1])  # the field after the state: the parent's PID
+    return pid == root
+
+
 def kill_an_actor_after(metrics_glob, epoch: int, class_name: str, killed: list, pick: int = -1) -> None:
     """SIGKILL one live actor of ``class_name`` once a ``metrics.csv`` matched by
     ``metrics_glob`` (a Path glob: ``(folder, pattern)``) lists ``epoch``; what was killed (a
     PID) or the state API's error goes to ``killed``. Run in a thread. The actor is found by
-    its process title (``ray::<class_name>``), else through Ray's state API."""
+    its process title (``ray::<class_name>``) among this test process's descendants (another
+    Ray on the machine, a developer's or a bench's, is never touched), else through Ray's
+    state API."""
     import os
     import signal
     import time
@@ -102,7 +122,7 @@ def kill_an_actor_after(metrics_glob, epoch: int, class_name: str, killed: list,
                 reached = False
             if not reached:
                 continue
-            titled = processes_titled(f"ray::{class_name}")
+            titled = [pid for pid in processes_titled(f"ray::{class_name}") if descends_from(pid, os.getpid())]
             try:
                 alive = [int(a.pid) for a in list_actors(filters=[("class_name", "=", class_name),
                                                                   ("state", "=", "ALIVE")])] if not titled else titled
