@@ -76,3 +76,43 @@ def test_the_moments_body_takes_text_where_the_corpus_has_an_encoder(document):
     assert params == {"k", "video"}
     assert document(served_contract("moments", {"query": [4]}, 9, 8, None, False), False)[
         "components"]["schemas"]["MomentsRequest"]["oneOf"][-1]["title"] == "Base64TokensQuery"  # no text branch
+
+
+def _parse(body: bytes, query: str, model):
+    """The gateway's request parsing, without Ray: (request model, binary) or the RequestError."""
+    import asyncio
+
+    from starlette.requests import Request
+
+    from xmr.serve.requests import RequestError, parse_request
+
+    async def receive():
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    scope = {"type": "http", "method": "POST", "path": "/", "query_string": query.encode(),
+             "headers": [(b"content-type", b"application/json")]}
+    try:
+        return asyncio.run(parse_request(Request(scope, receive), model))
+    except RequestError as exc:
+        return exc
+
+
+def test_the_endpoint_takes_what_the_document_says_of_k(document):
+    """k's documented default is min(10, gallery size): a request that leaves it out is
+    answered from a smaller gallery too; a k query parameter is an integer in ASCII digits
+    (int() would also take " 5", "1_0", "+5", "٥")."""
+    from urllib.parse import quote
+
+    from xmr.serve.requests import RequestError, SearchRequest
+
+    small = served_contract("search", {"a": [64], "b": [32, 40]}, 3, 32, None, False)
+    doc = document(small, False)
+    branch = doc["components"]["schemas"]["SearchRequest"]["oneOf"][0]
+    assert branch["properties"]["k"]["default"] == 3
+    body = b'{"query": [' + b", ".join([b"0.5"] * 64) + b"]}"
+    assert _parse(body, "", SearchRequest)[0].k == 3
+    assert _parse(body[:-1] + b', "k": 2}', "", SearchRequest)[0].k == 2
+    assert _parse(body, "k=3", SearchRequest)[0].k == 3
+    for bad in (" 5", "5 ", "1_0", "+5", "\u0665", "5.0", "0x5"):
+        got = _parse(body, "k=" + quote(bad), SearchRequest)
+        assert isinstance(got, RequestError) and got.status == 422, bad

@@ -366,14 +366,26 @@ def _query_params(request: Request, model) -> dict[str, Any]:
         if name in params:
             raise RequestError(422, f"query parameter {name!r}: given more than once")
         params[name] = value
-    if "k" in params:
-        try:
-            if len(params["k"]) > 8:
-                raise ValueError
-            params["k"] = int(params["k"])
-        except ValueError:
-            raise RequestError(422, f"k: expected an integer query parameter, got {params['k'][:20]!r}") from None
+    if "k" in params:  # ASCII digits only: int() would also take " 5", "1_0", "+5" or "٥", none an integer
+        if not re.fullmatch(r"-?[0-9]{1,8}", params["k"]):
+            raise RequestError(422, f"k: expected an integer query parameter, got {params['k'][:20]!r}")
+        params["k"] = int(params["k"])
     return params
+
+
+def _served_gallery_size() -> int | None:
+    """The served category / pair gallery's size, where the contract knows it."""
+    served = SERVED[0] or {}
+    return served.get("gallery_size") if served.get("route") == "search" else None
+
+
+def _with_default_k(req):
+    """A request that leaves ``k`` out gets the document's default, ``min(10, gallery size)``
+    (xmr.serve.contract), not a 422 from a gallery smaller than 10."""
+    size = _served_gallery_size()
+    if size and "k" not in req.model_fields_set and req.k > size:
+        return req.model_copy(update={"k": size})
+    return req
 
 
 def _npy_modality(arr: np.ndarray) -> str | None:
@@ -398,10 +410,10 @@ async def parse_request(request: Request, model) -> tuple[Any, np.ndarray | None
             inferred = _npy_modality(binary)
             if inferred is not None:
                 params["modality"] = inferred
-        return validated(model, params), binary
+        return _with_default_k(validated(model, params)), binary
     if params:  # each parameter valid on its own, whatever the body gives
         checked = validated(model, params)
-        size = (SERVED[0] or {}).get("gallery_size") if (SERVED[0] or {}).get("route") == "search" else None
+        size = _served_gallery_size()
         if "k" in params and size and checked.k > size:
             raise RequestError(422, f"k = {checked.k}: the gallery holds {size} items")
     data = parse_json_body(body)
@@ -409,7 +421,7 @@ async def parse_request(request: Request, model) -> tuple[Any, np.ndarray | None
         raise RequestError(422, f"body: expected a JSON object, got {type(data).__name__}")
     data = {**params, **data}
     encoded = data.pop("query_base64", None)
-    req = validated(model, data)
+    req = _with_default_k(validated(model, data))
     if encoded is None:
         return req, None
     if not isinstance(encoded, str):
