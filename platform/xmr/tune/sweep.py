@@ -119,8 +119,9 @@ def run_sweep(cfg: Config, space, settings: SweepSettings, address: str | None =
     t0 = time.perf_counter()
     grid = make_tuner(trainable, cfg, settings.name, settings.trials, metric=None if settings.multi_objective else metric,
                       mode=None if settings.multi_objective else mode, max_concurrent=settings.concurrency,
-                      search_alg=search, scheduler=scheduler, status=True, max_epochs=cfg.optim.epochs,
-                      progress_metric=metric, short_trial_dirs=True).fit()
+                      search_alg=search, scheduler=scheduler, status=True, progress_metric=metric,
+                      max_epochs=cfg.optim.epochs if scheduler is not None else None,  # only ASHA prunes
+                      patience=cfg.optim.patience, short_trial_dirs=True).fit()
     search_s = time.perf_counter() - t0
     study = studies.load(storage_url, settings.name)
     table = with_study(trials_table(grid, cfg, metric, mode, [p.path for p in space.params]), study)
@@ -178,7 +179,7 @@ def run_confirmation(cfg: Config, space, settings: SweepSettings, table: pd.Data
                                      verbose=_verbose())
     grid = make_tuner(trainable, cfg, "confirm", n, metric=metric, mode=mode, max_concurrent=settings.concurrency,
                       param_space={"candidate": tune.grid_search(names), "seed": tune.grid_search(seeds)},
-                      root=sweep_root, what="confirm", status=True, max_epochs=cfg.optim.epochs,
+                      root=sweep_root, what="confirm", status=True,  # no scheduler: nothing is pruned
                       progress_metric=metric, short_trial_dirs=True).fit()
     runs = trials_table(grid, cfg, metric, mode, ["candidate", "seed"])
     return {"runs": runs, "names": names, "seeds": seeds, "params": params, "trials_root": trials_root,

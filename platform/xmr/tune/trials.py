@@ -106,7 +106,8 @@ def make_tuner(trainable, cfg: Config, name: str, n_trials: int, *, metric: str 
                scheduler=None, root: str | None = None, resume: bool = True, what: str = "sweep",
                resources=None, reuse_actors: bool = True, verbose: bool = False,
                progress_metric: str | None = None, max_failures: int | None = None,
-               status: bool = False, max_epochs: int | None = None, short_trial_dirs: bool = False):
+               status: bool = False, max_epochs: int | None = None, patience: int = 0,
+               short_trial_dirs: bool = False):
     """A ``Tuner`` whose trials each reserve ``resources`` (a dict, or a function of the
     trial's config; default ``trial_resources(cfg)``), resumed from ``<root>/<name>`` when it
     exists there (finished trials kept; the saved state mended first, ``xmr.tune.snapshot``).
@@ -117,7 +118,9 @@ def make_tuner(trainable, cfg: Config, name: str, n_trials: int, *, metric: str 
     (default 0 there): one level of retries, not their product.
 
     ``status``: a live status line beside the per-trial lines (``progress_callback``);
-    ``max_epochs``: a trial's full length, so a trial stopped short of it counts as pruned;
+    ``max_epochs``: a trial's full length, given where a scheduler may stop trials (ASHA): a
+    trial stopped short of it counts as pruned, unless ``optim.patience`` (``patience``, or the
+    trial's own ``optim.patience``) ended it;
     ``short_trial_dirs``: Tune's trial folders (and trial names) ``trial_<number>_<short id>``
     (``trial_dirname``) instead of Ray's ~150 characters of parameters and a timestamp."""
     from ray import tune
@@ -136,7 +139,8 @@ def make_tuner(trainable, cfg: Config, name: str, n_trials: int, *, metric: str 
         return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True,
                                   storage_filesystem=fs)
     quiet = {} if verbose else {"verbose": 0, "callbacks": [progress_callback(
-        n_trials, progress_metric or metric, what, mode=mode, status=status, max_epochs=max_epochs)]}
+        n_trials, progress_metric or metric, what, mode=mode, status=status, max_epochs=max_epochs,
+        patience=patience)]}
     names = {"trial_dirname_creator": trial_dirname, "trial_name_creator": trial_dirname} if short_trial_dirs else {}
     return tune.Tuner(
         trainable,
@@ -159,7 +163,7 @@ def trial_dirname(trial) -> str:
 
 
 def progress_callback(total: int, metric: str | None, what: str, *, mode: str | None = None, status: bool = False,
-                      max_epochs: int | None = None):
+                      max_epochs: int | None = None, patience: int = 0):
     """Tune's own trial tables replaced by one line per finished trial (``--verbose`` brings
     them back) and, with ``status``, a status line: trials running / done / pruned / failed,
     the best so far and an ETA. On a terminal the status line is redrawn in place every
@@ -171,6 +175,7 @@ def progress_callback(total: int, metric: str | None, what: str, *, mode: str | 
     from ray.tune import Callback
 
     from xmr.progress_line import every_s
+    from xmr.train.step import patience_exhausted
 
     class Progress(Callback):
         """Counts finished trials from Tune's list, so a resumed sweep goes on from where it
@@ -179,15 +184,26 @@ def progress_callback(total: int, metric: str | None, what: str, *, mode: str | 
 
         def __init__(self) -> None:
             self.ran_here, self.t0, self.shown, self.drawn = 0, time.perf_counter(), time.perf_counter(), False
+            self.seen: dict[str, dict[int, float]] = {}  # trial id -> epoch -> metric (for optim.patience)
 
         def setup(self, **info) -> None:  # also when resumed: this instance was unpickled
             self.ran_here, self.t0, self.shown, self.drawn = 0, time.perf_counter(), time.perf_counter(), False
 
+        def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+            epoch, value = result.get("epoch"), result.get(metric) if metric else None
+            if max_epochs and isinstance(epoch, (int, float)) and isinstance(value, (int, float)):
+                self.seen.setdefault(trial.trial_id, {})[int(epoch)] = float(value)
+
         def _pruned(self, trial, ending: bool = False) -> bool:
-            """Stopped short of its epochs (``ending``: the trial being completed, still RUNNING in Tune's list)."""
+            """Stopped short of its epochs by the scheduler (``ending``: the trial being
+            completed, still RUNNING in Tune's list); not a trial ``optim.patience`` ended."""
             epoch = (trial.last_result or {}).get("epoch")
-            return bool(max_epochs and (ending or trial.status == "TERMINATED") and isinstance(epoch, (int, float))
-                        and epoch < max_epochs)
+            if not (max_epochs and (ending or trial.status == "TERMINATED") and isinstance(epoch, (int, float))
+                    and epoch < max_epochs):
+                return False
+            own = int((trial.config or {}).get("optim.patience", patience) or 0)
+            history = [{"epoch": e, metric: v} for e, v in sorted(self.seen.get(trial.trial_id, {}).items())]
+            return not (metric and mode in ("max", "min") and patience_exhausted(history, metric, mode, own))
 
         def _eta(self, done: int) -> float:
             return (time.perf_counter() - self.t0) / self.ran_here * (total - done) if self.ran_here else float("nan")
