@@ -181,7 +181,7 @@ def run_confirmation(cfg: Config, space, settings: SweepSettings, table: pd.Data
                       param_space={"candidate": tune.grid_search(names), "seed": tune.grid_search(seeds)},
                       root=sweep_root, what="confirm", status=True,  # no scheduler: nothing is pruned
                       progress_metric=metric, short_trial_dirs=True).fit()
-    runs = trials_table(grid, cfg, metric, mode, ["candidate", "seed"])
+    runs = trials_table(grid, cfg, metric, mode, ["candidate", "seed"]).assign(pruned=False)  # no scheduler here
     return {"runs": runs, "names": names, "seeds": seeds, "params": params, "trials_root": trials_root,
             "wall_s": time.perf_counter() - t0}
 
