@@ -12,8 +12,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
-import socket
 import subprocess
 import sys
 import textwrap
@@ -26,6 +24,7 @@ import pytest
 import requests
 
 from conftest import TVR_DIR, needs_tvr
+from test_serve import free_port
 from train_helpers import wait_healthy
 
 pytestmark = [pytest.mark.timeout(900), pytest.mark.ray, pytest.mark.serve]
@@ -39,12 +38,6 @@ ST = Path(sys.executable).with_name("st")
 # openapi-python-client pins a typer that transformers (the [text] extra) cannot share: it
 # lives in a venv of its own that scripts/setup.sh makes (requirements/codegen.txt).
 CODEGEN = Path(sys.executable).parents[1] / "codegen" / "bin"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _args(kind: str, checkpoints: dict, key: bool) -> dict:
@@ -65,7 +58,7 @@ def served(checkpoints):
     from xmr.serve.cli import start
 
     ray.init(num_cpus=6, include_dashboard=False)
-    port = _free_port()
+    port = free_port()
     state = {"key": None}
 
     def use(key: bool) -> dict:
