@@ -223,12 +223,3 @@ def optuna_search_records(search):
     not; Ray keeps these as private attributes. Goes when OptunaSearch records a stopped trial
     as pruned itself."""
     return search._ot_study, search._ot_trials, search._completed_trials
-
-
-def optuna_search_records(search):
-    """Tune's ``OptunaSearch``: its Optuna study, its live Optuna trials by Tune trial id, and
-    the Tune trial ids it has told the study about. ``xmr.tune.study.StudySearch`` records
-    pruned trials as PRUNED with one intermediate value per epoch, which Ray's class does
-    not; Ray keeps these as private attributes. Goes when OptunaSearch records a stopped trial
-    as pruned itself."""
-    return search._ot_study, search._ot_trials, search._completed_trials
