@@ -165,20 +165,22 @@ def check_stored(jobs: dict[str, dict[str, Any]], runs_root: str) -> None:
 def run_jobs(jobs: dict[str, dict[str, Any]], name: str, root: str, runs_root: str, concurrency: int,
              cfg, metric: str | None = None, verbose: bool = False) -> dict[str, dict[str, Any]]:
     """Every job as a Tune trial; {job id: metrics or {"error": ...}}."""
+    from functools import partial
+
     from ray import tune
 
-    from xmr.tune.trials import make_tuner, trial_resources
+    from xmr.tune.trials import fit_trials, trial_resources
 
     if not jobs:
         return {}
     check_stored(jobs, runs_root)
-    trainable = tune.with_parameters(comparison_trial, jobs=jobs, runs_root=runs_root)
     needs = {job_id: trial_resources(from_dict(job["config"])) for job_id, job in jobs.items()}
-    grid = make_tuner(trainable, cfg, name, len(jobs), max_concurrent=concurrency, root=root, resume=False,
+    grid = fit_trials(partial(comparison_trial, jobs=jobs, runs_root=runs_root), cfg, name, len(jobs),
+                      max_concurrent=concurrency, root=root, resume=False,
                       param_space={"job": tune.grid_search(sorted(jobs))}, what=name, max_failures=0,
                       resources=lambda config: needs[config["job"]],  # each job what its own variant needs
                       reuse_actors=True,  # one process per slot: no start-up (imports) per trial
-                      verbose=verbose, progress_metric=metric).fit()
+                      verbose=verbose, progress_metric=metric)
     out = {}
     for result in grid:
         job = result.config["job"]

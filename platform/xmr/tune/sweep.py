@@ -12,6 +12,7 @@ import os
 import re
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import pandas as pd
@@ -22,7 +23,7 @@ from xmr.data import storage
 from xmr.train.driver import prepare
 from xmr.tune.report import optuna_logging_quiet, write_ablation_report, write_sweep_report
 from xmr.train.runfs import RunDir
-from xmr.tune.trials import NOT_METRICS, SweepResult, make_tuner, per_trial_cpus, run_trial
+from xmr.tune.trials import NOT_METRICS, SweepResult, fit_trials, per_trial_cpus, run_trial
 
 @dataclass
 class SweepSettings:
@@ -73,7 +74,6 @@ def run_sweep(cfg: Config, space, settings: SweepSettings, address: str | None =
     ASHA, confirm the top ones with new seeds (``settings.confirm_top``), and write the trials
     table, best config, best-checkpoint pointer and plots (from the sweep's own study)."""
     import optuna
-    from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
     from xmr.train.driver import ensure_ray, local_cpus
@@ -115,13 +115,13 @@ def run_sweep(cfg: Config, space, settings: SweepSettings, address: str | None =
     ensure_ray(address, num_cpus=max(local_cpus(cfg), int(2 * per_trial_cpus(cfg)) + 2), dashboard=multi,
                driver_logs=_verbose())  # the trials' epoch lines (and Ray's notices) only with --verbose
     trials_root = storage.join(cfg.storage.root, settings.name, "trials")
-    trainable = tune.with_parameters(trial_driver, base=cfg.to_dict(), trials_root=trials_root, verbose=_verbose())
+    plan = partial(trial_driver, base=cfg.to_dict(), trials_root=trials_root, verbose=_verbose())
     t0 = time.perf_counter()
-    grid = make_tuner(trainable, cfg, settings.name, settings.trials, metric=None if settings.multi_objective else metric,
+    grid = fit_trials(plan, cfg, settings.name, settings.trials, metric=None if settings.multi_objective else metric,
                       mode=None if settings.multi_objective else mode, max_concurrent=settings.concurrency,
                       search_alg=search, scheduler=scheduler, status=True, progress_metric=metric,
                       max_epochs=cfg.optim.epochs if scheduler is not None else None,  # only ASHA prunes
-                      patience=cfg.optim.patience, short_trial_dirs=True).fit()
+                      patience=cfg.optim.patience, short_trial_dirs=True)
     search_s = time.perf_counter() - t0
     study = studies.load(storage_url, settings.name)
     table = with_study(trials_table(grid, cfg, metric, mode, [p.path for p in space.params]), study)
@@ -175,12 +175,11 @@ def run_confirmation(cfg: Config, space, settings: SweepSettings, table: pd.Data
           f"(seeds {', '.join(map(str, seeds))}; {n} runs of {cfg.optim.epochs} epochs)", flush=True)
     sweep_root = storage.join(cfg.storage.root, settings.name)
     trials_root = storage.join(sweep_root, "confirm", "trials")
-    trainable = tune.with_parameters(trial_driver, base=cfg.to_dict(), trials_root=trials_root, candidates=params,
-                                     verbose=_verbose())
-    grid = make_tuner(trainable, cfg, "confirm", n, metric=metric, mode=mode, max_concurrent=settings.concurrency,
+    plan = partial(trial_driver, base=cfg.to_dict(), trials_root=trials_root, candidates=params, verbose=_verbose())
+    grid = fit_trials(plan, cfg, "confirm", n, metric=metric, mode=mode, max_concurrent=settings.concurrency,
                       param_space={"candidate": tune.grid_search(names), "seed": tune.grid_search(seeds)},
                       root=sweep_root, what="confirm", status=True,  # no scheduler: nothing is pruned
-                      progress_metric=metric, short_trial_dirs=True).fit()
+                      progress_metric=metric, short_trial_dirs=True)
     runs = trials_table(grid, cfg, metric, mode, ["candidate", "seed"]).assign(pruned=False)  # no scheduler here
     return {"runs": runs, "names": names, "seeds": seeds, "params": params, "trials_root": trials_root,
             "wall_s": time.perf_counter() - t0}
@@ -219,13 +218,12 @@ def run_ablation(cfg: Config, variants: dict[str, list[str]], settings: SweepSet
     ensure_ray(address, num_cpus=max(local_cpus(cfg), int(2 * per_trial_cpus(cfg)) + 2), dashboard=multi,
                driver_logs=_verbose())
     trials_root = storage.join(cfg.storage.root, settings.name, "trials")
-    trainable = tune.with_parameters(trial_driver, base=cfg.to_dict(), trials_root=trials_root, variants=variants,
-                                     verbose=_verbose())
+    plan = partial(trial_driver, base=cfg.to_dict(), trials_root=trials_root, variants=variants, verbose=_verbose())
     t0 = time.perf_counter()
     n = len(variants) * len(seeds)
-    grid = make_tuner(trainable, cfg, settings.name, n, metric=metric, mode=mode, max_concurrent=settings.concurrency,
+    grid = fit_trials(plan, cfg, settings.name, n, metric=metric, mode=mode, max_concurrent=settings.concurrency,
                       param_space={"variant": tune.grid_search(list(variants)), "seed": tune.grid_search(seeds)},
-                      short_trial_dirs=True).fit()
+                      short_trial_dirs=True)
     table = trials_table(grid, cfg, metric, mode, ["variant", "seed"])
     return write_ablation_report(cfg, settings, table, metric, mode, variants, wall_s=time.perf_counter() - t0)
 

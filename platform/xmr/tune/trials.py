@@ -101,6 +101,23 @@ def concurrency(cfg: Config, requested: int, n_trials: int) -> int:
     return max(1, min(n_trials, int(cpus // per_trial_cpus(cfg))))
 
 
+def experiment_trial(config: dict[str, Any], plan: Any) -> None:
+    """The one trainable of every experiment xmr runs on Tune. ``plan`` says what a trial with
+    ``config`` trains: a sweep's sampled values, an ablation's variant, a confirmation's seed
+    (``xmr.tune.sweep.trial_driver`` with its fixed arguments bound), or a comparison's job
+    (``xmr.compare.jobs.comparison_trial``). Every one of them trains through ``run_trial``."""
+    plan(config)
+
+
+def fit_trials(plan: Any, cfg: Config, name: str, n_trials: int, **tuner: Any):
+    """Run ``n_trials`` trials of ``plan`` (a picklable callable of the trial's config, e.g. a
+    ``functools.partial`` of a module-level function) and return Tune's ``ResultGrid``: the
+    one place an experiment is handed to Tune (``make_tuner``'s keywords pass through)."""
+    from ray import tune
+
+    return make_tuner(tune.with_parameters(experiment_trial, plan=plan), cfg, name, n_trials, **tuner).fit()
+
+
 def make_tuner(trainable, cfg: Config, name: str, n_trials: int, *, metric: str | None = None,
                mode: str | None = None, max_concurrent: int = 0, search_alg=None, param_space=None,
                scheduler=None, root: str | None = None, resume: bool = True, what: str = "sweep",
