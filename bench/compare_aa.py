@@ -89,7 +89,7 @@ def main() -> int:
     else:
         names = args.spec or sorted(x.stem for x in SPEC_DIR.glob("*.yaml"))
         jobs = [(n, lambda n=n: spec_aa(n)) for n in names]
-    for label, make in jobs:
+    for label, make in jobs:  # written after every run: an interrupted bench keeps what finished
         spec = make()
         c = run_comparison(spec, str(folder / label))
         cl = c.claims[0]
@@ -98,32 +98,35 @@ def main() -> int:
                      "wall_min": c.wall_s / 60})
         print(f"[bench] {label}: {cl['verdict']} {cl['mean']:+.4f} [{cl['low']:+.4f}, {cl['high']:+.4f}] "
               f"({c.wall_s / 60:.1f} min)", flush=True)
+        write(args.part, rows, t0)
+    return 0
+
+
+def write(part: str, new: list[dict], t0: float) -> None:
     out = RESULTS / "compare_aa.json"
     old = json.loads(out.read_text()) if out.is_file() else {}
-    kept = [r for r in old.get("rows", []) if r["part"] != args.part
-            or (args.part == "specs" and r["run"] not in {label for label, _ in jobs})]
-    rows = sorted(kept + rows, key=lambda r: (r["part"], r["run"]))
+    done = {r["run"] for r in new}
+    rows = [r for r in old.get("rows", []) if r["part"] != part or r["run"] not in done] + new
+    rows.sort(key=lambda r: (r["part"], r["run"]))
     print("| part | run | verdict | difference [95% CI] | P(left wins) | minutes |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['part']} | {r['run']} | {r['verdict']} | {r['diff']:+.4f} [{r['low']:+.4f}, {r['high']:+.4f}] | "
               f"{r['p_win']:.2f} | {r['wall_min']:.1f} |")
     headline = {}
-    for part in ("small", "specs"):
-        mine = [r for r in rows if r["part"] == part]
+    for name in ("small", "specs"):
+        mine = [r for r in rows if r["part"] == name]
         if mine:
             counts = {v: sum(r["verdict"] == v for r in mine) for v in ("held", "reversed", "equivalent", "inconclusive")}
-            headline[f"{part}_runs"] = len(mine)
-            headline[f"{part}_held_or_reversed"] = counts["held"] + counts["reversed"]
-            headline.update({f"{part}_{v}": n for v, n in counts.items()})
-            headline[f"{part}_interval_covers_0"] = sum(r["low"] <= 0 <= r["high"] for r in mine)
+            headline[f"{name}_runs"] = len(mine)
+            headline[f"{name}_held_or_reversed"] = counts["held"] + counts["reversed"]
+            headline.update({f"{name}_{v}": n for v, n in counts.items()})
+            headline[f"{name}_interval_covers_0"] = sum(r["low"] <= 0 <= r["high"] for r in mine)
     headline["wall_min_this_invocation"] = round((time.perf_counter() - t0) / 60, 1)
     print("headline:", headline)
     RESULTS.mkdir(exist_ok=True)
     out.write_text(json.dumps({"machine": machine(), "date": dt.datetime.now().isoformat(timespec="minutes"),
                                "rows": rows, "headline": headline}, indent=2, default=str))
-    return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
