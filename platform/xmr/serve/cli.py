@@ -49,9 +49,12 @@ class StartError(RuntimeError):
 class Signals:
     """xmr serve's SIGTERM / SIGINT handling, installed before any Ray starts and again once
     ``ray.init`` has returned (its core worker installs handlers of its own). A signal is
-    only recorded (``received``) and wakes the main thread (``wake``), which acts on it: the
-    handler never raises, as an exception raised inside a Ray call (``ray.get`` in Cython)
-    leaves Ray's state half-unwound and prints a chained SystemError."""
+    only recorded (``received``); the main thread polls for it (``wait_started``,
+    ``wait_signal``) and acts on it. The handler never raises, as an exception raised inside
+    a Ray call (``ray.get`` in Cython) leaves Ray's state half-unwound and prints a chained
+    SystemError, and it takes no lock: Python runs it in the main thread between two
+    bytecodes, and setting an ``Event`` there deadlocks whenever the main thread is inside
+    that Event's ``wait`` holding its lock (a SIGTERM then hung ``xmr serve`` forever)."""
 
     def __init__(self) -> None:
         import threading
@@ -68,8 +71,19 @@ class Signals:
     def _on_signal(self, signum, _frame) -> None:  # replaces Ray's handler, which dumps a C++ stack
         import signal
 
-        self.received.append(signal.Signals(signum).name)
-        self.wake.set()
+        self.received.append(signal.Signals(signum).name)  # a list append: no lock taken
+
+    def wait_started(self) -> None:
+        """Until the start-up thread has finished (it sets ``wake``) or a signal arrived. In
+        slices: a signal the kernel hands to another thread (Ray's) runs its Python handler only
+        when the main thread next runs Python."""
+        while not self.received and not self.wake.wait(0.25):
+            pass
+
+    def wait_signal(self) -> None:
+        """Until SIGTERM or SIGINT (polled every 0.25 s, for the same reason)."""
+        while not self.received:
+            time.sleep(0.25)
 
 
 DEFAULT_START_TIMEOUT_S = 600.0
@@ -548,7 +562,7 @@ def _serve(ns: argparse.Namespace) -> int:
             signals.wake.set()
 
     threading.Thread(target=starting, name="xmr-start", daemon=True).start()
-    signals.wake.wait()
+    signals.wait_started()
     if signals.received:
         return stopped_starting(signals.received[0], embedded, deployed=True)
     exc = box.get("error")
@@ -579,8 +593,7 @@ def _serve(ns: argparse.Namespace) -> int:
         print(f"[xmr] replicas answering directly (no proxy hop): {', '.join(urls)}")
     if ns.detach:
         return 0
-    while not signals.received:
-        signals.wake.wait(3600)
+    signals.wait_signal()
     return shutdown(embedded, signals.received[0])
 
 
