@@ -689,7 +689,7 @@ def _index_build(ns: argparse.Namespace) -> int:
 def _sharded_build(ns: argparse.Namespace, ann) -> int:
     from dataclasses import asdict
 
-    from xmr.serve.shards import build_sharded
+    from xmr.serve.index_build import build_sharded
 
     if ns.workers < 0:
         print(f"xmr index build: --workers {ns.workers}: 0 (as many as the cluster allows) or a count", file=sys.stderr)

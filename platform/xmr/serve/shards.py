@@ -14,20 +14,14 @@ that hold its range; and the concatenation of the parts is the unsharded gallery
 order, so "item j of shard i" has one global position (``offset + j``) and a merge can
 break ties exactly as one index would.
 
-The parts are encoded by a Ray Data job (``map_batches`` with a model per worker, one shard
-per call), so N shards build on as many workers as the cluster gives; a shard is written
-to a temporary folder and renamed when complete, so an interrupted build resumes by
-encoding only the shards that are missing.
+This module is what the request-time side needs: reading and checking ``shards.json``, a
+replica's memory, and merging the shards' answers. The offline builder (the Ray Data job
+that encodes the parts) is ``xmr.serve.index_build``, so the gateway does not import it.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
-import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -127,7 +121,7 @@ def read_shards(path: str, endpoint_url: str | None = None) -> dict[str, Any]:
             raise ValueError(f"{path}/{SHARDS_FILE}: shards[{i}] has offset {s.get('offset')} and items "
                              f"{s.get('items')}; expected offset {offset} and at least one item")
         folder = storage.join(path, s["path"]) if storage.is_s3(path) else str((Path(path) / s["path"]).resolve())
-        if not _complete(folder, endpoint_url):
+        if not is_complete(folder, endpoint_url):
             raise ValueError(f"{path}: shard {i} ({s['path']}) is missing; rebuild it with "
                              f"xmr index build --shards {len(meta['shards'])} --out {path}")
         s["path"] = folder
@@ -137,218 +131,9 @@ def read_shards(path: str, endpoint_url: str | None = None) -> dict[str, Any]:
     return meta
 
 
-def _identity(checkpoint: str, gallery: str | None, split: str, approx: str) -> dict[str, Any]:
-    """What makes two shard folders parts of the same index (a resumed build checks it)."""
-    return {"checkpoint": checkpoint, "gallery": gallery, "split": split, "approx": approx}
-
-
-def _check_resumable(out: str, done: list[int], shards: int, identity: dict[str, Any],
-                     endpoint_url: str | None) -> None:
-    """Refuse to finish a build whose existing shards came from another checkpoint, dataset,
-    split, approx setting or shard count: mixing them would serve two indexes as one."""
-    for i in done:
-        meta = json.loads(storage.read_bytes(storage.join(out, shard_name(i), "index.json"), endpoint_url=endpoint_url))
-        theirs = meta.get("shard") or {}
-        differs = {k: (theirs.get(k), v) for k, v in {"of": shards, **identity}.items() if theirs.get(k) != v}
-        if differs:
-            what = "; ".join(f"{k} was {a!r}, now {b!r}" for k, (a, b) in differs.items())
-            raise ValueError(f"{out}: {shard_name(i)} belongs to another build ({what}); remove the folder or "
-                             "choose another --out")
-
-
-def _complete(folder: str, endpoint_url: str | None = None) -> bool:
+def is_complete(folder: str, endpoint_url: str | None = None) -> bool:
     """A shard folder is complete when its index.json is there (written, or uploaded, last)."""
     return storage.exists(storage.join(folder, "index.json"), endpoint_url=endpoint_url)
-
-
-def _publish(tmp: Path, folder: str, endpoint_url: str | None) -> None:
-    """Put a finished shard in place: renamed locally; on S3 every file uploaded, index.json
-    last, so a shard that is there is whole."""
-    if not storage.is_s3(folder):
-        if Path(folder).exists():  # an incomplete folder left by a build that died before the rename
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-        return
-    rest = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file() and p.name != "index.json")
-    storage.upload_dir(str(tmp), folder, endpoint_url=endpoint_url, progress=False, files=rest)
-    storage.upload_dir(str(tmp), folder, endpoint_url=endpoint_url, progress=False, files=["index.json"])
-    shutil.rmtree(tmp, ignore_errors=True)
-
-
-def build_one(model_cfg, checkpoint: str, gallery: str | None, split: str, out: str, shard: int, shards: int,
-              approx: str, ann_args: dict[str, Any] | None, endpoint_url: str | None) -> dict[str, Any]:
-    """Encode part ``shard`` of ``shards`` into ``out/shard-NNN`` (written beside, then renamed
-    into place) and say what it holds; a part already complete is read back, not redone."""
-    from xmr.serve.gallery import load_for_serving, save_index
-    from xmr.tasks.ann import AnnConfig
-
-    folder = storage.join(out, shard_name(shard))
-    if _complete(folder, endpoint_url):  # built by an earlier run (build_sharded checked it is of this build)
-        meta = json.loads(storage.read_bytes(storage.join(folder, "index.json"), endpoint_url=endpoint_url))
-        return {"shard": shard, "items": meta["gallery_size"], "build_s": 0.0, "resumed": True,
-                "recalls": meta.get("approx_recall_at_10") or {}, "search": meta.get("search")}
-    t0 = time.perf_counter()
-    loaded = load_for_serving(checkpoint, gallery, split, approx=approx, endpoint_url=endpoint_url,
-                              ann=AnnConfig(**ann_args) if ann_args else None, part=(shard, shards),
-                              model_cfg=model_cfg)
-    loaded.info["shard"] = {"index": shard, "of": shards, **_identity(checkpoint, gallery, split, approx)}
-    loaded.info["resident_bytes"] = resident_bytes(loaded)
-    scratch = Path(tempfile.gettempdir()) if storage.is_s3(out) else Path(out)
-    tmp = scratch / f".{shard_name(shard)}.{uuid.uuid4().hex[:8]}.partial"
-    save_index(tmp, loaded, getattr(loaded.gallery, "recalls", {}))
-    _publish(tmp, folder, endpoint_url)
-    return {"shard": shard, "items": loaded.gallery.size, "build_s": round(time.perf_counter() - t0, 3),
-            "resumed": False, "recalls": getattr(loaded.gallery, "recalls", {}), "search": loaded.info["search"]}
-
-
-class ShardEncoder:
-    """Ray Data's callable class: one model per worker process, then one shard per call
-    (``batch_size=1``), so a worker that encodes several shards loads the model once."""
-
-    def __init__(self, checkpoint: str, endpoint_url: str | None, job: dict[str, Any], gpu: bool = False) -> None:
-        import torch
-
-        from xmr.checkpoint import fetch_checkpoint
-        from xmr.method import load_model
-
-        model, cfg = load_model(fetch_checkpoint(checkpoint, endpoint_url=endpoint_url))
-        if gpu and torch.cuda.is_available():
-            model = model.cuda()
-        self.model_cfg, self.checkpoint, self.endpoint_url, self.job = (model, cfg), checkpoint, endpoint_url, job
-
-    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        rows = [build_one(self.model_cfg, self.checkpoint, endpoint_url=self.endpoint_url, shard=int(i), **self.job)
-                for i in batch["shard"]]
-        return {"summary": [json.dumps(r, default=float) for r in rows]}
-
-
-def quiet_ray_data() -> None:
-    """Ray Data's own lines (its plan, the logged progress a non-terminal gets, its progress
-    bars on a terminal) in its log files only, unless ``--verbose``: xmr prints a line per
-    shard with the items per second and an ETA. Ray Data configures its ``ray.data`` logger
-    when ``ray.data`` is imported (its console handler at INFO), hence the import first: a
-    level set before it is reset then."""
-    import logging
-
-    import ray.data
-
-    if os.environ.get("XMR_VERBOSE") == "1":
-        return
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    for handler in logging.getLogger("ray.data").handlers:
-        if not isinstance(handler, logging.FileHandler):  # its console; the file keeps everything
-            handler.setLevel(logging.ERROR)
-
-
-def build_sharded(checkpoint: str, gallery: str | None, split: str, out: str, shards: int, *, approx: str = "auto",
-                  ann_args: dict[str, Any] | None = None, endpoint_url: str | None = None,
-                  address: str | None = None, workers: int = 0, cpus_per_worker: float = 1.0,
-                  gpu: bool = False) -> dict[str, Any]:
-    """Build (or finish building) a sharded index; returns its ``shards.json``.
-
-    The missing shards are encoded by a Ray Data job over the cluster (``workers`` model
-    replicas, 0: as many as there are shards to build and CPUs for them); each shard's
-    summary is printed as it lands. ``out`` must be a folder every worker can write (this
-    machine, or a filesystem the cluster's nodes share)."""
-    import ray
-
-    from xmr.checkpoint import fetch_checkpoint, load_checkpoint
-    from xmr.data.manifest import load_manifest
-    from xmr.train.driver import ensure_ray
-
-    if shards < 1:
-        raise ValueError(f"--shards {shards}: at least 1")
-    out = out if storage.is_s3(out) else os.path.abspath(out)
-    gallery = os.path.abspath(gallery) if gallery and "://" not in gallery else gallery
-    checkpoint = checkpoint if storage.is_s3(checkpoint) else os.path.abspath(checkpoint)
-    cfg, _, _ = load_checkpoint(fetch_checkpoint(checkpoint, endpoint_url=endpoint_url))
-    root = gallery or cfg.data.path
-    manifest = load_manifest(root, endpoint_url=endpoint_url)
-    if split not in manifest.splits:
-        raise ValueError(f"gallery {root!r} has no split {split!r} (splits: {sorted(manifest.splits)})")
-    unit = "videos" if manifest.task == "vcmr" else "items"
-    total = manifest.splits[split].num_samples
-    if shards > total:
-        raise ValueError(f"--shards {shards}: the split holds only {total} {unit}")
-    if not storage.is_s3(out):
-        Path(out).mkdir(parents=True, exist_ok=True)
-        for stale in Path(out).glob(".shard-*.partial"):  # left by a build that died mid-write
-            shutil.rmtree(stale, ignore_errors=True)
-    todo = [i for i in range(shards) if not _complete(storage.join(out, shard_name(i)), endpoint_url)]
-    done = shards - len(todo)
-    _check_resumable(out, [i for i in range(shards) if i not in todo], shards,
-                     _identity(checkpoint, root, split, approx), endpoint_url)
-    if storage.exists(storage.join(out, SHARDS_FILE), endpoint_url=endpoint_url) and todo:
-        raise ValueError(f"{out}: a complete sharded index ({SHARDS_FILE}) with missing shard folders; remove "
-                         f"{SHARDS_FILE} to rebuild them")
-    print(f"[xmr] sharded index: {shards} shards of ~{total // shards} {unit} -> {out}"
-          + (f" ({done} already built, resuming)" if done else ""), flush=True)
-    job = {"gallery": root, "split": split, "out": out, "shards": shards, "approx": approx, "ann_args": ann_args}
-    summaries: dict[int, dict[str, Any]] = {}
-    if todo:
-        ensure_ray(address, dashboard=False, driver_logs=os.environ.get("XMR_VERBOSE") == "1")
-        quiet_ray_data()
-        n_workers = workers or max(1, min(len(todo), int(ray.cluster_resources().get("CPU", 1) // cpus_per_worker)))
-        ds = ray.data.from_items([{"shard": i} for i in todo], override_num_blocks=len(todo))
-        ds = ds.map_batches(ShardEncoder, batch_size=1, compute=ray.data.ActorPoolStrategy(size=n_workers),
-                            num_cpus=cpus_per_worker, num_gpus=1 if gpu else None,
-                            fn_constructor_kwargs={"checkpoint": checkpoint, "endpoint_url": endpoint_url,
-                                                   "job": job, "gpu": gpu})
-        t0 = time.perf_counter()
-        left = sum(part_sizes(total, shards)[i] for i in todo)
-        for row in ds.iter_rows():
-            s = json.loads(row["summary"])
-            summaries[s["shard"]] = s
-            line = progress_line(s, shards, len(summaries) + done, left, time.perf_counter() - t0, unit, summaries)
-            print(f"[xmr] {line}", flush=True)
-    return write_manifest(out, shards, checkpoint, root, split, total, endpoint_url)
-
-
-def part_sizes(total: int, shards: int) -> list[int]:
-    """Items of each contiguous part (the read plan's near-equal shares)."""
-    from xmr.data.plan import near_equal
-
-    return list(near_equal(total, shards))
-
-
-def progress_line(s: dict[str, Any], shards: int, built: int, to_build: int, elapsed: float, unit: str,
-                  summaries: dict[int, dict[str, Any]]) -> str:
-    """One shard landed: its size and time, shards built, the job's rate and an ETA (the
-    shards still to build at the rate so far)."""
-    encoded = sum(x["items"] for x in summaries.values() if not x.get("resumed"))
-    rate = encoded / elapsed if elapsed > 0 else 0.0
-    remaining = max(0, to_build - encoded)
-    eta = f"ETA {remaining / rate:.0f} s" if remaining and rate > 0 else "done"
-    return (f"shard {s['shard'] + 1}/{shards}: {s['items']:,} {unit} in {s['build_s']:.1f} s "
-            f"({built}/{shards} built, {elapsed:.0f} s; {rate:,.0f} {unit}/s; {eta})")
-
-
-def write_manifest(out: str, shards: int, checkpoint: str, gallery: str, split: str, total: int,
-                   endpoint_url: str | None = None) -> dict[str, Any]:
-    """``shards.json`` over the complete shard folders of ``out`` (written last: a sharded
-    index is complete when it is there); returns it."""
-
-    def index_json(i: int) -> dict[str, Any]:
-        return json.loads(storage.read_bytes(storage.join(out, shard_name(i), "index.json"), endpoint_url=endpoint_url))
-
-    parts, offset = [], 0
-    for i in range(shards):
-        meta = index_json(i)
-        parts.append({"path": shard_name(i), "items": int(meta["gallery_size"]), "offset": offset,
-                      "search": meta.get("search"), "approx_recall_at_10": meta.get("approx_recall_at_10") or {},
-                      "resident_bytes": meta.get("resident_bytes")})
-        offset += int(meta["gallery_size"])
-    if offset != total:
-        raise ValueError(f"{out}: the shards hold {offset} items, the split {total}; remove the shard folders "
-                         "and build again")
-    first = index_json(0)
-    meta = {"format": FORMAT, "items": total, "task": first["task"], "method": first["method"],
-            "embed_dim": first["embed_dim"], "checkpoint": checkpoint, "gallery": gallery, "split": split,
-            "search": sorted({p["search"] for p in parts}), "shards": parts, "manifest": first["manifest"],
-            "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    storage.write_bytes(storage.join(out, SHARDS_FILE), json.dumps(meta, indent=2, default=float).encode(),
-                        endpoint_url=endpoint_url)
-    return meta
 
 
 # --------------------------------------------------------------------------- merging shards' answers
