@@ -53,8 +53,12 @@ def ensure_dataset(dataset: dict[str, Any]) -> str:
         from xmr.data.sources.synth_vcmr import SynthVcmrConfig, write_synth_vcmr
 
         write_synth_vcmr(path, SynthVcmrConfig(**recipe), progress=False)
+    elif kind == "digits_views":  # real images (sklearn's digits), cut into two views: nothing generated
+        from xmr.data.sources.digits_views import DigitsViewsConfig, write_digits_views
+
+        write_digits_views(path, DigitsViewsConfig(**recipe), progress=False)
     else:
-        raise ValueError(f"dataset.synth.kind = {kind!r}: use category or vcmr")
+        raise ValueError(f"dataset.synth.kind = {kind!r}: use category, vcmr or digits_views")
     return path
 
 

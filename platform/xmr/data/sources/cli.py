@@ -12,8 +12,8 @@ import dataclasses
 import sys
 from typing import Any, Callable
 
-from xmr.data.sources.configs import (AvdigitsConfig, SynthCategoryConfig, SynthVcmrConfig, TextVcmrConfig,
-                                      TvrReleaseConfig)
+from xmr.data.sources.configs import (DIGITS_VIEWS, AvdigitsConfig, DigitsViewsConfig, SynthCategoryConfig,
+                                      SynthVcmrConfig, TextVcmrConfig, TvrReleaseConfig)
 from xmr.data.sources.options import add_options, given
 
 
@@ -163,6 +163,14 @@ def _avdigits(a: argparse.Namespace) -> int:
     return 0
 
 
+def _digits_views(a: argparse.Namespace) -> int:
+    from xmr.data.sources.digits_views import write_digits_views
+
+    cfg = DigitsViewsConfig(**given(a, DigitsViewsConfig, {"train_per_class": lambda n: n or None}))
+    _summary(write_digits_views(a.out, cfg, name=a.name, **_writer_kw(a)), a.out)
+    return 0
+
+
 def _add_synth(sub: Any) -> None:
     synth = sub.add_parser("synth", help="synthetic datasets with a planted ground truth")
     kinds = synth.add_subparsers(dest="synth_kind", required=True, metavar="KIND")
@@ -207,6 +215,7 @@ def _add_synth(sub: Any) -> None:
         "durations_from": "sample durations, moments and query types from real TVR annotations",
         "single_stream_share": "share of v / t (single-stream) queries, the rest vt (none: a third each)",
         "cross_stream_distractors": "chance that a query's content also sits in the other stream of another video",
+        "type_cue": "how plainly a v / t query's words name its stream (1: always; 0: no more than a vt query's)",
         "distractors_per_video": "random-content segments per video",
         "seed": "generator seed (the same seed writes the same shards)",
         "dtype": "feature dtype in the shards",
@@ -268,7 +277,7 @@ def _add_convert(sub: Any) -> None:
 
 
 def register_sources(data_subparsers: Any) -> None:
-    """Add ``synth``, ``convert`` and ``avdigits`` to the ``xmr data`` subcommands."""
+    """Add ``synth``, ``convert``, ``avdigits`` and ``digits-views`` to the ``xmr data`` subcommands."""
     _add_synth(data_subparsers)
     _add_convert(data_subparsers)
     av = data_subparsers.add_parser("avdigits", help="build the avdigits audio-visual dataset (needs espeak-ng)")
@@ -278,3 +287,15 @@ def register_sources(data_subparsers: Any) -> None:
                                             "limit": "total samples cap, stratified (quick builds)",
                                             "seed": "seed of voices, noise and the split"})
     av.set_defaults(func=_reported(_avdigits))
+    dv = data_subparsers.add_parser("digits-views", help="sklearn's real digits as two views (image halves): "
+                                    "a same-modality proxy for paired data, nothing planted")
+    _common(dv, 512)
+    dv.add_argument("--name", default="digits-views", help="dataset name recorded in the manifest")
+    add_options(dv, DigitsViewsConfig, choices={**DTYPES, "views": DIGITS_VIEWS}, helps={
+        "views": "how each 8x8 image is cut: left/right columns or top/bottom rows",
+        "train_per_class": "training images per digit (0: all left after val and test)",
+        "val_per_class": "validation images per digit",
+        "test_per_class": "test images per digit",
+        "seed": "seed of the stratified split",
+        "dtype": "feature dtype in the shards"})
+    dv.set_defaults(func=_reported(_digits_views))

@@ -121,6 +121,12 @@ class SynthVcmrConfig:
     max_tokens: int = 12
     token_noise: float = 0.5
     query_offset_scale: float = 1.0    # how far apart the two query vocabularies' means lie
+    # How plainly a single-stream (v / t) query's words say its type: each of its tokens is
+    # written in its own stream's vocabulary with probability (1 + type_cue) / 2, else in the
+    # other's. 1: always its own (the type is perfectly predictable from the words); 0: either
+    # vocabulary alike (as mixed as a vt query's). Real TVR queries sit in between: see
+    # bench/qcf_cue.py, which picks the level a held-out classifier finds as weak as on TVR.
+    type_cue: float = 1.0
     distractors_per_video: int = 1
     cross_stream_distractors: float = 0.5  # P(a query's latent also sits in the other stream of another video)
     durations_from: str | None = None  # TVR jsonl: sample real (duration, ts, type) per video
@@ -149,6 +155,8 @@ class SynthVcmrConfig:
             raise ValueError(f"single_stream_share must be in [0, 1], got {self.single_stream_share}")
         if not 0 <= self.cross_stream_distractors <= 1:
             raise ValueError(f"cross_stream_distractors must be in [0, 1], got {self.cross_stream_distractors}")
+        if not 0 <= self.type_cue <= 1:
+            raise ValueError(f"type_cue must be in [0, 1], got {self.type_cue}")
         if self.durations_from is not None and not Path(self.durations_from).is_file():
             raise FileNotFoundError(f"durations_from: no such TVR jsonl file {self.durations_from!r}")
 
@@ -244,3 +252,35 @@ class AvdigitsConfig:
         if abs(sum(self.fractions.values()) - 1) > 1e-6 or any(f <= 0 for f in self.fractions.values()):
             raise ValueError(f"fractions must be positive and sum to 1, got {self.fractions}")
         self.mel.validate()
+
+
+DIGITS_VIEWS = ("left_right", "top_bottom")
+
+
+@dataclass
+class DigitsViewsConfig:
+    """scikit-learn's digits as two views of one image (a same-modality proxy for paired
+    retrieval: both views are pixels). Sizes are per class and per split; the split is
+    seeded and stratified. ``train_per_class`` is the knob that keeps the task off its
+    ceiling (chosen on validation: see the specs that use it)."""
+
+    views: str = "left_right"          # left_right: a = columns 0-3, b = 4-7; top_bottom: a = rows 0-3, b = 4-7
+    train_per_class: int | None = None  # None: every image left after val and test (at least 94 per digit)
+    val_per_class: int = 30
+    test_per_class: int = 50
+    seed: int = 0
+    dtype: str = "float16"
+
+    def validate(self) -> None:
+        if self.views not in DIGITS_VIEWS:
+            raise ValueError(f"views must be one of {DIGITS_VIEWS}, got {self.views!r}")
+        for name in ("val_per_class", "test_per_class"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.train_per_class is not None and self.train_per_class < 1:
+            raise ValueError(f"train_per_class must be >= 1 or None (all), got {self.train_per_class}")
+        # the rarest digit in load_digits has 174 images
+        need = (self.train_per_class or 0) + self.val_per_class + self.test_per_class
+        if need > 174:
+            raise ValueError(f"train_per_class + val_per_class + test_per_class = {need}: the rarest digit has 174 "
+                             f"images")

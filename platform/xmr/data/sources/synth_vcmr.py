@@ -8,7 +8,9 @@ planted (times ``signal``) into the visual clips of its moment, and/or a subtitl
 the latent(s) of the stream(s) its type names, through a query "vocabulary" per stream (its
 own fixed map and offset: words for what is seen differ from words for what is said), so
 the tokens say which stream holds the moment: query-aware fusion has something to learn
-(a linear probe of the mean token predicts the type). Features are each stream's fixed
+(a linear probe of the mean token predicts the type). ``type_cue`` < 1 writes some of a
+single-stream query's tokens in the other stream's vocabulary, so the words say its type
+only as weakly as real queries do (bench/qcf_cue.py measures both). Features are each stream's fixed
 random linear map of its latents plus an offset and noise; subtitles are missing (mask 0,
 zero row) on ``sub_missing`` of the clips, but a ``t``/``vt`` moment keeps at least one
 subtitled clip. Distractors: ``distractors_per_video`` random-latent segments, and, with
@@ -164,6 +166,15 @@ def _plant_cross_stream(cfg: SynthVcmrConfig, rng: np.random.Generator, drafts: 
                 other.mask[st:ed] = 1  # the distractor is heard, so its clips have subtitles
 
 
+def _worded_as(cfg: SynthVcmrConfig, rng: np.random.Generator, stream: str, n_named: int) -> str:
+    """The stream whose vocabulary writes one token of a query about ``stream``: its own, or
+    (a single-stream query, with probability (1 - type_cue) / 2) the other's. At type_cue 1
+    nothing is drawn, so corpora generated before the setting existed are unchanged."""
+    if cfg.type_cue >= 1 or n_named > 1 or rng.random() < (1 + cfg.type_cue) / 2:
+        return stream
+    return "subtitle" if stream == "visual" else "visual"
+
+
 def _finish_video(cfg: SynthVcmrConfig, rng: np.random.Generator, maps: dict, offsets: dict, d: _Draft,
                   token_counts: list[int] | None = None) -> VcmrVideo:
     """Features of a drafted video; ``token_counts`` fixes each query's token count (else drawn)."""
@@ -178,7 +189,7 @@ def _finish_video(cfg: SynthVcmrConfig, rng: np.random.Generator, maps: dict, of
         for t in range(nt):  # a vt query's tokens alternate between its two vocabularies
             stream = named[t % len(named)]
             z = d.q_lat[stream][j] + rng.normal(0, cfg.token_noise, k)
-            vocab = QUERY_MAP[stream]
+            vocab = QUERY_MAP[_worded_as(cfg, rng, stream, len(named))]
             rows.append(z @ maps[vocab].T + offsets[vocab] + rng.normal(0, cfg.noise, cfg.dim_query))
         tokens.append(np.stack(rows))
         desc_id = d.first_desc_id + j
