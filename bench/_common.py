@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))  # the checkout's xmr
-from xmr.raycompat import use_token_auth  # noqa: E402
+from xmr.ray.compat import use_token_auth  # noqa: E402
 
 use_token_auth()  # before any bench imports Ray (Ray reads the mode at import)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 
-from xmr.raycompat import use_token_auth  # noqa: E402
+from xmr.ray.compat import use_token_auth  # noqa: E402
 
 use_token_auth()  # before anything imports Ray
 

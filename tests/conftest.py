@@ -19,7 +19,7 @@ needs_tvr = pytest.mark.skipif(not (TVR_DIR / "tvr_val_release.jsonl").is_file()
                                       "folder beside the checkout); run it there")
 
 # Ray reads the auth mode at import time: set before any test module imports ray.
-from xmr.raycompat import use_token_auth  # noqa: E402
+from xmr.ray.compat import use_token_auth  # noqa: E402
 
 use_token_auth()
 

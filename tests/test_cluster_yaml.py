@@ -16,14 +16,14 @@ def load():
 
 
 def test_cluster_yaml_passes_ray_schema():
-    from xmr.raycompat import validate_cluster_config
+    from xmr.ray.compat import validate_cluster_config
 
     validate_cluster_config(load())
 
 
 def test_schema_check_really_rejects_bad_configs():
     import jsonschema
-    from xmr.raycompat import validate_cluster_config
+    from xmr.ray.compat import validate_cluster_config
 
     bad = copy.deepcopy(load())
     bad["available_node_types"]["gpu_spot"]["unexpected_field"] = 1

@@ -19,7 +19,8 @@ PACKAGE = ROOT / "xmr"
 
 # The layers, bottom to top; a module may import its own layer and those below.
 LAYERS = [
-    {"xmr", "xmr.config", "xmr.distributed", "xmr.outputs", "xmr.machine", "xmr.data", "xmr.metrics", "xmr.raycompat"},
+    {"xmr", "xmr.config", "xmr.distributed", "xmr.outputs", "xmr.machine", "xmr.data", "xmr.metrics", "xmr.runtime",
+     "xmr.ray"},
     {"xmr.models", "xmr.losses"},
     {"xmr.checkpoint"},
     {"xmr.tasks"},
@@ -136,7 +137,7 @@ def test_imports_flow_down_the_layers(module):
 
 def test_ray_is_imported_only_by_the_ray_layers():
     """Everything below train / tune / serve / compare is plain PyTorch, testable without a cluster."""
-    ray_layers = ("xmr.train", "xmr.tune", "xmr.serve", "xmr.compare", "xmr.raycompat")
+    ray_layers = ("xmr.train", "xmr.tune", "xmr.serve", "xmr.compare", "xmr.ray")
     offenders = [f"{name}: {m}" for name, m in ray_imports() if not name.startswith(ray_layers)]
     assert offenders == []
 
@@ -158,11 +159,190 @@ def test_the_training_loop_is_ray_free():
     assert [(n, m) for n, m in ray_imports() if n in loop] == []
 
 
-def test_private_ray_is_reached_only_through_raycompat():
-    """Ray's private modules and Serve's ``_internal`` option appear in ``xmr.raycompat`` alone,
-    so a Ray upgrade is checked in one file."""
-    private = [(n, m) for n, m in ray_imports() if "._" in m and n != "xmr.raycompat"]
-    internal = [name for name, path in modules().items()
-                if name != "xmr.raycompat" and "_internal=True" in path.read_text()]
-    assert private == [] and internal == []
-    assert any("._" in m for n, m in ray_imports() if n == "xmr.raycompat")  # the check looks where they are
+# --------------------------------------------------------------------------- Ray behind one package
+
+RAY_PACKAGE = "xmr.ray"  # the one place xmr names what Ray does not promise (docs/design.md)
+
+# Ray's internal actor classes (their names are Ray's, not an API: Serve's controller, its
+# replicas and proxies, the HAProxy manager); looking them up in the state API belongs in xmr.ray.
+RAY_INTERNAL_CLASSES = ("ServeController", "ServeReplica", "ProxyActor", "HAProxyManager", "ServeDeploymentHandle",
+                        "TrainController", "RayTrainWorker", "TrainTrainable", "_Inner")
+
+
+def outside_ray_package() -> dict[str, Path]:
+    return {n: p for n, p in modules().items() if n != RAY_PACKAGE and not n.startswith(RAY_PACKAGE + ".")}
+
+
+def _is_private(name: str) -> bool:
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
+def _chain(node: ast.AST) -> list[str]:
+    """``a.b.c`` -> ["a", "b", "c"]; [] when the root is not a plain name."""
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    return [node.id, *reversed(parts)] if isinstance(node, ast.Name) else []
+
+
+def ray_bound_names(tree: ast.AST) -> set[str]:
+    """The names a module binds to Ray's modules or objects (``import ray``, ``from ray import
+    serve``, ``from ray.serve import context as c``)."""
+    bound = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            bound |= {(a.asname or a.name.split(".")[0]) for a in node.names if a.name.split(".")[0] == "ray"}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "ray" and node.level == 0:
+            bound |= {a.asname or a.name for a in node.names}
+    return bound
+
+
+def private_ray_names(source: str) -> list[str]:
+    """Every private Ray name a module uses: an import from a private Ray module or of a
+    private name (``from ray.serve.context import _get_global_client``, ``import ray._private``),
+    an attribute access reaching one (``ray._private.utils``, ``serve.context._get_global_client``),
+    and an underscore keyword argument in a call to Ray (``serve.delete(name, _blocking=True)``)
+    or Serve's ``_internal`` anywhere."""
+    tree = ast.parse(source)
+    bound = ray_bound_names(tree)
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [a.name for a in node.names if a.name.split(".")[0] == "ray" and any(map(_is_private, a.name.split(".")))]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "ray":
+            if any(map(_is_private, node.module.split("."))):
+                found.append(node.module)
+            found += [f"{node.module}.{a.name}" for a in node.names if _is_private(a.name)]
+        elif isinstance(node, ast.Attribute):
+            chain = _chain(node)
+            if chain and chain[0] in bound and any(map(_is_private, chain[1:])):
+                found.append(".".join(chain))
+        elif isinstance(node, ast.Call):
+            chain = _chain(node.func)
+            to_ray = bool(chain) and chain[0] in bound
+            found += [f"{'.'.join(chain) or '?'}({k.arg}=...)" for k in node.keywords
+                      if k.arg and _is_private(k.arg) and (to_ray or k.arg == "_internal")]
+    return found
+
+
+def ray_class_names(source: str) -> list[str]:
+    """Ray's internal actor class names in a module's code (strings outside docstrings)."""
+    tree = ast.parse(source)
+    docstrings = {id(n.value) for n in ast.walk(tree) if isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant)}
+    return [node.value for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings
+            and any(name in node.value for name in RAY_INTERNAL_CLASSES)]
+
+
+# The modules that may read or write the process environment: the runtime (xmr's own
+# settings, read once) and Ray's seams (the variables Ray reads) ...
+ENVIRONMENT_MODULES = {"xmr.runtime", "xmr.ray.compat"}
+# ... and, for credentials only, where they are taken in: S3 (boto3 reads the keys itself;
+# xmr the endpoint and region), MLflow's tracking server, the endpoint's API key.
+CREDENTIAL_INTAKE = {"xmr.data.storage", "xmr.train.tracking", "xmr.serve.cli", "xmr.serve.keys"}
+CREDENTIALS = ("AWS_", "MLFLOW_", "XMR_API_KEY")
+
+
+def environment_uses(source: str) -> list[tuple[int, str | None]]:
+    """(line, variable or None when not a literal) of every ``os.environ`` / ``os.getenv`` use."""
+    tree = ast.parse(source)
+    out = []
+    parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+    for node in ast.walk(tree):
+        chain = _chain(node) if isinstance(node, ast.Attribute) else []
+        if chain[-2:] not in (["os", "environ"], ["os", "getenv"]):
+            continue
+        parent, name = parents.get(node), None
+        if isinstance(parent, ast.Subscript) and isinstance(parent.slice, ast.Constant):
+            name = parent.slice.value
+        elif isinstance(parent, ast.Attribute) and isinstance(parents.get(parent), ast.Call):
+            call = parents[parent]
+            name = call.args[0].value if call.args and isinstance(call.args[0], ast.Constant) else None
+        elif isinstance(parent, ast.Call) and parent.args and isinstance(parent.args[0], ast.Constant):
+            name = parent.args[0].value  # os.getenv("X")
+        elif isinstance(parent, ast.Compare) and isinstance(parent.left, ast.Constant):
+            name = parent.left.value  # "X" in os.environ
+        out.append((node.lineno, name))
+    return sorted(out, key=lambda use: use[0])
+
+
+def environment_offenders(names: dict[str, Path]) -> list[str]:
+    out = []
+    for module, path in sorted(names.items()):
+        if module in ENVIRONMENT_MODULES:
+            continue
+        for line, name in environment_uses(path.read_text()):
+            if not (module in CREDENTIAL_INTAKE and isinstance(name, str) and name.startswith(CREDENTIALS)):
+                out.append(f"{module}:{line} {name or '(not a literal)'}")
+    return out
+
+
+def in_area(area: str) -> dict[str, Path]:
+    """The package outside ``xmr.ray``, split in two: serve (``xmr.serve``) and the rest."""
+    mods = outside_ray_package()
+    serve = {n: p for n, p in mods.items() if n == "xmr.serve" or n.startswith("xmr.serve.")}
+    return serve if area == "serve" else {n: p for n, p in mods.items() if n not in serve}
+
+
+# xmr.serve still names Ray's private API, its internal classes and its own environment
+# variables until serve moves onto xmr.ray and the runtime (issue 35, helper H2): strict, so
+# the mark goes as soon as serve passes.
+AREAS = [pytest.param("serve", marks=pytest.mark.xfail(strict=True, reason="serve moves onto xmr.ray and the "
+                                                                          "runtime (issue 35 item 3, helper H2)")),
+         "rest"]
+
+
+def test_the_private_name_finder_finds_them():
+    """Each form the structure checks below catch, on a sample module (so a check that finds
+    nothing is known to look)."""
+    sample = ("import ray\nfrom ray import serve\nfrom ray.serve.context import _get_global_client\n"
+              "import ray._private.utils\nfrom ray._raylet import GcsClient\n"
+              "x = ray._private.worker\nserve.delete('a', _blocking=True)\nd.options(version='1', _internal=True)\n"
+              "fetch(uri, _via=best)\nprint(ray.__version__)\n")
+    assert private_ray_names(sample) == IsSet(
+        ["ray.serve.context._get_global_client", "ray._private.utils", "ray._raylet", "ray._private",
+         "ray._private.worker", "serve.delete(_blocking=...)", "d.options(_internal=...)"])
+    assert ray_class_names('"""ServeController in a docstring"""\nprefix = f"ServeReplica:{name}:"\n'
+                           'alive = n.endswith("ProxyActor")\n') == ["ServeReplica:", "ProxyActor"]
+    env = environment_uses('import os\nos.environ["A"] = "1"\nos.environ.get("B")\nos.getenv("C")\n'
+                           '"D" in os.environ\nos.environ.pop(name)\n')
+    assert [n for _, n in env] == ["A", "B", "C", "D", None]
+
+
+class IsSet(list):
+    """Equal to any list with the same members (order and repeats aside)."""
+
+    def __eq__(self, other) -> bool:
+        return set(self) == set(other)
+
+    __hash__ = None
+
+
+@pytest.mark.parametrize("area", AREAS)
+def test_no_private_ray_name_outside_the_ray_package(area):
+    """No module outside ``xmr.ray`` imports or reaches a private Ray name, or passes an
+    underscore keyword to Ray: a Ray upgrade is checked in one package."""
+    offenders = {n: found for n, p in in_area(area).items() if (found := private_ray_names(p.read_text()))}
+    assert offenders == {}
+
+
+@pytest.mark.parametrize("area", AREAS)
+def test_no_ray_internal_class_name_outside_the_ray_package(area):
+    offenders = {n: found for n, p in in_area(area).items() if (found := ray_class_names(p.read_text()))}
+    assert offenders == {}
+
+
+@pytest.mark.parametrize("area", AREAS)
+def test_the_environment_is_read_in_the_runtime(area):
+    """``os.environ`` in ``ENVIRONMENT_MODULES`` (the runtime, Ray's seams) and, for
+    credentials only, where they are taken in: every other setting reaches code as an
+    argument (``xmr.runtime.Runtime``)."""
+    assert environment_offenders(in_area(area)) == []
+
+
+def test_the_ray_package_is_where_they_are():
+    """The checks above look where the private names are: inside ``xmr.ray``."""
+    inside = {n: p for n, p in modules().items() if n.startswith(RAY_PACKAGE + ".")}
+    assert any(private_ray_names(p.read_text()) for p in inside.values())
+    assert len(ENVIRONMENT_MODULES) <= 2

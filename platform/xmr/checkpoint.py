@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from xmr.config import Config, ConfigError, from_dict
 from xmr.data import storage
+from xmr.runtime import DEFAULT_CACHE
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.yaml"
@@ -110,7 +111,8 @@ def fetch_checkpoint(uri: str, *, endpoint_url: str | None = None, cache_dir: st
                      _via: str | None = None) -> Path:
     """A local checkpoint directory for ``uri``: a checkpoint directory or a run directory
     (whose ``best.json`` names its best checkpoint), on local disk or ``s3://``. S3
-    checkpoints are downloaded once into a cache keyed by their URI. A ``best.json`` is
+    checkpoints are downloaded once into a cache keyed by their URI, under ``cache_dir`` (the
+    runtime's ``cache``; default ``xmr.runtime.DEFAULT_CACHE``). A ``best.json`` is
     followed once: one that points at a run directory (its own included) is an error."""
     best = storage.join(uri, BEST)
     if storage.exists(best, endpoint_url=endpoint_url):
@@ -128,7 +130,7 @@ def fetch_checkpoint(uri: str, *, endpoint_url: str | None = None, cache_dir: st
         if not (path / WEIGHTS).is_file():
             raise CheckpointError(f"{uri}: neither a checkpoint directory ({WEIGHTS}) nor a run directory ({BEST})")
         return path
-    cache = Path(cache_dir or os.environ.get("XMR_CACHE", Path.home() / ".cache" / "xmr")) / "checkpoints"
+    cache = Path(cache_dir or DEFAULT_CACHE) / "checkpoints"
     local = cache / hashlib.sha1(uri.encode()).hexdigest()[:16]
     if not (local / WEIGHTS).is_file():
         part = local.with_name(f"{local.name}.part-{os.getpid()}")

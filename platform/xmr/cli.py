@@ -4,15 +4,15 @@ enough that ``xmr --help`` answers without starting Ray."""
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-from xmr.raycompat import use_token_auth
+from xmr.ray.compat import use_token_auth
 
 use_token_auth()  # before anything imports Ray: every command and the processes it starts agree on the mode
 
 from xmr import __version__  # noqa: E402
 from xmr.config import ConfigError, SpaceError, SpecError
+from xmr.runtime import Runtime
 
 
 def _config_show(args: argparse.Namespace) -> int:
@@ -85,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # the command's runtime, read once here from its flags and the environment and passed down
+    args.runtime = Runtime.from_env(verbose=bool(getattr(args, "verbose", False)))
     try:
         return int(args.func(args) or 0)
     except ConfigError as exc:

@@ -1,21 +1,43 @@
 """One progress line every N seconds for long loops outside training (evaluation's corpus
 encoding and query ranking, ``xmr eval``, ``xmr index build``): what is done of how much,
-the rate and an ETA. Quiet for loops shorter than N seconds (the default 30 s;
-``XMR_PROGRESS_EVERY_S`` sets it, 0 turns it off); only rank 0 of a data-parallel group speaks.
+the rate and an ETA. Quiet for loops shorter than N seconds (the default 30 s; the runtime's
+``progress_every_s``, from ``XMR_PROGRESS_EVERY_S``; 0 turns it off); only rank 0 of a
+data-parallel group speaks.
+
+The interval reaches the loops deep inside evaluation through ``progress_every``, set where a
+process's work starts from its runtime (``xmr.runtime.Runtime``), not through every call
+between: a context variable, so concurrent work in one process (a sweep's trials) each keeps
+its own.
 """
 
 from __future__ import annotations
 
-import os
+import contextlib
+import contextvars
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
+from xmr.runtime import DEFAULT_PROGRESS_EVERY_S
+
 T = TypeVar("T")
+
+_EVERY_S: contextvars.ContextVar[float] = contextvars.ContextVar("xmr_progress_every_s",
+                                                                  default=DEFAULT_PROGRESS_EVERY_S)
+
+
+@contextlib.contextmanager
+def progress_every(seconds: float):
+    """Within this block, ``with_progress`` prints every ``seconds`` (0: never)."""
+    token = _EVERY_S.set(float(seconds))
+    try:
+        yield
+    finally:
+        _EVERY_S.reset(token)
 
 
 def every_s() -> float:
-    return float(os.environ.get("XMR_PROGRESS_EVERY_S", "30"))
+    return _EVERY_S.get()
 
 
 def _duration(s: float) -> str:

@@ -54,6 +54,17 @@ def join(root: str, *parts: str) -> str:
     return os.path.join(root, *parts)
 
 
+def env_endpoint() -> str | None:
+    """The S3 endpoint of the standard AWS environment (S3-compatible stores), or None. The
+    S3 settings are read here, with the keys boto3 reads itself: xmr's one S3 intake."""
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+
+
+def env_region() -> str | None:
+    """The AWS environment's region, or None."""
+    return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+
+
 def client(endpoint_url: str | None = None) -> Any:
     """The S3 client for this process and endpoint (created on first use)."""
     key = (os.getpid(), endpoint_url, os.environ.get("AWS_ENDPOINT_URL"), os.environ.get("AWS_ENDPOINT_URL_S3"))

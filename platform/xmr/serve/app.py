@@ -10,7 +10,7 @@ import json
 from typing import Any
 
 from xmr.data.manifest import Manifest
-from xmr.raycompat import with_version
+from xmr.ray.compat import with_version
 from xmr.serve.deployments import Gateway, Retriever, TextFeaturiser
 from xmr.serve.gallery import served_manifest, text_encoder_of
 from xmr.serve.settings import replica_options, serve_settings
@@ -154,7 +154,7 @@ def _same_code(deployment, *init: Any):
     the retriever's ``user_config``. Serve then calls ``Retriever.reconfigure`` on the live
     replica, which loads the new checkpoint beside the old one. New code or other init
     arguments still give a new version, and so new replicas: the arguments are not part of
-    Serve's own version (``xmr.raycompat.with_version``)."""
+    Serve's own version (``xmr.ray.compat.with_version``)."""
     import hashlib
 
     extra = json.dumps(init, sort_keys=True, default=repr).encode()

@@ -501,7 +501,7 @@ def _serve(ns: argparse.Namespace) -> int:
     if ns.start_timeout_s <= 0:
         print(f"[xmr] error: --start-timeout-s {ns.start_timeout_s:g}: must be > 0", file=sys.stderr)
         return 2
-    from xmr.raycompat import started_cluster_address
+    from xmr.ray.compat import started_cluster_address
     from xmr.train.driver import is_local
 
     given = ns.address or os.environ.get("RAY_ADDRESS")
@@ -535,10 +535,10 @@ def _serve(ns: argparse.Namespace) -> int:
         return 2
     import ray
 
-    from xmr.raycompat import divert_ray_console
+    from xmr.ray.compat import divert_ray_console
 
     if not ray.is_initialized():
-        divert_ray_console("serve")  # Ray's native ERROR lines: a log file, unless --verbose
+        divert_ray_console("serve", os.environ.get("XMR_VERBOSE") == "1")  # Ray's native ERROR lines: a log file, unless --verbose
     # ray.init in this thread (a signal meanwhile is acted on once it returns: Ray is then
     # stopped cleanly); the rest of start-up in a thread of its own, watched from here, so that
     # a signal is acted on at once whatever Ray call the start-up is in
@@ -696,10 +696,10 @@ def _sharded_build(ns: argparse.Namespace, ann) -> int:
         return 2
     import ray
 
-    from xmr.raycompat import divert_ray_console
+    from xmr.ray.compat import divert_ray_console
 
     if not ray.is_initialized():
-        divert_ray_console("index-build")  # Ray's native ERROR lines: a log file, unless --verbose
+        divert_ray_console("index-build", os.environ.get("XMR_VERBOSE") == "1")  # Ray's native ERROR lines: a log file, unless --verbose
     t0 = time.perf_counter()
     try:
         meta = build_sharded(ns.checkpoint, ns.gallery, ns.split, ns.out, ns.shards, approx=ns.approx,

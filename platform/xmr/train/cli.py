@@ -20,11 +20,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def apply_common(args: argparse.Namespace, cfg) -> None:
-    """--verbose, --tracking-uri, --no-tracking onto the environment and config."""
-    import os
-
-    if getattr(args, "verbose", False):
-        os.environ["XMR_VERBOSE"] = "1"
+    """--tracking-uri, --no-tracking onto the config (--verbose is the runtime's: ``args.runtime``,
+    built by ``xmr.cli.main``)."""
     if getattr(args, "tracking_uri", None):
         cfg.tracking.uri = args.tracking_uri
     if getattr(args, "no_tracking", False):
@@ -39,7 +36,7 @@ def _train(args: argparse.Namespace) -> int:
     apply_common(args, cfg)
     if args.storage:
         cfg.storage.root = args.storage
-    result = run_training(cfg, address=args.address, run_name=args.run_name, force=args.force)
+    result = run_training(cfg, address=args.address, run_name=args.run_name, force=args.force, runtime=args.runtime)
     return 0 if result.history else 1
 
 
@@ -47,7 +44,7 @@ def _eval(args: argparse.Namespace) -> int:
     from xmr.train.eval import run_eval
 
     run_eval(args.checkpoint, args.out, data=args.data, split=args.split, nms=args.nms, workers=args.workers,
-             address=args.address, endpoint_url=args.endpoint_url)
+             address=args.address, endpoint_url=args.endpoint_url, runtime=args.runtime)
     return 0
 
 

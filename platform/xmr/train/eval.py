@@ -23,6 +23,8 @@ from xmr.data import storage
 from xmr.data.manifest import Manifest, load_manifest
 from xmr.distributed import all_gather_objects, world_info
 from xmr.method import load_model
+from xmr.progress_line import progress_every
+from xmr.runtime import Runtime
 from xmr.tasks import family_of
 
 METRICS = "metrics.json"
@@ -49,9 +51,10 @@ def fit_data(cfg: Config, manifest: Manifest, data: str) -> None:
                               + f" (modalities {{{', '.join(f'{r}: {list(m.shape)}' for r, m in manifest.modalities.items())}}})")
 
 
-def prepare_eval(checkpoint: str, data: str | None, split: str | None, endpoint_url: str | None = None):
+def prepare_eval(checkpoint: str, data: str | None, split: str | None, endpoint_url: str | None = None,
+                 runtime: Runtime | None = None):
     """(local checkpoint dir, its config pointed at ``data``, manifest, split), all checked."""
-    local = fetch_checkpoint(checkpoint, endpoint_url=endpoint_url)
+    local = fetch_checkpoint(checkpoint, endpoint_url=endpoint_url, cache_dir=(runtime or Runtime()).cache)
     cfg, _, _ = load_checkpoint(local)
     if data:
         cfg.data.path = data if storage.is_s3(data) else os.path.abspath(data)
@@ -98,10 +101,12 @@ def _eval_loop(payload: dict[str, Any]) -> None:
 
     from xmr.config import from_dict
 
+    runtime = Runtime.from_dict(payload.get("runtime"))
     cfg = from_dict(payload["config"])
-    local = str(fetch_checkpoint(payload["checkpoint"], endpoint_url=cfg.data.endpoint_url))
+    local = str(fetch_checkpoint(payload["checkpoint"], endpoint_url=cfg.data.endpoint_url, cache_dir=runtime.cache))
     manifest = load_manifest(cfg.data.path, endpoint_url=cfg.data.endpoint_url)
-    metrics, files = evaluate_files(local, cfg, manifest, payload["split"], payload["nms"])
+    with progress_every(runtime.progress_every_s):
+        metrics, files = evaluate_files(local, cfg, manifest, payload["split"], payload["nms"])
     if metrics is not None:
         write_outputs(payload["out"], metrics, files, payload["meta"], cfg.data.endpoint_url)
     ray.train.report({"done": 1})
@@ -109,13 +114,16 @@ def _eval_loop(payload: dict[str, Any]) -> None:
 
 def run_eval(checkpoint: str, out: str, *, data: str | None = None, split: str | None = None,
              nms: float | None = None, workers: int = 1, address: str | None = None,
-             endpoint_url: str | None = None, verbose: bool = True) -> EvalResult:
+             endpoint_url: str | None = None, verbose: bool = True, runtime: Runtime | None = None) -> EvalResult:
+    """Score ``checkpoint`` on ``split`` and write ``out`` (see the module's docstring); the
+    runtime gives the cache, the progress interval and, without ``address``, the cluster."""
+    runtime = runtime or Runtime()
     if nms is not None and not 0 < nms < 1:
         raise ConfigError(f"--nms {nms}: an IoU threshold in (0, 1)")
     if workers < 1:
         raise ConfigError(f"--workers {workers}: must be >= 1")
     t0 = time.perf_counter()
-    local, cfg, manifest, split = prepare_eval(checkpoint, data, split, endpoint_url)
+    local, cfg, manifest, split = prepare_eval(checkpoint, data, split, endpoint_url, runtime)
     out = out if storage.is_s3(out) else os.path.abspath(out)
     meta = {"checkpoint": checkpoint, "data": cfg.data.path, "split": split, "task": cfg.task, "nms": nms,
             "workers": workers}
@@ -125,18 +133,20 @@ def run_eval(checkpoint: str, out: str, *, data: str | None = None, split: str |
         print(f"[xmr] evaluating {cfg.method} ({cfg.task}) on {cfg.data.path} split {split!r}: {info.num_samples} "
               f"items, {n} queries" + (f", {workers} Ray workers" if workers > 1 else ", in this process"), flush=True)
     if workers == 1:
-        metrics, files = evaluate_files(local, cfg, manifest, split, nms)
+        with progress_every(runtime.progress_every_s):
+            metrics, files = evaluate_files(local, cfg, manifest, split, nms)
         written = write_outputs(out, metrics, files, meta, cfg.data.endpoint_url)
     else:
         from ray.train import RunConfig, ScalingConfig
         from ray.train.torch import TorchConfig, TorchTrainer
 
-        from xmr.train.driver import ensure_ray
+        from xmr.ray.session import ensure_ray
 
-        ensure_ray(address, num_cpus=max(4, workers + 2))
+        ensure_ray(address, runtime=runtime, need_cpus=workers)
         ckpt = checkpoint if storage.is_s3(checkpoint) else local
         TorchTrainer(_eval_loop, train_loop_config={"config": cfg.to_dict(), "checkpoint": ckpt, "split": split,
-                                                      "nms": nms, "out": out, "meta": meta},
+                                                      "nms": nms, "out": out, "meta": meta,
+                                                      "runtime": runtime.to_dict()},
                      torch_config=TorchConfig(backend="gloo"),
                      scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 1}),
                      run_config=RunConfig(name=f"eval-{int(time.time())}",

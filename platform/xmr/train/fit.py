@@ -47,6 +47,8 @@ from xmr.data.manifest import Manifest, load_manifest
 from xmr.data.reader import Loader, loader_for, to_device
 from xmr.distributed import all_gather_objects, all_reduce_sum, broadcast_object, world_info
 from xmr.method import Method
+from xmr.progress_line import progress_every
+from xmr.runtime import Runtime
 from xmr.tasks import family_of
 from xmr.tasks.evaluate import evaluate
 from xmr.train.pretrained import load_pretrained
@@ -193,12 +195,20 @@ class FitResult:
 
 
 def fit(cfg: Config, hooks=None, *, run: RunDir | None = None, metric: str | None = None, mode: str | None = None,
-        score_untrained: bool = True, keep_best: bool = False) -> FitResult:
-    """Train a resolved config (``xmr.checks.resolve``) with ``hooks`` (default
-    ``LocalHooks``) for ``optim.epochs`` epochs, or fewer with ``optim.patience``; the
-    checkpoint metric is ``metric`` (default ``storage.checkpoint_metric`` or the task's
-    main metric)."""
-    hooks = hooks if hooks is not None else LocalHooks()
+        score_untrained: bool = True, keep_best: bool = False, runtime: Runtime | None = None) -> FitResult:
+    """Train a resolved, checked config (``xmr.train.driver.prepare``: it is not checked
+    again here) with ``hooks`` (default ``LocalHooks``) for ``optim.epochs`` epochs, or fewer
+    with ``optim.patience``; the checkpoint metric is ``metric`` (default
+    ``storage.checkpoint_metric`` or the task's main metric). ``runtime``: the process's
+    settings (MLflow's cache and verbosity, evaluation's progress interval)."""
+    runtime = runtime or Runtime()
+    with progress_every(runtime.progress_every_s):
+        return _fit(cfg, hooks if hooks is not None else LocalHooks(), run, metric, mode, score_untrained,
+                    keep_best, runtime)
+
+
+def _fit(cfg: Config, hooks, run: RunDir | None, metric: str | None, mode: str | None, score_untrained: bool,
+         keep_best: bool, runtime: Runtime) -> FitResult:
     w = set_up(cfg, hooks, run, metric or cfg.storage.checkpoint_metric or family_of(cfg).main_metric,
                mode or cfg.storage.checkpoint_mode)
     state = resume(w, hooks)
@@ -210,7 +220,7 @@ def fit(cfg: Config, hooks=None, *, run: RunDir | None = None, metric: str | Non
             hooks.recorded(last)
         return FitResult(w.method, w.metric, w.mode, state.history, state.best, run.uri() if run else None)
     if run is not None:
-        w.tracker = Tracker.for_run(cfg, run, w.rank, cfg.tracking.parent_run_id or None, say=w.say)
+        w.tracker = Tracker.for_run(cfg, run, w.rank, cfg.tracking.parent_run_id or None, say=w.say, runtime=runtime)
     if state.epoch == 0 and score_untrained:
         score_before_training(w, state)
     best_weights = None

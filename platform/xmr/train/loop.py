@@ -14,6 +14,7 @@ import torch
 
 from xmr.config import from_dict
 from xmr.distributed import all_gather_objects
+from xmr.runtime import Runtime
 from xmr.train.fit import Worker, fit
 from xmr.train.runfs import RunDir
 
@@ -51,9 +52,11 @@ class RayTrainHooks:
 
 
 def train_loop_per_worker(payload: dict[str, Any]) -> None:
-    from xmr.raycompat import quiet_ray_train
+    from xmr.ray.compat import quiet_ray_train
 
-    quiet_ray_train()
-    cfg = from_dict(payload["config"])
+    runtime = Runtime.from_dict(payload.get("runtime"))
+    quiet_ray_train(runtime.verbose)
+    cfg = from_dict(payload["config"])  # checked on the driver (prepare); typed once in this process
     fit(cfg, RayTrainHooks(), run=RunDir(payload["storage_root"], payload["run_name"], cfg.data.endpoint_url),
-        metric=payload["metric"], mode=payload["mode"], score_untrained=payload.get("score_untrained", True))
+        metric=payload["metric"], mode=payload["mode"], score_untrained=payload.get("score_untrained", True),
+        runtime=runtime)

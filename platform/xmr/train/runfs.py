@@ -13,12 +13,12 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
-from xmr.data.storage import is_s3, split_s3
+from xmr.data.storage import env_endpoint, env_region, is_s3, split_s3
 
 
 def s3_endpoint(endpoint_url: str | None = None) -> str | None:
     """The explicit endpoint, else the standard AWS environment's (S3-compatible stores)."""
-    return endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    return endpoint_url or env_endpoint()
 
 
 def filesystem(root: str, endpoint_url: str | None = None) -> tuple[pafs.FileSystem, str]:
@@ -31,7 +31,7 @@ def filesystem(root: str, endpoint_url: str | None = None) -> tuple[pafs.FileSys
             parsed = urlparse(endpoint)
             kwargs["endpoint_override"] = parsed.netloc or endpoint
             kwargs["scheme"] = parsed.scheme or "https"
-        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        region = env_region()
         if region:
             kwargs["region"] = region
         return pafs.S3FileSystem(**kwargs), posixpath.join(bucket, prefix).rstrip("/")

@@ -23,6 +23,7 @@ from typing import Any
 
 from xmr.config import Config
 from xmr.data import storage
+from xmr.runtime import Runtime
 
 RUN_ID_FILE = "mlflow_run_id"
 EXPERIMENT = "xmr"
@@ -38,27 +39,28 @@ def tracking_uri(cfg: Config, folder: str) -> str | None:
     return f"sqlite:///{os.path.abspath(folder)}/mlflow.db"
 
 
-def _client(uri: str):
+def _client(uri: str, runtime: Runtime | None = None):
     """An MLflow client bound to ``uri``. Never ``mlflow.set_tracking_uri``: it also sets
     MLFLOW_TRACKING_URI in the environment, so every later run of the process (a sweep's
     reused trial actors, a comparison's in-process jobs) would track to the first one's store."""
+    runtime = runtime or Runtime()
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     import logging
 
     from mlflow.tracking import MlflowClient
 
-    if os.environ.get("XMR_VERBOSE") != "1":  # "Creating initial MLflow database tables..." per store
+    if not runtime.verbose:  # "Creating initial MLflow database tables..." per store
         for name in ("mlflow.store.db.utils", "alembic.runtime.migration"):
             logging.getLogger(name).setLevel(logging.WARNING)
     if uri.startswith("sqlite:///"):
-        _seed_sqlite(uri[len("sqlite:///"):])
+        _seed_sqlite(uri[len("sqlite:///"):], str(runtime.mlflow))
     return MlflowClient(tracking_uri=uri)
 
 
-def _seed_sqlite(path: str) -> None:
+def _seed_sqlite(path: str, cache: str) -> None:
     """A new store starts as a copy of an empty, migrated one (built once per machine and
     MLflow version in the xmr cache): MLflow's schema migrations take seconds per store,
-    and every run folder has its own store."""
+    and every run folder has its own store. ``cache``: the runtime's ``mlflow`` folder."""
     if os.path.exists(path):
         return
     import shutil
@@ -67,7 +69,6 @@ def _seed_sqlite(path: str) -> None:
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    cache = os.path.join(os.environ.get("XMR_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "xmr")), "mlflow")
     template = os.path.join(cache, f"empty-{mlflow.__version__}.db")
     if not os.path.exists(template):
         os.makedirs(cache, exist_ok=True)
@@ -148,7 +149,7 @@ class Tracker:
 
     @classmethod
     def for_run(cls, cfg: Config, run, rank: int = 0, parent_run_id: str | None = None,
-                say=print) -> "Tracker":
+                say=print, runtime: Runtime | None = None) -> "Tracker":
         """``run`` is the run folder (``xmr.train.runfs.RunDir``); rank 0 tracks, others not."""
         if rank != 0 or not cfg.tracking.enabled:
             return cls()
@@ -158,15 +159,16 @@ class Tracker:
             say(f"[xmr] tracking off: the run folder {run.uri()} is on S3; set tracking.uri or MLFLOW_TRACKING_URI")
             return cls()
         try:
-            return cls._open(cfg, run, uri, folder, parent_run_id, say)
+            return cls._open(cfg, run, uri, folder, parent_run_id, say, runtime)
         except Exception as exc:  # noqa: BLE001 - a store that cannot be reached never stops training
             say(f"[xmr] warning: MLflow tracking at {uri} failed ({type(exc).__name__}: {str(exc)[:200]}); "
                 f"training without tracking")
             return cls()
 
     @classmethod
-    def _open(cls, cfg: Config, run, uri: str, folder: str, parent_run_id: str | None, say) -> "Tracker":
-        client = _client(uri)
+    def _open(cls, cfg: Config, run, uri: str, folder: str, parent_run_id: str | None, say,
+              runtime: Runtime | None) -> "Tracker":
+        client = _client(uri, runtime)
         existing = (run.read_text(RUN_ID_FILE) or "").strip()
         if existing:  # a resumed run continues its MLflow run (if this store has it)
             try:
@@ -225,7 +227,8 @@ def _key(name: str) -> str:
     return "".join(c if c.isalnum() or c in "_-./ " else "_" for c in name)
 
 
-def start_parent(cfg: Config, folder: str, name: str, params: dict[str, Any] | None = None) -> tuple[str | None, str | None]:
+def start_parent(cfg: Config, folder: str, name: str, params: dict[str, Any] | None = None,
+                 runtime: Runtime | None = None) -> tuple[str | None, str | None]:
     """A parent run for a sweep or a comparison (in the driver): (run id, tracking URI) or
     (None, None) when tracking is off."""
     if not cfg.tracking.enabled:
@@ -235,7 +238,7 @@ def start_parent(cfg: Config, folder: str, name: str, params: dict[str, Any] | N
         return None, None
     if not storage.is_s3(folder):
         os.makedirs(folder, exist_ok=True)
-    client = _client(uri)
+    client = _client(uri, runtime)
     run = client.create_run(_experiment(client, uri, folder), run_name=name, tags={"xmr.parent": "true"})
     if params:
         log_params(client, run.info.run_id, {str(k): json.dumps(v, default=str)[:500] for k, v in params.items()})
@@ -243,10 +246,11 @@ def start_parent(cfg: Config, folder: str, name: str, params: dict[str, Any] | N
 
 
 def log_finished_run(uri: str, parent_run_id: str | None, name: str, params: dict[str, Any],
-                     history: list[dict[str, Any]], final: dict[str, Any], folder: str) -> None:
+                     history: list[dict[str, Any]], final: dict[str, Any], folder: str,
+                     runtime: Runtime | None = None) -> None:
     """A finished in-process run as one MLflow run (a comparison's job under its spec's parent):
     its parameters, every epoch's row (step = epoch) and its final metrics."""
-    client = _client(uri)
+    client = _client(uri, runtime)
     tags = {"mlflow.parentRunId": parent_run_id} if parent_run_id else {}
     run = client.create_run(_experiment(client, uri, folder), run_name=name, tags=tags)
     tracker = Tracker(client, run.info.run_id)

@@ -29,9 +29,10 @@ def _tune(args: argparse.Namespace) -> int:
                              confirm_seeds=args.confirm_seeds)
     if args.ablate:
         seeds = [int(s) for s in args.seeds.split(",")]
-        result = run_ablation(cfg, space.ablation_variants(cfg), settings, seeds, address=args.address)
+        result = run_ablation(cfg, space.ablation_variants(cfg), settings, seeds, address=args.address,
+                              runtime=args.runtime)
     else:
-        result = run_sweep(cfg, space, settings, address=args.address)
+        result = run_sweep(cfg, space, settings, address=args.address, runtime=args.runtime)
     return 0 if len(result.table) and result.table["error"].isna().any() else 1
 
 

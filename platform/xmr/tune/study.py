@@ -26,7 +26,8 @@ from typing import Any
 from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
-from xmr.raycompat import optuna_search_records
+from xmr.ray.compat import optuna_search_records
+from xmr.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -112,16 +113,17 @@ class StudySearch(OptunaSearch):
         return [best, *[float(v) for v in rest]]
 
 
-def default_storage(root: str, name: str) -> str:
+def default_storage(root: str, name: str, studies: str | os.PathLike | None = None) -> str:
     """The study's database: ``<root>/<name>/optuna.db`` for a local storage root; for an S3
-    root a local SQLite file (``XMR_STUDY_CACHE``, default ``~/.cache/xmr/studies``) kept during
+    root a local SQLite file under ``studies`` (the runtime's ``studies``: ``XMR_STUDY_CACHE``,
+    default ``~/.cache/xmr/studies``) kept during
     the sweep, fetched from ``<sweep>/optuna.db`` when a relaunch resumes and written back
     there at the end (``sync_study``)."""
     from xmr.data import storage
 
     if storage.is_s3(root):
-        folder = os.path.join(os.environ.get("XMR_STUDY_CACHE", os.path.expanduser("~/.cache/xmr/studies")),
-                              root.replace("://", "_").replace("/", "_").strip("_"), name)
+        folder = os.path.join(studies or Runtime().studies, root.replace("://", "_").replace("/", "_").strip("_"),
+                              name)
     else:
         folder = os.path.join(root, name)
     os.makedirs(folder, exist_ok=True)

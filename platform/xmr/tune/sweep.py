@@ -8,6 +8,7 @@ best checkpoint) under ``<sweep>/trials/``, so the best one is served like any r
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 import time
@@ -18,9 +19,11 @@ from typing import Any
 import pandas as pd
 
 from xmr.tasks import family_of
-from xmr.config import Config, apply_overrides, from_dict, with_values
+from xmr.config import Config, apply_overrides, from_dict, set_field
 from xmr.data import storage
-from xmr.train.driver import prepare
+from xmr.ray.session import ensure_ray
+from xmr.runtime import Runtime
+from xmr.train.driver import prepare, train_cpus
 from xmr.tune.report import optuna_logging_quiet, write_ablation_report, write_sweep_report
 from xmr.train.runfs import RunDir
 from xmr.tune.trials import NOT_METRICS, SweepResult, fit_trials, per_trial_cpus, run_trial
@@ -41,44 +44,62 @@ class SweepSettings:
     confirm_seeds: int = 0  # with --multi-objective) with this many new seeds each; 0: no confirmation
 
 
-def trial_driver(config: dict[str, Any], base: dict[str, Any], trials_root: str,
-                 variants: dict[str, list[str]] | None = None,
-                 candidates: dict[str, dict[str, Any]] | None = None, verbose: bool = True) -> None:
-    """One Tune trial: the sampled values (dotted config paths), a named variant, or a named
-    candidate's values (a confirmation run), trained by ``run_trial``; every epoch's row
-    reaches Tune. The run folder is named after the Tune trial (``trial_<number>_<id>``)."""
-    from ray import tune
-
+def trial_config(config: dict[str, Any], base: dict[str, Any], variants: dict[str, list[str]] | None = None,
+                 candidates: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """A trial's raw config: the sweep's ``base`` (a prepared config's dict) with the sampled
+    values (dotted config paths), a named variant's overrides or a named candidate's values
+    (a confirmation run), and the trial's seed. Built as a mapping and typed once."""
     values = {k: v for k, v in config.items() if "." in k}
     if candidates is not None:
         values = {k: v for k, v in candidates[config["candidate"]].items() if v is not None}
-    cfg = with_values(from_dict(base), values)
+    data = copy.deepcopy(base)
+    for dotted, value in values.items():
+        set_field(data, dotted.split("."), value)
     if variants is not None:
-        cfg = from_dict(apply_overrides(cfg.to_dict(), variants[config["variant"]]))
+        data = apply_overrides(data, variants[config["variant"]])
     if "seed" in config:
-        cfg.seed = int(config["seed"])
+        data["seed"] = int(config["seed"])
+    return data
+
+
+def trial_driver(config: dict[str, Any], base: dict[str, Any], trials_root: str,
+                 variants: dict[str, list[str]] | None = None,
+                 candidates: dict[str, dict[str, Any]] | None = None, verbose: bool = True,
+                 runtime: dict[str, Any] | None = None) -> None:
+    """One Tune trial: its config (``trial_config``), typed once and checked once (by
+    ``run_trial``), trained by ``run_trial``; every epoch's row reaches Tune. The run folder
+    is named after the Tune trial (``trial_<number>_<id>``). ``runtime``: the sweep's
+    ``Runtime.to_dict()`` (a trial's process reads no settings of its own)."""
+    from ray import tune
+
+    cfg = from_dict(trial_config(config, base, variants, candidates))
     cfg.storage.root = trials_root
     context = tune.get_context()
     name = context.get_trial_name() or ""
     short = re.fullmatch(r"trial_\d+_\w+", name) is not None  # trial_dirname's, not Tune's default name
     cfg.storage.run_name = name if short else f"trial_{context.get_trial_id()}"
-    run_trial(cfg, verbose=verbose)
+    run_trial(cfg, verbose=verbose, runtime=Runtime.from_dict(runtime))
 
 
-def _verbose() -> bool:
-    return os.environ.get("XMR_VERBOSE") == "1"
+def start_ray(cfg: Config, address: str | None, runtime: Runtime, multi: bool) -> None:
+    """The sweep's Ray, sized for two trials at once (``per_trial_cpus``) and a trial's trainer.
+    Ray Train's trials need the state API (the dashboard): on whenever a trial may have
+    workers (``multi``); the trials' epoch lines (and Ray's notices) only with ``--verbose``."""
+    ensure_ray(address, runtime=runtime, need_cpus=max(train_cpus(cfg), 2 * per_trial_cpus(cfg)), dashboard=multi,
+               driver_logs=runtime.verbose)
 
 
-def run_sweep(cfg: Config, space, settings: SweepSettings, address: str | None = None) -> SweepResult:
+def run_sweep(cfg: Config, space, settings: SweepSettings, address: str | None = None,
+              runtime: Runtime | None = None) -> SweepResult:
     """Sample ``settings.trials`` configs from ``space`` with Optuna (TPE, seeded), prune with
     ASHA, confirm the top ones with new seeds (``settings.confirm_top``), and write the trials
     table, best config, best-checkpoint pointer and plots (from the sweep's own study)."""
     import optuna
     from ray.tune.schedulers import ASHAScheduler
 
-    from xmr.train.driver import ensure_ray, local_cpus
     from xmr.tune import study as studies
 
+    runtime = runtime or Runtime()
     cfg, _, _ = prepare(cfg, run_name=settings.name)
     metric = space.metric or cfg.storage.checkpoint_metric or family_of(cfg).main_metric
     mode = space.mode
@@ -89,14 +110,15 @@ def run_sweep(cfg: Config, space, settings: SweepSettings, address: str | None =
                if settings.searcher == "tpe" else optuna.samplers.RandomSampler(seed=settings.seed))
     optuna_logging_quiet()  # Optuna's "A new study created" INFO line: xmr says it in its own
     sweep = RunDir(cfg.storage.root, settings.name, cfg.data.endpoint_url)
-    storage_url = settings.optuna_storage or studies.default_storage(cfg.storage.root, settings.name)
+    storage_url = settings.optuna_storage or studies.default_storage(cfg.storage.root, settings.name,
+                                                                     runtime.studies)
     if not settings.optuna_storage and storage.is_s3(cfg.storage.root):
         studies.fetch_study(storage_url, sweep)  # a resumed S3 sweep: its study as last written there
     study_storage = optuna.storages.RDBStorage(storage_url)
     print(f"[xmr] Optuna study {settings.name!r} in {storage_url} (watch it: optuna-dashboard {storage_url})",
           flush=True)
     track_under_parent(cfg, settings.name, {"trials": settings.trials, "searcher": settings.searcher,
-                                            "space": [p.path for p in space.params]})
+                                            "space": [p.path for p in space.params]}, runtime)
     if settings.multi_objective:  # ASHA needs one metric; TPE handles several (Pareto-based)
         settings.scheduler = "none"
         search = studies.StudySearch(space=space.suggest, metric=[metric, "train_s"], mode=[mode, "min"],
@@ -110,24 +132,24 @@ def run_sweep(cfg: Config, space, settings: SweepSettings, address: str | None =
     scheduler = (ASHAScheduler(time_attr="epoch", max_t=cfg.optim.epochs,
                                grace_period=settings.grace_period, reduction_factor=settings.reduction_factor)
                  if settings.scheduler == "asha" else None)
-    # Ray Train's trials need the state API (the dashboard): on whenever a trial may have workers
     multi = cfg.resources.num_workers > 1 or any(p.path.startswith("resources.") for p in space.params)
-    ensure_ray(address, num_cpus=max(local_cpus(cfg), int(2 * per_trial_cpus(cfg)) + 2), dashboard=multi,
-               driver_logs=_verbose())  # the trials' epoch lines (and Ray's notices) only with --verbose
+    start_ray(cfg, address, runtime, multi)
     trials_root = storage.join(cfg.storage.root, settings.name, "trials")
-    plan = partial(trial_driver, base=cfg.to_dict(), trials_root=trials_root, verbose=_verbose())
+    plan = partial(trial_driver, base=cfg.to_dict(), trials_root=trials_root, verbose=runtime.verbose,
+                   runtime=runtime.to_dict())
     t0 = time.perf_counter()
     grid = fit_trials(plan, cfg, settings.name, settings.trials, metric=None if settings.multi_objective else metric,
                       mode=None if settings.multi_objective else mode, max_concurrent=settings.concurrency,
                       search_alg=search, scheduler=scheduler, status=True, progress_metric=metric,
                       max_epochs=cfg.optim.epochs if scheduler is not None else None,  # only ASHA prunes
-                      patience=cfg.optim.patience, short_trial_dirs=True)
+                      patience=cfg.optim.patience, short_trial_dirs=True,
+                      progress_every_s=runtime.progress_every_s)
     search_s = time.perf_counter() - t0
     study = studies.load(storage_url, settings.name)
     table = with_study(trials_table(grid, cfg, metric, mode, [p.path for p in space.params]), study)
     confirmation = None
     if settings.confirm_top > 0 and settings.confirm_seeds > 0:
-        confirmation = run_confirmation(cfg, space, settings, table, metric, mode)
+        confirmation = run_confirmation(cfg, space, settings, table, metric, mode, runtime)
     if not settings.optuna_storage and storage.is_s3(cfg.storage.root):
         studies.sync_study(storage_url, sweep)  # the study beside the results
     return write_sweep_report(cfg, settings, space, table, metric, mode, wall_s=search_s, study=study,
@@ -153,7 +175,7 @@ def with_study(table: pd.DataFrame, study) -> pd.DataFrame:
 
 
 def run_confirmation(cfg: Config, space, settings: SweepSettings, table: pd.DataFrame, metric: str,
-                     mode: str) -> dict[str, Any] | None:
+                     mode: str, runtime: Runtime | None = None) -> dict[str, Any] | None:
     """The search's top ``confirm_top`` configurations (its finished trials; with
     ``--multi-objective`` the Pareto front's members) trained again with ``confirm_seeds`` new
     seeds each (cfg.seed + 1, + 2, ...: the search's own score, the one the winner's curse
@@ -175,17 +197,19 @@ def run_confirmation(cfg: Config, space, settings: SweepSettings, table: pd.Data
           f"(seeds {', '.join(map(str, seeds))}; {n} runs of {cfg.optim.epochs} epochs)", flush=True)
     sweep_root = storage.join(cfg.storage.root, settings.name)
     trials_root = storage.join(sweep_root, "confirm", "trials")
-    plan = partial(trial_driver, base=cfg.to_dict(), trials_root=trials_root, candidates=params, verbose=_verbose())
+    runtime = runtime or Runtime()
+    plan = partial(trial_driver, base=cfg.to_dict(), trials_root=trials_root, candidates=params,
+                   verbose=runtime.verbose, runtime=runtime.to_dict())
     grid = fit_trials(plan, cfg, "confirm", n, metric=metric, mode=mode, max_concurrent=settings.concurrency,
                       param_space={"candidate": tune.grid_search(names), "seed": tune.grid_search(seeds)},
                       root=sweep_root, what="confirm", status=True,  # no scheduler: nothing is pruned
-                      progress_metric=metric, short_trial_dirs=True)
+                      progress_metric=metric, short_trial_dirs=True, progress_every_s=runtime.progress_every_s)
     runs = trials_table(grid, cfg, metric, mode, ["candidate", "seed"]).assign(pruned=False)  # no scheduler here
     return {"runs": runs, "names": names, "seeds": seeds, "params": params, "trials_root": trials_root,
             "wall_s": time.perf_counter() - t0}
 
 
-def track_under_parent(cfg: Config, name: str, params: dict[str, Any]) -> None:
+def track_under_parent(cfg: Config, name: str, params: dict[str, Any], runtime: Runtime | None = None) -> None:
     """One MLflow parent run for the sweep (kept in its folder, so a resumed sweep reuses it);
     the trials' runs are its children, in the sweep's store."""
     from xmr.train.tracking import RUN_ID_FILE, start_parent
@@ -194,7 +218,7 @@ def track_under_parent(cfg: Config, name: str, params: dict[str, Any]) -> None:
     sweep = RunDir(cfg.storage.root, name, cfg.data.endpoint_url)
     parent = sweep.read_text(RUN_ID_FILE)
     if not parent:
-        parent, _ = start_parent(cfg, folder, name, params)
+        parent, _ = start_parent(cfg, folder, name, params, runtime)
         if parent:
             sweep.write_text(RUN_ID_FILE, parent)
     if parent:
@@ -202,23 +226,22 @@ def track_under_parent(cfg: Config, name: str, params: dict[str, Any]) -> None:
 
 
 def run_ablation(cfg: Config, variants: dict[str, list[str]], settings: SweepSettings, seeds: list[int],
-                 address: str | None = None) -> SweepResult:
+                 address: str | None = None, runtime: Runtime | None = None) -> SweepResult:
     """Every named variant (``{"full": [], "w/o X": [...]}``) x every seed, same data and
     schedule, no early stopping; the table compares their final metrics."""
     from ray import tune
 
-    from xmr.train.driver import ensure_ray, local_cpus
-
+    runtime = runtime or Runtime()
     cfg, metric, mode = prepare(cfg, run_name=settings.name)
-    for name, overrides in variants.items():  # every variant must be a valid config before anything runs
-        from_dict(apply_overrides(cfg.to_dict(), overrides))
-    track_under_parent(cfg, settings.name, {"variants": list(variants), "seeds": seeds})
-    multi = any(from_dict(apply_overrides(cfg.to_dict(), o)).resources.num_workers > 1 for o in variants.values()) \
-        or cfg.resources.num_workers > 1
-    ensure_ray(address, num_cpus=max(local_cpus(cfg), int(2 * per_trial_cpus(cfg)) + 2), dashboard=multi,
-               driver_logs=_verbose())
+    base = cfg.to_dict()
+    # every variant must be a valid config before anything runs (its trial checks it again, once)
+    typed = [from_dict(apply_overrides(base, overrides)) for overrides in variants.values()]
+    track_under_parent(cfg, settings.name, {"variants": list(variants), "seeds": seeds}, runtime)
+    multi = any(v.resources.num_workers > 1 for v in typed) or cfg.resources.num_workers > 1
+    start_ray(cfg, address, runtime, multi)
     trials_root = storage.join(cfg.storage.root, settings.name, "trials")
-    plan = partial(trial_driver, base=cfg.to_dict(), trials_root=trials_root, variants=variants, verbose=_verbose())
+    plan = partial(trial_driver, base=base, trials_root=trials_root, variants=variants, verbose=runtime.verbose,
+                   runtime=runtime.to_dict())
     t0 = time.perf_counter()
     n = len(variants) * len(seeds)
     grid = fit_trials(plan, cfg, settings.name, n, metric=metric, mode=mode, max_concurrent=settings.concurrency,

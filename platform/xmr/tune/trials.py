@@ -13,7 +13,6 @@ forwards its rows with ``TuneReportCallback``. Either way the trial is an xmr ru
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,10 +20,12 @@ import pandas as pd
 
 from xmr.checkpoint import BEST
 from xmr.config import Config
+from xmr.ray.compat import quiet_tune_output
+from xmr.ray.tune_state import FINISHED, mend_snapshot
+from xmr.runtime import DEFAULT_PROGRESS_EVERY_S, Runtime
 from xmr.train.driver import TrainResult, open_run, prepare, read_run, run_training
 from xmr.train.fit import LocalHooks, fit
 from xmr.train.runfs import RunDir, filesystem
-from xmr.tune.snapshot import FINISHED, mend_snapshot
 
 TRIAL_DRIVER_CPUS = 0.25  # a multi-worker trial's driver function only waits on its trainer
 
@@ -43,21 +44,24 @@ class TuneHooks(LocalHooks):
         tune.report(row)
 
 
-def run_trial(cfg: Config, *, score_untrained: bool = True, verbose: bool = True, report: bool = True) -> TrainResult:
-    """Train ``cfg`` as (part of) a Tune trial: in this process for one worker, a
+def run_trial(cfg: Config, *, score_untrained: bool = True, verbose: bool = True, report: bool = True,
+              runtime: Runtime | None = None) -> TrainResult:
+    """Train ``cfg`` (built for this trial, typed, not yet checked) as (part of) a Tune trial:
+    checked once here (``prepare``), then trained in this process for one worker, by a
     ``TorchTrainer`` for more; every epoch's row reaches Tune when ``report``."""
+    runtime = runtime or Runtime()
+    cfg, metric, mode = prepare(cfg)
     if cfg.resources.num_workers > 1:
         from ray.tune.integration.ray_train import TuneReportCallback
 
         return run_training(cfg, callbacks=[TuneReportCallback()] if report else None, start_ray=False,
-                            verbose=False, score_untrained=score_untrained)
+                            verbose=False, score_untrained=score_untrained, runtime=runtime, prepared=True)
     import torch
 
-    cfg, metric, mode = prepare(cfg)
     run = open_run(cfg, verbose=False)
     torch.set_num_threads(max(1, int(cfg.resources.cpus_per_worker)))
     fit(cfg, TuneHooks(verbose) if report else LocalHooks(verbose), run=run, metric=metric, mode=mode,
-        score_untrained=score_untrained)
+        score_untrained=score_untrained, runtime=runtime)
     return read_run(cfg, metric, mode)
 
 
@@ -124,10 +128,10 @@ def make_tuner(trainable, cfg: Config, name: str, n_trials: int, *, metric: str 
                resources=None, reuse_actors: bool = True, verbose: bool = False,
                progress_metric: str | None = None, max_failures: int | None = None,
                status: bool = False, max_epochs: int | None = None, patience: int = 0,
-               short_trial_dirs: bool = False):
+               short_trial_dirs: bool = False, progress_every_s: float = DEFAULT_PROGRESS_EVERY_S):
     """A ``Tuner`` whose trials each reserve ``resources`` (a dict, or a function of the
     trial's config; default ``trial_resources(cfg)``), resumed from ``<root>/<name>`` when it
-    exists there (finished trials kept; the saved state mended first, ``xmr.tune.snapshot``).
+    exists there (finished trials kept; the saved state mended first, ``xmr.ray.tune_state``).
 
     A failed one-worker trial is retried by Tune ``max_failures`` times (default
     ``storage.max_failures``) and resumes from its run folder; a multi-worker trial's
@@ -138,6 +142,7 @@ def make_tuner(trainable, cfg: Config, name: str, n_trials: int, *, metric: str 
     ``max_epochs``: a trial's full length, given where a scheduler may stop trials (ASHA): a
     trial stopped short of it counts as pruned, unless ``optim.patience`` (``patience``, or the
     trial's own ``optim.patience``) ended it;
+    ``progress_every_s``: the status line's interval in a log (the runtime's);
     ``short_trial_dirs``: Tune's trial folders (and trial names) ``trial_<number>_<short id>``
     (``trial_dirname``) instead of Ray's ~150 characters of parameters and a timestamp."""
     from ray import tune
@@ -147,8 +152,8 @@ def make_tuner(trainable, cfg: Config, name: str, n_trials: int, *, metric: str 
     trainable = tune.with_resources(trainable, resources or trial_resources(cfg))
     if max_failures is None:
         max_failures = cfg.storage.max_failures if cfg.resources.num_workers == 1 else 0
-    if not verbose:  # Tune's new output engine prints its experiment box and paths even at verbose=0
-        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    if not verbose:
+        quiet_tune_output()
     if resume and tune.Tuner.can_restore(path, storage_filesystem=fs):
         print(f"[xmr] resuming {what} {name}: finished trials are kept, unfinished ones resume", flush=True)
         for note in mend_snapshot(fs, path):  # files an interruption left from different moments
@@ -157,7 +162,7 @@ def make_tuner(trainable, cfg: Config, name: str, n_trials: int, *, metric: str 
                                   storage_filesystem=fs)
     quiet = {} if verbose else {"verbose": 0, "callbacks": [progress_callback(
         n_trials, progress_metric or metric, what, mode=mode, status=status, max_epochs=max_epochs,
-        patience=patience)]}
+        patience=patience, every_s=progress_every_s)]}
     names = {"trial_dirname_creator": trial_dirname, "trial_name_creator": trial_dirname} if short_trial_dirs else {}
     return tune.Tuner(
         trainable,
@@ -180,18 +185,18 @@ def trial_dirname(trial) -> str:
 
 
 def progress_callback(total: int, metric: str | None, what: str, *, mode: str | None = None, status: bool = False,
-                      max_epochs: int | None = None, patience: int = 0):
+                      max_epochs: int | None = None, patience: int = 0,
+                      every_s: float = DEFAULT_PROGRESS_EVERY_S):
     """Tune's own trial tables replaced by one line per finished trial (``--verbose`` brings
     them back) and, with ``status``, a status line: trials running / done / pruned / failed,
     the best so far and an ETA. On a terminal the status line is redrawn in place every
-    second; in a log (not a terminal) it is printed every ``XMR_PROGRESS_EVERY_S`` seconds
-    (default 30; 0: never), so a long sweep says where it is without a line per epoch."""
+    second; in a log (not a terminal) it is printed every ``every_s`` seconds (the runtime's
+    ``progress_every_s``, ``XMR_PROGRESS_EVERY_S``; default 30; 0: never), so a long sweep says where it is without a line per epoch."""
     import sys
     import time
 
     from ray.tune import Callback
 
-    from xmr.progress_line import every_s
     from xmr.train.step import patience_exhausted
 
     class Progress(Callback):
@@ -275,7 +280,7 @@ def progress_callback(total: int, metric: str | None, what: str, *, mode: str | 
             if not status:
                 return
             tty = sys.stdout.isatty()
-            period = 1.0 if tty else every_s()
+            period = 1.0 if tty else every_s
             now = time.perf_counter()
             if period <= 0 or now - self.shown < period:
                 return
