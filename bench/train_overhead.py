@@ -81,7 +81,7 @@ def main() -> int:
     import torch
 
     from xmr.data.sources.synth_category import SynthCategoryConfig, write_synth_category
-    from xmr.train.driver import ensure_ray
+    from xmr.ray.session import ensure_ray
 
     n_train, epochs = (2048, 3) if args.quick else (8192, 4)
     threads = max(1, (os.cpu_count() or 2) // 2)
@@ -89,7 +89,7 @@ def main() -> int:
     data = str(Path(tmp) / "data")
     write_synth_category(data, SynthCategoryConfig(splits={"train": n_train, "val": 512}, dim_a=256, dim_b=256),
                          progress=False)
-    ensure_ray(None, num_cpus=max(4, 2 * (os.cpu_count() or 2)))
+    ensure_ray(None)  # the one local sizing (xmr.ray.session.local_cpus)
     rows = {}
     # Interleave so drift on a shared machine hits both sides alike.
     rows["ray_1_worker"] = ray_run(make_cfg(data, epochs, 1, threads, tmp + "/runs"), "one")

@@ -152,9 +152,12 @@ def test_ray_workers_give_what_one_process_gives(vcmr):
     assert [p[3] for p in top_a] == pytest.approx([p[3] for p in top_b], rel=1e-5, abs=1e-6)
 
 
-def test_eval_prints_progress_over_the_corpus_and_the_queries(vcmr, monkeypatch, capsys):
-    monkeypatch.setenv("XMR_PROGRESS_EVERY_S", "1e-9")  # a line after every batch
-    run_eval(vcmr["ckpt"], str(vcmr["root"] / "progress"), split="val", verbose=False)
+def test_eval_prints_progress_over_the_corpus_and_the_queries(vcmr, capsys):
+    from xmr.runtime import Runtime
+
+    # XMR_PROGRESS_EVERY_S=1e-9 (a line after every batch), as xmr eval's runtime reads it
+    runtime = Runtime.from_env({"XMR_PROGRESS_EVERY_S": "1e-9"})
+    run_eval(vcmr["ckpt"], str(vcmr["root"] / "progress"), split="val", verbose=False, runtime=runtime)
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[xmr] val: ")]
     encoding = [line for line in lines if "encoding videos" in line]
     ranking = [line for line in lines if "ranking queries" in line]

@@ -240,7 +240,7 @@ def ray_class_names(source: str) -> list[str]:
 ENVIRONMENT_MODULES = {"xmr.runtime", "xmr.ray.compat"}
 # ... and, for credentials only, where they are taken in: S3 (boto3 reads the keys itself;
 # xmr the endpoint and region), MLflow's tracking server, the endpoint's API key.
-CREDENTIAL_INTAKE = {"xmr.data.storage", "xmr.train.tracking", "xmr.serve.cli", "xmr.serve.keys"}
+CREDENTIAL_INTAKE = {"xmr.data.storage", "xmr.train.tracking", "xmr.serve.keys"}
 CREDENTIALS = ("AWS_", "MLFLOW_", "XMR_API_KEY")
 
 
@@ -278,19 +278,15 @@ def environment_offenders(names: dict[str, Path]) -> list[str]:
     return out
 
 
-def in_area(area: str) -> dict[str, Path]:
-    """The package outside ``xmr.ray``, split in two: serve (``xmr.serve``) and the rest."""
-    mods = outside_ray_package()
+def in_area(area: str, mods: dict[str, Path] | None = None) -> dict[str, Path]:
+    """``mods`` (default: the package outside ``xmr.ray``) split in two: serve (``xmr.serve``)
+    and the rest, so a failure says which side it is on."""
+    mods = outside_ray_package() if mods is None else mods
     serve = {n: p for n, p in mods.items() if n == "xmr.serve" or n.startswith("xmr.serve.")}
     return serve if area == "serve" else {n: p for n, p in mods.items() if n not in serve}
 
 
-# xmr.serve still names Ray's private API, its internal classes and its own environment
-# variables until serve moves onto xmr.ray and the runtime (issue 35, helper H2): strict, so
-# the mark goes as soon as serve passes.
-AREAS = [pytest.param("serve", marks=pytest.mark.xfail(strict=True, reason="serve moves onto xmr.ray and the "
-                                                                          "runtime (issue 35 item 3, helper H2)")),
-         "rest"]
+AREAS = ["serve", "rest"]
 
 
 def test_the_private_name_finder_finds_them():
@@ -337,8 +333,8 @@ def test_no_ray_internal_class_name_outside_the_ray_package(area):
 def test_the_environment_is_read_in_the_runtime(area):
     """``os.environ`` in ``ENVIRONMENT_MODULES`` (the runtime, Ray's seams) and, for
     credentials only, where they are taken in: every other setting reaches code as an
-    argument (``xmr.runtime.Runtime``)."""
-    assert environment_offenders(in_area(area)) == []
+    argument (``xmr.runtime.Runtime``). Inside ``xmr.ray`` too."""
+    assert environment_offenders(in_area(area, modules())) == []
 
 
 def test_the_ray_package_is_where_they_are():

@@ -15,7 +15,8 @@ from xmr.checkpoint import fetch_checkpoint
 from xmr.method import Method
 from xmr.config import load_config
 from xmr.data import storage
-from xmr.train.driver import code_runtime_env, run_training
+from xmr.ray.session import code_runtime_env
+from xmr.train.driver import run_training
 from train_helpers import kill_an_actor_after
 
 pytestmark = [pytest.mark.timeout(420), pytest.mark.ray]

@@ -155,7 +155,7 @@ def one_ray():
     of one-worker trials would start Ray without it); down after the last."""
     import ray
 
-    from xmr.train.driver import ensure_ray
+    from xmr.ray.session import ensure_ray
 
     ensure_ray(None, num_cpus=4, dashboard=True)
     yield
@@ -373,7 +373,7 @@ def test_experiment_killed_mid_save_resumes_every_trial(tmp_path, one_ray, capsy
     import ray
     import tune_interrupt_helpers as helpers
 
-    from xmr.train.driver import ensure_ray
+    from xmr.ray.session import ensure_ray
 
     ensure_ray(None, num_cpus=4)  # the module's Ray (already up after the sweep above)
     root, markers = tmp_path / "root", tmp_path / "markers"

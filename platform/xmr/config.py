@@ -353,12 +353,18 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def with_values(cfg: Config, values: dict[str, Any]) -> Config:
-    """A new, validated Config with dotted fields set (``{"loss.lambdas.center": 0.1}``)."""
-    data = cfg.to_dict()
+def set_values(data: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    """A raw config mapping (before typing) with dotted fields set; returns a copy. A trial
+    builds its config as a mapping and types it once (``from_dict``)."""
+    data = copy.deepcopy(data)
     for dotted, value in values.items():
         set_field(data, dotted.split("."), value)
-    return from_dict(data)
+    return data
+
+
+def with_values(cfg: Config, values: dict[str, Any]) -> Config:
+    """A new, validated Config with dotted fields set (``{"loss.lambdas.center": 0.1}``)."""
+    return from_dict(set_values(cfg.to_dict(), values))
 
 
 def resolve_named_yaml(name_or_path: str, directory: Path, what: str, error: type[Exception] = ConfigError) -> Path:

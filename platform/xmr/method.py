@@ -41,8 +41,7 @@ from xmr.tasks.evaluate import evaluate
 class Method(nn.Module):
     def __init__(self, cfg: Config) -> None:
         super().__init__()
-        check(cfg)
-        self.cfg = cfg
+        self.cfg = cfg  # checked where it was built (``xmr.train.driver.prepare``, ``from_checkpoint``): not again
         self.family = family_of(cfg)
         self.model = build_model(cfg)
         self.objective = Objective(cfg)
@@ -62,7 +61,7 @@ class Method(nn.Module):
     def from_checkpoint(cls, directory: str | Path) -> "Method":
         """Rebuild the Method (model + loss terms + bank) from a checkpoint alone and load its weights."""
         cfg, state, _ = load_checkpoint(directory)
-        method = cls(cfg)
+        method = cls(check(cfg))
         try:
             method.load_state_dict(state)
         except RuntimeError as exc:

@@ -27,7 +27,7 @@ def _compare(args: argparse.Namespace) -> int:
               + (f", {spec.tuning_trials} tuning candidates per variant in every replicate" if spec.tuning_trials else ""),
               flush=True)
         c = run_comparison(spec, args.storage, concurrency=args.concurrency, address=args.address,
-                           verbose=args.verbose)
+                           runtime=args.runtime)
         done.append(c)
         print(markdown(c, describe()))
         print(f"[xmr] {spec.name}: runs, tuning, summary, paired differences and plots in {c.out}", flush=True)

@@ -19,7 +19,9 @@ import re
 import time
 from typing import Any
 
-from xmr.config import SpecError, from_dict, with_values
+from xmr.config import SpecError, from_dict, set_values
+from xmr.progress_line import progress_every
+from xmr.runtime import Runtime
 from xmr.train.runfs import RunDir
 
 RESULT = "result.json"
@@ -41,7 +43,7 @@ def last_gain(history: list[dict[str, Any]], metric: str, mode: str) -> float:
     return sign * (values[-1] - (min(values[:-1]) if mode == "min" else max(values[:-1])))
 
 
-def train_candidate(cfg, pretrain) -> tuple[dict[str, Any], list[dict]]:
+def train_candidate(cfg, pretrain, runtime: Runtime | None = None) -> tuple[dict[str, Any], list[dict]]:
     """Train ``cfg`` (after ``pretrain``, if any) with the sweeps' runner: (its best validation
     score, epochs run, best epoch and the last epoch's gain (``last_gain``); its history)."""
     import tempfile
@@ -57,13 +59,13 @@ def train_candidate(cfg, pretrain) -> tuple[dict[str, Any], list[dict]]:
     if pretrain is not None:  # its own schedule; its best-on-validation weights start the run
         with tempfile.TemporaryDirectory(prefix="xmr-compare-") as tmp:
             pre, _, _ = prepare(pretrain, run_name="pretrain")
-            pre_run = fit(pre, LocalHooks(verbose=False), score_untrained=False, keep_best=True)
+            pre_run = fit(pre, LocalHooks(verbose=False), score_untrained=False, keep_best=True, runtime=runtime)
             # beside the run (a stable path: a resumed comparison relaunches the run with the same config)
             target = RunDir(cfg.storage.root, cfg.storage.run_name, cfg.data.endpoint_url).uri("pretrained")
             _store(save_checkpoint(f"{tmp}/pretrained", pre_run.method, pre), target)
         cfg.model.pretrained = target
         extra["pretrain_epochs"] = len(pre_run.history)
-    result = run_trial(cfg, score_untrained=False, verbose=False, report=False)
+    result = run_trial(cfg, score_untrained=False, verbose=False, report=False, runtime=runtime)
     metric = cfg.storage.checkpoint_metric or family_of(cfg).main_metric
     best = result.best or {}
     trained = [row for row in result.history if row.get("epoch", 0) >= 1]
@@ -72,14 +74,16 @@ def train_candidate(cfg, pretrain) -> tuple[dict[str, Any], list[dict]]:
             "wall_s": time.perf_counter() - t0, "finished_at": time.time()}, result.history
 
 
-def score_chosen(job: dict[str, Any], runs_root: str) -> dict[str, Any]:
+def score_chosen(job: dict[str, Any], runs_root: str, runtime: Runtime | None = None) -> dict[str, Any]:
     """The test metrics of a chosen run's best-on-validation checkpoint."""
     from xmr.checkpoint import fetch_checkpoint
     from xmr.method import evaluate_checkpoint
 
     t0 = time.perf_counter()
     uri = RunDir(runs_root, job["of"], job.get("endpoint_url")).uri()
-    metrics = evaluate_checkpoint(str(fetch_checkpoint(uri, endpoint_url=job.get("endpoint_url"))), job["split"])
+    local = fetch_checkpoint(uri, endpoint_url=job.get("endpoint_url"), cache_dir=(runtime or Runtime()).cache)
+    with progress_every((runtime or Runtime()).progress_every_s):
+        metrics = evaluate_checkpoint(str(local), job["split"])
     return {**metrics, "wall_s": time.perf_counter() - t0, "finished_at": time.time()}
 
 
@@ -94,27 +98,29 @@ def _store(local, uri: str) -> None:
         shutil.copytree(local, uri, dirs_exist_ok=True)
 
 
-def comparison_trial(config: dict[str, Any], jobs: dict[str, dict[str, Any]], runs_root: str) -> None:
-    """One job of a comparison as a Ray Tune trial; its metrics are reported once, at the end."""
+def comparison_trial(config: dict[str, Any], jobs: dict[str, dict[str, Any]], runs_root: str,
+                     runtime: dict[str, Any] | None = None) -> None:
+    """One job of a comparison as a Ray Tune trial; its metrics are reported once, at the end.
+    ``runtime``: the comparison's ``Runtime.to_dict()``."""
     from ray import tune
 
-    tune.report(_numbers(run_job(jobs[config["job"]], runs_root)))
+    tune.report(_numbers(run_job(jobs[config["job"]], runs_root, Runtime.from_dict(runtime))))
 
 
 def _numbers(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def run_job(job: dict[str, Any], runs_root: str) -> dict[str, Any]:
+def run_job(job: dict[str, Any], runs_root: str, runtime: Runtime | None = None) -> dict[str, Any]:
     """Run one job, or read its result when an earlier attempt finished it."""
     run = RunDir(runs_root, job["run"], job.get("endpoint_url"))
     done = run.read_text(RESULT)
     if done:  # finished in an earlier attempt of this comparison
         return json.loads(done)["metrics"]
     if job["phase"] == "score":
-        metrics = score_chosen(job, runs_root)
+        metrics = score_chosen(job, runs_root, runtime)
     else:
-        cfg = with_values(from_dict(job["config"]), job["values"])
+        cfg = from_dict(set_values(job["config"], job["values"]))  # typed once; checked once, by run_trial
         cfg.seed, cfg.storage.root, cfg.storage.run_name, cfg.storage.max_failures = job["seed"], runs_root, job["run"], 0
         pre = None
         if job.get("pretrain"):
@@ -122,14 +128,15 @@ def run_job(job: dict[str, Any], runs_root: str) -> dict[str, Any]:
             pre.seed, pre.storage.root = job["seed"], runs_root
         if job.get("tracking"):  # the job logs one MLflow run itself, under the spec's parent
             cfg.tracking.enabled = False
-        metrics, history = train_candidate(cfg, pre)
+        metrics, history = train_candidate(cfg, pre, runtime)
         if job.get("tracking"):
             from xmr.train.tracking import log_finished_run
 
             t = job["tracking"]
             log_finished_run(t["uri"], t["parent"], job["run"], {"variant": job["variant"], "seed": job["seed"],
                                                                   "phase": job["phase"], "level": job["level"],
-                                                                  **job["values"]}, history, metrics, t["folder"])
+                                                                  **job["values"]}, history, metrics, t["folder"],
+                             runtime)
     run.write_text(RESULT, json.dumps({"job": identity(job), "metrics": metrics}, indent=2, default=float))
     return metrics
 
@@ -163,7 +170,7 @@ def check_stored(jobs: dict[str, dict[str, Any]], runs_root: str) -> None:
 
 
 def run_jobs(jobs: dict[str, dict[str, Any]], name: str, root: str, runs_root: str, concurrency: int,
-             cfg, metric: str | None = None, verbose: bool = False) -> dict[str, dict[str, Any]]:
+             cfg, metric: str | None = None, runtime: Runtime | None = None) -> dict[str, dict[str, Any]]:
     """Every job as a Tune trial; {job id: metrics or {"error": ...}}."""
     from functools import partial
 
@@ -175,12 +182,14 @@ def run_jobs(jobs: dict[str, dict[str, Any]], name: str, root: str, runs_root: s
         return {}
     check_stored(jobs, runs_root)
     needs = {job_id: trial_resources(from_dict(job["config"])) for job_id, job in jobs.items()}
-    grid = fit_trials(partial(comparison_trial, jobs=jobs, runs_root=runs_root), cfg, name, len(jobs),
+    runtime = runtime or Runtime()
+    grid = fit_trials(partial(comparison_trial, jobs=jobs, runs_root=runs_root, runtime=runtime.to_dict()), cfg, name,
+                      len(jobs),
                       max_concurrent=concurrency, root=root, resume=False,
                       param_space={"job": tune.grid_search(sorted(jobs))}, what=name, max_failures=0,
                       resources=lambda config: needs[config["job"]],  # each job what its own variant needs
                       reuse_actors=True,  # one process per slot: no start-up (imports) per trial
-                      verbose=verbose, progress_metric=metric)
+                      verbose=runtime.verbose, progress_metric=metric, progress_every_s=runtime.progress_every_s)
     out = {}
     for result in grid:
         job = result.config["job"]

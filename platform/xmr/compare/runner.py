@@ -29,6 +29,7 @@ from xmr.compare.results import Comparison
 from xmr.compare.spec import ComparisonSpec, Variant
 from xmr.config import ConfigError, with_values
 from xmr.checks import check
+from xmr.runtime import Runtime
 from xmr.tasks import family_of
 from xmr.train.runfs import RunDir
 from xmr.tune.space import Param
@@ -223,19 +224,19 @@ def _extend_cap(spec: ComparisonSpec, plan: LevelPlan, chosen: dict, results: di
     return True
 
 
-def _setup(spec: ComparisonSpec, root: str, concurrency: int, address: str | None):
+def _setup(spec: ComparisonSpec, root: str, concurrency: int, address: str | None, runtime: Runtime):
     """Datasets (built where missing), the Ray session, how many jobs run at once, and the
     comparison's folders."""
-    from xmr.train.driver import ensure_ray
+    from xmr.ray.session import ensure_ray
     from xmr.tune.trials import trial_resources
 
     # absolute local paths: trials run in working directories of their own
     data = {str(level): _absolute(ensure_dataset(spec.dataset_at(level))) for level in spec.levels}
     in_process = all(v.config.resources.num_workers == 1 for v in spec.variants.values())
-    # In-process runs take their own cores: an embedded Ray gets as many CPUs as there are
-    # cores, and never fewer than the largest run reserves (or it would never start).
+    # In-process runs take their own cores (compute-bound: one logical CPU per core, never
+    # fewer than the largest run reserves)
     largest = max(trial_resources(v.config)["CPU"] for v in spec.variants.values())
-    ensure_ray(address, num_cpus=int(max(os.cpu_count() or 1, math.ceil(largest))) if in_process else None,
+    ensure_ray(address, runtime=runtime, need_cpus=largest, compute_bound=in_process,
                dashboard=not in_process)  # Ray Train's runs need the state API; in-process runs do not
     import ray
 
@@ -244,7 +245,7 @@ def _setup(spec: ComparisonSpec, root: str, concurrency: int, address: str | Non
 
 
 def run_comparison(spec: ComparisonSpec, root: str, concurrency: int = 0, address: str | None = None,
-                   verbose: bool = False) -> Comparison:
+                   runtime: Runtime | None = None) -> Comparison:
     """Tune in every replicate, equalise budgets, bracket the ranges, score, judge:
 
     1. **Rounds** (validation split): at every level, for every replicate r and variant, the
@@ -262,17 +263,18 @@ def run_comparison(spec: ComparisonSpec, root: str, concurrency: int = 0, addres
     """
     from xmr.train.tracking import start_parent
 
-    data, limit, root = _setup(spec, root, concurrency, address)
+    runtime = runtime or Runtime()
+    data, limit, root = _setup(spec, root, concurrency, address, runtime)
     first = next(iter(spec.variants.values())).config
     out = RunDir(root, spec.name)
     runs_root, experiments = out.uri("runs"), out.uri()
     parent, uri = start_parent(first, out.uri(), spec.name, {"claim": spec.claim, "seeds": len(spec.seeds),
-                                                            "tuning_trials": spec.tuning_trials})
+                                                            "tuning_trials": spec.tuning_trials}, runtime)
     tracking = {"uri": uri, "parent": parent, "folder": out.uri()} if parent else None
     t0 = time.perf_counter()
     plans = {str(lv): LevelPlan(lv, spec.max_epochs, {}) for lv in spec.levels}
-    jobs, results, final = _tune_rounds(spec, plans, data, tracking, experiments, runs_root, limit, verbose)
-    scored = _score(spec, final, jobs, experiments, runs_root, limit, verbose)
+    jobs, results, final = _tune_rounds(spec, plans, data, tracking, experiments, runs_root, limit, runtime)
+    scored = _score(spec, final, jobs, experiments, runs_root, limit, runtime)
     wall = busy_seconds([*results.values(), *scored.values()], fallback=time.perf_counter() - t0)
     runs = _run_rows(spec, plans, final, jobs, results, scored)
     tuning = _tuning_rows(spec, jobs, results, final)
@@ -289,7 +291,7 @@ def run_comparison(spec: ComparisonSpec, root: str, concurrency: int = 0, addres
     return c
 
 
-def _tune_rounds(spec, plans, data, tracking, experiments, runs_root, limit, verbose):
+def _tune_rounds(spec, plans, data, tracking, experiments, runs_root, limit, runtime):
     """Rounds until no level changes its cap or ranges: (every job, every result, the final
     winners per level)."""
     all_jobs: dict[str, dict] = {}
@@ -305,7 +307,7 @@ def _tune_rounds(spec, plans, data, tracking, experiments, runs_root, limit, ver
             jobs.update(level_jobs)
         rounds = sorted({plans[k].round for k in todo})
         name = f"{spec.name}-tuning" + "".join(f"-round{r}" for r in rounds if r)
-        results.update(run_jobs(jobs, name, experiments, runs_root, limit, first, metric, verbose))
+        results.update(run_jobs(jobs, name, experiments, runs_root, limit, first, metric, runtime))
         all_jobs.update(jobs)
         for key in sorted(todo):
             plan = plans[key]
@@ -321,7 +323,7 @@ def _tune_rounds(spec, plans, data, tracking, experiments, runs_root, limit, ver
     return all_jobs, results, final
 
 
-def _score(spec, final, jobs, experiments, runs_root, limit, verbose) -> dict[str, dict]:
+def _score(spec, final, jobs, experiments, runs_root, limit, runtime) -> dict[str, dict]:
     """Each replicate's chosen run scored on the spec's split; {chosen run: test metrics}."""
     score_jobs = {}
     for chosen in final.values():
@@ -330,7 +332,7 @@ def _score(spec, final, jobs, experiments, runs_root, limit, verbose) -> dict[st
             score_jobs[f"{run}-{spec.split}"] = {**job, "phase": "score", "split": spec.split, "of": run,
                                                  "run": f"{run}-{spec.split}", "tracking": None}
     first = next(iter(spec.variants.values())).config
-    scored = run_jobs(score_jobs, f"{spec.name}-scoring", experiments, runs_root, limit, first, spec.metric, verbose)
+    scored = run_jobs(score_jobs, f"{spec.name}-scoring", experiments, runs_root, limit, first, spec.metric, runtime)
     return {job["of"]: scored.get(sid, {"error": "not run"}) for sid, job in score_jobs.items()}
 
 

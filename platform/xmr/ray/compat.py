@@ -172,12 +172,20 @@ def divert_ray_console(command: str, verbose: bool = False) -> str | None:
     return path
 
 
+# The S3 settings (not the keys: those come from the cluster's own credentials) and the
+# MLflow server every process of a run needs, to reach the same storage as the driver.
+STORAGE_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "MLFLOW_TRACKING_URI")
+
+
 def process_env() -> dict[str, str]:
-    """The environment variables every Ray process xmr starts needs: the auth mode and Ray
-    Train's controller poll interval (``TRAIN_POLL_INTERVAL_S``)."""
-    return {"RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token"),
-            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",
-                                                                TRAIN_POLL_INTERVAL_S)}
+    """The environment variables every Ray process xmr starts needs: the auth mode, Ray
+    Train's controller poll interval (``TRAIN_POLL_INTERVAL_S``) and the driver's storage
+    settings (``STORAGE_ENV``), handed on in the runtime environment."""
+    env = {"RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token"),
+           "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S",
+                                                               TRAIN_POLL_INTERVAL_S)}
+    env.update({name: os.environ[name] for name in STORAGE_ENV if os.environ.get(name)})
+    return env
 
 
 def set_driver_env() -> None:

@@ -20,10 +20,6 @@ from xmr.runtime import Runtime
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # platform/xmr
 
-# The S3 settings (not the keys: those come from the cluster's own credentials) every
-# process of a run needs to reach the same storage as the driver.
-S3_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "MLFLOW_TRACKING_URI")
-
 LOCAL = "local"  # Ray's own convention (ray.init(address="local")): start a new local Ray here
 
 # Logical CPUs beyond what the command's work reserves: a trainer's controller, a trial's
@@ -53,15 +49,12 @@ def is_local(address: str | None) -> bool:
     return (address or "").strip().lower() == LOCAL
 
 
-def code_runtime_env(runtime: Runtime | None = None, extra_env: dict[str, str] | None = None,
-                     environ: dict[str, str] | None = None) -> dict[str, Any]:
+def code_runtime_env(extra_env: dict[str, str] | None = None) -> dict[str, Any]:
     """Ship the xmr package to every worker (``py_modules``), so a cluster runs this checkout's
-    code whether or not the package is installed there, with the variables Ray's processes
-    need (``xmr.ray.compat.process_env``) and the S3 / MLflow settings (``S3_ENV``). xmr's
-    own settings reach workers as arguments (``Runtime.to_dict``), not through here."""
-    environ = os.environ if environ is None else environ
+    code whether or not the package is installed there, with the variables its processes
+    need (``xmr.ray.compat.process_env``: Ray's, the S3 endpoint's). xmr's own settings reach
+    workers as arguments (``Runtime.to_dict``), not through here."""
     env = process_env()
-    env.update({name: environ[name] for name in S3_ENV if environ.get(name)})
     env.update(extra_env or {})
     return {"py_modules": [str(PACKAGE_DIR)], "excludes": ["__pycache__", "*.pyc"], "env_vars": env}
 
@@ -88,7 +81,7 @@ def ensure_ray(address: str | None = None, *, runtime: Runtime | None = None, ne
     check_version()
     if ray.is_initialized():
         return "already connected"
-    env = code_runtime_env(runtime, extra_env)
+    env = code_runtime_env(extra_env)
     address = address or runtime.ray_address
     local = is_local(address)
     # The endpoint's key must not reach the Ray processes started from here; nor may

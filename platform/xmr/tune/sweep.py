@@ -8,7 +8,6 @@ best checkpoint) under ``<sweep>/trials/``, so the best one is served like any r
 
 from __future__ import annotations
 
-import copy
 import os
 import re
 import time
@@ -19,7 +18,7 @@ from typing import Any
 import pandas as pd
 
 from xmr.tasks import family_of
-from xmr.config import Config, apply_overrides, from_dict, set_field
+from xmr.config import Config, apply_overrides, from_dict, set_values
 from xmr.data import storage
 from xmr.ray.session import ensure_ray
 from xmr.runtime import Runtime
@@ -52,9 +51,7 @@ def trial_config(config: dict[str, Any], base: dict[str, Any], variants: dict[st
     values = {k: v for k, v in config.items() if "." in k}
     if candidates is not None:
         values = {k: v for k, v in candidates[config["candidate"]].items() if v is not None}
-    data = copy.deepcopy(base)
-    for dotted, value in values.items():
-        set_field(data, dotted.split("."), value)
+    data = set_values(base, values)
     if variants is not None:
         data = apply_overrides(data, variants[config["variant"]])
     if "seed" in config:
