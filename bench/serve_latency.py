@@ -241,7 +241,7 @@ def child(mode: str, plan: dict) -> dict:
     from ray import serve
 
     from xmr.serve.app import build_app
-    from xmr.serve.cli import direct_urls
+    from xmr.ray.serve import direct_urls
     from xmr.serve.gallery import load_for_serving
     from xmr.serve.search import search_items
     from xmr.train.driver import ensure_ray
@@ -298,7 +298,7 @@ def million_child(mode: str, plan: dict) -> dict:
     from ray import serve
 
     from xmr.serve.app import build_app
-    from xmr.serve.cli import direct_urls
+    from xmr.ray.serve import direct_urls
     from xmr.train.driver import ensure_ray
 
     m = plan["million"]

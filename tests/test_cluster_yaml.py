@@ -46,7 +46,7 @@ def test_head_is_cpu_workers_autoscale_with_spot_and_dashboard_is_local():
 def test_the_haproxy_recipe_names_what_xmr_serve_sets():
     """cluster.yaml's `ray start` recipe for `xmr serve --ingress haproxy` names each variable
     xmr sets for an embedded Ray, with the same value (a cluster reads them when Ray starts)."""
-    from xmr.serve.cli import HAPROXY_ENV
+    from xmr.ray.serve import HAPROXY_ENV
 
     text = (Path(__file__).resolve().parents[1] / "cluster.yaml").read_text()
     for name, value in HAPROXY_ENV.items():

@@ -55,7 +55,7 @@ def served(checkpoints):
     import ray
     from ray import serve
 
-    from xmr.serve.cli import start
+    from xmr.serve.startup import start
 
     ray.init(num_cpus=6, include_dashboard=False)
     port = free_port()
@@ -202,7 +202,7 @@ def test_schemathesis_finds_nothing_on_a_text_corpus(served, tmp_path_factory, t
     from xmr.checkpoint import save_checkpoint
     from xmr.cli import main
     from xmr.method import Method
-    from xmr.serve.cli import start
+    from xmr.serve.startup import start
 
     served(False)
     root = tmp_path_factory.mktemp("text")

@@ -51,7 +51,7 @@ def endpoint(checkpoints):
     import ray
     from ray import serve
 
-    from xmr.serve.cli import start
+    from xmr.serve.startup import start
 
     # the dashboard serves Ray's state API, which the replica-kill test uses to find a PID
     context = ray.init(num_cpus=8, include_dashboard=True, dashboard_host="127.0.0.1")
@@ -137,7 +137,7 @@ def test_info_and_health(endpoint, checkpoints):
 def test_direct_urls_says_how_to_enable_direct_ingress(endpoint):
     """This module's Ray runs Serve's default proxy path: asking for the replicas' own ports
     fails with the setting that enables them."""
-    from xmr.serve.cli import THROUGHPUT_ENV, direct_urls
+    from xmr.ray.serve import THROUGHPUT_ENV, direct_urls
 
     with pytest.raises(RuntimeError, match=THROUGHPUT_ENV):
         direct_urls("cat", timeout_s=1)
@@ -262,7 +262,7 @@ def test_bad_moments_inputs_and_oversized_bodies(endpoint):
 
 
 def test_checkpoint_swap_under_load_loses_no_request(endpoint, checkpoints):
-    from xmr.serve.cli import start
+    from xmr.serve.startup import start
 
     url = endpoint["cat"]
     port = int(url.rsplit(":", 1)[1])
@@ -325,7 +325,7 @@ KEY = "correct-horse-battery-staple-42"
 def served(endpoint, checkpoints):
     """Beside the endpoint's apps, on the same Ray and port: an app with 2 retriever replicas
     and an app that needs a bearer token."""
-    from xmr.serve.cli import start
+    from xmr.serve.startup import start
 
     port = endpoint["port"]
     url = start({"checkpoint": checkpoints["cat0"], "gallery": AVDIGITS, "split": "test", "replicas": 2},
@@ -485,7 +485,7 @@ def text_app(endpoint, tmp_path_factory):
     from train_helpers import preset_cfg
     from xmr.checkpoint import save_checkpoint
     from xmr.cli import main
-    from xmr.serve.cli import start
+    from xmr.serve.startup import start
     from xmr.train.fit import fit_in_process
 
     root = tmp_path_factory.mktemp("text")

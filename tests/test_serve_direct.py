@@ -23,7 +23,8 @@ pytestmark = [pytest.mark.timeout(300), pytest.mark.ray, pytest.mark.serve]
 def direct(checkpoints):
     import ray
 
-    from xmr.serve.cli import THROUGHPUT_ENV, direct_urls, start
+    from xmr.ray.serve import THROUGHPUT_ENV, direct_urls
+    from xmr.serve.startup import start
 
     assert not ray.is_initialized()
     before = os.environ.get(THROUGHPUT_ENV)

@@ -116,7 +116,7 @@ def test_the_key_reaches_no_ray_process_only_its_digest(checkpoints):
         assert _environments_holding(key.encode(), skip={proc.pid, os.getpid()}) == []
         # the gateway's malloc keeps a fixed mmap threshold (GATEWAY_ENV: memory after bursts of large bodies)
         from train_helpers import processes_titled
-        from xmr.serve.deployments import GATEWAY_ENV
+        from xmr.ray.serve import GATEWAY_ENV
 
         gateways = processes_titled("ray::ServeReplica:xmr:Gateway")
         assert gateways, "no gateway replica found by its title"

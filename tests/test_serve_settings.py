@@ -103,11 +103,19 @@ def test_an_endpoint_without_a_key_answers_only_its_own_machine(client, key, pat
     assert sent[0]["status"] == status
 
 
-def test_a_refusal_crosses_processes_as_a_value():
-    """What a retriever returns for a client's error survives Ray's pickling whole."""
+def test_a_client_error_crosses_processes_as_a_value():
+    """What a retriever returns for a client's error (the one error type, ``RequestError``,
+    returned rather than raised: ``errors_returned``) survives Ray's pickling whole."""
+    import asyncio
+
     import ray.cloudpickle as cloudpickle
 
-    from xmr.serve.requests import Refused
+    from xmr.serve.requests import RequestError, errors_returned
 
-    back = cloudpickle.loads(cloudpickle.dumps(Refused(422, "query: expected shape [64], got [7]")))
+    @errors_returned
+    async def refuse():
+        raise RequestError(422, "query: expected shape [64], got [7]")
+
+    back = cloudpickle.loads(cloudpickle.dumps(asyncio.run(refuse())))
+    assert isinstance(back, RequestError)
     assert (back.status, back.message) == (422, "query: expected shape [64], got [7]")

@@ -195,7 +195,7 @@ def test_a_cluster_too_small_is_named_and_the_start_gives_up(one_cpu_cluster, sh
 def test_an_index_that_fits_no_node_is_named():
     """The check before deploying: a shard whose replica needs more memory than the largest
     node has is named with both sizes; one that fits anywhere is not."""
-    from xmr.serve.cli import placement_words, unfit
+    from xmr.serve.placement import placement_words, unfit
 
     nodes = [{"CPU": 2.0, "memory": 4 * 2**30}, {"CPU": 8.0, "memory": 12 * 2**30}]
     needs = {"Gateway": {"CPU": 0.25}, "Retriever000": {"CPU": 1.0, "memory": 3 * 2**30},

@@ -140,7 +140,7 @@ def sharded(checkpoints, tmp_path_factory, s3_endpoint):
     from ray import serve
 
     from xmr.cli import main
-    from xmr.serve.cli import start
+    from xmr.serve.startup import start
 
     from xmr.checkpoint import save_checkpoint
 
@@ -304,7 +304,7 @@ class TestOverHttp:
         """Built to s3:// (each shard uploaded, its index.json last) and served from there
         (each shard's replicas download only their shard): the same answers."""
         from xmr.cli import main
-        from xmr.serve.cli import start
+        from xmr.serve.startup import start
 
         uri = f"s3://{s3_bucket}/indexes/cat2"
         assert main(["index", "build", "--checkpoint", sharded["checkpoints"]["cat0"], "--gallery", AVDIGITS,

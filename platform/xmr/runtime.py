@@ -110,3 +110,9 @@ def keep_hub_offline() -> None:
     in a package and must never reach a hub, even by accident. The caller's own setting wins."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def variables_set(names: "Mapping[str, Any] | tuple[str, ...]") -> list[str]:
+    """Which of ``names`` the environment sets: variables xmr no longer reads fail by name
+    where their setting moved (``xmr.serve.settings.RETIRED_ENV``), never silently ignored."""
+    return sorted(name for name in names if name in os.environ)

@@ -41,12 +41,14 @@ ERROR = {"$ref": "#/components/schemas/Error"}
 
 
 def served_contract(family_route: str, dims: dict[str, list[int]], gallery_size: int | None, max_query_tokens: int,
-                    audio_role: str | None, text: bool) -> dict[str, Any]:
-    """What the document says about one served checkpoint (a plain dict: it travels in the
-    gateway's config); ``gallery_size`` None: not known before loading (k up to its limit)."""
+                    audio_role: str | None, text: bool, title: str | None = None) -> dict[str, Any]:
+    """What the document says about one served checkpoint, and what the gateway checks each
+    query against (``xmr.serve.queries``; a plain dict: it travels in the gateway's config);
+    ``gallery_size`` None: not known before loading (k up to its limit); ``title`` the task
+    family's name, for the 404 of the other route."""
     return {"route": family_route, "dims": {r: [int(x) for x in d] for r, d in dims.items()},
             "gallery_size": max(1, int(gallery_size)) if gallery_size else rq.MAX_K, "max_query_tokens": int(max_query_tokens),
-            "audio_role": audio_role, "text": bool(text)}
+            "audio_role": audio_role, "text": bool(text), "title": title}
 
 
 def set_contract(contract: dict[str, Any] | None) -> None:

@@ -24,6 +24,7 @@ the dataset has a text encoder; ``video`` restricts it to one video, SVMR), ``GE
 # no `from __future__ import annotations`: FastAPI reads the request models from real annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from typing import Any
@@ -34,22 +35,25 @@ from fastapi import Request
 from fastapi.responses import Response
 from ray import serve
 
+from xmr.ray.serve import GATEWAY_ACTOR_OPTIONS
 from xmr.serve.contract import set_contract
-from xmr.serve.featurise import audio_featuriser
+from xmr.serve.featurise import audio_featuriser, audio_spec
 from xmr.serve.gallery import Loaded, load_for_serving, text_encoder_of
 from xmr.serve.http import JSONBytes, api
 from xmr.serve.middleware import key_configured, set_body_timeout, set_key_digest
-from xmr.serve.requests import (MomentsRequest, MomentsResponse, Refused, RequestError, SearchRequest, SearchResponse,
-                                as_array, body_schema, decode_wav_base64, parse_request, refusals_returned,
-                                tokens_array)
+from xmr.serve.queries import (MomentsQuery, SearchQuery, moments_query, search_query, search_role, search_vector,
+                               served_route)
+from xmr.serve.requests import (MomentsRequest, MomentsResponse, RequestError, SearchRequest, SearchResponse,
+                                body_schema, decode_wav_base64, errors_returned, parse_request)
 from xmr.serve.search import moments_items, search_items, svmr_one
-from xmr.serve.settings import LOAD_FIELDS, ServeSettings
+from xmr.serve.settings import GatewaySettings, RetrieverSettings, parsed
 from xmr.serve.shards import merge_hits, merge_moments, moments_across
 from xmr.tasks import FAMILIES
 
 logger = logging.getLogger("xmr.serve")
-DEFAULTS = ServeSettings()  # the batching and retry settings until reconfigure gives the app's
 FEATURISE_TIMEOUT_S = 5.0
+BATCH_SIZE = RetrieverSettings.batch_size  # until reconfigure sizes the batches from the app's settings
+SWAPPING = "the served checkpoint is being replaced; retry shortly"
 
 
 # --------------------------------------------------------------------------- the retriever
@@ -57,57 +61,57 @@ FEATURISE_TIMEOUT_S = 5.0
 
 @serve.deployment(max_ongoing_requests=64, ray_actor_options={"num_cpus": 1})
 class Retriever:
-    """The model and gallery of one checkpoint; every query validated against them."""
+    """The model and gallery of one checkpoint (or one shard of a sharded index), searched for
+    queries the gateway has already checked (``xmr.serve.queries``)."""
 
     def __init__(self) -> None:
+        self.settings = RetrieverSettings()  # typed from the app's user_config by reconfigure
         self.state: "Loaded | None" = None
-        self.featurise: Any = None
         self.text_encoder: dict[str, Any] | None = None  # the dataset's, when its query tokens came from text
+        self.featurisers: list[str] = []  # raw query forms the dataset has (the gateway featurises them)
         self.loading: str | None = None
         # [batches, queries, compute seconds] per endpoint: is batching paying, and how much
         # of a request is the search itself?
         self.batches = {"search": [0, 0, 0.0], "moments": [0, 0, 0.0]}
         self.inflight = 0  # requests inside a method now
-        self.batch_size, self.batch_wait_s, self.inline_lone = DEFAULTS.batch_size, DEFAULTS.batch_wait_s, True
         self.loaded_from: dict[str, Any] | None = None  # the load args of the state held
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Batching and threads from the app's settings; then the configured checkpoint and
         gallery, loaded off the event loop and swapped in."""
-        self.batch_size = int(user_config.get("batch_size", DEFAULTS.batch_size))
-        self.batch_wait_s = float(user_config.get("batch_wait_s", DEFAULTS.batch_wait_s))
-        self.inline_lone = bool(user_config.get("inline_lone", DEFAULTS.inline_lone))
-        self._search_batched.set_max_batch_size(self.batch_size)
-        self._moments_batched.set_max_batch_size(self.batch_size)
-        if int(user_config.get("threads", 0)) > 0:
-            torch.set_num_threads(int(user_config["threads"]))
-        load = {k: user_config[k] for k in LOAD_FIELDS if user_config.get(k) is not None}
+        s = self.settings = parsed(RetrieverSettings, user_config)
+        self._search_batched.set_max_batch_size(s.batch_size)
+        self._moments_batched.set_max_batch_size(s.batch_size)
+        if s.threads > 0:
+            torch.set_num_threads(s.threads)
+        load = s.load_args()
         if self.state is not None and load == self.loaded_from:  # a settings-only change: nothing to reload
             return
-        self.loading = str(load.get("checkpoint"))
+        self.loading = s.checkpoint
         loaded = await asyncio.to_thread(load_for_serving, **load)
         self.loaded_from = load
-        featurise = audio_featuriser(loaded.manifest)  # None unless the dataset was built from audio
-        self.state, self.featurise, self.loading = loaded, featurise, None
+        self.state, self.loading = loaded, None
         self.text_encoder = text_encoder_of(loaded.manifest)
+        self.featurisers = (["audio_wav_base64"] if audio_spec(loaded.manifest) else []) + \
+            (["text"] if self.text_encoder else [])
 
     def _ready(self, route: str) -> Loaded:
         st = self.state
         if st is None:
             raise RequestError(503, "the model is still loading")
-        if st.family.route != route:
+        if st.family.route != route:  # the gateway checked the route: this replica's checkpoint is changing
             serves = " / ".join(f.title for f in FAMILIES.values() if f.route == route)
             raise RequestError(404, f"/{route} serves {serves} models; this checkpoint is a {st.family.title} model "
                                     f"(use /{st.family.route})")
         return st
 
-    @refusals_returned
+    @errors_returned
     def healthy(self) -> bool:
         if self.state is None:
             raise RequestError(503, "loading")
         return True
 
-    @refusals_returned
+    @errors_returned
     def info(self) -> dict[str, Any]:
         st = self.state
         if st is None:
@@ -115,110 +119,66 @@ class Retriever:
         batching = {k: {"batches": b, "queries": n, "mean_batch": round(n / b, 2) if b else 0.0,
                         "compute_ms_per_batch": round(1000 * sec / b, 3) if b else 0.0, "compute_s": sec}
                     for k, (b, n, sec) in self.batches.items()}
-        return {**st.info, "loading": self.loading, "batch_size": self.batch_size, "batching": batching,
+        return {**st.info, "loading": self.loading, "batch_size": self.settings.batch_size, "batching": batching,
                 "torch_threads": torch.get_num_threads(), "replica": serve.get_replica_context().replica_tag,
-                "featurisers": (["audio_wav_base64"] if self.featurise else []) + (["text"] if self.text_encoder else []),
-                "text_encoder": self.text_encoder}
+                "featurisers": self.featurisers, "text_encoder": self.text_encoder}
 
-    @refusals_returned
-    async def search(self, req: SearchRequest, binary: np.ndarray | None) -> dict[str, Any]:
+    @errors_returned
+    async def search(self, query: SearchQuery) -> list[dict[str, Any]]:
+        """The top-k items of the other modality. A shard answers up to its own size (the
+        gateway checked k against the whole gallery); the whole gallery refuses a k past it."""
         st = self._ready("search")
-        if req.text is not None:
-            raise RequestError(422, "text: this dataset's features come from no text encoder this endpoint has "
-                                    "(only VCMR corpora built with --text-encoder take text); send features in 'query'")
-        given = sum(x is not None for x in (req.query, req.audio_wav_base64, binary))
-        if given != 1:
-            raise RequestError(422, "give exactly one of query (features), query_base64 / a .npy body, "
-                                    "or audio_wav_base64")
-        if req.audio_wav_base64 is not None:
-            if self.featurise is None:
-                raise RequestError(422, "audio_wav_base64: this gallery's dataset has no audio featuriser; send features")
-            role, featurise = self.featurise
-            if req.modality not in (None, role):
-                raise RequestError(422, f"modality = {req.modality!r}: audio queries are modality {role!r}")
-            vec = await self._featurised(featurise, decode_wav_base64(req.audio_wav_base64))
-        else:
-            role = req.modality or "a"
-            dims = st.cfg.model.dims[role]
-            value = req.query
-            if binary is not None:  # flat base64 floats take the modality's shape; a .npy keeps its own
-                value = binary.reshape(dims) if binary.ndim == 1 and binary.size == int(np.prod(dims)) else binary
-            vec = as_array(value, dims, "query")
-        g = st.gallery
-        k = req.k
-        if "shard" in st.info:  # one shard of many: the gateway checked k against the whole gallery
-            k = min(k, g.size)
-        elif k > g.size:
-            raise RequestError(422, f"k = {k}: the gallery holds {g.size} items")
-        other = "b" if role == "a" else "a"
-        hits = await self._admitted(self._search_batched, (st, role, vec, k))
-        return {"modality": other, "k": req.k, "results": hits}
+        if list(query.vector.shape) != list(st.cfg.model.dims.get(query.role, ())):
+            raise RequestError(503, SWAPPING)
+        k = query.k
+        if self.settings.shard is not None:
+            k = min(k, st.gallery.size)
+        elif k > st.gallery.size:
+            raise RequestError(422, f"k = {k}: the gallery holds {st.gallery.size} items")
+        return await self._admitted(self._search_batched, (st, query.role, query.vector, k))
 
-    @refusals_returned
-    async def moments(self, req: MomentsRequest, binary: np.ndarray | None, text_tokens: np.ndarray | None = None):
+    @errors_returned
+    async def moments(self, query: MomentsQuery):
+        """The top-k moments over the corpus; a shard's answer also lists its top videos and
+        their scores (``{"results", "videos"}``: what the gateway merges across shards)."""
         st = self._ready("moments")
-        dim = st.cfg.model.dims["query"][-1]
-        if req.text is not None and (req.query is not None or binary is not None):
-            raise RequestError(422, "give one of text or query (token features), not both")
-        if text_tokens is not None:  # any text of 1..2000 characters (the OpenAPI document): its first tokens,
-            value = text_tokens[:st.cfg.data.max_query_tokens]  # as many as the corpus's queries keep
-        elif binary is not None:
-            value = binary.reshape(-1, dim) if binary.ndim == 1 and binary.size % dim == 0 else binary
-        elif req.text is not None:
-            if self.text_encoder is not None:
-                raise RequestError(503, "text: the text featuriser is not ready; retry shortly")
-            raise RequestError(422, "text: this dataset's query features come from no text encoder this endpoint "
-                                    "has (build the corpus with xmr data synth vcmr --text-encoder); send token "
-                                    "features in 'query'")
-        else:
-            value = req.query
-        if value is None:
-            raise RequestError(422, "query: required (token features [T, d_query])")
-        q = tokens_array(value, dim, st.cfg.data.max_query_tokens)
-        corpus = st.gallery
-        if req.video is not None:
-            try:
-                position = corpus.ids.index(req.video)
-            except ValueError:
-                raise RequestError(404, f"video {req.video[:80]!r}: not in the served corpus") from None
-            hits = await asyncio.to_thread(svmr_one, st, q, position, req.k)
-            return {"k": req.k, "video": req.video, "results": hits}
-        hits = await self._admitted(self._moments_batched, (st, q, req.k))
-        if "shard" in st.info:  # {"results", "videos"}: what the gateway merges across shards
-            return {"k": req.k, **hits}
-        return {"k": req.k, "results": hits}
+        if query.tokens.shape[1] != st.cfg.model.dims["query"][-1]:
+            raise RequestError(503, SWAPPING)
+        return await self._admitted(self._moments_batched, (st, query.tokens, query.k))
 
-    async def _featurised(self, featurise, wav: bytes) -> np.ndarray:
-        """A WAV's features off the event loop (other queries keep being answered), within a
-        time limit; the WAV's rate, channels and length are bounded before any work."""
+    @errors_returned
+    async def svmr(self, query: MomentsQuery) -> list[dict[str, Any]]:
+        """The top-k spans within ``query.video`` (404 where this corpus, or shard, lacks it)."""
+        st = self._ready("moments")
         try:
-            return await asyncio.wait_for(asyncio.to_thread(featurise, wav), FEATURISE_TIMEOUT_S)
-        except asyncio.TimeoutError:
-            raise RequestError(422, f"audio_wav_base64: featurising took longer than {FEATURISE_TIMEOUT_S:g} s; "
-                                    f"send a shorter file") from None
+            position = st.gallery.ids.index(query.video)
+        except ValueError:
+            raise RequestError(404, f"video {query.video[:80]!r}: not in the served corpus") from None
+        return await asyncio.to_thread(svmr_one, st, query.tokens, position, query.k)
 
     async def _admitted(self, batched, item: tuple):
         self.inflight += 1
         try:
-            batched.set_batch_wait_timeout_s(self.batch_wait_s if self.inflight > 1 else 0.0)
+            batched.set_batch_wait_timeout_s(self.settings.batch_wait_s if self.inflight > 1 else 0.0)
             return await batched(item)
         finally:
             self.inflight -= 1
 
-    @serve.batch(max_batch_size=DEFAULTS.batch_size, batch_wait_timeout_s=0.0)  # sized by reconfigure
+    @serve.batch(max_batch_size=BATCH_SIZE, batch_wait_timeout_s=0.0)  # sized by reconfigure
     async def _search_batched(self, items: list[tuple]) -> list[list[dict[str, Any]]]:
         return await self._timed("search", search_items, items)
 
-    @serve.batch(max_batch_size=DEFAULTS.batch_size, batch_wait_timeout_s=0.0)
-    async def _moments_batched(self, items: list[tuple]) -> list[list[dict[str, Any]]]:
-        return await self._timed("moments", moments_items, items)
+    @serve.batch(max_batch_size=BATCH_SIZE, batch_wait_timeout_s=0.0)
+    async def _moments_batched(self, items: list[tuple]) -> list[Any]:
+        with_videos = self.settings.shard is not None
+        return await self._timed("moments", lambda batch: moments_items(batch, with_videos=with_videos), items)
 
-    async def _timed(self, endpoint: str, compute, items: list[tuple]) -> list[list[dict[str, Any]]]:
+    async def _timed(self, endpoint: str, compute, items: list[tuple]) -> list[Any]:
         """Run one batch off the event loop, which keeps accepting the next batch's requests;
         a lone request runs inline (no other request waits on the loop, and a thread hop
         costs it a visible share of a few-millisecond search)."""
         t0 = time.perf_counter()
-        if len(items) == 1 and self.inflight <= 1 and self.inline_lone:
+        if len(items) == 1 and self.inflight <= 1 and self.settings.inline_lone:
             out = compute(items)
         else:
             out = await asyncio.to_thread(compute, items)
@@ -267,65 +227,54 @@ def _retryable() -> tuple[type[BaseException], ...]:
 
 
 def _as_request_error(exc: BaseException) -> RequestError | None:
-    """A RequestError raised in the retriever arrives wrapped (RayTaskError); unwrap it."""
+    """A RequestError raised in a replica arrives wrapped (RayTaskError); unwrap it."""
     for e in (exc, getattr(exc, "cause", None), exc.__cause__):
         if isinstance(e, RequestError) and hasattr(e, "status"):
             return RequestError(e.status, e.message)
     return None
 
 
-# The gateway reads whole bodies of up to 4 MiB. glibc's malloc raises its mmap threshold to
-# the size of the largest block freed, so after the first large body later ones come from
-# its heaps, which it keeps: after bursts of 4 MiB bodies the gateway held 15% more memory
-# than at start. A fixed threshold (128 KiB, glibc's default before it adapts) maps large
-# blocks and gives them back on free (+9.5%; bench/serve_memory.py). Read by glibc when the
-# replica's process starts, hence the runtime environment.
-GATEWAY_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
-
-
 # A gateway request that waits on its client (a slow body, at most the body deadline) costs a
 # coroutine, not a thread: a high cap keeps /healthz and real queries answered while many
-# clients stall (the body deadline frees their slots).
-@serve.deployment(max_ongoing_requests=2048,
-                  ray_actor_options={"num_cpus": 0.25, "runtime_env": {"env_vars": GATEWAY_ENV}})
+# clients stall (the body deadline frees their slots). Its process's environment:
+# ``xmr.ray.serve.GATEWAY_ENV``.
+@serve.deployment(max_ongoing_requests=2048, ray_actor_options=GATEWAY_ACTOR_OPTIONS)
 @serve.ingress(api)
 class Gateway:
-    """The HTTP front. Over a sharded index (``shards``: one retriever deployment per shard)
-    every query goes to all shards and their answers are merged (``xmr.serve.shards``); a
-    shard that has not answered by ``shard_deadline_s`` (its dead replicas retried
-    meanwhile) is left out and named in the response's ``missing_shards``, never silently."""
+    """The HTTP front: every query checked once here (``xmr.serve.queries``) and sent on
+    parsed. Over a sharded index (``shards``: one retriever deployment per shard) every query
+    goes to all shards and their answers are merged (``xmr.serve.shards``); a shard that has
+    not answered by ``shard_deadline_s`` (its dead replicas retried meanwhile) is left out and
+    named in the response's ``missing_shards``, never silently."""
 
     def __init__(self, retriever, featuriser=None, shards=None) -> None:
         self.retriever = retriever
         self.featuriser = featuriser  # TextFeaturiser, bound when the dataset's queries came from text
         self.shards = list(shards) if shards else None  # retriever handles, one per shard, in shard order
+        self.settings = GatewaySettings()  # typed from the app's user_config by reconfigure
+        self.audio = None  # (role, featurise) where the dataset was built from audio
         self.retryable = _retryable()
         self.retried = 0  # calls sent again after their replica died
         self.partial = 0  # answers given without every shard
         self.missing_counts = [0] * len(self.shards or ())  # per shard: answers it was missing from
-        self.retries, self.retry_budget_s = DEFAULTS.retries, DEFAULTS.retry_budget_s
-        self.shard_deadline_s, self.shard_items, self.top_videos = DEFAULTS.shard_deadline_s, [], 100
 
     def reconfigure(self, config: dict[str, Any]) -> None:
-        set_key_digest(config.get("api_key_sha256"))
-        set_body_timeout(config.get("body_timeout_s"))
-        set_contract(config.get("contract"))  # what /openapi.json documents (xmr.serve.contract)
-        self.retries = int(config.get("retries", DEFAULTS.retries))
-        self.retry_budget_s = float(config.get("retry_budget_s", DEFAULTS.retry_budget_s))
-        self.shard_deadline_s = float(config.get("shard_deadline_s", DEFAULTS.shard_deadline_s))
-        self.shard_items = list(config.get("shard_items") or [])
-        self.top_videos = int(config.get("top_videos") or 100)
+        s = self.settings = parsed(GatewaySettings, config)
+        set_key_digest(s.api_key_sha256)
+        set_body_timeout(s.body_timeout_s)
+        set_contract(s.contract)  # what /openapi.json documents and queries are checked against
+        self.audio = audio_featuriser(s.audio)
 
     async def _call(self, method: str, *args, handle=None, budget_s: float | None = None):
         """A retriever call, sent again (backing off) when its replica died, ``retries`` times
         within ``retry_budget_s`` (or ``budget_s``)."""
-        deadline, delay = time.monotonic() + (budget_s or self.retry_budget_s), 0.05
+        deadline, delay = time.monotonic() + (budget_s or self.settings.retry_budget_s), 0.05
         target = self.retriever if handle is None else handle
-        for attempt in range(self.retries + 1):
+        for attempt in range(self.settings.retries + 1):
             try:
                 out = await (getattr(target, method) if method else target).remote(*args)
             except self.retryable:
-                if attempt == self.retries or time.monotonic() + delay > deadline:
+                if attempt == self.settings.retries or time.monotonic() + delay > deadline:
                     break
                 self.retried += 1
                 await asyncio.sleep(delay)
@@ -336,10 +285,37 @@ class Gateway:
                 if mapped is not None:
                     raise mapped from None
                 raise
-            if isinstance(out, Refused):  # the client's error, as the retriever returned it
-                raise RequestError(out.status, out.message)
+            if isinstance(out, RequestError):  # the client's error, as the retriever returned it
+                raise out
             return out
         raise RequestError(503, "no retriever replica is ready (restarting or scaling); retry shortly")
+
+    # ------------------------------------------------------------------ queries, checked once
+
+    async def _search_query(self, req, binary) -> SearchQuery:
+        served = served_route(self.settings.contract, "search")
+        role = search_role(req, binary, served, self.audio and self.audio[0])
+        if req.audio_wav_base64 is not None:
+            vector = await self._featurised(self.audio[1], decode_wav_base64(req.audio_wav_base64))
+        else:
+            vector = search_vector(req, binary, role, served)
+        return search_query(req, role, vector, served)
+
+    async def _moments_query(self, req, binary) -> MomentsQuery:
+        served = served_route(self.settings.contract, "moments")
+        tokens = None
+        if req.text is not None and self.featuriser is not None and req.query is None and binary is None:
+            tokens = await self._call("", req.text, handle=self.featuriser)
+        return moments_query(req, binary, tokens, served, self.featuriser is not None)
+
+    async def _featurised(self, featurise, wav: bytes) -> np.ndarray:
+        """A WAV's features off the event loop (other queries keep being answered), within a
+        time limit; the WAV's rate, channels and length are bounded before any work."""
+        try:
+            return await asyncio.wait_for(asyncio.to_thread(featurise, wav), FEATURISE_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise RequestError(422, f"audio_wav_base64: featurising took longer than {FEATURISE_TIMEOUT_S:g} s; "
+                                    f"send a shorter file") from None
 
     # ------------------------------------------------------------------ scatter-gather
 
@@ -348,10 +324,11 @@ class Gateway:
         """``method`` on every shard (or the shards ``only`` names) at once; a shard's answer,
         or None when it had none by the deadline (dead replicas are retried until then). A
         client error from any shard is the request's error."""
-        deadline = deadline or time.monotonic() + self.shard_deadline_s
+        budget = self.settings.shard_deadline_s
+        deadline = deadline or time.monotonic() + budget
         which = list(range(len(self.shards))) if only is None else only
         tasks = {s: asyncio.ensure_future(self._call(method, *(args_of(s) if args_of else args),
-                                                     handle=self.shards[s], budget_s=self.shard_deadline_s))
+                                                     handle=self.shards[s], budget_s=budget))
                  for s in which}
         done, pending = await asyncio.wait(tasks.values(), timeout=max(0.0, deadline - time.monotonic()))
         for t in pending:
@@ -368,31 +345,30 @@ class Gateway:
                     logger.warning("shard %d failed: %s: %s", s, type(exc).__name__, str(exc)[:300])
         return out
 
+    def _missing(self, missing: list[int]) -> None:
+        if missing:
+            self.partial += 1
+            for s in missing:
+                self.missing_counts[s] += 1
+
     def _flagged(self, body: dict[str, Any], per_shard: list[Any]) -> dict[str, Any]:
         """The merged answer with which shards it lacks: counted, and never silent."""
         missing = [s for s, ans in enumerate(per_shard) if ans is None]
         if len(missing) == len(per_shard):
             raise RequestError(503, "no shard of the index answered in time (replicas restarting or overloaded); "
                                     "retry shortly")
-        if missing:
-            self.partial += 1
-            for s in missing:
-                self.missing_counts[s] += 1
+        self._missing(missing)
         return {**body, "shards": len(per_shard), "missing_shards": missing, "partial": bool(missing)}
 
-    async def _search_shards(self, req, binary) -> dict[str, Any]:
-        total = sum(self.shard_items)
-        if req.k > total:
-            raise RequestError(422, f"k = {req.k}: the gallery holds {total} items")
-        per_shard = await self._scatter("search", req, binary)
-        first = next(ans for ans in per_shard if ans is not None) if any(per_shard) else {"modality": None}
-        hits = merge_hits([ans and ans["results"] for ans in per_shard], req.k)
-        return self._flagged({"modality": first["modality"], "k": req.k, "results": hits}, per_shard)
+    async def _search_shards(self, query: SearchQuery) -> dict[str, Any]:
+        per_shard = await self._scatter("search", query)
+        hits = merge_hits(per_shard, query.k)
+        return self._flagged({"modality": query.other, "k": query.k, "results": hits}, per_shard)
 
-    async def _moments_shards(self, req, binary, tokens=None) -> dict[str, Any]:
-        deadline = time.monotonic() + self.shard_deadline_s
-        if req.video is not None:  # SVMR: the one shard that holds the video answers
-            return await self._svmr_shards(req, binary, tokens, deadline)
+    async def _moments_shards(self, query: MomentsQuery) -> dict[str, Any]:
+        deadline = time.monotonic() + self.settings.shard_deadline_s
+        if query.video is not None:  # SVMR: the one shard that holds the video answers
+            return await self._svmr_shards(query, deadline)
         rounds: list[int] = []
 
         async def ask(shards: list[int], ks: list[int]) -> list[Any]:
@@ -400,20 +376,21 @@ class Gateway:
             answered the first (alive), so it gets a deadline of its own rather than the
             first round's remainder (spent waiting on a stalled shard)."""
             k_of = dict(zip(shards, ks))
-            limit = deadline if not rounds else time.monotonic() + self.shard_deadline_s
+            limit = deadline if not rounds else time.monotonic() + self.settings.shard_deadline_s
             rounds.append(len(shards))
             out = await self._scatter("moments", only=shards, deadline=limit,
-                                      args_of=lambda s: (req.model_copy(update={"k": k_of[s]}), binary, tokens))
+                                      args_of=lambda s: (dataclasses.replace(query, k=k_of[s]),))
             return [out[s] for s in shards]
 
-        per_shard = await moments_across(ask, len(self.shards), req.k, self.top_videos)
-        return self._flagged({"k": req.k, "results": merge_moments(per_shard, req.k, self.top_videos)}, per_shard)
+        top = self.settings.top_videos
+        per_shard = await moments_across(ask, len(self.shards), query.k, top)
+        return self._flagged({"k": query.k, "results": merge_moments(per_shard, query.k, top)}, per_shard)
 
-    async def _svmr_shards(self, req, binary, tokens, deadline: float) -> dict[str, Any]:
+    async def _svmr_shards(self, query: MomentsQuery, deadline: float) -> dict[str, Any]:
         """The shard that holds the video answers (the others say 404): its answer is
         returned as soon as it arrives."""
-        tasks = {asyncio.ensure_future(self._call("moments", req, binary, tokens, handle=h,
-                                                  budget_s=self.shard_deadline_s)): s for s, h in enumerate(self.shards)}
+        tasks = {asyncio.ensure_future(self._call("svmr", query, handle=h, budget_s=self.settings.shard_deadline_s)): s
+                 for s, h in enumerate(self.shards)}
         pending, answered = set(tasks), set()
         try:
             while pending:
@@ -424,7 +401,8 @@ class Gateway:
                 for t in done:
                     exc = t.exception()
                     if exc is None:
-                        return {**t.result(), "shards": len(tasks), "missing_shards": [], "partial": False}
+                        return {"k": query.k, "video": query.video, "results": t.result(), "shards": len(tasks),
+                                "missing_shards": [], "partial": False}
                     if isinstance(exc, RequestError) and exc.status == 404:
                         answered.add(tasks[t])
                     elif isinstance(exc, RequestError) and 400 <= exc.status < 500:
@@ -434,12 +412,10 @@ class Gateway:
                 t.cancel()
         missing = sorted(set(tasks.values()) - answered)
         if missing:
-            self.partial += 1
-            for s in missing:
-                self.missing_counts[s] += 1
-            raise RequestError(503, f"video {req.video[:80]!r} is in none of the shards that answered; shard(s) "
+            self._missing(missing)
+            raise RequestError(503, f"video {query.video[:80]!r} is in none of the shards that answered; shard(s) "
                                     f"{missing} did not answer in time: retry shortly")
-        raise RequestError(404, f"video {req.video[:80]!r}: not in the served corpus")
+        raise RequestError(404, f"video {query.video[:80]!r}: not in the served corpus")
 
     # ------------------------------------------------------------------ routes
 
@@ -463,30 +439,29 @@ class Gateway:
         first = next((i for i in per_shard if i is not None), None)
         if first is None:
             raise RequestError(503, "no shard of the index answered in time; retry shortly")
-        shards = [{"shard": s, "items": self.shard_items[s], "answering": i is not None,
+        items = self.settings.shard_items
+        shards = [{"shard": s, "items": items[s], "answering": i is not None,
                    "missing_from_answers": self.missing_counts[s],
                    **({k: i[k] for k in ("replica", "search", "gallery", "batching")} if i else {})}
                   for s, i in enumerate(per_shard)]
-        return {**{k: v for k, v in first.items() if k not in ("replica", "gallery", "batching", "shard")},
-                "gallery_size": sum(self.shard_items), "gallery": "sharded", "shards": shards,
+        return {**{k: v for k, v in first.items() if k not in ("replica", "gallery", "batching")},
+                "gallery_size": sum(items), "gallery": "sharded", "shards": shards,
                 "partial_answers": self.partial, **common}
 
     @api.post("/search", response_model=SearchResponse, openapi_extra=body_schema(SearchRequest))
     async def search(self, request: Request) -> Response:
         req, binary = await parse_request(request, SearchRequest)
+        query = await self._search_query(req, binary)
         if self.shards:
-            return JSONBytes(await self._search_shards(req, binary))
-        return JSONBytes(await self._call("search", req, binary))
+            return JSONBytes(await self._search_shards(query))
+        return JSONBytes({"modality": query.other, "k": query.k, "results": await self._call("search", query)})
 
     @api.post("/moments", response_model=MomentsResponse, openapi_extra=body_schema(MomentsRequest))
     async def moments(self, request: Request) -> Response:
         req, binary = await parse_request(request, MomentsRequest)
-        tokens = None
-        if req.text is not None and self.featuriser is not None and req.query is None and binary is None:
-            tokens = await self._call("", req.text, handle=self.featuriser)
-            binary = None
+        query = await self._moments_query(req, binary)
         if self.shards:
-            return JSONBytes(await self._moments_shards(req, binary, tokens))
-        if tokens is not None:
-            return JSONBytes(await self._call("moments", req, None, tokens))
-        return JSONBytes(await self._call("moments", req, binary))
+            return JSONBytes(await self._moments_shards(query))
+        if query.video is not None:
+            return JSONBytes({"k": query.k, "video": query.video, "results": await self._call("svmr", query)})
+        return JSONBytes({"k": query.k, "results": await self._call("moments", query)})

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import wave
+from typing import Any
 
 import numpy as np
 
@@ -20,17 +21,25 @@ WAV_RATES = (8000, 192000)
 MAX_WAV_CHANNELS = 8
 
 
-def audio_featuriser(manifest: Manifest):
-    """(role, featurise(bytes) -> array) for datasets built from audio, else None."""
+def audio_spec(manifest: Manifest) -> dict[str, Any] | None:
+    """{"role", "mel"} for datasets built from audio (the modality a WAV becomes, and its
+    log-mel parameters), else None: what the gateway's settings carry to featurise a WAV."""
     details = (manifest.source or {}).get("details", {}) if isinstance(manifest.source, dict) else {}
     mel = details.get("mel")
     if not mel:
         return None
+    return {"role": next((r for r, m in manifest.modalities.items() if m.name == "audio"), "b"), "mel": dict(mel)}
+
+
+def audio_featuriser(spec: dict[str, Any] | None):
+    """(role, featurise(bytes) -> array) for an ``audio_spec``, or None without one."""
+    if not spec:
+        return None
     from xmr.data.sources.audio import MelParams, log_mel, mel_filterbank, resample, trim_silence
 
-    params = MelParams(**mel)
+    params = MelParams(**spec["mel"])
     fbank = mel_filterbank(params)
-    role = next((r for r, m in manifest.modalities.items() if m.name == "audio"), "b")
+    role = spec["role"]
 
     def featurise(data: bytes) -> np.ndarray:
         try:

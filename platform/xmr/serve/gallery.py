@@ -12,7 +12,7 @@ from typing import Any
 
 from safetensors.numpy import load_file
 
-from xmr.checkpoint import CONFIG, fetch_checkpoint
+from xmr.checkpoint import fetch_checkpoint
 from xmr.config import Config
 from xmr.data.manifest import Manifest, load_manifest
 from xmr.method import load_model
@@ -36,20 +36,21 @@ class Loaded:
 
 def load_for_serving(checkpoint: str, gallery: str | None = None, split: str = "test", index: str | None = None,
                      approx: str = "auto", endpoint_url: str | None = None, ann=None,
-                     part: tuple[int, int] = (0, 1), model_cfg: tuple[Any, Config] | None = None) -> Loaded:
+                     part: tuple[int, int] = (0, 1), model_cfg: tuple[Any, Config] | None = None,
+                     cache_dir: str | None = None) -> Loaded:
     """Load a checkpoint (dir, run dir or s3://) and its gallery (a dataset split, or a saved
     index). ``part`` (i, n): encode only the i-th of n contiguous parts of the split (a shard
     of ``xmr index build --shards n``); ``model_cfg``: a model already loaded from
-    ``checkpoint`` (a shard builder encodes several shards with one)."""
+    ``checkpoint`` (a shard builder encodes several shards with one); ``cache_dir``: where
+    s3:// checkpoints and indexes are cached (the runtime's ``cache``)."""
     t0 = time.perf_counter()
-    local = fetch_checkpoint(checkpoint, endpoint_url=endpoint_url)
+    local = fetch_checkpoint(checkpoint, endpoint_url=endpoint_url, cache_dir=cache_dir)
     model, cfg = model_cfg or load_model(local)
     model.eval()
     fam = family_of(cfg)
-    shard = None
     if index:
-        manifest, g, meta = load_index(str(fetch_index(index, endpoint_url)), cfg)
-        root, shard = index, meta.get("shard")
+        manifest, g, _ = load_index(str(fetch_index(index, endpoint_url, cache_dir)), cfg)
+        root = index
     else:
         root = gallery or cfg.data.path
         manifest = load_manifest(root, endpoint_url=endpoint_url)
@@ -65,8 +66,6 @@ def load_for_serving(checkpoint: str, gallery: str | None = None, split: str = "
             "embed_dim": cfg.model.embed_dim, "input_dims": cfg.model.dims,
             "search": search,
             "build_s": round(time.perf_counter() - t0, 3), "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    if shard is not None:  # one shard of a sharded index: the search answers what the gateway merges
-        info["shard"] = shard
     return Loaded(model, cfg, manifest, g, info)
 
 
@@ -80,17 +79,20 @@ def shown(location: str) -> str:
 
 
 def save_index(out: str | Path, loaded: Loaded, recalls: dict[str, float]) -> Path:
-    """Write an encoded gallery to ``out`` (the family's arrays and items, and index.json)."""
+    """Write an encoded gallery to ``out`` (the family's arrays and items, and index.json with
+    what the application builder needs to serve it without the checkpoint: ``serving``)."""
+    from xmr.serve.served import serving_block
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     loaded.family.save_gallery(loaded.gallery, out)
     meta = {**loaded.info, "manifest": loaded.manifest.to_dict(), "approx_recall_at_10": recalls,
-            "format": "xmr-index-1"}
+            "serving": serving_block(loaded.cfg), "format": "xmr-index-1"}
     (out / "index.json").write_text(json.dumps(meta, indent=2, default=str))
     return out
 
 
-def fetch_index(uri: str, endpoint_url: str | None = None) -> Path:
+def fetch_index(uri: str, endpoint_url: str | None = None, cache_dir: str | None = None) -> Path:
     """A local folder for a saved index: ``uri`` itself, or an s3:// index downloaded once
     into a cache keyed by its URI (a shard's replicas fetch only their shard)."""
     import hashlib
@@ -98,6 +100,7 @@ def fetch_index(uri: str, endpoint_url: str | None = None) -> Path:
     import shutil
 
     from xmr.data import storage
+    from xmr.runtime import DEFAULT_CACHE
 
     if not storage.is_s3(uri):
         return Path(uri)
@@ -105,7 +108,7 @@ def fetch_index(uri: str, endpoint_url: str | None = None) -> Path:
         stamp = storage.read_bytes(storage.join(uri, "index.json"), endpoint_url=endpoint_url)
     except FileNotFoundError:
         raise ValueError(f"{uri}: no index.json there (not an xmr index)") from None
-    cache = Path(os.environ.get("XMR_CACHE", Path.home() / ".cache" / "xmr")) / "indexes"
+    cache = Path(cache_dir or DEFAULT_CACHE) / "indexes"
     local = cache / hashlib.sha1(uri.encode() + b"\0" + stamp).hexdigest()[:16]
     if not (local / "index.json").is_file():
         part = local.with_name(f"{local.name}.part-{os.getpid()}")
@@ -141,27 +144,3 @@ def text_encoder_of(manifest: Manifest) -> dict[str, Any] | None:
     source = manifest.source if isinstance(manifest.source, dict) else {}
     enc = (source.get("details") or {}).get("text_encoder")
     return enc if isinstance(enc, dict) and enc.get("name") else None
-
-
-def served_manifest(checkpoint: str, gallery: str | None = None, index: str | None = None,
-                    endpoint_url: str | None = None, **_: Any) -> Manifest:
-    """The manifest of the dataset an application will serve, read without loading the model
-    (the application builder decides from it which featurisers to deploy)."""
-    if index:
-        from xmr.data import storage
-
-        try:
-            return Manifest.from_dict(json.loads(storage.read_bytes(storage.join(index, "index.json"),
-                                                                    endpoint_url=endpoint_url))["manifest"])
-        except (OSError, ValueError, KeyError) as exc:
-            raise ValueError(f"{index}: not a readable xmr index ({exc})") from None
-    root = gallery
-    if root is None:
-        import yaml
-
-        local = fetch_checkpoint(checkpoint, endpoint_url=endpoint_url)
-        try:
-            root = (yaml.safe_load((Path(local) / CONFIG).read_text()) or {})["data"]["path"]
-        except (OSError, KeyError, TypeError, yaml.YAMLError) as exc:
-            raise ValueError(f"{checkpoint}: cannot read the checkpoint's data.path ({exc})") from None
-    return load_manifest(root, endpoint_url=endpoint_url)

@@ -105,7 +105,7 @@ class ShardEncoder:
         return {"summary": [json.dumps(r, default=float) for r in rows]}
 
 
-def quiet_ray_data() -> None:
+def quiet_ray_data(verbose: bool = False) -> None:
     """Ray Data's own lines (its plan, the logged progress a non-terminal gets, its progress
     bars on a terminal) in its log files only, unless ``--verbose``: xmr prints a line per
     shard with the items per second and an ETA. Ray Data configures its ``ray.data`` logger
@@ -115,7 +115,7 @@ def quiet_ray_data() -> None:
 
     import ray.data
 
-    if os.environ.get("XMR_VERBOSE") == "1":
+    if verbose:
         return
     ray.data.DataContext.get_current().enable_progress_bars = False
     for handler in logging.getLogger("ray.data").handlers:
@@ -126,7 +126,7 @@ def quiet_ray_data() -> None:
 def build_sharded(checkpoint: str, gallery: str | None, split: str, out: str, shards: int, *, approx: str = "auto",
                   ann_args: dict[str, Any] | None = None, endpoint_url: str | None = None,
                   address: str | None = None, workers: int = 0, cpus_per_worker: float = 1.0,
-                  gpu: bool = False) -> dict[str, Any]:
+                  gpu: bool = False, runtime=None) -> dict[str, Any]:
     """Build (or finish building) a sharded index; returns its ``shards.json``.
 
     The missing shards are encoded by a Ray Data job over the cluster (``workers`` model
@@ -137,7 +137,7 @@ def build_sharded(checkpoint: str, gallery: str | None, split: str, out: str, sh
 
     from xmr.checkpoint import fetch_checkpoint, load_checkpoint
     from xmr.data.manifest import load_manifest
-    from xmr.train.driver import ensure_ray
+    from xmr.ray.session import ensure_ray
 
     if shards < 1:
         raise ValueError(f"--shards {shards}: at least 1")
@@ -169,8 +169,9 @@ def build_sharded(checkpoint: str, gallery: str | None, split: str, out: str, sh
     job = {"gallery": root, "split": split, "out": out, "shards": shards, "approx": approx, "ann_args": ann_args}
     summaries: dict[int, dict[str, Any]] = {}
     if todo:
-        ensure_ray(address, dashboard=False, driver_logs=os.environ.get("XMR_VERBOSE") == "1")
-        quiet_ray_data()
+        verbose = bool(runtime and runtime.verbose)  # --verbose: Ray's and Ray Data's own lines too
+        ensure_ray(address, runtime=runtime, dashboard=False, driver_logs=verbose)
+        quiet_ray_data(verbose)
         n_workers = workers or max(1, min(len(todo), int(ray.cluster_resources().get("CPU", 1) // cpus_per_worker)))
         ds = ray.data.from_items([{"shard": i} for i in todo], override_num_blocks=len(todo))
         ds = ds.map_batches(ShardEncoder, batch_size=1, compute=ray.data.ActorPoolStrategy(size=n_workers),

@@ -52,22 +52,11 @@ class RequestError(Exception):
         return RequestError, (self.status, self.message)
 
 
-class Refused:
-    """A client's error returned by a replica as a value, not raised: Serve logs every
-    exception a replica raises as an ERROR with its traceback, and a bad query is the
-    client's doing, not the server's. The gateway turns it back into a ``RequestError``."""
-
-    __slots__ = ("status", "message")
-
-    def __init__(self, status: int, message: str) -> None:
-        self.status, self.message = int(status), str(message)
-
-    def __reduce__(self):  # crosses from the replica to the gateway
-        return Refused, (self.status, self.message)
-
-
-def refusals_returned(method):
-    """A replica method whose ``RequestError`` comes back as a ``Refused`` value."""
+def errors_returned(method):
+    """A replica method whose client error (``RequestError``) is returned as a value, not
+    raised: Serve logs every exception a replica raises as an ERROR with its traceback, and a
+    client's mistake is not the server's. The gateway raises it again (``Gateway._call``),
+    so one error type travels from wherever it arose to the client."""
     import functools
     import inspect
 
@@ -77,7 +66,7 @@ def refusals_returned(method):
             out = method(*args, **kwargs)
             return await out if inspect.isawaitable(out) else out
         except RequestError as exc:
-            return Refused(exc.status, exc.message)
+            return exc
 
     return wrapper
 

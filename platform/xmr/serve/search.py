@@ -28,13 +28,15 @@ def search_items(items: list[tuple]) -> list[list[dict[str, Any]]]:
     return out
 
 
-def moments_items(items: list[tuple]) -> list[list[dict[str, Any]]]:
-    """items: (loaded, token array [T, d], k) -> top-k (video, start, end, score) over the corpus."""
+def moments_items(items: list[tuple], with_videos: bool = False) -> list[Any]:
+    """items: (loaded, token array [T, d], k) -> top-k (video, start, end, score) over the corpus;
+    ``with_videos`` (a shard of a sharded index, by its settings): each answer is ``{"results",
+    "videos"}``, the moments and the shard's top videos with their scores, what the gateway merges."""
     out: list[Any] = [None] * len(items)
     for idx in _groups(items).values():
         st: Loaded = items[idx[0]][0]
         rows = st.family.moments(st.model, st.gallery, st.cfg, st.manifest.clip_len or 1.0, [items[i][1:] for i in idx],
-                                 with_videos="shard" in st.info)
+                                 with_videos=with_videos)
         for i, hits in zip(idx, rows):
             out[i] = hits
     return out

@@ -6,13 +6,14 @@ environment (the key, in ``xmr serve``, becomes ``api_key_sha256`` before anythi
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from xmr.config import ConfigError, build_section
+from xmr.runtime import variables_set
 
 # Where the retriever's data comes from: passed to ``load_for_serving`` as they are.
-LOAD_FIELDS = ("checkpoint", "gallery", "split", "index", "approx", "endpoint_url")
+LOAD_FIELDS = ("checkpoint", "gallery", "split", "index", "approx", "endpoint_url", "cache_dir")
 
 
 @dataclass
@@ -31,6 +32,7 @@ class ServeSettings:
     index: str | None = None  # a saved ``xmr index build`` folder instead of encoding the gallery
     approx: Literal["auto", "on", "off"] = "auto"
     endpoint_url: str | None = None
+    cache_dir: str | None = None  # where replicas cache s3:// checkpoints and indexes; default ~/.cache/xmr
     replicas: int = 1  # retriever replicas (the gateway follows), unless autoscaling
     autoscaling: Autoscaling | None = None
     max_ongoing_requests: int = 64  # per retriever replica; at least batch_size
@@ -76,7 +78,7 @@ def serve_settings(args: dict[str, Any]) -> ServeSettings:
     (replicas do not run in this process's directory)."""
     if not isinstance(args, dict):
         raise ConfigError(f"application args: expected a mapping, got {type(args).__name__}")
-    retired = sorted(name for name in RETIRED_ENV if name in os.environ)
+    retired = variables_set(RETIRED_ENV)
     _require(not retired, "; ".join(f"{name} is no longer read: set the application arg {RETIRED_ENV[name]} "
                                     f"(xmr.serve.settings.ServeSettings)" for name in retired))
     s: ServeSettings = build_section(ServeSettings, args)
@@ -102,11 +104,79 @@ def serve_settings(args: dict[str, Any]) -> ServeSettings:
     d = s.api_key_sha256
     _require(d is None or (len(d) == 64 and all(c in "0123456789abcdef" for c in d)),
              "api_key_sha256: expected the key's SHA-256 as 64 lowercase hex digits")
-    for key in ("checkpoint", "gallery", "index"):
+    for key in ("checkpoint", "gallery", "index", "cache_dir"):
         value = getattr(s, key)
         if value is not None and not str(value).startswith("s3://"):
             setattr(s, key, os.path.abspath(str(value)))
     return s
+
+
+@dataclass
+class RetrieverSettings:
+    """One retriever deployment's settings (its ``user_config``), parsed on the replica by the
+    config machinery: where its gallery comes from, which shard it is, how it batches."""
+
+    checkpoint: str = ""
+    gallery: str | None = None
+    split: str = "test"
+    index: str | None = None  # the index folder it serves: the whole index, or its shard's folder
+    approx: Literal["auto", "on", "off"] = "auto"
+    endpoint_url: str | None = None
+    cache_dir: str | None = None
+    # Its position in a sharded index (``xmr index build --shards``); None: the whole gallery.
+    # A shard answers k up to its own size (the gateway checked k against the whole gallery).
+    shard: int | None = None
+    batch_size: int = 32
+    batch_wait_s: float = 0.01
+    inline_lone: bool = True
+    threads: int = 0
+
+    def load_args(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in LOAD_FIELDS if getattr(self, k) is not None}
+
+
+@dataclass
+class GatewaySettings:
+    """The gateway's settings (its ``user_config``), parsed on the replica by the config
+    machinery. ``contract`` is what the endpoint serves (``xmr.serve.contract.served_contract``:
+    route, shapes, gallery size), against which the gateway checks every query once;
+    ``audio`` the dataset's featuriser (``xmr.serve.featurise.audio_spec``) or None."""
+
+    api_key_sha256: str | None = None
+    body_timeout_s: float = 10.0
+    retries: int = 8
+    retry_budget_s: float = 20.0
+    shard_deadline_s: float = 5.0
+    shard_items: list[int] = field(default_factory=list)  # a sharded index: each shard's items, in order
+    top_videos: int = 100  # VCMR: the videos one index ranks moments within (``model.top_videos``)
+    contract: dict[str, Any] | None = None
+    audio: dict[str, Any] | None = None
+
+
+def retriever_settings(s: ServeSettings, index: str | None = None, shard: int | None = None) -> dict[str, Any]:
+    """A retriever deployment's ``user_config`` from the app's settings (a plain mapping: it
+    travels through Serve; the replica types it again with ``parsed``)."""
+    out = RetrieverSettings(**{k: getattr(s, k) for k in LOAD_FIELDS}, shard=shard, batch_size=s.batch_size,
+                            batch_wait_s=s.batch_wait_s, inline_lone=s.inline_lone, threads=s.threads)
+    if index is not None:
+        out.index = index
+    return asdict(out)
+
+
+def gateway_settings(s: ServeSettings, contract: dict[str, Any], audio: dict[str, Any] | None,
+                     shard_items: list[int] | None = None, top_videos: int = 100) -> dict[str, Any]:
+    """The gateway's ``user_config`` from the app's settings and what the app serves."""
+    return asdict(GatewaySettings(api_key_sha256=s.api_key_sha256, body_timeout_s=s.body_timeout_s,
+                                  retries=s.retries, retry_budget_s=s.retry_budget_s,
+                                  shard_deadline_s=s.shard_deadline_s, shard_items=list(shard_items or []),
+                                  top_videos=top_videos, contract=contract, audio=audio))
+
+
+def parsed(cls: type, user_config: dict[str, Any]) -> Any:
+    """A deployment's ``user_config`` typed on its replica (an error names the field)."""
+    if not isinstance(user_config, dict):
+        raise ConfigError(f"{cls.__name__}: expected a mapping, got {type(user_config).__name__}")
+    return build_section(cls, user_config)
 
 
 def replica_options(s: ServeSettings) -> dict[str, Any]:
