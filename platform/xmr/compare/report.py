@@ -13,6 +13,7 @@ from typing import Any
 
 import pandas as pd
 
+from xmr.compare.claims_table import claims_block
 from xmr.compare.results import Comparison, metric_columns
 from xmr.compare.stats import ALPHA
 from xmr.machine import describe
@@ -62,7 +63,8 @@ def _data_line(c: Comparison) -> str:
     spec = c.spec
     synth = spec.dataset.get("synth")
     splits = ", ".join(f"{k} {v}" for k, v in c.notes.get("splits", {}).items())
-    what = f"generated: `{json.dumps(synth, sort_keys=True)}`" if synth else "as shipped"
+    made = "cut from real data, nothing planted" if spec.data_kind == "real" else "generated"
+    what = f"{made}: `{json.dumps(synth, sort_keys=True)}`" if synth else "as shipped"
     line = f"`{spec.dataset['path']}` ({what}); split sizes {splits}"
     if spec.map is not None:
         line += f"; claim map over **{spec.map.label}** (`{spec.map.property}`) = {spec.map.levels}"
@@ -165,6 +167,10 @@ def markdown(c: Comparison, machine: str | None = None) -> str:
     lines = [f"## {spec.name}", "", f"**Claim.** {spec.claim}", ""]
     if spec.premise:
         lines += [f"**Premise true by construction.** {spec.premise}", ""]
+    if spec.data_from:
+        lines += [f"**Where the data come from.** {spec.data_from}", ""]
+    if spec.not_testable:
+        lines += [f"**Not testable here.** {spec.not_testable}", ""]
     lines += [f"**Data.** {_data_line(c)}.", ""]
     train = (f"each variant trains up to {spec.max_epochs} epochs" if spec.max_epochs else "each variant trains its preset's epochs")
     if spec.patience:
@@ -305,6 +311,13 @@ def _overview(sections: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
+def _page(head: str, notes: str, sections: dict[str, str]) -> str:
+    """The page: its head, the claims table of the five papers (verdicts read from the
+    sections), the hand-written notes, the overview of every spec's verdicts, the sections."""
+    body = "\n".join(sections.values())
+    return head + "\n" + claims_block(body) + notes + "\n" + _overview(sections) + "\n" + body
+
+
 def update_report(report: str | Path, c: Comparison, wall_note: str | None = None) -> None:
     """Replace (or add) this comparison's section of a results page, keep the others, and
     rebuild the overview table of every section's verdicts."""
@@ -312,8 +325,8 @@ def update_report(report: str | Path, c: Comparison, wall_note: str | None = Non
     text = report.read_text() if report.is_file() else ""
     sections = {m.group("name"): m.group(0) for m in _SECTION.finditer(text)}
     sections[c.spec.name] = _section(c)
-    head = PAGE_HEAD + (f"\n{wall_note}\n" if wall_note else "") + _notes_of(text)
-    report.write_text(head + "\n" + _overview(sections) + "\n" + "\n".join(sections.values()))
+    head = PAGE_HEAD + (f"\n{wall_note}\n" if wall_note else "")
+    report.write_text(_page(head, _notes_of(text), sections))
     (report.parent / f"{c.spec.name}.png").write_bytes(plot(c))
 
 
@@ -322,7 +335,6 @@ def write_page(report: str | Path, comparisons: list[Comparison], wall_note: str
     report = Path(report)
     sections = {c.spec.name: _section(c) for c in comparisons}
     notes = _notes_of(report.read_text()) if report.is_file() else ""
-    report.write_text(PAGE_HEAD + f"\n{wall_note}\n" + notes + "\n" + _overview(sections) + "\n"
-                      + "\n".join(sections.values()))
+    report.write_text(_page(PAGE_HEAD + f"\n{wall_note}\n", notes, sections))
     for c in comparisons:
         (report.parent / f"{c.spec.name}.png").write_bytes(plot(c))

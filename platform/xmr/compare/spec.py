@@ -30,6 +30,8 @@ several levels of one property of the (synthetic) data.
       mixer: {preset: mixer_mae, pretrain: {preset: mixer_mae_pretrain}}
       again: {preset: sccmrl, tuning_seed: 7}   # its own tuning draws (an A/A across draws)
     claims: [sccmrl > triplet]
+    data_from: real images (sklearn's digits) cut in two halves; nothing planted   # optional, in words
+    not_testable: the real benchmark's features are not on this machine   # optional: what cannot be tested here
     map:                                    # optional: a claim map
       property: offset_scale                # a key of dataset.synth (dotted for nested keys)
       levels: [0.0, 1.0, 3.0]
@@ -53,12 +55,13 @@ from xmr.tune.space import Param, SpaceError, parse_param
 SPEC_DIR = Path(__file__).resolve().parent / "specs"
 _CLAIM = re.compile(r"^\s*([\w.\-]+)\s*(>|<)\s*([\w.\-]+)\s*$")
 _KEYS = {"name", "claim", "premise", "dataset", "metric", "seeds", "common", "variants", "claims", "expect", "split",
-         "training", "tuning", "map", "equivalence_margin", "cannot_separate"}
+         "training", "tuning", "map", "equivalence_margin", "cannot_separate", "data_from", "not_testable"}
 TRENDS = ("increasing", "decreasing")
 DEFAULT_MIN_GAIN = 0.001  # metric units: a last epoch this much better than every earlier one is "still improving"
 # Every level of a claim map tunes in every replicate: a choice made at one level and reused
 # at the others would make each verdict conditional on it (the old "middle_level").
 TUNING_AT = ("every_level",)
+REAL_KINDS = ("digits_views",)  # dataset.synth kinds that cut real data rather than generate it
 
 
 @dataclass
@@ -108,6 +111,19 @@ class ComparisonSpec:
     # Where the data cannot separate the variants whatever they do (e.g. every objective at the
     # ceiling), said before any run: verdicts there measure the ceiling, not the methods.
     cannot_separate: str = ""
+    # Where the data come from (real, generated, or part of each) in words, and what part of
+    # the claim this machine's data cannot test and why (e.g. it needs features it lacks).
+    data_from: str = ""
+    not_testable: str = ""
+
+    @property
+    def data_kind(self) -> str:
+        """``real`` (a real dataset cut or sized, nothing planted), ``generated`` (a synthetic
+        recipe) or ``shipped`` (a dataset on disk: its ``data_from`` says what it is)."""
+        synth = self.dataset.get("synth")
+        if not synth:
+            return "shipped"
+        return "real" if synth.get("kind") in REAL_KINDS else "generated"
 
     def tuning_seed_of(self, variant: str) -> int:
         own = self.variants[variant].tuning_seed
@@ -241,7 +257,9 @@ def load_spec(name_or_path: str, data_path: str | None = None, seeds: int | None
                           extend=_int(training, "extend", 2, "training"), equivalence_margin=margin,
                           margin_reason=reason, min_gain=float(min_gain), widen=_int(tuning, "widen", 1, "tuning"),
                           map=claim_map, source=str(path), premise=" ".join(str(raw.get("premise") or "").split()),
-                          cannot_separate=" ".join(str(raw.get("cannot_separate") or "").split()))
+                          cannot_separate=" ".join(str(raw.get("cannot_separate") or "").split()),
+                          data_from=" ".join(str(raw.get("data_from") or "").split()),
+                          not_testable=" ".join(str(raw.get("not_testable") or "").split()))
 
 
 def _margin(raw: Any, path: Path) -> tuple[float, str]:
