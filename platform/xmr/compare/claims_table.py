@@ -146,7 +146,7 @@ def _row_text(row: dict[str, Any]) -> str:
     level = row.get("level")
     at = "" if level is None or (isinstance(level, float) and level != level) else f" at {level}"
     mean = row.get("mean")
-    diff = f" {mean:+.3f}" if isinstance(mean, (int, float)) and mean == mean else ""
+    diff = f" {mean + 0.0:+.3f}".replace("-0.000", "+0.000") if isinstance(mean, (int, float)) and mean == mean else ""
     small = ", smaller than δ" if row.get("small") else ""
     return f"{row['verdict']}{small}{diff}{at}"
 
