@@ -541,3 +541,170 @@ def test_a_stored_result_is_reused_only_for_its_own_job(tmp_path):
     check_stored({"a": other_config}, runs)
     with pytest.raises(SpecError, match="values"):
         check_stored({"a": other_draw}, runs)
+
+
+def test_successive_halving_rungs_and_survivors():
+    """The rung arithmetic (rungs below the cap, 1/eta kept, rounded up) and the survivor
+    choice (best validation, ties to the earlier candidate, failed ones never continue); then
+    the stages on scores known in advance: every variant of a replicate gets the same rungs
+    and keeps as many, rung jobs carry the rung, a dropped candidate has no job to the cap,
+    and the last survivor is the best at the last rung."""
+    from xmr.compare.halving import Halving, rung_id, successive_halving, survivors
+
+    h = Halving(eta=3, first_rung=3)
+    assert h.rungs(30) == [3, 9, 27] and h.rungs(9) == [3] and h.rungs(3) == [] and h.rungs(60) == [3, 9, 27]
+    assert [h.keep(n) for n in (1, 2, 3, 4, 6, 7)] == [1, 1, 1, 2, 2, 3]
+    assert Halving(eta=2, first_rung=5).rungs(30) == [5, 10, 20]
+    scores = {"c0": 0.5, "c1": 0.7, "c2": 0.7, "c3": math.nan}
+    assert survivors(["c0", "c1", "c2", "c3"], scores, 2, 1.0) == ["c1", "c2"]
+    assert survivors(["c0", "c1", "c2", "c3"], scores, 1, 1.0) == ["c1"]  # a tie: the earlier candidate
+    assert survivors(["c0", "c1", "c2", "c3"], scores, 1, -1.0) == ["c0"]  # lower is better
+    assert survivors(["c3"], scores, 1, 1.0) == []
+
+    # 2 variants x 2 replicates x 4 candidates; a candidate's validation score at epoch e is
+    # known in advance: it levels off at its own plateau, so the rung order is the final one
+    plateau = {0: 0.40, 1: 0.55, 2: 0.50, 3: 0.30}
+    jobs = {f"{v}-r{r}-c{i}": {"variant": v, "seed": r, "level": None, "candidate": i, "run": f"{v}-r{r}-c{i}",
+                               "config": {"optim": {"epochs": 30}}}
+            for v in ("a", "b") for r in (0, 1) for i in range(4)}
+    stages = []
+
+    def run(stage_jobs, k):
+        stages.append(stage_jobs)
+        out = {}
+        for job_id, job in stage_jobs.items():
+            epochs = job.get("until") or 20  # to the cap: patience ends it at 20
+            out[job_id] = {"val_score": plateau[job["candidate"]] * (1 - 0.5 ** epochs), "epochs": epochs}
+        return out
+
+    ran, results = successive_halving(jobs, h, run, lambda job: 1.0)
+    assert [sorted({j.get("until") for j in s.values()}, key=str) for s in stages] == [[3], [9], [None]]
+    assert len(stages[0]) == 16 and len(stages[1]) == 8 and len(stages[2]) == 4  # 4 -> 2 -> 1 per group
+    for (v, r) in [("a", 0), ("a", 1), ("b", 0), ("b", 1)]:
+        assert sorted(j["candidate"] for j in stages[1].values() if (j["variant"], j["seed"]) == (v, r)) == [1, 2]
+        assert rung_id(f"{v}-r{r}-c1", 9) in ran and f"{v}-r{r}-c1" in ran  # resumed, then to the cap
+        assert f"{v}-r{r}-c0" not in ran and f"{v}-r{r}-c2" not in ran  # dropped at a rung
+    assert set(results) == set(ran)
+    trained = 16 * 3 + 8 * 6 + 4 * (20 - 9)
+    assert trained < 16 * 20  # 140 epochs instead of 320
+    ran_all, _ = successive_halving(jobs, None, lambda stage_jobs, k: run(stage_jobs, k), lambda job: 1.0)
+    assert set(ran_all) == set(jobs)  # off: every candidate to the cap, one stage
+    one = {k: j for k, j in jobs.items() if j["candidate"] == 0}
+    stages.clear()
+    successive_halving(one, h, run, lambda job: 1.0)
+    assert len(stages) == 1 and all("until" not in j for j in stages[0].values())  # one candidate: no rung
+
+
+def test_halving_in_the_spec(tmp_path):
+    """``tuning.halving``: the default, its own numbers, ``off``, and errors that name the field."""
+    from xmr.compare.halving import Halving
+
+    variants = {"a": {"preset": "sccmrl"}}
+    assert load_spec(_spec_file(tmp_path / "d.yaml", variants)).halving == Halving(3, 3)
+    tuning = {"trials": 3, "params": {"optim.lr": {"type": "loguniform", "low": 1e-4, "high": 3e-3}}}
+    own = load_spec(_spec_file(tmp_path / "o.yaml", variants, tuning={**tuning, "halving": {"eta": 2, "first_rung": 5}}))
+    assert own.halving == Halving(2, 5)
+    (tmp_path / "off.yaml").write_text(Path(_spec_file(tmp_path / "off.yaml", variants, tuning=tuning)).read_text()
+                                       .replace("tuning:\n", "tuning:\n  halving: off\n", 1))
+    assert load_spec(str(tmp_path / "off.yaml")).halving is None
+    with pytest.raises(SpecError, match=r"tuning\.halving\.eta = 1"):
+        load_spec(_spec_file(tmp_path / "e.yaml", variants, tuning={**tuning, "halving": {"eta": 1}}))
+    with pytest.raises(SpecError, match=r"tuning\.halving"):
+        load_spec(_spec_file(tmp_path / "k.yaml", variants, tuning={**tuning, "halving": {"rungs": 3}}))
+
+
+def test_a_run_paused_at_a_rung_resumes_as_the_same_run(tmp_path, tiny_category_dataset):
+    """A candidate paused at a rung and resumed from its run folder trains exactly the run it
+    would have trained without the pause (one schedule over the cap, the same batches): the
+    same validation score at every epoch; the rung's result sees only the epochs up to it."""
+    from xmr.compare.jobs import train_candidate
+    from xmr.config import load_config
+
+    def cfg(name):
+        c = load_config("sccmrl", [f"data.path={tiny_category_dataset}", "model.embed_dim=8", "model.hidden_dim=16",
+                                   "data.batch_size=16", "optim.epochs=4", "optim.patience=0", "tracking.enabled=false",
+                                   f"storage.root={tmp_path}", f"storage.run_name={name}"])
+        return c
+
+    straight, history = train_candidate(cfg("straight"), None)
+    paused, early = train_candidate(cfg("paused"), None, until=2)
+    assert paused["epochs"] == 2 and [r["epoch"] for r in early if r["epoch"] >= 1] == [1, 2]
+    resumed, later = train_candidate(cfg("paused"), None)
+    metric = "map_mean"
+    assert straight["epochs"] == resumed["epochs"] == 4
+    assert [r[metric] for r in later if r["epoch"] >= 1] == pytest.approx([r[metric] for r in history if r["epoch"] >= 1])
+    assert resumed["val_score"] == pytest.approx(straight["val_score"])
+    assert paused["val_score"] == pytest.approx(max(r[metric] for r in history if 1 <= r["epoch"] <= 2))
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(900)
+def test_halving_trains_fewer_epochs_and_still_picks_by_validation(tmp_path, monkeypatch):
+    """The same small spec with and without successive halving, on the local Ray: with it the
+    stored jobs trained fewer epochs (every run to the cap without it: 2 variants x 2
+    replicates x 3 candidates x 8 epochs; with it 3 x 2 epochs, then the best at epoch 2 on
+    to 8, per group); the candidate that went on is the best at the rung by validation in
+    every group (each variant offered the same candidates), and it is the chosen run; its
+    resumed run is the run trained without a pause (the same validation score every epoch); a
+    rerun into the same storage trains nothing again."""
+    import ray
+
+    from xmr.compare.runner import run_comparison
+
+    monkeypatch.chdir(tmp_path)
+    raw = {"name": "halved", "dataset": {"path": "data", "synth": {"kind": "category", "n_classes": 4,
+                                                                   "splits": {"train": 96, "val": 48, "test": 48},
+                                                                   "seed": 2}},
+           "metric": "map_mean", "seeds": 2,
+           "common": ["data.batch_size=32", "model.embed_dim=16", "model.hidden_dim=32"],
+           "training": {"max_epochs": 8, "patience": 20, "extend": 0},  # every run to its cap: known epochs
+           "tuning": {"trials": 3, "widen": 0, "halving": {"eta": 3, "first_rung": 2},
+                      "params": {"optim.lr": {"type": "loguniform", "low": 3.0e-4, "high": 1.0e-2}}},
+           "variants": {"sccmrl": {"preset": "sccmrl"}, "triplet": {"preset": "triplet_category"}},
+           "claims": ["sccmrl > triplet"]}
+    on_path, off_path = tmp_path / "on.yaml", tmp_path / "off.yaml"
+    on_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    off_path.write_text(yaml.safe_dump({**raw, "tuning": {**raw["tuning"], "halving": False}}, sort_keys=False))
+    try:
+        on = run_comparison(load_spec(str(on_path)), "on", concurrency=2)
+        off = run_comparison(load_spec(str(off_path)), "off", concurrency=2)
+        again = run_comparison(load_spec(str(on_path)), "on", concurrency=2)
+    finally:
+        ray.shutdown()
+    runs_on, runs_off = tmp_path / "on" / "halved" / "runs", tmp_path / "off" / "halved" / "runs"
+
+    def stored(folder, name):
+        path = folder / name
+        return json.loads(path.read_text())["metrics"] if path.is_file() else None
+
+    epochs_on = epochs_off = 0
+    for variant in ("sccmrl", "triplet"):
+        for r in (0, 1):
+            names = [f"{variant}-r{r}-c{i}" for i in range(3)]
+            rung = {n: stored(runs_on / n, "rung-2.json") for n in names}
+            assert all(m is not None and m["epochs"] == 2 for m in rung.values())
+            best = max(names, key=lambda n: (rung[n]["val_score"], -names.index(n)))
+            final = {n: stored(runs_on / n, "result.json") for n in names}
+            assert [n for n in names if final[n] is not None] == [best]  # only the rung's best went on
+            assert final[best]["epochs"] == 8
+            epochs_on += 3 * 2 + (8 - 2)
+            full = {n: stored(runs_off / n, "result.json") for n in names}
+            assert all(m["epochs"] == 8 for m in full.values())
+            epochs_off += 3 * 8
+            # resumed at the rung, it is the run trained straight through
+            assert final[best]["val_score"] == pytest.approx(full[best]["val_score"])
+            paused = pd.read_csv(runs_on / best / "metrics.csv")["map_mean"].tolist()
+            straight = pd.read_csv(runs_off / best / "metrics.csv")["map_mean"].tolist()
+            assert paused == pytest.approx(straight)
+            chosen = on.tuning[(on.tuning["variant"] == variant) & (on.tuning["replicate"] == r) & on.tuning["chosen"]]
+            assert chosen["candidate"].tolist() == [names.index(best)]
+            dropped = on.tuning[(on.tuning["variant"] == variant) & (on.tuning["replicate"] == r)
+                                & ~on.tuning["chosen"]]
+            assert dropped["dropped_at"].tolist() == [2, 2] and (dropped["epochs"] == 2).all()
+    assert on.notes["tuning_epochs"] == epochs_on == 48 and off.notes["tuning_epochs"] == epochs_off == 96
+    assert on.notes["halving"] == {"eta": 3, "first_rung": 2} and off.notes["halving"] == "off"
+    offered = on.tuning.groupby(["replicate", "variant"])["optim.lr"].apply(sorted).unstack()
+    assert offered["sccmrl"].tolist() == offered["triplet"].tolist()  # the same candidates in both variants
+    # a rerun into the same storage keeps every finished job: the same results, none trained again
+    assert again.runs["val_score"].tolist() == on.runs["val_score"].tolist()
+    assert again.runs["wall_s"].tolist() == pytest.approx(on.runs["wall_s"].tolist())

@@ -7,7 +7,10 @@ Each job is a Ray Tune trial trained by the sweeps' runner (``xmr.tune.trials.ru
 in the trial's process for one worker, a ``TorchTrainer`` for more), so a comparison
 measures exactly what a sweep does. Every job is a run folder with its ``result.json``, so
 a comparison rerun with the same storage keeps the jobs that finished (and refuses a stored
-result that is another job's: ``check_stored``).
+result that is another job's: ``check_stored``). With successive halving
+(``xmr.compare.halving``) a candidate's run folder also holds a ``rung-<epochs>.json`` per
+rung it paused at: a **rung** job trains the run up to that epoch (resuming it from its
+folder after the first rung), so a rerun keeps the rungs that finished too.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from xmr.runtime import Runtime
 from xmr.train.runfs import RunDir
 
 RESULT = "result.json"
+PRETRAINED = "pretrain.json"  # a run's finished pre-training: (its epochs) a later rung reuses it
 
 
 def slug(name: str) -> str:
@@ -43,35 +47,89 @@ def last_gain(history: list[dict[str, Any]], metric: str, mode: str) -> float:
     return sign * (values[-1] - (min(values[:-1]) if mode == "min" else max(values[:-1])))
 
 
-def train_candidate(cfg, pretrain, runtime: Runtime | None = None) -> tuple[dict[str, Any], list[dict]]:
+def train_candidate(cfg, pretrain, runtime: Runtime | None = None,
+                    until: int | None = None) -> tuple[dict[str, Any], list[dict]]:
     """Train ``cfg`` (after ``pretrain``, if any) with the sweeps' runner: (its best validation
-    score, epochs run, best epoch and the last epoch's gain (``last_gain``); its history)."""
-    import tempfile
+    score, epochs run, best epoch and the last epoch's gain (``last_gain``); its history).
 
-    from xmr.checkpoint import save_checkpoint
+    ``until``: a rung of successive halving (``xmr.compare.halving``): the run pauses after
+    that epoch, its checkpoint kept in its run folder, and is scored on the epochs up to it;
+    a later rung, or the run to the cap, resumes it there (same config, so the same schedule,
+    decaying over the cap). Its pre-training runs once, before its first epoch."""
     from xmr.tasks import family_of
-    from xmr.train.driver import prepare
-    from xmr.train.fit import LocalHooks, fit
+    from xmr.train.driver import read_run
+    from xmr.train.step import best_epoch
     from xmr.tune.trials import run_trial
 
     t0 = time.perf_counter()
-    extra: dict[str, Any] = {}
-    if pretrain is not None:  # its own schedule; its best-on-validation weights start the run
+    extra = _pretrained(cfg, pretrain, runtime) if pretrain is not None else {}
+    metric = cfg.storage.checkpoint_metric or family_of(cfg).main_metric
+    mode = cfg.storage.checkpoint_mode
+    try:
+        result = run_trial(cfg, score_untrained=False, verbose=False, report=False, runtime=runtime,
+                           hooks=_rung_hooks(until) if until else None)
+    except RungReached:
+        result = read_run(cfg, metric, mode)
+    best = result.best or {}
+    history = result.history
+    if until:  # only what the rung allows, also where an earlier attempt trained past it
+        history = [row for row in history if row.get("epoch", 0) <= until]
+        epoch = best_epoch(history, metric, mode)
+        best = {"value": next(r[metric] for r in history if r.get("epoch") == epoch), "epoch": epoch} if epoch else {}
+    trained = [row for row in history if row.get("epoch", 0) >= 1]
+    return {"val_score": float(best.get("value", math.nan)), **extra, "best_epoch": best.get("epoch"),
+            "epochs": len(trained), "last_gain": last_gain(history, metric, mode),
+            "wall_s": time.perf_counter() - t0, "finished_at": time.time()}, history
+
+
+class RungReached(Exception):
+    """A candidate paused at its rung (``train_candidate``'s ``until``): the epoch's checkpoint,
+    ``metrics.csv`` and ``best.json`` are in its run folder, for the next rung to resume."""
+
+
+def _rung_hooks(until: int):
+    """The local hooks of a one-worker trial, pausing the run once epoch ``until`` is recorded
+    (its MLflow run, if any, is closed first; a resumed run continues it)."""
+    from xmr.train.fit import LocalHooks
+
+    class RungHooks(LocalHooks):
+        worker = None
+
+        def report(self, w, row, directory, name) -> None:
+            super().report(w, row, directory, name)
+            self.worker = w
+
+        def recorded(self, row: dict[str, Any]) -> None:
+            if int(row.get("epoch", 0)) >= until:
+                if self.worker is not None:
+                    self.worker.tracker.finish()
+                raise RungReached(f"paused after epoch {row.get('epoch')} (rung {until})")
+
+    return RungHooks(verbose=False)
+
+
+def _pretrained(cfg, pretrain, runtime: Runtime | None) -> dict[str, Any]:
+    """Pre-train once, beside the run (a stable path: a resumed comparison, or a later rung,
+    relaunches the run with the same config) and start the run from its best-on-validation
+    weights; a run whose pre-training finished (``PRETRAINED`` in its folder) reuses it."""
+    import tempfile
+
+    from xmr.checkpoint import save_checkpoint
+    from xmr.train.driver import prepare
+    from xmr.train.fit import LocalHooks, fit
+
+    run = RunDir(cfg.storage.root, cfg.storage.run_name, cfg.data.endpoint_url)
+    target = run.uri("pretrained")
+    done = run.read_text(PRETRAINED)
+    if not done:
         with tempfile.TemporaryDirectory(prefix="xmr-compare-") as tmp:
             pre, _, _ = prepare(pretrain, run_name="pretrain")
             pre_run = fit(pre, LocalHooks(verbose=False), score_untrained=False, keep_best=True, runtime=runtime)
-            # beside the run (a stable path: a resumed comparison relaunches the run with the same config)
-            target = RunDir(cfg.storage.root, cfg.storage.run_name, cfg.data.endpoint_url).uri("pretrained")
             _store(save_checkpoint(f"{tmp}/pretrained", pre_run.method, pre), target)
-        cfg.model.pretrained = target
-        extra["pretrain_epochs"] = len(pre_run.history)
-    result = run_trial(cfg, score_untrained=False, verbose=False, report=False, runtime=runtime)
-    metric = cfg.storage.checkpoint_metric or family_of(cfg).main_metric
-    best = result.best or {}
-    trained = [row for row in result.history if row.get("epoch", 0) >= 1]
-    return {"val_score": float(best.get("value", math.nan)), **extra, "best_epoch": best.get("epoch"),
-            "epochs": len(trained), "last_gain": last_gain(result.history, metric, cfg.storage.checkpoint_mode),
-            "wall_s": time.perf_counter() - t0, "finished_at": time.time()}, result.history
+        done = json.dumps({"pretrain_epochs": len(pre_run.history)})
+        run.write_text(PRETRAINED, done)
+    cfg.model.pretrained = target
+    return json.loads(done)
 
 
 def score_chosen(job: dict[str, Any], runs_root: str, runtime: Runtime | None = None) -> dict[str, Any]:
@@ -114,7 +172,7 @@ def _numbers(metrics: dict[str, Any]) -> dict[str, float]:
 def run_job(job: dict[str, Any], runs_root: str, runtime: Runtime | None = None) -> dict[str, Any]:
     """Run one job, or read its result when an earlier attempt finished it."""
     run = RunDir(runs_root, job["run"], job.get("endpoint_url"))
-    done = run.read_text(RESULT)
+    done = run.read_text(result_file(job))
     if done:  # finished in an earlier attempt of this comparison
         return json.loads(done)["metrics"]
     if job["phase"] == "score":
@@ -128,25 +186,34 @@ def run_job(job: dict[str, Any], runs_root: str, runtime: Runtime | None = None)
             pre.seed, pre.storage.root = job["seed"], runs_root
         if job.get("tracking"):  # the job logs one MLflow run itself, under the spec's parent
             cfg.tracking.enabled = False
-        metrics, history = train_candidate(cfg, pre, runtime)
+        metrics, history = train_candidate(cfg, pre, runtime, job.get("until"))
         if job.get("tracking"):
             from xmr.train.tracking import log_finished_run
 
             t = job["tracking"]
-            log_finished_run(t["uri"], t["parent"], job["run"], {"variant": job["variant"], "seed": job["seed"],
+            name = job["run"] + (f"@e{job['until']}" if job.get("until") else "")  # each rung its own entry
+            log_finished_run(t["uri"], t["parent"], name, {"variant": job["variant"], "seed": job["seed"],
                                                                   "phase": job["phase"], "level": job["level"],
                                                                   **job["values"]}, history, metrics, t["folder"],
                              runtime)
-    run.write_text(RESULT, json.dumps({"job": identity(job), "metrics": metrics}, indent=2, default=float))
+    run.write_text(result_file(job), json.dumps({"job": identity(job), "metrics": metrics}, indent=2, default=float))
     return metrics
+
+
+def result_file(job: dict[str, Any]) -> str:
+    """Where a job's finished result is kept in its run folder: ``result.json``, or for a rung
+    of successive halving (a paused run the next rung resumes) ``rung-<epochs>.json``."""
+    return f"rung-{job['until']}.json" if job.get("until") else RESULT
 
 
 def identity(job: dict[str, Any]) -> dict[str, Any]:
     """What makes a stored result this job's: its variant, seed, phase, level, tuned values,
-    split, the run it scores and a digest of its configs (as JSON stores them)."""
+    split, the run it scores, the rung it paused at (none for a run to its cap, so results
+    stored before halving still match) and a digest of its configs (as JSON stores them)."""
     ident = {k: job[k] for k in ("variant", "seed", "phase", "level", "values", "split")}
-    if job.get("of"):
-        ident["of"] = job["of"]
+    for key in ("of", "until"):
+        if job.get(key):
+            ident[key] = job[key]
     configs = json.dumps([job["config"], job.get("pretrain")], sort_keys=True, default=str)
     ident["config_sha256"] = hashlib.sha256(configs.encode()).hexdigest()
     return json.loads(json.dumps(ident, default=float))
@@ -157,7 +224,7 @@ def check_stored(jobs: dict[str, dict[str, Any]], runs_root: str) -> None:
     the same storage with another tuning seed, ``--data`` or ``--set`` has jobs of the same
     names and other values, and would otherwise be handed the old runs' scores."""
     for job in jobs.values():
-        done = RunDir(runs_root, job["run"], job.get("endpoint_url")).read_text(RESULT)
+        done = RunDir(runs_root, job["run"], job.get("endpoint_url")).read_text(result_file(job))
         if not done:
             continue
         stored, now = json.loads(done).get("job", {}), identity(job)

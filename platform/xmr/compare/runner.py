@@ -22,6 +22,7 @@ from typing import Any
 import pandas as pd
 
 from xmr.compare.draws import candidates, edge_side, widened
+from xmr.compare.halving import Halving, successive_halving
 from xmr.compare.jobs import busy_seconds, run_jobs, slug
 from xmr.compare.judge import judge, summarise, trends
 from xmr.compare.report import write_outputs
@@ -145,13 +146,39 @@ def round_jobs(spec: ComparisonSpec, plan: LevelPlan, data: str, tracking: dict 
     return jobs
 
 
+def trained_epochs(jobs: dict[str, dict], results: dict[str, dict]) -> int:
+    """Epochs the tuning trained, every candidate run counted once at the furthest epoch it
+    reached (a run resumed at a later rung counts its earlier epochs once; pre-training apart)."""
+    reached: dict[str, int] = {}
+    for job_id, job in jobs.items():
+        epochs = results.get(job_id, {}).get("epochs")
+        if isinstance(epochs, (int, float)) and not math.isnan(epochs):
+            reached[job["run"]] = max(reached.get(job["run"], 0), int(epochs))
+    return sum(reached.values())
+
+
+def _sign(v: Variant) -> float:
+    return -1.0 if v.config.storage.checkpoint_mode == "min" else 1.0
+
+
+def halving_of(spec: ComparisonSpec, quiet: bool = False) -> Halving | None:
+    """The spec's successive halving, or None where a variant trains on several workers (a
+    rung pauses a run in its trial's process; a Ray Train worker group is not paused there):
+    then every candidate of every variant trains to the cap, alike."""
+    if spec.halving is not None and any(v.config.resources.num_workers > 1 for v in spec.variants.values()):
+        if not quiet:
+            print(f"[xmr] {spec.name}: a variant trains on several workers: no successive halving, every candidate "
+                  "trains to the cap", flush=True)
+        return None
+    return spec.halving
+
+
 def winners(spec: ComparisonSpec, jobs: dict[str, dict], results: dict[str, dict]) -> dict[tuple[int, str], str]:
     """(replicate, variant) -> the job of its best validation score (the first of equals, in
     candidate order); a (replicate, variant) whose candidates all failed has none."""
     best: dict[tuple[int, str], tuple[float, str]] = {}
     for run, job in jobs.items():
-        v = spec.variants[job["variant"]]
-        sign = -1.0 if v.config.storage.checkpoint_mode == "min" else 1.0
+        sign = _sign(spec.variants[job["variant"]])
         value = float(results.get(run, {}).get("val_score", math.nan))
         key = (job["seed"], job["variant"])
         if not math.isnan(value) and (key not in best or sign * value > sign * best[key][0]):
@@ -249,15 +276,22 @@ def run_comparison(spec: ComparisonSpec, root: str, concurrency: int = 0, addres
     """Tune in every replicate, equalise budgets, bracket the ranges, score, judge:
 
     1. **Rounds** (validation split): at every level, for every replicate r and variant, the
-       candidates of draw r (``xmr.compare.draws``) each train with seed r; the best
-       validation score picks replicate r's run (``winners``).
+       candidates of draw r (``xmr.compare.draws``) each train with seed r, by successive
+       halving inside the (level, replicate, variant) group (``xmr.compare.halving``: all to
+       the first rung, the best 1/eta on validation on to the next, the survivors to the
+       cap); the best validation score among the survivors picks replicate r's run
+       (``winners``). A round's halving finishes before anything below looks at it.
     2. **Budgets**: every early-stopped variant at a level shares one epoch cap; when a chosen
        run was still improving at it (its last epoch better by ``min_gain``), the whole level
        is tuned again at twice the cap (at most ``extend`` times), so both sides of every
-       claim always ran the same cap and a schedule tuned for it.
+       claim always ran the same cap and a schedule tuned for it. The new round's runs are new
+       runs (a cosine over the new cap), halved again over the same rungs (those below the
+       new cap); only a chosen run, which reached the cap, is judged "still improving".
     3. **Ranges**: a tuned parameter whose winners chose its extreme candidate in most
        replicates is widened on that side, for every variant, and the level tuned again (at
        most ``widen`` times); what stays at an edge or unconverged is said beside the verdicts.
+       Both look at the same finished round (cap first, then ranges): a level rerun for either
+       reruns with both changes, as one new round.
     4. **Scoring**: each replicate's chosen run is scored on ``split`` (test data touch
        nothing else); 5. **verdicts** (``xmr.compare.judge``).
     """
@@ -285,6 +319,9 @@ def run_comparison(spec: ComparisonSpec, root: str, concurrency: int = 0, addres
     notes = _notes(spec, data)
     notes["levels"] = {key: {"cap": p.cap, "doubled": p.doubled, "widened": p.widened, "flags": p.flags,
                              "ranges": {k: [q.low, q.high] for k, q in p.ranges.items()}} for key, p in plans.items()}
+    halving = halving_of(spec, quiet=True)
+    notes["halving"] = vars(halving) if halving else "off"
+    notes["tuning_epochs"] = trained_epochs(jobs, results)
     c = Comparison(spec, runs, tuning, chosen, summarise(spec, runs), judge(spec, runs), wall, out.uri(),
                    notes=notes, trends=trends(spec, runs))
     write_outputs(c, out)
@@ -300,6 +337,7 @@ def _tune_rounds(spec, plans, data, tracking, experiments, runs_root, limit, run
     todo = set(plans)
     first = next(iter(spec.variants.values())).config
     metric = "val_score"
+    halving = halving_of(spec)
     while todo:
         jobs = {}
         for key in sorted(todo):
@@ -307,12 +345,19 @@ def _tune_rounds(spec, plans, data, tracking, experiments, runs_root, limit, run
             jobs.update(level_jobs)
         rounds = sorted({plans[k].round for k in todo})
         name = f"{spec.name}-tuning" + "".join(f"-round{r}" for r in rounds if r)
-        results.update(run_jobs(jobs, name, experiments, runs_root, limit, first, metric, runtime))
-        all_jobs.update(jobs)
+
+        def stage(stage_jobs: dict, k: int, name: str = name) -> dict:
+            return run_jobs(stage_jobs, name + (f"-rung{k}" if k else ""), experiments, runs_root, limit, first,
+                            metric, runtime)
+
+        ran, out = successive_halving(jobs, halving, stage, lambda job: _sign(spec.variants[job["variant"]]))
+        results.update(out)
+        all_jobs.update(ran)
         for key in sorted(todo):
             plan = plans[key]
-            mine = {run: job for run, job in jobs.items() if str(job["level"]) == key}
-            final[key] = winners(spec, mine, results)
+            mine = {run: job for run, job in ran.items() if str(job["level"]) == key}
+            # the chosen run is the best on validation among the candidates that reached the end
+            final[key] = winners(spec, {run: job for run, job in mine.items() if not job.get("until")}, results)
             plan.flags = []  # what this round leaves unfixed (a later round decides again)
             longer = _extend_cap(spec, plan, final[key], results)
             wider = _widen_edges(spec, plan, mine, final[key])
@@ -367,16 +412,23 @@ def _first_error(jobs, results, key, name, r) -> str:
 
 
 def _tuning_rows(spec, jobs, results, final) -> pd.DataFrame:
-    """One row per candidate run: its replicate, values, validation score, epochs, whether chosen."""
+    """One row per candidate run: its replicate, values, validation score, epochs, whether
+    chosen, and ``dropped_at``: the rung of successive halving after which it stopped (its
+    scores are then those at that rung; empty for a candidate that reached the end)."""
     picked = {run for chosen in final.values() for run in chosen.values()}
+    furthest: dict[str, str] = {}  # run folder -> its last job: the one to the cap, else its latest rung
+    for job_id, job in jobs.items():
+        now = furthest.get(job["run"])
+        if now is None or (jobs[now].get("until") or math.inf) < (job.get("until") or math.inf):
+            furthest[job["run"]] = job_id
     rows = []
-    for run, job in jobs.items():
-        m = results.get(run, {})
+    for job_id in furthest.values():
+        job, m = jobs[job_id], results.get(job_id, {})
         rows.append({"level": job["level"], "variant": job["variant"], "replicate": job["seed"],
                      "candidate": job["candidate"], "round": job["round"], "cap": job["config"]["optim"]["epochs"],
                      **job["values"], "val_score": m.get("val_score", math.nan), "epochs": m.get("epochs"),
-                     "best_epoch": m.get("best_epoch"), "last_gain": m.get("last_gain"), "chosen": run in picked,
-                     "error": m.get("error")})
+                     "best_epoch": m.get("best_epoch"), "last_gain": m.get("last_gain"), "chosen": job_id in picked,
+                     "dropped_at": job.get("until"), "error": m.get("error")})
     return pd.DataFrame(rows)
 
 

@@ -21,6 +21,9 @@ several levels of one property of the (synthetic) data.
       trials: 4                             # candidates per replicate and variant
       seed: 1000
       widen: 1                              # times a range whose winners sit at its edge is widened
+      halving: {eta: 3, first_rung: 3}      # successive halving inside each replicate's tuning (the
+                                            # default; ``off``: every candidate to the cap):
+                                            # xmr.compare.halving says how and why
       params: {optim.lr: {type: loguniform, low: 3.0e-4, high: 3.0e-3, paper: 1.0e-3}}
                                             # paper: the paper's own setting, always a candidate
     equivalence_margin: {value: 0.01, reason: the smallest gain the paper's table reports}
@@ -49,6 +52,7 @@ from typing import Any
 
 from xmr.checks import check
 from xmr.config import Config, ConfigError, SpecError, load_config, read_yaml_mapping, resolve_named_yaml, with_values
+from xmr.compare.halving import Halving
 from xmr.compare.stats import DEFAULT_EQUIVALENCE_MARGIN
 from xmr.tune.space import Param, SpaceError, parse_param
 
@@ -102,6 +106,9 @@ class ComparisonSpec:
     margin_reason: str = "the default δ: the spec names no reason"
     min_gain: float = DEFAULT_MIN_GAIN
     widen: int = 1  # times a level's range may be widened on a side whose winners sit at its edge
+    # Successive halving inside each (level, replicate, variant)'s tuning; None: every
+    # candidate trains to the cap (xmr.compare.halving).
+    halving: Halving | None = field(default_factory=Halving)
     map: ClaimMap | None = None
     source: str = ""
     # What the (synthetic) data was built to make true, said beside the claim it serves: a
@@ -228,8 +235,8 @@ def load_spec(name_or_path: str, data_path: str | None = None, seeds: int | None
     base = [f"data.path={dataset['path']}", *(raw.get("common") or [])]
     common = [*base, *schedule, *(extra or [])]
     tuning = raw.get("tuning") or {}
-    if not isinstance(tuning, dict) or set(tuning) - {"trials", "seed", "params", "at", "widen"}:
-        raise SpecError(f"{path}: tuning must be a mapping with trials, seed, at, widen and params")
+    if not isinstance(tuning, dict) or set(tuning) - {"trials", "seed", "params", "at", "widen", "halving"}:
+        raise SpecError(f"{path}: tuning must be a mapping with trials, seed, at, widen, halving and params")
     tuning_at = str(tuning.get("at", "every_level"))
     if tuning_at not in TUNING_AT:
         raise SpecError(f"{path}: tuning.at = {tuning_at!r}: use one of {list(TUNING_AT)}")
@@ -256,10 +263,23 @@ def load_spec(name_or_path: str, data_path: str | None = None, seeds: int | None
                           tuning_seed=tuning_seed if tuning_seed is not None else _int(tuning, "seed", 1000, "tuning"),
                           extend=_int(training, "extend", 2, "training"), equivalence_margin=margin,
                           margin_reason=reason, min_gain=float(min_gain), widen=_int(tuning, "widen", 1, "tuning"),
+                          halving=_halving(tuning.get("halving", {}), path),
                           map=claim_map, source=str(path), premise=" ".join(str(raw.get("premise") or "").split()),
                           cannot_separate=" ".join(str(raw.get("cannot_separate") or "").split()),
                           data_from=" ".join(str(raw.get("data_from") or "").split()),
                           not_testable=" ".join(str(raw.get("not_testable") or "").split()))
+
+
+def _halving(raw: Any, path: Path) -> Halving | None:
+    """``tuning.halving``: ``{eta: 3, first_rung: 3}`` (either may be left out: the defaults,
+    ``xmr.compare.halving`` says why), or ``off`` (YAML's false) for every candidate to the cap."""
+    if raw is False or raw == "off":
+        return None
+    if not isinstance(raw, dict) or set(raw) - {"eta", "first_rung"}:
+        raise SpecError(f"{path}: tuning.halving = {raw!r}: give {{eta: <int >= 2>, first_rung: <epochs >= 1>}} "
+                        "or off")
+    return Halving(eta=_int(raw, "eta", Halving.eta, "tuning.halving", 2),
+                   first_rung=_int(raw, "first_rung", Halving.first_rung, "tuning.halving", 1))
 
 
 def _margin(raw: Any, path: Path) -> tuple[float, str]:

@@ -45,13 +45,16 @@ class TuneHooks(LocalHooks):
 
 
 def run_trial(cfg: Config, *, score_untrained: bool = True, verbose: bool = True, report: bool = True,
-              runtime: Runtime | None = None) -> TrainResult:
+              runtime: Runtime | None = None, hooks: LocalHooks | None = None) -> TrainResult:
     """Train ``cfg`` (built for this trial, typed, not yet checked) as (part of) a Tune trial:
     checked once here (``prepare``), then trained in this process for one worker, by a
-    ``TorchTrainer`` for more; every epoch's row reaches Tune when ``report``."""
+    ``TorchTrainer`` for more; every epoch's row reaches Tune when ``report``. ``hooks``: a
+    one-worker trial's own hooks instead (a comparison's rung pause, ``xmr.compare.jobs``)."""
     runtime = runtime or Runtime()
     cfg, metric, mode = prepare(cfg)
     if cfg.resources.num_workers > 1:
+        if hooks is not None:
+            raise ValueError("run_trial: hooks apply to a one-worker trial only")
         from ray.tune.integration.ray_train import TuneReportCallback
 
         return run_training(cfg, callbacks=[TuneReportCallback()] if report else None, start_ray=False,
@@ -60,7 +63,7 @@ def run_trial(cfg: Config, *, score_untrained: bool = True, verbose: bool = True
 
     run = open_run(cfg, verbose=False)
     torch.set_num_threads(max(1, int(cfg.resources.cpus_per_worker)))
-    fit(cfg, TuneHooks(verbose) if report else LocalHooks(verbose), run=run, metric=metric, mode=mode,
+    fit(cfg, hooks or (TuneHooks(verbose) if report else LocalHooks(verbose)), run=run, metric=metric, mode=mode,
         score_untrained=score_untrained, runtime=runtime)
     return read_run(cfg, metric, mode)
 
