@@ -108,7 +108,7 @@ class ShardUnits:
         # (bench/gpu_check.py on a machine without webdataset) imports this module too
         from webdataset.tariterators import group_by_keys, tar_file_expander
 
-        samples = group_by_keys(tar_file_expander([{"url": url, "stream": src["stream"]}]))
+        samples = group_by_keys(tar_members(src["stream"], url, tar_file_expander))
         try:
             for raw in samples:
                 if pos >= job.hi:
@@ -148,6 +148,69 @@ class ShardUnits:
         if pos < job.hi:
             yield self._bad(f"{url}: shard ended after {n_samples} samples ({pos} units, last key {last_key!r}) "
                             f"but the manifest says {job.total} units: truncated or rewritten shard")
+
+
+class _Replay:
+    """A stream that first gives back ``head`` (bytes already read), then the rest of ``stream``:
+    how ``tar_members`` hands a tar it cannot parse itself over to ``tarfile`` mid-way."""
+
+    def __init__(self, head: bytes, stream) -> None:
+        self.head, self.stream = head, stream
+
+    def read(self, n: int = -1) -> bytes:
+        if not self.head:
+            return self.stream.read(n)
+        if n is None or n < 0:
+            out, self.head = self.head + self.stream.read(), b""
+            return out
+        out, self.head = self.head[:n], self.head[n:]
+        return out + (self.stream.read(n - len(out)) if len(out) < n else b"")
+
+
+def tar_members(stream, url: str, expander) -> Iterator[dict]:
+    """webdataset's ``tar_file_expander`` over one shard (``{"fname", "data", "__url__"}`` per
+    regular member, then ``{}``), with the plain ustar headers xmr's writer makes parsed here.
+
+    Why: ``tarfile``'s stream mode costs ~0.1 ms of Python per member (three per sample), the
+    largest cost of encoding a gallery (``xmr index build``) after the model itself. A header
+    this does not handle as ``tarfile`` would (pax or GNU long names, base-256 sizes, a prefix
+    field, a checksum that does not add up, a compressed file) hands the rest of the stream,
+    that header included, to ``expander`` (webdataset's ``tar_file_expander``), so every tar
+    reads as before; a member cut short raises ``tarfile.ReadError`` as ``tarfile`` does, and
+    a cut header ends the shard quietly, as ``tarfile`` does too."""
+    import re
+    import tarfile
+
+    from webdataset.tariterators import meta_prefix, meta_suffix
+
+    first = True
+    while True:
+        head = stream.read(512)
+        if first and (len(head) < 512 or head == bytes(512)):  # an empty or cut file: tarfile says which
+            yield from expander([{"url": url, "stream": _Replay(head, stream)}])
+            return
+        if len(head) < 512 or head == bytes(512):  # end of archive (or a cut header: tarfile stops there too)
+            yield {}
+            return
+        first = False
+        kind, size_field = head[156:157], head[124:136]
+        try:
+            chksum = int(head[148:156].split(b"\0", 1)[0].strip() or b"0", 8)
+            size = int(size_field.split(b"\0", 1)[0].strip() or b"0", 8)
+        except ValueError:
+            chksum, size = -1, -1
+        if (size < 0 or kind not in (b"0", b"\0", b"7", b"5") or head[345:346] != b"\0"
+                or chksum != 256 + sum(head[:148]) + sum(head[156:])):
+            yield from expander([{"url": url, "stream": _Replay(head, stream)}])
+            return
+        data = stream.read(size + (-size % 512))
+        if len(data) < size:
+            raise tarfile.ReadError("unexpected end of data")
+        fname = head[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+        if kind == b"5" or ("/" not in fname and fname.startswith(meta_prefix) and fname.endswith(meta_suffix)) \
+                or re.match(r"__[^/]*__($|/)", fname):
+            continue
+        yield {"fname": fname, "data": data[:size], "__url__": url}
 
 
 class Chunker:
