@@ -89,9 +89,11 @@ def hey(url: str, body: Path, content_type: str, n: int, c: int, headers: dict |
 
 
 def start_server(mode: str, ckpt: str, index: str, log: Path, replicas: int = 2, port: int = PORT,
-                 wait_s: float = 900) -> tuple[subprocess.Popen, str]:
-    """``xmr serve`` as a user runs it; returns (process, base URL the load goes to)."""
-    cmd = [XMR, "serve", "--checkpoint", ckpt, "--index", index, "--replicas", str(replicas), "--port", str(port)]
+                 wait_s: float = 900, extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
+    """``xmr serve`` as a user runs it (``extra``: more of its flags); returns (process, base
+    URL the load goes to)."""
+    cmd = [XMR, "serve", "--checkpoint", ckpt, "--index", index, "--replicas", str(replicas), "--port", str(port),
+           *extra]
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"}
     if mode == "direct":
         cmd.append("--direct")

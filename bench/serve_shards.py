@@ -157,14 +157,24 @@ def checkpoint(cache: Path) -> str:
 # --------------------------------------------------------------------------- building and measuring
 
 
-def index_build(ckpt: str, data: str, out: Path, shards: int, approx: str, ann_kind: str, log=print) -> dict:
-    """``xmr index build`` as a user runs it; its wall time and its own output (cached)."""
+def index_build(ckpt: str, data: str, out: Path, shards: int, approx: str, ann_kind: str, workers: int,
+                log=print) -> dict:
+    """``xmr index build`` as a user runs it (``--address local``: its own new local Ray, never
+    a cluster another process started on this machine); its wall time and its own output.
+    Cached: a finished build (its ``.build.json``) is reused; an interrupted one is resumed by
+    xmr itself (shards already complete are kept), and its wall time then says so."""
     done = out.with_suffix(".build.json")
     if done.is_file():
-        return {**json.loads(done.read_text()), "cached": True}
-    shutil.rmtree(out, ignore_errors=True)
+        meta = json.loads(done.read_text())
+        if meta.get("data") == data and meta.get("approx") == approx:
+            return {**meta, "cached": True}
+    resumed = out.exists() and shards > 1
+    if not resumed:
+        shutil.rmtree(out, ignore_errors=True)
     cmd = [XMR, "index", "build", "--checkpoint", ckpt, "--gallery", data, "--split", "test", "--out", str(out),
-           "--approx", approx, "--ann-kind", ann_kind] + (["--shards", str(shards)] if shards > 1 else [])
+           "--approx", approx, "--ann-kind", ann_kind]
+    if shards > 1:
+        cmd += ["--shards", str(shards), "--address", "local"] + (["--workers", str(workers)] if workers else [])
     log(f"[bench] {' '.join(cmd[1:])}")
     t0 = time.perf_counter()
     run = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "RAY_AUTH_MODE": "token"})
@@ -173,7 +183,8 @@ def index_build(ckpt: str, data: str, out: Path, shards: int, approx: str, ann_k
         log(f"    {line}")
     if run.returncode != 0:
         raise SystemExit(f"xmr index build failed ({run.returncode}):\n{run.stdout[-2000:]}\n{run.stderr[-3000:]}")
-    meta = {"wall_s": wall, "stdout": run.stdout.splitlines(), "foreign_lines": run.stderr.splitlines()[-20:]}
+    meta = {"wall_s": wall, "resumed": resumed, "data": data, "approx": approx, "workers": workers,
+            "stdout": run.stdout.splitlines(), "foreign_lines": run.stderr.splitlines()[-20:]}
     done.write_text(json.dumps(meta))
     return {**meta, "cached": False}
 
@@ -203,15 +214,29 @@ def exact_top10(index: Path, queries: np.ndarray) -> list[list[str]]:
     return np.take_along_axis(best_id, order, 1).tolist()
 
 
-def replicas() -> dict[str, dict]:
-    """Every retriever replica of app xmr: its RSS (``/proc``), by its process title."""
+def _ancestors(pid: int) -> set[int]:
+    out = set()
+    while pid > 1:
+        try:
+            pid = int((Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
+        out.add(pid)
+    return out
+
+
+def replicas(server: int | None = None) -> dict[str, dict]:
+    """Every retriever replica of app xmr started under process ``server`` (other sessions'
+    endpoints on this machine are not ours to measure or kill): its RSS (``/proc``), by its
+    process title."""
     out = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             title = (entry / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
-            if title.startswith("ray::ServeReplica:xmr:Retriever"):
+            if title.startswith("ray::ServeReplica:xmr:Retriever") and (
+                    server is None or server in _ancestors(int(entry.name))):
                 rss = next(int(ln.split()[1]) for ln in (entry / "status").read_text().splitlines()
                            if ln.startswith("VmRSS:"))
                 out[f"{title.split(':')[-1]}#{entry.name}"] = {"rss_mb": rss / 1024}
@@ -250,10 +275,10 @@ def measure(name: str, ckpt: str, index: Path, queries_raw: np.ndarray, exact: l
     log(f"[bench] {name}: starting xmr serve ...")
     t = time.perf_counter()
     proc, url = start_server("proxy", ckpt, str(index), work / f"serve-{name}.log", replicas=1, port=PORT,
-                             wait_s=1800)
+                             wait_s=1800, extra=("--address", "local", "--start-timeout-s", "1500"))
     fig: dict = {"start_s": time.perf_counter() - t, "phases": [], "replica_asked_mb": asked_memory_mb(index)}
     try:
-        fig["replicas"] = replicas()
+        fig["replicas"] = replicas(proc.pid)
         fig.update(recall(url, queries_raw, exact))
         log(f"[bench]   recall@10 vs exact over the whole gallery: {fig['recall10']:.4f}")
         hey(f"{url}/search", body, "application/json", 32, 4)  # warm
@@ -267,7 +292,7 @@ def measure(name: str, ckpt: str, index: Path, queries_raw: np.ndarray, exact: l
                 f"{phase['errors']} errors, {phase['partial_answers']} partial")
         if kill:
             before = partial_count(url)
-            pid = next(int(k.split("#")[1]) for k in replicas() if k.startswith("Retriever001"))
+            pid = next(int(k.split("#")[1]) for k in replicas(proc.pid) if k.startswith("Retriever001"))
             result = load_with_kill(url, body, kill, pid)
             deadline = time.monotonic() + 300
             while time.monotonic() < deadline:
@@ -287,19 +312,47 @@ def measure(name: str, ckpt: str, index: Path, queries_raw: np.ndarray, exact: l
     return fig
 
 
+def deployment(name: str, work: Path, index: Path, build: dict, remeasure: bool, run) -> dict:
+    """One deployment's figures, measured by ``run()`` or reused from an earlier run of the
+    bench over the same build (``work/<name>.json``): the bench resumes where it stopped."""
+    cached = work / f"deploy-{name}.json"
+    stamp = {"index": str(index), "build_wall_s": build["wall_s"]}
+    if cached.is_file() and not remeasure:
+        fig = json.loads(cached.read_text())
+        if fig.get("stamp") == stamp:
+            return {**fig, "cached": True}
+    fig = {**run(), "stamp": stamp}
+    cached.write_text(json.dumps(fig, default=float))
+    return {**fig, "cached": False}
+
+
+def ground_truth(model, index: Path, queries_raw: np.ndarray) -> list[list[str]]:
+    with torch.no_grad():
+        q_emb = model.encode("a", torch.from_numpy(queries_raw)).float().numpy()
+    return exact_top10(index, q_emb)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--items", type=int, default=4_000_000)
     ap.add_argument("--shards", type=int, default=4)
     ap.add_argument("--reference-items", type=int, default=1_000_000)
     ap.add_argument("--ann-kind", default="ivfpq", choices=["hnsw", "ivfpq", "ivf"])
+    ap.add_argument("--workers", type=int, default=2,
+                    help="xmr index build --workers: encoding workers (each holds a shard's embeddings: memory)")
     ap.add_argument("--cache", default=os.environ.get("XMR_BENCH_CACHE", "/tmp/xmr-bench-cache"))
+    ap.add_argument("--only", default="approx,reference,exact",
+                    help="deployments to build and measure, in this order (the rest reported as not run)")
+    ap.add_argument("--remeasure", action="store_true", help="measure deployments again even when cached")
     ap.add_argument("--quick", action="store_true", help="fewer requests per phase")
     args = ap.parse_args()
     if shutil.which("hey") is None:
         print("bench/serve_shards.py needs hey (Debian package 'hey'): run `make bench`, or "
               "`apt-get install -y hey` as root", file=sys.stderr)
         return 2
+    import xmr
+
+    print(f"[bench] xmr from {xmr.__file__}; xmr CLI {XMR}", flush=True)
     cache = Path(args.cache) / "shards36"
     cache.mkdir(parents=True, exist_ok=True)
     work = cache / "work"
@@ -308,66 +361,99 @@ def main() -> int:
     n, s = args.items, args.shards
     data = write_dataset(cache / f"data-{n}", n, seed=100)
     ref_data = write_dataset(cache / f"data-{args.reference_items}-ref", args.reference_items, seed=200)
-    exact_idx, approx_idx, ref_idx = (cache / f"exact-{n}-{s}", cache / f"{args.ann_kind}-{n}-{s}",
-                                      cache / f"{args.ann_kind}-{args.reference_items}")
-    builds = {"exact": index_build(ckpt, data["root"], exact_idx, s, "off", args.ann_kind),
-              "approx": index_build(ckpt, data["root"], approx_idx, s, "on", args.ann_kind),
-              "reference": index_build(ckpt, ref_data["root"], ref_idx, 1, "on", args.ann_kind)}
+    idx = {"exact": cache / f"exact-{n}-{s}", "approx": cache / f"{args.ann_kind}-{n}-{s}",
+           "reference": cache / f"{args.ann_kind}-{args.reference_items}"}
 
     from xmr.method import load_model
 
     model, _ = load_model(ckpt)
     model.eval()
     queries_raw = _draw(0, 100, seed=7)[0].astype(np.float32)  # fresh query-like draws
-    with torch.no_grad():
-        q_emb = model.encode("a", torch.from_numpy(queries_raw)).float().numpy()
-    exact = exact_top10(exact_idx, q_emb)
-    exact_ref = exact_top10(ref_idx, q_emb)
     per_c = {1: 60, 8: 160, 32: 320} if not args.quick else {1: 20, 8: 48, 32: 96}
     fig: dict = {"items": n, "shards": s, "dim": DIM, "reference_items": args.reference_items,
-                 "ann_kind": args.ann_kind, "datasets": {"gallery": data, "reference": ref_data},
-                 "builds": {k: {x: v[x] for x in ("wall_s", "stdout", "cached")} for k, v in builds.items()},
-                 "deployments": {}}
-    # one after another: never two deployed at once (memory)
-    fig["deployments"]["exact"] = measure("exact", ckpt, exact_idx, queries_raw, exact, work, per_c)
-    fig["deployments"]["approx"] = measure("approx", ckpt, approx_idx, queries_raw, exact, work, per_c,
-                                           kill=240 if not args.quick else 80)
-    fig["deployments"]["reference"] = measure("reference", ckpt, ref_idx, queries_raw, exact_ref, work,
-                                              {1: per_c[1], 8: per_c[8]})
+                 "ann_kind": args.ann_kind, "workers": args.workers,
+                 "datasets": {"gallery": data, "reference": ref_data}, "builds": {}, "deployments": {},
+                 "not_run": {}}
+    plan = {"approx": (data, s, "on", {**per_c}, 240 if not args.quick else 80),
+            "reference": (ref_data, 1, "on", {1: per_c[1], 8: per_c[8]}, 0),
+            "exact": (data, s, "off", {**per_c}, 0)}
+    order = [k for k in args.only.split(",") if k in plan]
+    truth: dict[str, list[list[str]]] = {}
+    for name in order:
+        d, shards, approx, phases, kill = plan[name]
+        build = index_build(ckpt, d["root"], idx[name], shards, approx, args.ann_kind, args.workers)
+        fig["builds"][name] = {x: build[x] for x in ("wall_s", "stdout", "cached", "resumed", "workers") if x in build}
+        # the ground truth: exact top 10 over the whole gallery's stored embeddings (every
+        # build stores them in full, so the first index over a gallery serves for both)
+        key = d["root"]
+        if key not in truth:
+            truth[key] = ground_truth(model, idx[name], queries_raw)
+        fig["deployments"][name] = deployment(
+            name, work, idx[name], build, args.remeasure,
+            lambda: measure(name, ckpt, idx[name], queries_raw, truth[key], work, phases, kill=kill))
+        report(fig, args, write=True)
+    report(fig, args, write=True)
+    return 0
 
-    by = {k: {p["concurrency"]: p for p in d["phases"]} for k, d in fig["deployments"].items()}
+
+def report(fig: dict, args, write: bool) -> None:
+    """The table and the headline of what is measured so far (a figure not yet measured is
+    None, and ``not_run`` says why); written every time, so an interrupted run leaves its
+    figures."""
+    n, s = fig["items"], fig["shards"]
+    deps = fig["deployments"]
+    by = {k: {p["concurrency"]: p for p in d["phases"]} for k, d in deps.items()}
+    asked = args.only.split(",")
+    fig["not_run"] = {name: ("not asked for (--only)" if name not in asked else
+                             "not measured: the run stopped before it (time)")
+                      for name in ("approx", "reference", "exact") if name not in deps}
     print(f"\n{'deployment':24s} {'c':>3s} {'p50 ms':>8s} {'p99 ms':>8s} {'QPS':>7s} {'errors':>6s} {'partial':>7s} "
           f"{'recall@10':>9s}")
-    for k, d in fig["deployments"].items():
+    for k, d in deps.items():
         label = {"exact": f"exact {n:,} / {s}", "approx": f"{args.ann_kind} {n:,} / {s}",
                  "reference": f"{args.ann_kind} {args.reference_items:,} / 1"}[k]
         for c, p in by[k].items():
             print(f"{label:24s} {c:3d} {p['p50_ms']:8.1f} {p['p99_ms']:8.1f} {p['qps']:7.2f} {p['errors']:6d} "
                   f"{p['partial_answers']:7d} {d['recall10']:9.4f}")
-    k = fig["deployments"]["approx"]["kill"]
-    print(f"{'approx, shard kill':24s} {8:3d} {k['p50_ms']:8.1f} {k['p99_ms']:8.1f} {k['qps']:7.2f} {k['errors']:6d} "
-          f"{k['partial_answers']:7d}")
+    kill = deps.get("approx", {}).get("kill")
+    if kill:
+        print(f"{'approx, shard kill':24s} {8:3d} {kill['p50_ms']:8.1f} {kill['p99_ms']:8.1f} {kill['qps']:7.2f} "
+              f"{kill['errors']:6d} {kill['partial_answers']:7d}")
     for name, b in fig["builds"].items():
-        print(f"build {name}: {b['wall_s']:.0f} s (xmr index build{' --shards ' + str(s) if name != 'reference' else ''})")
-    for name, d in fig["deployments"].items():
-        rss = [r["rss_mb"] for r in d["replicas"].values()]
+        print(f"build {name}: {b['wall_s']:.0f} s (xmr index build{' --shards ' + str(s) if name != 'reference' else ''}"
+              f"{', resumed' if b.get('resumed') else ''})")
+    for name, d in deps.items():
+        rss = [r["rss_mb"] for r in d["replicas"].values()] or [float("nan")]
         print(f"{name}: replica RSS {min(rss):.0f}..{max(rss):.0f} MB, asked Ray for "
               f"{min(d['replica_asked_mb']):.0f}..{max(d['replica_asked_mb']):.0f} MB")
-    ap_, ex, ref = by["approx"], by["exact"], by["reference"]
+    for name, why in fig["not_run"].items():
+        print(f"{name}: not run ({why})")
+
+    def at(name: str, c: int, field: str):
+        return by.get(name, {}).get(c, {}).get(field)
+
+    def ratio(a, b):
+        return a / b if a is not None and b else None
+
+    ap1, ref1, ap8, ex8 = at("approx", 1, "p50_ms"), at("reference", 1, "p50_ms"), at("approx", 8, "qps"), \
+        at("exact", 8, "qps")
+    builds = fig["builds"]
     headline = {"items": n, "shards": s, "ann_kind": args.ann_kind,
-                "approx_p50_ms": ap_[1]["p50_ms"], "unsharded_1m_approx_p50_ms": ref[1]["p50_ms"],
-                "approx_p50_over_unsharded_1m": ap_[1]["p50_ms"] / ref[1]["p50_ms"],
-                "approx_qps_c8": ap_[8]["qps"], "exact_qps_c8": ex[8]["qps"],
-                "approx_qps_c8_over_exact": ap_[8]["qps"] / ex[8]["qps"],
-                "approx_recall10": fig["deployments"]["approx"]["recall10"],
-                "exact_recall10": fig["deployments"]["exact"]["recall10"],
-                "exact_p50_ms": ex[1]["p50_ms"],
-                "errors_during_shard_kill": k["errors"], "partial_answers_during_shard_kill": k["partial_answers"],
-                "build_s": fig["builds"]["approx"]["wall_s"], "exact_build_s": fig["builds"]["exact"]["wall_s"],
-                "replica_rss_mb_max_approx": max(r["rss_mb"] for r in fig["deployments"]["approx"]["replicas"].values())}
+                "approx_p50_ms": ap1, "unsharded_1m_approx_p50_ms": ref1,
+                "approx_p50_over_unsharded_1m": ratio(ap1, ref1),
+                "approx_qps_c8": ap8, "exact_qps_c8": ex8, "approx_qps_c8_over_exact": ratio(ap8, ex8),
+                "approx_recall10": deps.get("approx", {}).get("recall10"),
+                "exact_recall10": deps.get("exact", {}).get("recall10"),
+                "exact_p50_ms": at("exact", 1, "p50_ms"),
+                "errors_during_shard_kill": kill["errors"] if kill else None,
+                "partial_answers_during_shard_kill": kill["partial_answers"] if kill else None,
+                "build_s": builds.get("approx", {}).get("wall_s"), "exact_build_s": builds.get("exact", {}).get("wall_s"),
+                "replica_rss_mb_max_approx": max((r["rss_mb"] for r in deps.get("approx", {}).get("replicas", {}).values()),
+                                                 default=None),
+                "not_run": sorted(fig["not_run"])}
     print(json.dumps(headline, indent=1))
-    write_results(__file__, fig, headline)
-    return 0
+    if write:
+        write_results(__file__, fig, headline)
 
 
 if __name__ == "__main__":
