@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     from xmr.method import Method
     from xmr.data.cli import verify
     from xmr.data.manifest import load_manifest
+    from xmr.runtime import Runtime
     from xmr.train.driver import run_training
 
     cfg = load_config(args.config, [f"resources.num_workers={args.workers}", *args.set])
@@ -42,10 +43,11 @@ def main(argv: list[str] | None = None) -> int:
           + ("checksums OK" if not problems else f"checksum problems: {problems}"))
     if problems:
         return 1
-    result = run_training(cfg, run_name=args.run_name)
+    runtime = Runtime.from_env()  # the demo's settings (XMR_VERBOSE, XMR_CACHE, RAY_ADDRESS), read once
+    result = run_training(cfg, run_name=args.run_name, runtime=runtime)
     before = result.history[0][result.metric]
     after = result.best["value"] if result.best else float("nan")
-    method = Method.from_checkpoint(fetch_checkpoint(result.run_uri))  # rebuilt from the checkpoint alone
+    method = Method.from_checkpoint(fetch_checkpoint(result.run_uri, cache_dir=runtime.cache))  # rebuilt from the checkpoint alone
     params = sum(p.numel() for p in method.parameters())
     print(f"[demo] {result.metric} before training {before:.4f} -> best after training {after:.4f} "
           f"(epoch {result.best['epoch'] if result.best else '-'})")

@@ -72,3 +72,30 @@ def test_keep_best_in_memory_holds_the_best_epochs_weights(data, tmp_path):
 
     scored = evaluate(run.method, cfg, load_manifest(cfg.data.path), cfg.data.val_split)["map_mean"]
     assert scored == pytest.approx(max(r["map_mean"] for r in run.history))
+
+
+def test_a_trial_checks_its_config_once_and_types_it_once(data, tmp_path, monkeypatch):
+    """A trial's config is built as a mapping, typed once (``from_dict``) and checked once
+    (``prepare`` in ``run_trial``): not again by the loop or the Method it builds."""
+    import xmr.checks
+    import xmr.config
+    import xmr.method
+    import xmr.train.driver
+    import xmr.tune.sweep
+    from xmr.tune.sweep import trial_config
+    from xmr.tune.trials import run_trial
+
+    checks, typings = [], []
+    real_check, real_from_dict = xmr.checks.check, xmr.config.from_dict
+    counted = lambda cfg: checks.append(1) or real_check(cfg)  # noqa: E731
+    for module in (xmr.train.driver, xmr.method):  # every module that calls check by name
+        monkeypatch.setattr(module, "check", counted)
+    monkeypatch.setattr(xmr.tune.sweep, "from_dict", lambda d: typings.append(1) or real_from_dict(d))
+    base = _cfg(data, tmp_path, "optim.epochs=1").to_dict()
+    checks.clear()
+    raw = trial_config({"loss.temperature": 0.2, "seed": 3}, base)  # a sampled value and the trial's seed
+    assert (raw["loss"]["temperature"], raw["seed"]) == (0.2, 3) and base["loss"]["temperature"] != 0.2
+    cfg = xmr.tune.sweep.from_dict(raw)
+    cfg.storage.run_name = "trial"
+    result = run_trial(cfg, verbose=False, report=False)
+    assert (len(typings), len(checks)) == (1, 1) and len(result.history) == 2

@@ -107,11 +107,13 @@ class Method(nn.Module):
         self.bank.enqueue(torch.cat([keys_a, keys_b]), torch.cat([y, y]), modality.to(keys_a.device))
 
 
-def load_model(directory: str | Path) -> tuple[nn.Module, Config]:
+def load_model(directory: str | Path, checked: Config | None = None) -> tuple[nn.Module, Config]:
     """The model alone (what retrieval needs) and its config, from a checkpoint: no loss
-    terms, discriminator, bank or key encoder are built; only ``model.*`` weights load."""
+    terms, discriminator, bank or key encoder are built; only ``model.*`` weights load.
+    ``checked``: the checkpoint's config as the caller read and checked it (``xmr eval``),
+    not checked again."""
     cfg, state, _ = load_checkpoint(directory)
-    check(cfg)
+    cfg = checked or check(cfg)
     model = build_model(cfg)
     try:
         model.load_state_dict({k[len("model."):]: v for k, v in state.items() if k.startswith("model.")})

@@ -76,7 +76,7 @@ def evaluate_files(local: str, cfg: Config, manifest: Manifest, split: str, nms:
     files, else (None, None)."""
     import torch
 
-    model, _ = load_model(local)
+    model, _ = load_model(local, cfg)  # cfg: checked by prepare_eval
     model.eval()
     fam = family_of(cfg)
     with torch.no_grad():

@@ -13,6 +13,8 @@ forwards its rows with ``TuneReportCallback``. Either way the trial is an xmr ru
 from __future__ import annotations
 
 import json
+import sys
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +28,7 @@ from xmr.runtime import DEFAULT_PROGRESS_EVERY_S, Runtime
 from xmr.train.driver import TrainResult, open_run, prepare, read_run, run_training
 from xmr.train.fit import LocalHooks, fit
 from xmr.train.runfs import RunDir, filesystem
+from xmr.train.step import patience_exhausted
 
 TRIAL_DRIVER_CPUS = 0.25  # a multi-worker trial's driver function only waits on its trainer
 
@@ -187,6 +190,110 @@ def trial_dirname(trial) -> str:
     return f"trial_{int(number):03d}_{short}" if number.isdigit() else f"trial_{trial.trial_id}"
 
 
+class TrialProgress:
+    """What ``progress_callback``'s Tune callback does (``progress_callback`` for the
+    settings). Counts finished trials from Tune's list, so a resumed sweep goes on from where
+    it was (its own trials already finished are in the list); the clock and the ETA are this
+    process's."""
+
+    def __init__(self, total: int, metric: str | None, what: str, *, mode: str | None = None, status: bool = False,
+                 max_epochs: int | None = None, patience: int = 0,
+                 every_s: float = DEFAULT_PROGRESS_EVERY_S) -> None:
+        self.total, self.metric, self.what, self.mode, self.status = total, metric, what, mode, status
+        self.max_epochs, self.patience, self.every_s = max_epochs, patience, every_s
+        self.ran_here, self.t0, self.shown, self.drawn = 0, time.perf_counter(), time.perf_counter(), False
+        self.seen: dict[str, dict[int, float]] = {}  # trial id -> epoch -> metric (for optim.patience)
+
+    def setup(self, **info) -> None:  # also when resumed: this instance was unpickled
+        self.ran_here, self.t0, self.shown, self.drawn = 0, time.perf_counter(), time.perf_counter(), False
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        epoch, value = result.get("epoch"), result.get(self.metric) if self.metric else None
+        if self.max_epochs and isinstance(epoch, (int, float)) and isinstance(value, (int, float)):
+            self.seen.setdefault(trial.trial_id, {})[int(epoch)] = float(value)
+
+    def _pruned(self, trial, ending: bool = False) -> bool:
+        """Stopped short of its epochs by the scheduler (``ending``: the trial being
+        completed, still RUNNING in Tune's list); not a trial ``optim.patience`` ended."""
+        epoch = (trial.last_result or {}).get("epoch")
+        if not (self.max_epochs and (ending or trial.status == "TERMINATED") and isinstance(epoch, (int, float))
+                and epoch < self.max_epochs):
+            return False
+        own = int((trial.config or {}).get("optim.patience", self.patience) or 0)
+        history = [{"epoch": e, self.metric: v} for e, v in sorted(self.seen.get(trial.trial_id, {}).items())]
+        return not (self.metric and self.mode in ("max", "min")
+                    and patience_exhausted(history, self.metric, self.mode, own))
+
+    def _eta(self, done: int) -> float:
+        return (time.perf_counter() - self.t0) / self.ran_here * (self.total - done) if self.ran_here else float("nan")
+
+    def _clear(self) -> None:
+        if self.drawn:
+            sys.stdout.write("\r\033[K")
+            self.drawn = False
+
+    def _line(self, trials, trial, outcome: str) -> None:
+        self.ran_here += 1
+        done = 1 + sum(t is not trial and t.status in FINISHED for t in trials)
+        elapsed = time.perf_counter() - self.t0
+        eta = self._eta(done)
+        config = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in (trial.config or {}).items())
+        self._clear()
+        print(f"[xmr] {self.what} {done}/{self.total} {outcome}: {config}  "
+              f"({elapsed / 60:.1f} min, ETA {eta / 60:.1f} min)", flush=True)
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        result = trial.last_result or {}
+        value = result.get(self.metric) if self.metric else None
+        shown = f"{self.metric} {value:.4f}" if isinstance(value, float) else "done"
+        if self._pruned(trial, ending=True):
+            shown = f"pruned at epoch {int(result['epoch'])} ({shown})"
+        self._line(trials, trial, shown)
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self._line(trials, trial, "FAILED")
+
+    def status_line(self, trials) -> str:
+        running = sum(t.status == "RUNNING" for t in trials)
+        done = sum(t.status in FINISHED for t in trials)
+        pruned = sum(self._pruned(t) for t in trials)
+        failed = sum(t.status == "ERROR" for t in trials)
+        best = None
+        if self.metric and self.mode in ("max", "min"):
+            seen = [t.metric_analysis.get(self.metric, {}).get(self.mode) for t in trials]
+            seen = [v for v in seen if isinstance(v, (int, float))]
+            best = (max(seen) if self.mode == "max" else min(seen)) if seen else None
+        elapsed = time.perf_counter() - self.t0
+        eta = self._eta(done)
+        parts = [f"{running} running", f"{done}/{self.total} done", f"{pruned} pruned"]
+        if failed:
+            parts.append(f"{failed} failed")
+        if best is not None:
+            parts.append(f"best {self.metric} {best:.4f}")
+        parts.append(f"{elapsed / 60:.1f} min" + ("" if eta != eta else f", ETA {eta / 60:.1f} min"))
+        return f"[xmr] {self.what}: " + ", ".join(parts)
+
+    def on_step_end(self, iteration, trials, **info) -> None:
+        if not self.status:
+            return
+        tty = sys.stdout.isatty()
+        period = 1.0 if tty else self.every_s
+        now = time.perf_counter()
+        if period <= 0 or now - self.shown < period:
+            return
+        self.shown = now
+        if tty:
+            sys.stdout.write("\r\033[K" + self.status_line(trials))
+            sys.stdout.flush()
+            self.drawn = True
+        else:
+            print(self.status_line(trials), flush=True)
+
+    def on_experiment_end(self, trials, **info) -> None:
+        self._clear()
+        sys.stdout.flush()
+
+
 def progress_callback(total: int, metric: str | None, what: str, *, mode: str | None = None, status: bool = False,
                       max_epochs: int | None = None, patience: int = 0,
                       every_s: float = DEFAULT_PROGRESS_EVERY_S):
@@ -194,112 +301,15 @@ def progress_callback(total: int, metric: str | None, what: str, *, mode: str | 
     them back) and, with ``status``, a status line: trials running / done / pruned / failed,
     the best so far and an ETA. On a terminal the status line is redrawn in place every
     second; in a log (not a terminal) it is printed every ``every_s`` seconds (the runtime's
-    ``progress_every_s``, ``XMR_PROGRESS_EVERY_S``; default 30; 0: never), so a long sweep says where it is without a line per epoch."""
-    import sys
-    import time
-
+    ``progress_every_s``, ``XMR_PROGRESS_EVERY_S``; default 30; 0: never), so a long sweep
+    says where it is without a line per epoch."""
     from ray.tune import Callback
 
-    from xmr.train.step import patience_exhausted
+    class Progress(TrialProgress, Callback):
+        """Tune calls a ``Callback``; what it does is ``TrialProgress``'s (Ray imported only here)."""
 
-    class Progress(Callback):
-        """Counts finished trials from Tune's list, so a resumed sweep goes on from where it
-        was (its own trials already finished are in the list); the clock and the ETA are this
-        process's."""
-
-        def __init__(self) -> None:
-            self.ran_here, self.t0, self.shown, self.drawn = 0, time.perf_counter(), time.perf_counter(), False
-            self.seen: dict[str, dict[int, float]] = {}  # trial id -> epoch -> metric (for optim.patience)
-
-        def setup(self, **info) -> None:  # also when resumed: this instance was unpickled
-            self.ran_here, self.t0, self.shown, self.drawn = 0, time.perf_counter(), time.perf_counter(), False
-
-        def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-            epoch, value = result.get("epoch"), result.get(metric) if metric else None
-            if max_epochs and isinstance(epoch, (int, float)) and isinstance(value, (int, float)):
-                self.seen.setdefault(trial.trial_id, {})[int(epoch)] = float(value)
-
-        def _pruned(self, trial, ending: bool = False) -> bool:
-            """Stopped short of its epochs by the scheduler (``ending``: the trial being
-            completed, still RUNNING in Tune's list); not a trial ``optim.patience`` ended."""
-            epoch = (trial.last_result or {}).get("epoch")
-            if not (max_epochs and (ending or trial.status == "TERMINATED") and isinstance(epoch, (int, float))
-                    and epoch < max_epochs):
-                return False
-            own = int((trial.config or {}).get("optim.patience", patience) or 0)
-            history = [{"epoch": e, metric: v} for e, v in sorted(self.seen.get(trial.trial_id, {}).items())]
-            return not (metric and mode in ("max", "min") and patience_exhausted(history, metric, mode, own))
-
-        def _eta(self, done: int) -> float:
-            return (time.perf_counter() - self.t0) / self.ran_here * (total - done) if self.ran_here else float("nan")
-
-        def _clear(self) -> None:
-            if self.drawn:
-                sys.stdout.write("\r\033[K")
-                self.drawn = False
-
-        def _line(self, trials, trial, outcome: str) -> None:
-            self.ran_here += 1
-            done = 1 + sum(t is not trial and t.status in FINISHED for t in trials)
-            elapsed = time.perf_counter() - self.t0
-            eta = self._eta(done)
-            config = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in (trial.config or {}).items())
-            self._clear()
-            print(f"[xmr] {what} {done}/{total} {outcome}: {config}  ({elapsed / 60:.1f} min, ETA {eta / 60:.1f} min)",
-                  flush=True)
-
-        def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-            result = trial.last_result or {}
-            value = result.get(metric) if metric else None
-            shown = f"{metric} {value:.4f}" if isinstance(value, float) else "done"
-            if self._pruned(trial, ending=True):
-                shown = f"pruned at epoch {int(result['epoch'])} ({shown})"
-            self._line(trials, trial, shown)
-
-        def on_trial_error(self, iteration, trials, trial, **info) -> None:
-            self._line(trials, trial, "FAILED")
-
-        def status_line(self, trials) -> str:
-            running = sum(t.status == "RUNNING" for t in trials)
-            done = sum(t.status in FINISHED for t in trials)
-            pruned = sum(self._pruned(t) for t in trials)
-            failed = sum(t.status == "ERROR" for t in trials)
-            best = None
-            if metric and mode in ("max", "min"):
-                seen = [t.metric_analysis.get(metric, {}).get(mode) for t in trials]
-                seen = [v for v in seen if isinstance(v, (int, float))]
-                best = (max(seen) if mode == "max" else min(seen)) if seen else None
-            elapsed = time.perf_counter() - self.t0
-            eta = self._eta(done)
-            parts = [f"{running} running", f"{done}/{total} done", f"{pruned} pruned"]
-            if failed:
-                parts.append(f"{failed} failed")
-            if best is not None:
-                parts.append(f"best {metric} {best:.4f}")
-            parts.append(f"{elapsed / 60:.1f} min" + ("" if eta != eta else f", ETA {eta / 60:.1f} min"))
-            return f"[xmr] {what}: " + ", ".join(parts)
-
-        def on_step_end(self, iteration, trials, **info) -> None:
-            if not status:
-                return
-            tty = sys.stdout.isatty()
-            period = 1.0 if tty else every_s
-            now = time.perf_counter()
-            if period <= 0 or now - self.shown < period:
-                return
-            self.shown = now
-            if tty:
-                sys.stdout.write("\r\033[K" + self.status_line(trials))
-                sys.stdout.flush()
-                self.drawn = True
-            else:
-                print(self.status_line(trials), flush=True)
-
-        def on_experiment_end(self, trials, **info) -> None:
-            self._clear()
-            sys.stdout.flush()
-
-    return Progress()
+    return Progress(total, metric, what, mode=mode, status=status, max_epochs=max_epochs, patience=patience,
+                    every_s=every_s)
 
 
 NOT_METRICS = {"epoch", "step", "samples_per_s", "train_s", "eval_s", "lr", "attempt", "num_workers", "num_nodes",
