@@ -24,7 +24,9 @@ and driven by ``hey`` (issues 25, 36).
   and answers flagged partial counted); every retriever replica's RSS and the memory it
   asked Ray for.
 
-On this 2-core machine hey, the proxy, the gateway and the replicas share the cores.
+On this 2-core machine hey, the proxy, the gateway and the replicas share the cores. Ray's
+workers and replicas run at the bench's own niceness (``RAY_worker_niceness=0``; Ray's default
+starts them 15 levels nicer), so on a shared machine they compete as the bench itself does.
 
     RAY_AUTH_MODE=token python bench/serve_shards.py [--items 4000000] [--shards 4] [--reference-items 1000000]
 """
@@ -57,6 +59,10 @@ from _million import CLASSES, DIM, NOISE, _model  # noqa: E402
 from serve_load import XMR, hey, load_with_kill, start_server, stop_server  # noqa: E402
 
 PORT = 8361
+# Ray's raylet starts its workers 15 nice levels below itself (``worker_niceness``): on a
+# machine other work shares, the encoding workers and the replicas would get a sliver of the
+# CPU that the bench's own process (and ``hey``) get. Here they run at the bench's niceness.
+RAY_ENV = {"RAY_AUTH_MODE": "token", "RAY_worker_niceness": "0"}
 PER_TAR = 50_000  # samples per WebDataset shard file
 
 
@@ -177,7 +183,7 @@ def index_build(ckpt: str, data: str, out: Path, shards: int, approx: str, ann_k
         cmd += ["--shards", str(shards), "--address", "local"] + (["--workers", str(workers)] if workers else [])
     log(f"[bench] {' '.join(cmd[1:])}")
     t0 = time.perf_counter()
-    run = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "RAY_AUTH_MODE": "token"})
+    run = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **RAY_ENV})
     wall = time.perf_counter() - t0
     for line in run.stdout.splitlines():
         log(f"    {line}")
@@ -273,6 +279,7 @@ def measure(name: str, ckpt: str, index: Path, queries_raw: np.ndarray, exact: l
     body = work / "query.json"
     body.write_text(json.dumps({"query": queries_raw[0].tolist(), "k": 10}))
     log(f"[bench] {name}: starting xmr serve ...")
+    os.environ.update(RAY_ENV)  # start_server passes its environment on
     t = time.perf_counter()
     proc, url = start_server("proxy", ckpt, str(index), work / f"serve-{name}.log", replicas=1, port=PORT,
                              wait_s=1800, extra=("--address", "local", "--start-timeout-s", "1500"))
