@@ -6,10 +6,14 @@ d = 256, uniform negatives, interleaved with (a) pytorch-metric-learning computi
 loss where it has one (K = all: SupConLoss; SupConLoss with pair labels for multineg, which
 is NT-Xent; TripletMarginLoss for triplet on the pair task) and (b) a minimal reference (one
 similarity matmul + logsumexp + backward): median of 7 rounds (5 at B = 4096), the order
-rotated each round. Achieved GFLOP/s counts the three matmuls (forward and backward) beside
+rotated each round; 31 rounds at B <= 256. Achieved GFLOP/s counts the three matmuls (forward and backward) beside
 the machine's own matmul GFLOP/s at that shape. Beside supcon at K = all (B <= 1,024), a
 textbook exact SupCon (dense masks, ten lines) in the same rounds: how far above the
-reference the plainest exact form of the loss already is.
+reference the plainest exact form of the loss already is. Beside every supcon cell, the term
+as it was before issue 35 (four forms: dense, per-class sums, masks, K drawn as columns;
+``bench/_frozen/supcon_issue35.py``) in the same rounds: ``vs_before`` is today's time over
+its, and at K = all (and at B = 64, where both draw K by the same masks) the values' max |diff|.
+The presets train at B = 64 (d = 64); the larger sizes are beyond every preset, spec and space.
 Part 2: peak extra resident memory of supcon at B = 1024 .. 4096, row-chunked (the default
 ``loss.chunk_mb``) and not, each in a fresh process.
 Part 3: QACLN VCMR inference at TVR validation scale: 2,179 videos with their real
@@ -34,6 +38,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import TVR, tvr_val_corpus, write_results  # noqa: E402
+from _frozen.supcon_issue35 import SupConIssue35  # noqa: E402
 
 from xmr.config import Config, load_config  # noqa: E402
 from xmr.losses.registry import TermContext, build_term  # noqa: E402
@@ -95,12 +100,27 @@ def term_step(name: str, task: str, b: int, k: int, d: int, chunk_mb: float = 64
     return step
 
 
-def term_value(name: str, task: str, b: int, k: int | None, d: int) -> float:
-    """xmr's term's loss on ``_inputs`` (no backward), to check a comparison computes the same."""
+def before_step(b: int, k: int | None, d: int):
+    """The supcon term before issue 35 (the frozen copy), forward + backward, on the same inputs."""
+    term = SupConIssue35(0.1, k if k is not None else 10**9, "uniform", True)
+    a, bb, labels = _inputs(b, d, "category")
+
+    def step():
+        term(PairOutputs(F.normalize(a, dim=1), F.normalize(bb, dim=1)), {}, TermContext(targets=labels)).backward()
+
+    step.term = term
+    return step
+
+
+def term_value(name: str, task: str, b: int, k: int | None, d: int, term=None) -> float:
+    """A term's loss on ``_inputs`` (no backward; xmr's unless ``term`` is given), to check a
+    comparison computes the same. Seeded: uniform negatives are drawn alike."""
     a, bb, labels = _inputs(b, d, task)
+    term = term if term is not None else _term(name, task, k, d)
+    torch.manual_seed(7)
     with torch.no_grad():
-        return float(_term(name, task, k, d)(PairOutputs(F.normalize(a, dim=1), F.normalize(bb, dim=1)),
-                                             {"label": labels, "index": torch.arange(b)}, TermContext(targets=labels)))
+        return float(term(PairOutputs(F.normalize(a, dim=1), F.normalize(bb, dim=1)),
+                          {"label": labels, "index": torch.arange(b)}, TermContext(targets=labels)))
 
 
 def pml_step(name: str, task: str, b: int, d: int):
@@ -185,14 +205,19 @@ PML_SAME = {"supcon": "category", "multineg": "pair", "triplet": "pair"}  # task
 PML_TRIPLET_MAX_B = 1024
 
 
-def bench_terms(sizes, ks, repeats, d=256) -> list[dict]:
+SMALL_B_REPEATS = 31  # rounds at B <= 256 (milliseconds a step): the presets' size, where "no slower" is asked
+
+
+def bench_terms(sizes, ks, repeats, d=256, small_repeats=SMALL_B_REPEATS) -> list[dict]:
     rows = []
     for b in sizes:
-        reps = repeats if b < 4096 else max(3, repeats - 2)
+        reps = small_repeats if b <= 256 else repeats if b < 4096 else max(3, repeats - 2)
         steps = {"reference": reference_step(b, d), "reference_cross": reference_step(b, d, cross=True)}
         for name, task in PML_SAME.items():
             for k in ks:
                 steps[f"{name}|{k}"] = term_step(name, task, b, k, d)
+                if name == "supcon":
+                    steps[f"before|{k}"] = before_step(b, k, d)
             if name != "triplet" or b <= PML_TRIPLET_MAX_B:
                 steps[f"pml|{name}"] = pml_step(name, task, b, d)
         if b <= TEXTBOOK_MAX_B:
@@ -214,13 +239,20 @@ def bench_terms(sizes, ks, repeats, d=256) -> list[dict]:
                        "gflops": flops / (t / 1000) / 1e9, "matmul_gflops": gemm, "repeats": reps}
                 if k is None and f"pml|{name}" in ms:  # PML computes this same loss
                     row.update(pml_ms=ms[f"pml|{name}"], vs_pml=t / ms[f"pml|{name}"])
+                if name == "supcon":
+                    row.update(before_ms=ms[f"before|{k}"], vs_before=t / ms[f"before|{k}"])
+                    if k is None or b == 64:  # the same values (K = all; at B = 64 the same masked draws)
+                        row["before_abs_diff"] = abs(term_value(name, "category", b, k, d)
+                                                     - term_value(name, "category", b, k, d, steps[f"before|{k}"].term))
                 if k is None and f"textbook|{name}" in ms:
                     row.update(textbook_ms=ms[f"textbook|{name}"], textbook_vs_reference=ms[f"textbook|{name}"] / ref)
                 rows.append(row)
                 print(f"{name:9s} B={b:5d} K={row['K']!s:>4}  {t:9.2f} ms  x{row['vs_reference']:4.2f} of reference"
                       f"  {row['gflops']:5.1f} GFLOP/s (matmul {gemm:5.1f})"
                       + (f"   PML {row['pml_ms']:9.2f} ms  ours/PML {row['vs_pml']:4.2f}" if "pml_ms" in row else "")
-                      + (f"   textbook x{row['textbook_vs_reference']:4.2f}" if "textbook_ms" in row else ""))
+                      + (f"   textbook x{row['textbook_vs_reference']:4.2f}" if "textbook_ms" in row else "")
+                      + (f"   before {row['before_ms']:9.2f} ms  now/before {row['vs_before']:4.2f}" if "before_ms" in row else "")
+                      + (f" |diff| {row['before_abs_diff']:.1e}" if "before_abs_diff" in row else ""))
     return rows
 
 
@@ -316,7 +348,7 @@ def main() -> None:
     torch.set_num_threads(1)  # one thread, as the issue's figures
     sizes, ks, repeats = ([64, 256], [1, 16, None], 3) if args.quick else ([64, 256, 1024, 4096], [1, 16, 255, None], 7)
     t0 = time.perf_counter()
-    rows = bench_terms(sizes, ks, repeats)
+    rows = bench_terms(sizes, ks, repeats, small_repeats=repeats if args.quick else SMALL_B_REPEATS)
     memory = peak_memory([1024, 2048] if args.quick else [1024, 2048, 4096])
     vcmr = bench_vcmr(n_queries=256 if args.quick else 1024, chunk=64)
     by = {(r["term"], r["B"], r["K"]): r for r in rows}
@@ -331,6 +363,10 @@ def main() -> None:
         "worst_vs_reference": max(r["vs_reference"] for r in rows),
         "worst_vs_reference_k_all": max(r["vs_reference"] for r in rows if r["K"] == "all"),
         "textbook_supcon_vs_reference_b64": by[("supcon", 64, "all")].get("textbook_vs_reference"),
+        "supcon_vs_before_b64_k_all": by[("supcon", 64, "all")]["vs_before"],
+        "supcon_worst_vs_before_b64": max(r["vs_before"] for r in rows if r["term"] == "supcon" and r["B"] == 64),
+        "supcon_worst_vs_before": max(r["vs_before"] for r in rows if r["term"] == "supcon"),
+        "supcon_max_abs_diff_vs_before": max(r["before_abs_diff"] for r in rows if "before_abs_diff" in r),
         f"peak_mb_b{max(mem)}": mem[max(mem)]["chunked_mb"],
         f"peak_mb_b{max(mem)}_unchunked": mem[max(mem)]["unchunked_mb"],
         "vcmr_ms_per_query_median": vcmr["ms_per_query_median"],

@@ -1,15 +1,16 @@
-"""The training step, today's against the step before issue 14, side by side in one run.
+"""The training step, today's against an earlier one, side by side in one run.
 
-QACLN: the preset's configuration (d = 128, 32 videos a batch, dropout 0.1) on the synthetic
-VCMR corpus (``xmr data synth vcmr`` defaults, 256 training videos). "Before" is the frozen
-copy of the model in ``bench/_frozen/qacln_before.py`` (``nn.TransformerEncoderLayer`` and
+QACLN, against the step before issue 14: the preset's configuration (d = 128, 32 videos a
+batch, dropout 0.1) on the synthetic VCMR corpus (``xmr data synth vcmr`` defaults, 256
+training videos). "Before" is the frozen copy of the model in ``tests/qacln_before.py`` (``nn.TransformerEncoderLayer`` and
 ``nn.MultiheadAttention``, the video-to-query scores computed though unused, the query-side
 ones computed a second time) stepped by AdamW parameter by parameter, as then; "after" is
 ``xmr.models.qacln`` (packed, length-grouped layers, the CPU dropout, VVCL on the moment's
 anchors) with the fused AdamW of ``xmr.train.step``. Both start from the same
 weights; each round runs one step of each on the same batch, in rotated order; the speedup
-is the median of the per-round ratios. The same for a category method (SCCMRL preset on
-the synthetic category set): before = the frozen supcon term (``bench/_frozen/supcon_before.py``).
+is the median of the per-round ratios. The category step (SCCMRL preset on the synthetic
+category set), against the step before issue 35: before = the supcon term with its four
+forms (``bench/_frozen/supcon_issue35.py``), after = today's one form.
 
 Before the timing, the two are checked to compute the same thing: in eval mode (dropout
 off) every loss term and every parameter gradient of one batch, max abs difference.
@@ -36,9 +37,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the frozen QACLN the tests check against
 from _common import write_results  # noqa: E402
-from _frozen.qacln_before import QACLNBefore  # noqa: E402
-from _frozen.supcon_before import SupConBefore  # noqa: E402
+from _frozen.supcon_issue35 import SupConIssue35  # noqa: E402
+from qacln_before import QACLNBefore  # noqa: E402
 
 from xmr.checks import resolve  # noqa: E402
 from xmr.config import load_config  # noqa: E402
@@ -64,8 +66,8 @@ def category_pair(data: str):
     after = Method(cfg)
     before = Method(cfg)
     before.load_state_dict(after.state_dict())
-    before.objective.terms["supcon"] = SupConBefore(cfg.loss.temperature, cfg.negatives.k, cfg.negatives.strategy,
-                                                    cfg.negatives.gather)
+    before.objective.terms["supcon"] = SupConIssue35(cfg.loss.temperature, cfg.negatives.k, cfg.negatives.strategy,
+                                                     cfg.negatives.gather, cfg.loss.chunk_mb)
     return cfg, before, after
 
 
@@ -177,7 +179,7 @@ def main() -> None:
     headline = {"qacln_step_speedup": results["qacln"]["speedup"],
                 "qacln_videos_per_s_before": results["qacln"]["before_per_s"],
                 "qacln_videos_per_s_after": results["qacln"]["after_per_s"],
-                "category_step_speedup": results["sccmrl"]["speedup"],
+                "category_step_speedup_over_before_issue_35": results["sccmrl"]["speedup"],
                 "qacln_eval_grad_max_abs_diff": results["qacln"]["grad_max_abs_diff"],
                 "wall_s": time.perf_counter() - t0}
     if args.compile:

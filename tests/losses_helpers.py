@@ -23,8 +23,12 @@ def make_cfg(task="category", k=10_000, strategy="uniform", temperature=0.1, mar
     cfg.loss.temperature = temperature
     cfg.loss.margin = margin
     cfg.loss.lambdas = lambdas or {"supcon": 1.0}
-    for key, value in loss.items():
-        setattr(cfg.loss, key, value)
+    for key, value in loss.items():  # a shared field, or a term's section as a dict: label={"scale": 20.0}
+        if isinstance(value, dict):
+            for field, v in value.items():
+                setattr(getattr(cfg.loss, key), field, v)
+        else:
+            setattr(cfg.loss, key, value)
     return cfg
 
 

@@ -28,7 +28,7 @@ def test_grad_reverse_is_identity_forward_and_negated_backward():
 def test_grl_flips_the_sign_reaching_the_encoders_only():
     torch.manual_seed(0)
     a_raw, b_raw, _ = embeddings(n=6)
-    adv = term("adversarial", make_cfg(lambdas={"adversarial": 1.0}, grl_scale=1.0))
+    adv = term("adversarial", make_cfg(lambdas={"adversarial": 1.0}, adversarial={"grl_scale": 1.0}))
     params = list(adv.discriminator.parameters())
     a, b = unit(a_raw), unit(b_raw)
     grl = torch.autograd.grad(adv(pair(a, b), {}), [a_raw, b_raw, *params])
@@ -43,7 +43,7 @@ def test_flip_mode_discriminator_learns_while_encoders_push_the_other_way():
     torch.manual_seed(0)
     a_raw, b_raw, _ = embeddings(n=8)
     b_raw = (b_raw.detach() + 2.0).requires_grad_()  # a modality gap the discriminator can see
-    adv = term("adversarial", make_cfg(lambdas={"adversarial": 1.0}, adversarial_mode="flip"))
+    adv = term("adversarial", make_cfg(lambdas={"adversarial": 1.0}, adversarial={"mode": "flip"}))
     opt = torch.optim.SGD(adv.parameters(), lr=0.5)
     before = plain_bce(adv, unit(a_raw), unit(b_raw)).item()
     for _ in range(30):
@@ -76,7 +76,7 @@ def _game(disc_lr, disc_steps, steps=40):
     from xmr.method import Method
     from xmr.train.step import TrainStep
 
-    cfg = make_cfg(lambdas={"multineg": 1.0, "adversarial": 0.1}, disc_lr=disc_lr, disc_steps=disc_steps)
+    cfg = make_cfg(lambdas={"multineg": 1.0, "adversarial": 0.1}, adversarial={"disc_lr": disc_lr, "disc_steps": disc_steps})
     cfg.model.name, cfg.model.dims = "dual_encoder", {"a": [8], "b": [6]}
     torch.manual_seed(0)
     method = Method(cfg)
@@ -92,7 +92,7 @@ def _game(disc_lr, disc_steps, steps=40):
 
 
 def test_the_games_balance_is_configurable():
-    """loss.disc_lr is the discriminator's own learning rate; loss.disc_steps its updates
+    """loss.adversarial.disc_lr is the discriminator's own learning rate; loss.adversarial.disc_steps its updates
     per encoder step. A stronger discriminator wins the game (lower BCE, higher accuracy)."""
     weak, groups = _game(None, 1)
     assert groups["discriminator"]["initial_lr"] == groups["model"]["initial_lr"] == 1e-3

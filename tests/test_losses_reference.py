@@ -94,12 +94,12 @@ def test_center_against_its_formula():
 def test_label_is_a_scaled_cosine_classifier():
     """NormFace: logits = s · cos(x, w_c); the embeddings' norm cannot cap the logits."""
     a, b, y = embeddings(n=9)
-    label = term("label", make_cfg(label_scale=20.0))
+    label = term("label", make_cfg(label={"scale": 20.0}))
     w = label.heads[0].weight
     emb = torch.cat([unit(a), unit(b)])
     expected = F.cross_entropy(20.0 * unit(emb) @ unit(w).T, torch.cat([y, y]))
     assert torch.allclose(label(pair(unit(a), unit(b)), {"label": y}, ctx(y)), expected, atol=1e-6)
-    confident = term("label", make_cfg(label_scale=20.0))
+    confident = term("label", make_cfg(label={"scale": 20.0}))
     with torch.no_grad():  # one-hot class directions: a plain unit-norm linear head stays near chance
         confident.heads[0].weight.copy_(torch.eye(5, 16))
     x = F.one_hot(torch.cat([y, y]), 16).float()
@@ -113,7 +113,7 @@ def test_hierarchical_label_sums_levels_with_their_weights():
     levels_a, levels_b = [unit(a * 0.5 + 0.1), a], [unit(b * 0.5 - 0.1), b]
     out = pair(a, b, levels_a=levels_a, levels_b=levels_b)
     for weights in ([], [0.5, 2.0]):
-        label = term("label", make_cfg(num_classes=(2, 4), level_weights=weights))
+        label = term("label", make_cfg(num_classes=(2, 4), label={"level_weights": weights}))
         ce = [F.cross_entropy(label.heads[i](torch.cat([levels_a[i], levels_b[i]])), torch.cat([y[:, i], y[:, i]]))
               for i in range(2)]
         w = weights or [1.0, 1.0]
@@ -146,7 +146,7 @@ def _polynomial_loop(a, b, y, margin, poly_pos, poly_neg, bank_view=None):
 def test_polynomial_against_an_explicit_loop():
     a, b, y = embeddings(n=7, classes=3)
     a, b = unit(a).detach(), unit(b).detach()
-    cfg = make_cfg(margin=0.1, poly_pos=[1.0, -1.0], poly_neg=[0.5, 1.0, 0.25])
+    cfg = make_cfg(margin=0.1, polynomial={"pos": [1.0, -1.0], "neg": [0.5, 1.0, 0.25]})
     got = term("polynomial", cfg)(pair(a, b), {"label": y}, ctx(y))
     assert got.item() == pytest.approx(_polynomial_loop(a, b, y, 0.1, [1.0, -1.0], [0.5, 1.0, 0.25]), abs=1e-5)
 

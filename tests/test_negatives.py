@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from xmr.losses.negatives import ClassBlocks, MemoryBank, NegativeSampler, distinct_ranks, uniform_outside_class
+from xmr.losses.negatives import MemoryBank, NegativeSampler
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -137,58 +137,3 @@ def test_memory_bank_holds_multi_hot_and_label_paths():
     paths = MemoryBank(size=4, dim=3, label_shape=(2,))
     paths.enqueue(torch.randn(3, 3), torch.tensor([[0, 1], [1, 3], [1, 2]]), torch.zeros(3))
     assert paths.view().labels.tolist() == [[0, 1], [1, 3], [1, 2]]
-
-
-def test_outside_class_draws_are_distinct_other_class_and_uniform():
-    """Every K-subset of a row's other-class candidates equally likely (chi-square over all
-    C(9, 3) = 84 subsets and over the columns), never a same-class one, never twice."""
-    from scipy.stats import chisquare
-
-    labels = torch.tensor([0, 1, 1, 2, 0, 2, 2, 3, 1, 0])
-    blocks = ClassBlocks.of(labels)
-    rows = labels.repeat(8000)
-    cols = uniform_outside_class(blocks, rows, 3, generator=torch.Generator().manual_seed(0))
-    assert cols.shape == (80000, 3)
-    assert (labels[cols] != rows[:, None]).all()
-    ordered = cols.sort(dim=1).values
-    assert (ordered[:, 1:] != ordered[:, :-1]).all()
-    for cls in range(4):
-        mine = ordered[rows == cls]
-        allowed = (labels != cls).nonzero().squeeze(1)
-        counts = torch.bincount(mine.reshape(-1), minlength=10)[allowed].double()
-        assert chisquare(counts.numpy()).pvalue > 1e-4
-    subsets = torch.unique(ordered[rows == 3], dim=0, return_counts=True)[1]
-    assert len(subsets) == 84 and chisquare(subsets.double().numpy()).pvalue > 1e-4
-
-
-def test_distinct_ranks_with_a_tight_range_and_per_row_limits():
-    n = torch.tensor([4, 8, 40, 4])
-    ranks = distinct_ranks(n, 4, generator=torch.Generator().manual_seed(2)).sort(dim=1).values
-    assert torch.equal(ranks[0], torch.arange(4)) and torch.equal(ranks[3], torch.arange(4))
-    assert (ranks < n[:, None]).all() and (ranks[:, 1:] > ranks[:, :-1]).all()
-    with pytest.raises(ValueError, match="only 4"):
-        distinct_ranks(n, 5)
-
-
-def test_outside_class_only_where_it_is_exact_and_cheap(monkeypatch):
-    from xmr.losses import negatives
-
-    labels = torch.randint(0, 4, (64,), generator=torch.Generator().manual_seed(0))
-    uniform = NegativeSampler(3, "uniform")
-    assert uniform.outside_class(labels, labels, n_batch=64) is None  # 64 x 64 cells: a mask is as cheap
-    monkeypatch.setattr(negatives, "COLUMNS_MIN_CELLS", 64 * 64)
-    assert uniform.outside_class(labels, labels, n_batch=64) is not None
-    assert NegativeSampler(3, "hardest").outside_class(labels, labels, n_batch=64) is None
-    assert uniform.outside_class(labels, labels, n_batch=40) is None  # a bank behind the batch
-    assert NegativeSampler(64, "uniform").outside_class(labels, labels, n_batch=64) is None  # K covers all
-    # K = 40 of ~48 allowed: random keys and a top-k; rows with fewer than K mark the rest invalid
-    cols, ok, _ = NegativeSampler(40, "uniform").outside_class(labels, labels, n_batch=64)
-    n_allowed = (labels[:, None] != labels[None, :]).sum(dim=1)
-    assert torch.equal(ok.sum(dim=1), n_allowed.clamp(max=40))
-    assert (labels[cols][ok] != labels[:, None].expand_as(cols)[ok]).all()
-    assert all(len(set(r[o].tolist())) == int(o.sum()) for r, o in zip(cols, ok))
-    assert uniform.outside_class(torch.rand(64, 4), labels, n_batch=64) is None  # multi-hot labels
-    torch.manual_seed(5)
-    first = uniform.outside_class(labels, labels, n_batch=64)[0]
-    torch.manual_seed(5)
-    assert torch.equal(uniform.outside_class(labels, labels, n_batch=64)[0], first)  # seeded

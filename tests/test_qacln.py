@@ -64,10 +64,10 @@ def test_pairwise_phi_equals_explicit_fused_cosines(netvlad, fusion):
 @pytest.mark.parametrize("query_negatives", [False, True])
 def test_vr_hinge_sums_over_the_negative_videos_as_the_paper_writes_it(query_negatives):
     """QACLN Eq. 14: Σ over the K negative videos of max(0, Δ + φ' − φ), mean over queries;
-    ``loss.vr_query_negatives`` adds the negative-query direction."""
+    ``loss.vr_hinge.query_negatives`` adds the negative-query direction."""
     cfg = tiny_cfg(vr_hinge=1.0)
     cfg.negatives.k, cfg.negatives.strategy = 10, "hardest"
-    cfg.loss.vr_query_negatives = query_negatives
+    cfg.loss.vr_hinge.query_negatives = query_negatives
     model = Method(cfg).model
     b = tiny_batch()
     with torch.no_grad():
@@ -97,7 +97,7 @@ def test_video_cl_contrasts_against_the_whole_batch_not_the_hinges_k():
             parts.append(-pos + torch.logsumexp(torch.tensor([pos] + negs), 0).item())
         per.append(sum(parts) / 2)
     assert got.item() == pytest.approx(sum(per) / 4, abs=1e-5)
-    cfg.loss.video_cl_k = 1  # a sample of one negative per anchor: a different value
+    cfg.loss.video_cl.k = 1  # a sample of one negative per anchor: a different value
     assert build_term("video_cl", cfg)(out, b).item() != pytest.approx(got.item(), abs=1e-4)
 
 

@@ -28,7 +28,7 @@ def throwaway_term():
     class Agreement(LossTerm):
         """Pulls each pair's two embeddings together: 1 − cos(a_i, b_i)."""
 
-        reads = {"weight": "loss.grl_scale"}  # any declared field; the factory passes exactly these
+        reads = {"weight": "loss.adversarial.grl_scale"}  # any declared field; the factory passes exactly these
         families = ("category", "pair")
 
         def __init__(self, weight: float) -> None:

@@ -3,15 +3,13 @@
 - the packed, length-grouped encoder layers against ``nn.TransformerEncoderLayer``
   (norm_first) with the same weights, at every valid token, values and gradients;
 - the whole QACLN model against the frozen copy of the step before issue 14
-  (``bench/_frozen/qacln_before.py``) in eval mode: every loss term and every gradient;
+  (``tests/qacln_before.py``) in eval mode: every loss term and every gradient;
 - VVCL scored on the moment's anchors only against the full [B, N, N] formula;
 - the CPU dropout's keep rate, scale and determinism under a seed;
 - the fused AdamW against the per-parameter loop.
 """
 
 import copy
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -21,8 +19,6 @@ from torch import nn
 from xmr.losses._jsd import jsd_loss, masked_mean, moment_masks
 from xmr.losses.vvcl import VVCL
 from xmr.models.attention import Dropout, Encoder, Packed, attention_groups
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 
 def padded_batch(b, n, d, seed, min_len=1):
@@ -87,7 +83,7 @@ def test_attention_groups_follow_device_and_length():
 @pytest.mark.parametrize("netvlad", [False, True])
 def test_qacln_equals_the_step_before_issue_14(netvlad):
     """Eval mode (no dropout): the same loss terms and gradients as the frozen model."""
-    from _frozen.qacln_before import QACLNBefore
+    from qacln_before import QACLNBefore
 
     from test_qacln import tiny_batch, tiny_cfg
     from xmr.method import Method

@@ -16,8 +16,8 @@ from typing import Any
 
 from xmr.config import Config, ConfigError
 from xmr.data.manifest import Manifest, load_manifest
-from xmr.losses.registry import config_value, known_terms
-from xmr.models.registry import known_models
+from xmr.losses.registry import config_value, known_terms, outputs_needed
+from xmr.models.registry import check_outputs, known_models
 from xmr.tasks import FAMILIES, family_of
 
 # Fields every method reads whatever its terms and model (the trainer, loader, storage),
@@ -57,7 +57,7 @@ def fields_read(cfg: Config) -> dict[str, list[str]]:
     if cfg.model.name not in models:
         _fail(f"model.name = {cfg.model.name!r}: unknown model (known models: {sorted(models)})")
     readers: dict[str, list[str]] = {}
-    for field in models[cfg.model.name].fields_read(cfg):
+    for field in models[cfg.model.name].fields_read(cfg, check_outputs(cfg, outputs_needed(cfg))):
         readers.setdefault(field, []).append(f"model {cfg.model.name}")
     terms = enabled_terms(cfg)
     for name, cls in terms.items():

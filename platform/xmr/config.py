@@ -102,29 +102,101 @@ class ModelConfig:
     label_kind: Literal["", "single", "hierarchical", "multi", "none"] = ""
 
 
-@dataclass
-class LossConfig:
-    """Loss term weights (λ) by registry name, and the terms' own hyperparameters."""
+# Each term's own settings, under the term's registry name (``loss.vr_hinge.margin``): a
+# term reads its section and the shared fields below, nothing of another term's.
 
-    lambdas: dict[str, float] = field(default_factory=lambda: {"supcon": 1.0})
-    temperature: float = 0.1
-    margin: float = 0.2  # triplet / hinge margin
-    vr_margin: float = 0.1  # QACLN L_VR margin Δ
-    # Self-similarity polynomial loss (CDAML): pair weight w(s) = Σ_q c_q s^q, per pair kind.
-    poly_pos: list[float] = field(default_factory=lambda: [1.0, -1.0])  # w_p(s) = 1 - s
-    poly_neg: list[float] = field(default_factory=lambda: [1.0, 1.0])  # w_n(s) = 1 + s
-    adversarial_mode: Literal["grl", "flip"] = "grl"
+
+@dataclass
+class VRHingeSettings:
+    """``vr_hinge`` (QACLN L_VR)."""
+
+    margin: float = 0.1  # Δ
+    query_negatives: bool = False  # also K negative queries per video (XML / ReLoCLNet; not in the paper)
+
+
+@dataclass
+class VideoCLSettings:
+    """``video_cl`` (QACLN L_VideoCL)."""
+
+    k: int = 0  # negatives per anchor; 0 = every other video of the gathered batch
+
+
+@dataclass
+class PolynomialSettings:
+    """``polynomial`` (CDAML): pair weight w(s) = Σ_q c_q s^q, per pair kind."""
+
+    pos: list[float] = field(default_factory=lambda: [1.0, -1.0])  # w_p(s) = 1 - s
+    neg: list[float] = field(default_factory=lambda: [1.0, 1.0])  # w_n(s) = 1 + s
+
+
+@dataclass
+class AdversarialSettings:
+    """``adversarial``: the modality discriminator's game."""
+
+    mode: Literal["grl", "flip"] = "grl"
     grl_scale: float = 1.0
     disc_lr: float | None = None  # discriminator learning rate; None = optim.lr
     disc_steps: int = 1  # discriminator updates per encoder step
-    label_scale: float = 16.0  # cosine classifier scale s (NormFace)
+
+
+@dataclass
+class LabelSettings:
+    """``label``: the cosine classifier."""
+
+    scale: float = 16.0  # s (NormFace)
     level_weights: list[float] = field(default_factory=list)  # per label level, coarse -> fine; [] = 1 each
-    vr_query_negatives: bool = False  # L_VR also over K negative queries per video (not in the paper)
-    video_cl_k: int = 0  # VideoCL negatives per anchor; 0 = every other video of the gathered batch
+
+
+@dataclass
+class LossConfig:
+    """Loss term weights (λ) by registry name, the settings several terms share, and each
+    term's own section."""
+
+    lambdas: dict[str, float] = field(default_factory=lambda: {"supcon": 1.0})
+    temperature: float = 0.1  # supcon, multineg
+    margin: float = 0.2  # triplet, polynomial
     # Cross-modal terms compute their logits in row chunks (recomputed in backward) once the
     # full [anchors, candidates] matrix would pass this many MB: memory linear in the batch.
     # Same values and gradients; 0 = never chunk.
     chunk_mb: float = 64.0
+    vr_hinge: VRHingeSettings = field(default_factory=VRHingeSettings)
+    video_cl: VideoCLSettings = field(default_factory=VideoCLSettings)
+    polynomial: PolynomialSettings = field(default_factory=PolynomialSettings)
+    adversarial: AdversarialSettings = field(default_factory=AdversarialSettings)
+    label: LabelSettings = field(default_factory=LabelSettings)
+
+
+# Keys written before the terms' settings had sections (presets, --set, configs stored in
+# checkpoints): ``loss.<old>`` still reads as ``loss.<term>.<field>``.
+MOVED_LOSS_KEYS = {
+    "vr_margin": ("vr_hinge", "margin"), "vr_query_negatives": ("vr_hinge", "query_negatives"),
+    "video_cl_k": ("video_cl", "k"), "poly_pos": ("polynomial", "pos"), "poly_neg": ("polynomial", "neg"),
+    "adversarial_mode": ("adversarial", "mode"), "grl_scale": ("adversarial", "grl_scale"),
+    "disc_lr": ("adversarial", "disc_lr"), "disc_steps": ("adversarial", "disc_steps"),
+    "label_scale": ("label", "scale"), "level_weights": ("label", "level_weights"),
+}
+
+
+def _move_loss_keys(data: dict[str, Any]) -> dict[str, Any]:
+    """A raw mapping with the old flat loss keys moved into their term's section; an old
+    key and its new one both given, with different values, is an error naming both."""
+    loss = data.get("loss")
+    if not isinstance(loss, dict) or not any(k in MOVED_LOSS_KEYS for k in loss):
+        return data
+    data, loss = dict(data), dict(loss)
+    for old, (term, key) in MOVED_LOSS_KEYS.items():
+        if old not in loss:
+            continue
+        value = loss.pop(old)
+        section = loss.get(term)
+        section = dict(section) if isinstance(section, dict) else {}
+        if key in section and section[key] != value:
+            raise ConfigError(f"loss.{old} = {value!r} and loss.{term}.{key} = {section[key]!r}: the same setting "
+                              f"twice (loss.{old} is the old name of loss.{term}.{key}; give only the new one)")
+        section[key] = value
+        loss[term] = section
+    data["loss"] = loss
+    return data
 
 
 @dataclass
@@ -332,7 +404,10 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def set_field(data: dict[str, Any], path: list[str], value: Any, what: str = "") -> None:
-    """Set ``data[a][b]... = value`` in a raw config mapping, creating sections as needed."""
+    """Set ``data[a][b]... = value`` in a raw config mapping, creating sections as needed
+    (an old flat loss key, ``loss.vr_margin``, sets its new field, ``loss.vr_hinge.margin``)."""
+    if len(path) == 2 and path[0] == "loss" and path[1] in MOVED_LOSS_KEYS:
+        path = ["loss", *MOVED_LOSS_KEYS[path[1]]]
     node = data
     for part in path[:-1]:
         child = node.get(part)
@@ -400,7 +475,7 @@ def resolve_preset(name_or_path: str) -> Path:
 
 
 def from_dict(data: dict[str, Any]) -> Config:
-    cfg = _build(Config, data)
+    cfg = _build(Config, _move_loss_keys(data))
     validate(cfg)
     return cfg
 
@@ -413,7 +488,7 @@ def load_config(name_or_path: str | None = None, overrides: list[str] | None = N
     """
     raw: dict[str, Any] = {}
     if name_or_path:
-        raw = read_yaml_mapping(resolve_preset(name_or_path))
+        raw = _move_loss_keys(read_yaml_mapping(resolve_preset(name_or_path)))  # before the overrides, which win
     raw = apply_overrides(raw, overrides or [])
     return from_dict(raw)
 
@@ -445,12 +520,14 @@ def validate(cfg: Config) -> None:
     loss = cfg.loss
     _require(loss.temperature > 0, f"loss.temperature = {loss.temperature}: must be > 0")
     _require(loss.margin >= 0, f"loss.margin = {loss.margin}: must be >= 0")
-    _require(loss.label_scale > 0, f"loss.label_scale = {loss.label_scale}: must be > 0")
-    _require(all(w >= 0 for w in loss.level_weights), f"loss.level_weights = {loss.level_weights}: weights must be >= 0")
-    _require(loss.disc_lr is None or loss.disc_lr > 0, f"loss.disc_lr = {loss.disc_lr}: must be > 0 (or unset: optim.lr)")
-    _require(loss.disc_steps >= 1, f"loss.disc_steps = {loss.disc_steps}: must be >= 1")
-    _require(loss.video_cl_k >= 0, f"loss.video_cl_k = {loss.video_cl_k}: must be >= 0 (0 = the whole batch)")
     _require(loss.chunk_mb >= 0, f"loss.chunk_mb = {loss.chunk_mb}: must be >= 0 (0 = never chunk the logits)")
+    _require(loss.label.scale > 0, f"loss.label.scale = {loss.label.scale}: must be > 0")
+    _require(all(w >= 0 for w in loss.label.level_weights),
+             f"loss.label.level_weights = {loss.label.level_weights}: weights must be >= 0")
+    adv = loss.adversarial
+    _require(adv.disc_lr is None or adv.disc_lr > 0, f"loss.adversarial.disc_lr = {adv.disc_lr}: must be > 0 (or unset: optim.lr)")
+    _require(adv.disc_steps >= 1, f"loss.adversarial.disc_steps = {adv.disc_steps}: must be >= 1")
+    _require(loss.video_cl.k >= 0, f"loss.video_cl.k = {loss.video_cl.k}: must be >= 0 (0 = the whole batch)")
     _require(cfg.data.path != "", "data.path is empty: give a dataset root (local dir or s3://bucket/prefix)")
     for name in ("batch_size", "eval_batch_size"):
         value = getattr(cfg.data, name)

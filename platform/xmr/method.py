@@ -32,7 +32,7 @@ from xmr.config import Config
 from xmr.data.manifest import load_manifest
 from xmr.distributed import gather_rows
 from xmr.losses.negatives import MemoryBank
-from xmr.losses.registry import Objective, TermContext
+from xmr.losses.registry import Objective, TermContext, outputs_needed
 from xmr.models.registry import build_model
 from xmr.tasks import family_of
 from xmr.tasks.evaluate import evaluate
@@ -43,7 +43,7 @@ class Method(nn.Module):
         super().__init__()
         self.cfg = cfg  # checked where it was built (``xmr.train.driver.prepare``, ``from_checkpoint``): not again
         self.family = family_of(cfg)
-        self.model = build_model(cfg)
+        self.model = build_model(cfg, outputs_needed(cfg))  # what the terms read; built before them (the seed's draws)
         self.objective = Objective(cfg)
         neg = cfg.negatives
         self.bank = None
@@ -109,12 +109,13 @@ class Method(nn.Module):
 
 def load_model(directory: str | Path, checked: Config | None = None) -> tuple[nn.Module, Config]:
     """The model alone (what retrieval needs) and its config, from a checkpoint: no loss
-    terms, discriminator, bank or key encoder are built; only ``model.*`` weights load.
-    ``checked``: the checkpoint's config as the caller read and checked it (``xmr eval``),
-    not checked again."""
+    terms, discriminator, bank or key encoder are built; only ``model.*`` weights load. The
+    model is built as it trained (the outputs its terms read, a decoder among them), so
+    its weights fit. ``checked``: the checkpoint's config as the caller read and checked it
+    (``xmr eval``), not checked again."""
     cfg, state, _ = load_checkpoint(directory)
     cfg = checked or check(cfg)
-    model = build_model(cfg)
+    model = build_model(cfg, outputs_needed(cfg))
     try:
         model.load_state_dict({k[len("model."):]: v for k, v in state.items() if k.startswith("model.")})
     except RuntimeError as exc:

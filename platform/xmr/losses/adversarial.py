@@ -9,8 +9,8 @@ one backward trains each side on its own objective. The value is the sum of both
 
 Whether the game does anything is visible: every step reports the discriminator's BCE
 (``disc_loss``; ln 2 ≈ 0.693 is chance) and accuracy (``disc_acc``), and its balance is
-set by ``loss.disc_lr`` (its learning rate: the discriminator's own optimiser group,
-``param_groups``) and ``loss.disc_steps`` (its updates per encoder step: ``after_step``).
+set by ``loss.adversarial.disc_lr`` (its learning rate: the discriminator's own optimiser group,
+``param_groups``) and ``loss.adversarial.disc_steps`` (its updates per encoder step: ``after_step``).
 """
 
 from __future__ import annotations
@@ -26,8 +26,9 @@ from xmr.models.discriminator import ModalityDiscriminator, grad_reverse
 
 @register_term("adversarial")
 class Adversarial(LossTerm):
-    reads = {"embed_dim": "model.embed_dim", "hidden_dim": "model.hidden_dim", "mode": "loss.adversarial_mode",
-             "grl_scale": "loss.grl_scale", "disc_lr": "loss.disc_lr", "disc_steps": "loss.disc_steps"}
+    reads = {"embed_dim": "model.embed_dim", "hidden_dim": "model.hidden_dim", "mode": "loss.adversarial.mode",
+             "grl_scale": "loss.adversarial.grl_scale", "disc_lr": "loss.adversarial.disc_lr",
+             "disc_steps": "loss.adversarial.disc_steps"}
 
     def __init__(self, embed_dim: int, hidden_dim: int, mode: str, grl_scale: float, disc_lr: float | None,
                  disc_steps: int) -> None:

@@ -3,12 +3,12 @@
 A cosine classifier with a scale (NormFace, Wang et al. 2017): logits = s · cos(x, w_c).
 Why: the embeddings are L2-normalised, so a plain linear head sees logits bounded by
 ‖w_c‖ and learns almost nothing in a short run (issue 11: cross-entropy 1.93 against chance
-2.30 while retrieval mAP was 0.97); with ``loss.label_scale`` s in NormFace's 16–30 range
+2.30 while retrieval mAP was 0.97); with ``loss.label.scale`` s in NormFace's 16–30 range
 the softmax can become confident. Default 16.
 
 Hierarchical labels ([B, L], coarse → fine) get one classifier per level, on the model's
 per-level embeddings (``levels_a`` / ``levels_b``, CDAML) when present, else all on
-``emb_*``. Levels are summed with ``loss.level_weights`` (empty: 1 each), so the finest
+``emb_*``. Levels are summed with ``loss.label.level_weights`` (empty: 1 each), so the finest
 level keeps weight 1 whatever the depth and a flat model (one classifier, the finest
 level) and a hierarchical one give the fine level the same weight. With fewer classifiers
 than label levels (the flat variant of hierarchical data) the finest levels are used.
@@ -38,8 +38,8 @@ class CosineClassifier(nn.Module):
 
 @register_term("label")
 class Label(LossTerm):
-    reads = {"num_classes": "model.num_classes", "embed_dim": "model.embed_dim", "scale": "loss.label_scale",
-             "level_weights": "loss.level_weights"}
+    reads = {"num_classes": "model.num_classes", "embed_dim": "model.embed_dim", "scale": "loss.label.scale",
+             "level_weights": "loss.label.level_weights"}
     families = ("category",)
     label_kinds = ("single", "hierarchical", "multi")
 
@@ -48,7 +48,7 @@ class Label(LossTerm):
         if not num_classes:
             raise ValueError("loss.lambdas.label > 0 needs labelled data (model.num_classes is empty)")
         if level_weights and len(level_weights) != len(num_classes):
-            raise ValueError(f"loss.level_weights = {level_weights}: one weight per label level "
+            raise ValueError(f"loss.label.level_weights = {level_weights}: one weight per label level "
                              f"(model.num_classes = {num_classes})")
         self.heads = nn.ModuleList(CosineClassifier(embed_dim, n, scale) for n in num_classes)
         self.level_weights = [float(w) for w in level_weights] or [1.0] * len(num_classes)

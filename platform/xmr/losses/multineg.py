@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from xmr.losses._pairs import (Candidates, by_rows, candidate_logits, class_of, finest, pooled_anchors, relevant,
-                               step_candidates)
+from xmr.losses._pairs import Candidates, by_rows, candidate_logits, class_of, pooled_anchors, relevant, step_candidates
 from xmr.losses.negatives import NegativeSampler
 from xmr.losses.registry import LossTerm, register_term
 
@@ -42,10 +41,6 @@ class MultiNegative(LossTerm):
     def _rows(self, anchors, partner, rows_y, c: Candidates):
         logits = candidate_logits(anchors, c, self.temperature)
         pos_logit = logits[torch.arange(anchors.shape[0], device=anchors.device), partner]
-        drawn = self.sampler.outside_class(finest(c.y), finest(rows_y), c.n_batch) if not c.y.is_floating_point() else None
-        if drawn is not None:  # K uniform negatives as columns: no mask over every candidate
-            neg = logits.gather(1, drawn[0]).masked_fill(~drawn[1], float("-inf"))
-            return torch.logaddexp(pos_logit, torch.logsumexp(neg, dim=1)) - pos_logit
         relevant_ = relevant(rows_y, c.y)
         allowed = ~relevant_
         neg = self.sampler(logits, allowed, n_batch=c.n_batch, labels=class_of(c.y), pos_sim=pos_logit)

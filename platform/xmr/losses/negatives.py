@@ -54,36 +54,6 @@ class NegativeSampler:
             return True
         return int(torch.count_nonzero(allowed, dim=1).max()) <= self.k
 
-    def outside_class(self, candidate_labels: torch.Tensor, row_labels: torch.Tensor, n_batch: int,
-                      generator: torch.Generator | None = None):
-        """K uniform negatives per row as columns, where the allowed set is "every candidate
-        of another class": (columns [rows, K], valid [rows, K], the candidates' class
-        blocks), or None where the caller must build a mask (another strategy, multi-hot
-        labels, a bank behind the batch, or K covering every row's candidates).
-
-        Columns, not a [rows, C] mask, so a term gathers K + |P| logits per row instead of
-        masking, exponentiating and reducing the whole matrix (issue 14). A small K (at most
-        ``FAST_UNIFORM_MAX_SHARE`` of every row's allowed count) is drawn by rejection
-        (``uniform_outside_class``); a larger one by random keys and a top-k, whose indices
-        are the columns (a row with fewer allowed candidates than K marks the rest invalid)."""
-        if (self.strategy != "uniform" or candidate_labels.is_floating_point() or candidate_labels.dim() != 1
-                or n_batch != candidate_labels.shape[0] or row_labels.shape[0] == 0 or self.k >= n_batch
-                or row_labels.shape[0] * n_batch < COLUMNS_MIN_CELLS):
-            return None
-        blocks = ClassBlocks.of(candidate_labels)
-        n_cols = candidate_labels.shape[0]
-        fewest = n_cols - int(blocks.size.max())  # the smallest allowed count of any row
-        if self.k <= FAST_UNIFORM_MAX_SHARE * fewest:
-            cols = uniform_outside_class(blocks, row_labels, self.k, generator)
-            return cols, torch.ones_like(cols, dtype=torch.bool), blocks
-        allowed = row_labels[:, None] != candidate_labels[None, :]
-        most = int(allowed.sum(dim=1).max())
-        if most <= self.k:
-            return None  # K covers every candidate: the allowed mask itself is the answer
-        keys = torch.rand(allowed.shape, generator=generator, device="cpu").to(allowed.device)
-        cols = keys.masked_fill_(~allowed, -1.0).topk(self.k, dim=1, sorted=False).indices
-        return cols, allowed.gather(1, cols), blocks
-
     def __call__(self, sim: torch.Tensor, allowed: torch.Tensor, *, n_batch: int | None = None,
                  labels: torch.Tensor | None = None, pos_sim: torch.Tensor | None = None,
                  generator: torch.Generator | None = None) -> torch.Tensor:
@@ -142,88 +112,6 @@ def _class_aware(sim: torch.Tensor, allowed: torch.Tensor, labels: torch.Tensor,
         1, index, torch.where(is_best, col, torch.full_like(col, n_cols)), reduce="amin", include_self=True)
     representative = is_best & (col == first.gather(1, index))
     return _top_k_mask(shifted, representative, k)
-
-
-# ------------------------------------------------------------- uniform K without a full pass
-
-
-@dataclass
-class ClassBlocks:
-    """Candidates grouped by (single, finest-level) class: ``order`` lists the candidate
-    columns class by class; a class's members are ``order[start : start + size]``."""
-
-    classes: torch.Tensor  # sorted class ids [n_classes]
-    order: torch.Tensor  # candidate columns sorted by class [C]
-    start: torch.Tensor  # [n_classes]
-    size: torch.Tensor  # [n_classes]
-
-    @classmethod
-    def of(cls, labels: torch.Tensor) -> "ClassBlocks":
-        classes, slot = torch.unique(labels, return_inverse=True)
-        size = torch.bincount(slot, minlength=len(classes))
-        start = torch.cumsum(size, 0) - size
-        return cls(classes, torch.argsort(slot, stable=True), start, size)
-
-    def of_rows(self, row_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(start, size) of each row's class among the candidates (size 0: not present)."""
-        slot = torch.searchsorted(self.classes, row_labels.contiguous()).clamp(max=len(self.classes) - 1)
-        found = self.classes[slot] == row_labels
-        return torch.where(found, self.start[slot], 0), torch.where(found, self.size[slot], 0)
-
-
-COLUMNS_MIN_CELLS = 32768  # below this many (row, candidate) cells a mask is as cheap (measured: at
-# 128 x 128 the mask form took 0.7-1.1x the columns' time, at 256 x 256 1.1-1.6x)
-FAST_UNIFORM_MAX_SHARE = 0.15  # K up to this share of every row's allowed candidates: drawn by rejection,
-# past it by random keys and a top-k. Measured (one thread, 32 classes, rejection against top-k): 2,048
-# rows x K = 255 (share 0.13) 64 / 77 ms; 256 x 60 (0.25) 2.8 / 1.6; 1,024 x 255 (0.26) 40 / 24;
-# 512 x 170 (0.35) 11 / 5; 512 x 255 (0.52) 21 / 6.
-
-
-def distinct_ranks(n: torch.Tensor, k: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """K distinct integers per row, uniform among the K-subsets of [0, n_row) ([rows, K];
-    needs K <= n_row).
-
-    Each row draws i.i.d. and keeps its first K distinct values, which is sampling without
-    replacement, one value at a time: every K-subset equally likely. Vectorised: M > K
-    draws a row (enough that fewer than K distinct among them is rare; such rows draw again),
-    one stable sort to find each value's first draw, and a cumulative count to keep the
-    first K. No [rows, n] matrix is read, and no Python loop per draw."""
-    rows, device = n.shape[0], n.device
-    out = torch.empty(rows, k, dtype=torch.long, device=device)
-    n_min = int(n.min()) if rows else 1
-    if n_min < k:
-        raise ValueError(f"{k} distinct values asked of a row that has only {n_min}")
-    m = k + int(2 * k * k / max(n_min, 1)) + 8  # twice the expected repeats among K draws, and a margin
-    todo = torch.arange(rows, device=device)
-    while len(todo):
-        limit = n[todo][:, None]
-        u = torch.rand(len(todo), m, generator=generator, device="cpu").to(device)
-        draws = torch.minimum((u * limit).long(), limit - 1)
-        value, order = draws.sort(dim=1, stable=True)  # equal values keep their draw order
-        first_sorted = torch.ones_like(value, dtype=torch.bool)
-        first_sorted[:, 1:] = value[:, 1:] != value[:, :-1]
-        first = torch.zeros_like(first_sorted).scatter_(1, order, first_sorted)  # first draw of its value
-        keep = first & (first.cumsum(dim=1) <= k)
-        done = keep.sum(dim=1) == k
-        out[todo[done]] = draws[done][keep[done]].view(-1, k)
-        todo = todo[~done]
-    return out
-
-
-def uniform_outside_class(blocks: ClassBlocks, row_labels: torch.Tensor, k: int,
-                          generator: torch.Generator | None = None) -> torch.Tensor:
-    """For each row, K candidate columns drawn uniformly without replacement from those of
-    another class ([rows, K]; ``NegativeSampler.outside_class`` checks that K is at most
-    ``FAST_UNIFORM_MAX_SHARE`` of every row's allowed count).
-
-    Why not random keys and a top-k: those fill and sort a [rows, C] matrix per step, 2 to
-    4 times the loss itself once K is below the candidates (issue 14). A row's allowed
-    candidates are every column but its own class block, so K ranks among them
-    (``distinct_ranks``) map to columns by stepping over that block in ``order``."""
-    own_start, own_size = blocks.of_rows(row_labels)
-    ranks = distinct_ranks(blocks.order.shape[0] - own_size, k, generator)
-    position = torch.where(ranks >= own_start[:, None], ranks + own_size[:, None], ranks)
-    return blocks.order[position]
 
 
 # --------------------------------------------------------------------------- the memory bank

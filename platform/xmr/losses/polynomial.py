@@ -5,8 +5,8 @@ Cross-modal: for each anchor, pairs with items of the other modality (the batch,
 bank's entries of that modality as further negatives). Informative pairs only: positives
 whose similarity is below the hardest negative's + margin, negatives whose similarity is
 above the easiest positive's − margin (the paper's pair mining). Each informative pair is
-weighted by a polynomial of its own similarity, ``w(s) = Σ_q c_q s^q`` (``loss.poly_pos`` /
-``loss.poly_neg``; defaults w_p = 1 − s, so harder positives weigh more, and w_n = 1 + s, so
+weighted by a polynomial of its own similarity, ``w(s) = Σ_q c_q s^q`` (``loss.polynomial.pos`` /
+``loss.polynomial.neg``; defaults w_p = 1 − s, so harder positives weigh more, and w_n = 1 + s, so
 harder negatives weigh more); weights are not differentiated. Per anchor:
 ``Σ_neg w_n(s_n)·s_n − Σ_pos w_p(s_p)·s_p``. Negatives are restricted to K per anchor by
 ``negatives``; positives come from the batch only.
@@ -31,7 +31,7 @@ def polyval(coeffs: list[float], s: torch.Tensor) -> torch.Tensor:
 
 @register_term("polynomial")
 class Polynomial(LossTerm):
-    reads = {"margin": "loss.margin", "poly_pos": "loss.poly_pos", "poly_neg": "loss.poly_neg",
+    reads = {"margin": "loss.margin", "poly_pos": "loss.polynomial.pos", "poly_neg": "loss.polynomial.neg",
              "k": "negatives.k", "strategy": "negatives.strategy", "gather": "negatives.gather",
              "chunk_mb": "loss.chunk_mb"}
     strategies = ("uniform", "hardest", "class_aware")

@@ -15,6 +15,7 @@ from xmr.losses.registry import LossTerm, register_term
 @register_term("reconstruction")
 class Reconstruction(LossTerm):
     families = ("pair", "category")
+    needs = frozenset({"reconstruction"})
     validation_metric = True
 
     def per_anchor(self, out, batch, ctx):

@@ -4,6 +4,10 @@ The contract of a term, explicit:
 - ``reads``: the config fields it takes, as ``{constructor keyword: dotted field}``;
   ``build_term`` passes exactly those, so a term never sees the whole config and the
   fields each term depends on can be listed (and tested for being live, not inert);
+- ``needs``: the model outputs it reads beyond those every model returns (``phi_q2v``,
+  ``reconstruction``; ``outputs(settings)`` when they depend on the term's settings). The
+  model is asked for the union of the built terms' needs (``outputs_needed``) and computes
+  nothing else, so a model never reads a loss weight to learn what to compute;
 - ``families``: the task families it applies to; ``strategies``: the negative strategies
   it supports (empty: it takes no negatives); ``uses_bank``: whether it draws negatives
   from the memory bank. ``xmr.checks.check`` rejects configs that ask a term for
@@ -18,8 +22,9 @@ The contract of a term, explicit:
   ``validation_metric`` asks for the term's value on validation data as ``val_<term>``.
   The training step (``xmr.train.step``) calls them for every term and names none.
 
-Presets and search spaces refer to terms by their registry name (``loss.lambdas.<name>``).
-A term whose λ is 0 is never built, so it costs nothing.
+Presets and search spaces refer to terms by their registry name (``loss.lambdas.<name>``);
+a term's own settings are the section of that name (``loss.vr_hinge.margin``). A term whose
+λ is 0 is never built, so it costs nothing, and neither do the outputs only it needs.
 """
 
 from __future__ import annotations
@@ -68,6 +73,7 @@ class LossTerm(nn.Module):
 
     name: ClassVar[str] = ""
     reads: ClassVar[dict[str, str]] = {}
+    needs: ClassVar[frozenset[str]] = frozenset()
     families: ClassVar[tuple[str, ...]] = ("category", "pair")
     strategies: ClassVar[tuple[str, ...]] = ()
     uses_bank: ClassVar[bool] = False
@@ -77,6 +83,12 @@ class LossTerm(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.diagnostics: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def outputs(cls, settings: dict[str, Any]) -> frozenset[str]:
+        """The model outputs this term reads, given its settings (the keywords ``reads``
+        builds it with): ``needs`` unless a setting adds some."""
+        return cls.needs
 
     def report(self, name: str, value: torch.Tensor | float) -> None:
         """A diagnostic for the epoch row (``train_<term>_<name>``), e.g. a discriminator's accuracy."""
@@ -134,10 +146,27 @@ def config_value(cfg: "Config", dotted: str) -> Any:
     return node
 
 
+def term_settings(cls: type[LossTerm], cfg: "Config") -> dict[str, Any]:
+    """The keywords a term is built with: exactly the fields it declares."""
+    return {kw: config_value(cfg, dotted) for kw, dotted in cls.reads.items()}
+
+
 def build_term(name: str, cfg: "Config") -> LossTerm:
     """The one factory: the term built from exactly the fields it declares."""
     cls = get_term(name)
-    return cls(**{kw: config_value(cfg, dotted) for kw, dotted in cls.reads.items()})
+    return cls(**term_settings(cls, cfg))
+
+
+def outputs_needed(cfg: "Config") -> dict[str, list[str]]:
+    """{model output: [terms that read it]} over the terms that are built (λ > 0): what the
+    model is asked to compute (``xmr.models.registry.build_model``)."""
+    needed: dict[str, list[str]] = {}
+    for name, weight in cfg.loss.lambdas.items():
+        cls = _TERMS.get(name)  # an unknown name is ``xmr.checks.check``'s to report
+        if weight > 0 and cls is not None:
+            for output in sorted(cls.outputs(term_settings(cls, cfg))):
+                needed.setdefault(output, []).append(name)
+    return needed
 
 
 class Objective(nn.Module):

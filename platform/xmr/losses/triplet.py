@@ -12,18 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from xmr.losses._pairs import Candidates, both_directions, class_of, finest, relevant, step_candidates
+from xmr.losses._pairs import Candidates, both_directions, class_of, relevant, step_candidates
 from xmr.losses.negatives import NegativeSampler
 from xmr.losses.registry import LossTerm, register_term
-
-
-def take_columns(sim: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """``sim.gather(1, cols)``; for a transposed view (the b -> a direction gets a·bᵀ's
-    transpose) the gather runs along the contiguous base, so both directions' gradients
-    land in one layout and add without a strided pass over [B, B]."""
-    if sim.stride(0) == 1 and sim.stride(1) != 1:
-        return sim.T.gather(0, cols.T).T
-    return sim.gather(1, cols)
 
 
 @register_term("triplet")
@@ -39,13 +30,6 @@ class Triplet(LossTerm):
         self.sampler = NegativeSampler(k, strategy)
 
     def _hinge(self, sim: torch.Tensor, pos_col: torch.Tensor, anchor_y: torch.Tensor, c: Candidates) -> torch.Tensor:
-        drawn = (self.sampler.outside_class(finest(c.y), finest(anchor_y), c.n_batch)
-                 if not c.y.is_floating_point() else None)
-        if drawn is not None:  # K uniform negatives as columns: no mask over every candidate
-            ok = drawn[1].to(sim.dtype)
-            picked = take_columns(sim, torch.cat([pos_col[:, None], drawn[0]], dim=1))  # one gather: positive, negatives
-            hinge = (self.margin + picked[:, 1:] - picked[:, :1]).clamp(min=0)
-            return (hinge * ok).sum(dim=1) / ok.sum(dim=1).clamp(min=1)
         pos = sim[torch.arange(sim.shape[0], device=sim.device), pos_col]
         neg = self.sampler(sim, ~relevant(anchor_y, c.y), n_batch=c.n_batch, labels=class_of(c.y), pos_sim=pos)
         hinge = (self.margin + sim - pos[:, None]).clamp(min=0)

@@ -3,7 +3,7 @@ vector, against the other videos / queries of the batch.
 
 Score f(c)ᵀg(q) (computed by the model, ``nce_*``); the positive is the pair; the
 negatives are the other videos of the gathered batch for the query and the other queries
-for the video (InfoNCE in both directions, averaged). ``loss.video_cl_k`` > 0 keeps a
+for the video (InfoNCE in both directions, averaged). ``loss.video_cl.k`` > 0 keeps a
 uniform sample of that many instead of the whole batch. Why its own K: sharing the VR
 hinge's ``negatives.k`` (the paper's 2) made it an InfoNCE over 3 candidates, while the
 paper contrasts against the batch.
@@ -20,7 +20,8 @@ from xmr.losses.registry import LossTerm, register_term
 
 @register_term("video_cl")
 class VideoCL(LossTerm):
-    reads = {"k": "loss.video_cl_k"}
+    reads = {"k": "loss.video_cl.k"}
+    needs = frozenset({"nce_q2v", "nce_v2q"})
     families = ("vcmr",)
 
     def __init__(self, k: int) -> None:

@@ -2,8 +2,8 @@
 
 For each positive (q, v): Σ over K negative videos v' of max(0, Δ + φ(q, v') − φ(q, v)),
 summed over the negatives as the paper writes it (its K = 2: φ' and φ''), averaged over
-queries; Δ = ``loss.vr_margin``; K and the strategy from ``negatives``.
-``loss.vr_query_negatives`` adds the other direction (K negative queries per video, the
+queries; Δ = ``loss.vr_hinge.margin``; K and the strategy from ``negatives``.
+``loss.vr_hinge.query_negatives`` adds the other direction (K negative queries per video, the
 form XML and ReLoCLNet train with; the paper does not). With only ``vr_hinge`` and
 ``moment`` on and K = 1 this is the VCMR triplet baseline.
 """
@@ -17,10 +17,17 @@ from xmr.losses.registry import LossTerm, register_term
 
 @register_term("vr_hinge")
 class VRHinge(LossTerm):
-    reads = {"margin": "loss.vr_margin", "k": "negatives.k", "strategy": "negatives.strategy",
-             "query_negatives": "loss.vr_query_negatives"}
+    reads = {"margin": "loss.vr_hinge.margin", "query_negatives": "loss.vr_hinge.query_negatives",
+             "k": "negatives.k", "strategy": "negatives.strategy"}
+    needs = frozenset({"phi_q2v"})
     families = ("vcmr",)
     strategies = ("uniform", "hardest", "semi_hard")
+
+    @classmethod
+    def outputs(cls, settings):
+        """φ of the local queries against the videos; with ``query_negatives`` also of the
+        local videos against the queries."""
+        return cls.needs | ({"phi_v2q"} if settings["query_negatives"] else set())
 
     def __init__(self, margin: float, k: int, strategy: str, query_negatives: bool) -> None:
         super().__init__()

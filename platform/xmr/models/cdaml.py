@@ -53,7 +53,7 @@ class CDAML(nn.Module):
     families = ("category",)
 
     @classmethod
-    def fields_read(cls, cfg) -> set[str]:
+    def fields_read(cls, cfg, outputs: frozenset[str]) -> set[str]:
         out = {"model.embed_dim", "model.hidden_dim", "model.hierarchical", "model.attention", "model.dropout"}
         if cfg.model.attention:
             out |= {"model.num_heads"} | {f"model.tokens_{r}" for r in ("a", "b") if len(cfg.model.dims.get(r, [0])) == 1 or not cfg.model.dims}
@@ -61,7 +61,7 @@ class CDAML(nn.Module):
             out.add("model.num_layers")
         return out
 
-    def __init__(self, cfg) -> None:
+    def __init__(self, cfg, outputs: frozenset[str]) -> None:  # it computes no optional output
         super().__init__()
         m = cfg.model
         n_levels = len(m.num_classes) if m.hierarchical else 1

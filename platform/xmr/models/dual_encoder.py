@@ -15,7 +15,7 @@ class DualEncoder(nn.Module):
     families = ("category", "pair")
 
     @classmethod
-    def fields_read(cls, cfg) -> set[str]:
+    def fields_read(cls, cfg, outputs: frozenset[str]) -> set[str]:
         out = {"model.embed_dim", "model.hidden_dim", "model.encoder", "model.num_layers", "model.dropout"}
         for role in ("a", "b"):
             shape = cfg.model.dims.get(role)  # unknown before the config is resolved: maybe read
@@ -25,7 +25,7 @@ class DualEncoder(nn.Module):
                     out.add(f"model.tokens_{role}")
         return out
 
-    def __init__(self, cfg) -> None:
+    def __init__(self, cfg, outputs: frozenset[str]) -> None:  # it computes no optional output
         super().__init__()
         dims = cfg.model.dims
         for role in ("a", "b"):

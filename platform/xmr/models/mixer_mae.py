@@ -31,20 +31,21 @@ def _transformer(width: int, layers: int, heads: int, dropout: float) -> nn.Tran
 @register_model("mixer_mae")
 class MixerMAE(nn.Module):
     families = ("pair", "category")
+    provides = frozenset({"reconstruction"})
 
     @classmethod
-    def fields_read(cls, cfg) -> set[str]:
+    def fields_read(cls, cfg, outputs: frozenset[str]) -> set[str]:
         out = {"model.embed_dim", "model.hidden_dim", "model.num_layers", "model.num_heads", "model.dropout"}
         out |= {f"model.tokens_{r}" for r in ("a", "b") if len(cfg.model.dims.get(r, [0])) == 1 or not cfg.model.dims}
-        if cfg.loss.lambdas.get("reconstruction", 0) > 0:
+        if "reconstruction" in outputs:
             out |= {"model.mask_ratio", "model.decoder_layers"}
         return out
 
-    def __init__(self, cfg) -> None:
+    def __init__(self, cfg, outputs: frozenset[str]) -> None:
         super().__init__()
         m = cfg.model
         self.mask_ratio = m.mask_ratio
-        self.reconstruct = cfg.loss.lambdas.get("reconstruction", 0) > 0
+        self.reconstruct = "reconstruction" in outputs
         self.shapes = {"a": token_shape(m.dims["a"], m.tokens_a), "b": token_shape(m.dims["b"], m.tokens_b)}
         h = m.hidden_dim
         self.proj = nn.ModuleDict({r: nn.Linear(d, h) for r, (_, d) in self.shapes.items()})
@@ -94,6 +95,6 @@ class MixerMAE(nn.Module):
 
     def forward(self, batch) -> PairOutputs:
         out = PairOutputs(emb_a=self.encode("a", batch["a"]), emb_b=self.encode("b", batch["b"]))
-        if self.reconstruct:  # only when the reconstruction term is on (λ > 0)
+        if self.reconstruct:  # only when a loss term reads it (pre-training)
             out.reconstruction = self.masked_reconstruction(batch)
         return out

@@ -99,9 +99,10 @@ class NetVLAD(nn.Module):
 @register_model("qacln")
 class QACLN(nn.Module):
     families = ("vcmr",)
+    provides = frozenset({"phi_q2v", "phi_v2q", "nce_q2v", "nce_v2q"})  # ``CrossScores``: L_VR's, L_VideoCL's
 
     @classmethod
-    def fields_read(cls, cfg) -> set[str]:
+    def fields_read(cls, cfg, outputs: frozenset[str]) -> set[str]:
         out = {"model.embed_dim", "model.num_layers", "model.query_layers", "model.num_heads", "model.dropout",
                "model.query_fusion", "model.netvlad", "model.conv_kernel", "model.max_moment_clips",
                "model.top_videos", "negatives.gather"}
@@ -109,7 +110,7 @@ class QACLN(nn.Module):
             out.add("model.netvlad_clusters")
         return out
 
-    def __init__(self, cfg) -> None:
+    def __init__(self, cfg, outputs: frozenset[str]) -> None:
         super().__init__()
         m = cfg.model
         for role in ("visual", "subtitle", "query"):
@@ -133,10 +134,8 @@ class QACLN(nn.Module):
         self.conv_end = nn.Conv1d(1, 1, k, padding=k // 2)
         self.attn_video = nn.Linear(d, 1)  # W_α for VideoCL's video vector
         self.video_head, self.query_head = nn.Linear(d, d), nn.Linear(d, d)  # f(c), g(q)
-        lam = cfg.loss.lambdas
-        self.need_vr = lam.get("vr_hinge", 0) > 0
-        self.need_vr_v2q = self.need_vr and cfg.loss.vr_query_negatives  # L_VR's query side, off in the paper
-        self.need_video_cl = lam.get("video_cl", 0) > 0
+        self.need_vr, self.need_vr_v2q = "phi_q2v" in outputs, "phi_v2q" in outputs
+        self.need_video_cl = bool({"nce_q2v", "nce_v2q"} & outputs)
         self.gather = cfg.negatives.gather  # contrast against the videos of every rank's batch
 
     # ------------------------------------------------------------------ encoders

@@ -1,6 +1,8 @@
-# FROZEN COPY, for bench/train_step.py and tests/test_train_step.py only: the QACLN model (nn.TransformerEncoderLayer, nn.MultiheadAttention) as it was
-# before issue 14 (commit ce80db5), kept so the optimised code is measured and checked against
-# it side by side. Not registered, not imported by the library; do not edit.
+# FROZEN COPY, for tests/test_train_step.py and bench/train_step.py only: the QACLN model
+# (nn.TransformerEncoderLayer, nn.MultiheadAttention) as it was before issue 14 (commit
+# ce80db5), kept so the optimised model is checked (and timed) against it side by side.
+# Self-contained (torch only; the attention pool and the output types copied below), one
+# process (the gathers across ranks left out). Not imported by the library; do not edit.
 """QACLN: query-aware dual contrastive learning for video corpus moment retrieval (§5).
 
 Encoders (§2.2): the query's tokens are projected, encoded by ``model.query_layers``
@@ -28,14 +30,46 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from dataclasses import dataclass
+
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from xmr.distributed import gather_rows, gather_with_grad, world_info
-from xmr.models.encoders import AttentionPool
-from xmr.outputs import CrossScores, VcmrOutputs
+
+class AttentionPool(nn.Module):
+    """Softmax-weighted mean over tokens (padding masked)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.score = nn.Linear(dim, 1)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        logits = self.score(x).squeeze(-1)
+        if mask is not None:
+            logits = logits.masked_fill(~mask, float("-inf"))
+        return (logits.softmax(dim=-1).unsqueeze(-1) * x).sum(dim=1)
+
+
+@dataclass
+class CrossScores:
+    video_index: torch.Tensor
+    all_video_index: torch.Tensor
+    offset: int
+    phi_q2v: torch.Tensor | None = None
+    phi_v2q: torch.Tensor | None = None
+    nce_q2v: torch.Tensor | None = None
+    nce_v2q: torch.Tensor | None = None
+
+
+@dataclass
+class VcmrOutputs:
+    q: torch.Tensor
+    h_qcf: torch.Tensor
+    clip_mask: torch.Tensor
+    start_logits: torch.Tensor
+    end_logits: torch.Tensor
+    cross: CrossScores | None = None
 
 NEG = -1e4  # finite "minus infinity" for masked logits (cross-entropy stays finite)
 VR_SHARPNESS = 10.0  # inference video score exp(10·(φ − 1)) ∈ (0, 1], XML-style
@@ -134,7 +168,6 @@ class QACLNBefore(nn.Module):
         lam = cfg.loss.lambdas
         self.need_vr = lam.get("vr_hinge", 0) > 0
         self.need_video_cl = lam.get("video_cl", 0) > 0
-        self.gather = cfg.negatives.gather  # contrast against the videos of every rank's batch
 
     # ------------------------------------------------------------------ encoders
     def encode_queries(self, q_tokens: torch.Tensor, q_mask: torch.Tensor) -> torch.Tensor:
@@ -287,13 +320,8 @@ class QACLNBefore(nn.Module):
                            cross=cross)
 
     def _cross_scores(self, q, enc, video_index) -> CrossScores:
-        """Local queries x gathered videos and local videos x gathered queries."""
-        if self.gather:
-            all_q, offset = gather_with_grad(q)
-            all_enc = gather_videos(enc)
-            all_videos = gather_rows(video_index)
-        else:
-            all_q, offset, all_enc, all_videos = q, 0, enc, video_index
+        """Local queries x videos and local videos x queries (one process: the batch is all)."""
+        all_q, offset, all_enc, all_videos = q, 0, enc, video_index
         local_enc = pad_encoding(enc, all_enc["h_v"].shape[1])
         out = CrossScores(video_index=video_index, all_video_index=all_videos, offset=offset)
         if self.need_vr:
@@ -352,14 +380,3 @@ def pad_clips(x: torch.Tensor, n: int) -> torch.Tensor:
 def pad_encoding(enc: dict[str, torch.Tensor], n: int) -> dict[str, torch.Tensor]:
     """A video encoding with every clip-axis entry padded to ``n`` clips."""
     return {k: pad_clips(v, n) if k in CLIP_KEYS else v for k, v in enc.items()}
-
-
-def gather_videos(enc: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Gather per-video encodings across ranks (with gradient), padding clips to the global max."""
-    _, world = world_info()
-    if world == 1:
-        return enc
-    n = torch.tensor([enc["h_v"].shape[1]], device=enc["h_v"].device)
-    dist.all_reduce(n, op=dist.ReduceOp.MAX)
-    padded = pad_encoding(enc, int(n.item()))
-    return {k: gather_rows(v) if k == "clip_mask" else gather_with_grad(v)[0] for k, v in padded.items()}
