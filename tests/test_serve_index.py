@@ -75,3 +75,35 @@ def test_index_of_another_model_is_refused(tmp_path, category_ckpt):
         load_for_serving(other, index=str(tmp_path / "idx"))
     with pytest.raises(ValueError, match="not a readable xmr index"):
         load_for_serving(ckpt, index=os.fspath(tmp_path))
+
+
+def test_the_app_builder_serves_an_index_without_its_checkpoint(tmp_path):
+    """An index records what the application builder needs (``xmr.serve.served``: task,
+    shapes, query-token limit, top videos, the dataset's manifest): it is read with the
+    checkpoint gone, so nothing fetches it; an index without that record falls back to the
+    checkpoint's config, read once."""
+    import json
+    import shutil
+
+    from xmr.serve.served import served
+    from xmr.serve.settings import serve_settings
+
+    data = write_tiny_vcmr(tmp_path / "vcmr", splits={"train": 4, "val": 6})
+    cfg = preset_cfg("qacln", str(data), "model.embed_dim=16", "model.num_heads=2", "model.top_videos=7")
+    torch.manual_seed(0)
+    ckpt = str(save_checkpoint(tmp_path / "ck", Method(cfg).eval(), cfg))
+    save_index(tmp_path / "idx", load_for_serving(ckpt, str(data), "val"), {})
+    shutil.copytree(tmp_path / "ck", tmp_path / "ck_kept")
+    shutil.rmtree(tmp_path / "ck")
+    what = served(serve_settings({"checkpoint": ckpt, "index": str(tmp_path / "idx")}))
+    assert (what.route, what.top_videos, what.max_query_tokens) == ("moments", 7, cfg.data.max_query_tokens)
+    assert what.gallery_size == 6 and what.dims == cfg.model.dims and what.manifest.splits["val"].num_samples == 6
+    meta = json.loads((tmp_path / "idx" / "index.json").read_text())
+    assert meta["serving"] == {"max_query_tokens": cfg.data.max_query_tokens, "top_videos": 7,
+                               "data_path": cfg.data.path}
+    del meta["serving"]  # an index built before the record: the checkpoint's config instead
+    (tmp_path / "idx" / "index.json").write_text(json.dumps(meta))
+    with pytest.raises(Exception, match="ck"):
+        served(serve_settings({"checkpoint": ckpt, "index": str(tmp_path / "idx")}))
+    kept = str(tmp_path / "ck_kept")
+    assert served(serve_settings({"checkpoint": kept, "index": str(tmp_path / "idx")})).top_videos == 7

@@ -119,3 +119,71 @@ def test_a_client_error_crosses_processes_as_a_value():
     back = cloudpickle.loads(cloudpickle.dumps(asyncio.run(refuse())))
     assert isinstance(back, RequestError)
     assert (back.status, back.message) == (422, "query: expected shape [64], got [7]")
+
+
+def test_each_deployment_gets_typed_settings_of_its_own():
+    """The app's settings become each deployment's ``user_config`` (a mapping: it travels
+    through Serve), typed again on the replica by the config machinery: a shard's id is
+    one of its settings, and a bad value names its field there too."""
+    from xmr.serve.settings import (GatewaySettings, RetrieverSettings, gateway_settings, parsed,
+                                    retriever_settings)
+
+    s = serve_settings({"checkpoint": "s3://b/r", "batch_size": 16, "retries": 3})
+    shard = parsed(RetrieverSettings, retriever_settings(s, index="s3://b/idx/shard-002", shard=2))
+    assert (shard.shard, shard.index, shard.batch_size, shard.checkpoint) == (2, "s3://b/idx/shard-002", 16, "s3://b/r")
+    whole = parsed(RetrieverSettings, retriever_settings(s))
+    assert whole.shard is None and whole.load_args() == {"checkpoint": "s3://b/r", "split": "test", "approx": "auto"}
+    gateway = parsed(GatewaySettings, gateway_settings(s, {"route": "search"}, None, [3, 4], 50))
+    assert (gateway.retries, gateway.shard_items, gateway.top_videos) == (3, [3, 4], 50)
+    with pytest.raises(ConfigError, match="shard = 'two'"):
+        parsed(RetrieverSettings, {"checkpoint": "c", "shard": "two"})
+    with pytest.raises(ConfigError, match="unknown key 'retry'"):
+        parsed(GatewaySettings, {"retry": 1})
+
+
+def _search_request(**fields):
+    from xmr.serve.requests import SearchRequest
+
+    return SearchRequest.model_validate(fields)
+
+
+def test_the_gateway_checks_a_query_once_against_what_is_served():
+    """``xmr.serve.queries``: the route, the query form, the modality's shape and k are
+    checked at the gateway (each error a 4xx naming the field); a retriever gets the parsed
+    float32 array."""
+    import numpy as np
+
+    from xmr.serve.contract import served_contract
+    from xmr.serve.queries import moments_query, search_query, search_role, search_vector, served_route
+    from xmr.serve.requests import MomentsRequest, RequestError
+
+    served = served_contract("search", {"a": [4], "b": [2, 3]}, 5, 32, None, False, title="category")
+    req = _search_request(query=[[1, 2, 3], [4, 5, 6]], modality="b", k=3)
+    role = search_role(req, None, served_route(served, "search"), None)
+    q = search_query(req, role, search_vector(req, None, role, served), served)
+    assert (q.role, q.other, q.k, q.vector.dtype, q.vector.shape) == ("b", "a", 3, np.float32, (2, 3))
+    flat = np.arange(4, dtype=np.float32)  # base64 floats arrive flat: they take the modality's shape
+    assert search_vector(_search_request(), flat, "a", served).shape == (4,)
+
+    def refused(call) -> tuple[int, str]:
+        with pytest.raises(RequestError) as info:
+            call()
+        return info.value.status, info.value.message
+
+    assert refused(lambda: served_route(served, "moments"))[0] == 404
+    assert "category model (use /search)" in refused(lambda: served_route(served, "moments"))[1]
+    assert refused(lambda: search_role(_search_request(k=2), None, served, None))[0] == 422  # no query at all
+    assert "audio featuriser" in refused(lambda: search_role(_search_request(audio_wav_base64="UklG"), None, served,
+                                                             None))[1]
+    assert "expected shape [4], got [3]" in refused(lambda: search_vector(_search_request(query=[1, 2, 3]), None,
+                                                                          "a", served))[1]
+    big = _search_request(query=[1, 2, 3, 4], k=6)
+    assert refused(lambda: search_query(big, "a", search_vector(big, None, "a", served), served)) == \
+        (422, "k = 6: the gallery holds 5 items")
+    vcmr = served_contract("moments", {"query": [8, 3], "video": [10, 5]}, 4, 8, None, True, title="VCMR")
+    m = moments_query(MomentsRequest.model_validate({"query": [[0.5] * 3] * 2, "k": 4}), None, None, vcmr, True)
+    assert m.tokens.shape == (2, 3) and m.k == 4 and m.video is None
+    text = MomentsRequest.model_validate({"text": "a dog runs"})
+    assert refused(lambda: moments_query(text, None, None, vcmr, False))[0] == 503  # its encoder is not up yet
+    tokens = np.ones((20, 3), np.float32)  # the featuriser's tokens: the corpus's first max_query_tokens
+    assert moments_query(text, None, tokens, vcmr, True).tokens.shape == (8, 3)

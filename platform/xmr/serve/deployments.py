@@ -1,19 +1,24 @@
 """The Ray Serve deployments: a light HTTP gateway composed with the retriever.
 
 - ``Gateway`` (FastAPI ingress): bounds and parses bodies (JSON lists, base64 float32, or an
-  ``application/x-npy`` body), checks the bearer token when one is configured, answers every
-  error as ``{"error": ...}``, and forwards each query to the retriever through a deployment
-  handle. Searches are idempotent, so a call that dies with its replica (SIGKILL, a node
-  lost) is sent again to another one; only when no replica answers within the retry budget
-  does the client get 503 with ``Retry-After``.
-- ``Retriever``: the checkpoint's model and gallery, queries batched with ``@serve.batch``
-  and scored by one matrix product (or a FAISS index past a size threshold). The checkpoint
-  and gallery are its ``user_config``: deploying a new one loads it beside the old in a
-  thread and swaps it in when ready, so requests keep being answered throughout.
-
+  ``application/x-npy`` body), checks the bearer token when one is configured, checks each
+  query once against what the endpoint serves (``xmr.serve.queries``: route, shape, k, a
+  WAV featurised here) and sends the retriever, or every shard, the parsed arrays through a
+  deployment handle; every error reaches the client as ``{"error": ...}``. Searches are
+  idempotent, so a call that dies with its replica (SIGKILL, a node lost) is sent again to
+  another one; only when no replica answers within the retry budget does the client get 503
+  with ``Retry-After``.
+- ``Retriever``: the checkpoint's model and gallery (or one shard's, its id in its
+  settings), queries batched with ``@serve.batch`` and scored by one matrix product (or a
+  FAISS index past a size threshold). Its settings (``RetrieverSettings``) are its
+  ``user_config``, typed on the replica: deploying a new checkpoint loads it beside the old
+  in a thread and swaps it in when ready, so requests keep being answered throughout.
 - ``TextFeaturiser`` (only where the served dataset's query tokens came from a text encoder,
   ``xmr data synth vcmr --text-encoder``): ``"text"`` -> token features with that encoder,
   a deployment of its own composed with the retriever through the gateway.
+
+One error type crosses them: a replica returns a client's ``RequestError`` as a value
+(``errors_returned``), and the gateway raises it again.
 
 Routes: ``POST /search`` (category / pair: a feature array or, where the dataset has an
 audio featuriser, a WAV file), ``POST /moments`` (VCMR: token features, or ``text`` where

@@ -1,7 +1,12 @@
 """The endpoint's settings: one typed record, checked by the config machinery (errors name
 the field), from the application's args (``xmr serve`` options, ``serving/config.yaml``,
 the RayService's ``args``). Environment variables carry only what must come from the
-environment (the key, in ``xmr serve``, becomes ``api_key_sha256`` before anything starts)."""
+environment (the key, in ``xmr serve``, becomes ``api_key_sha256`` before anything starts).
+
+The application builder turns them into each deployment's own typed settings
+(``RetrieverSettings``, ``GatewaySettings``), which travel as Serve's ``user_config`` and are
+typed again on the replica by the same machinery (``parsed``): a replica re-defaults
+nothing, and a shard knows which one it is from its settings."""
 
 from __future__ import annotations
 
