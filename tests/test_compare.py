@@ -600,7 +600,7 @@ def test_halving_in_the_spec(tmp_path):
     from xmr.compare.halving import Halving
 
     variants = {"a": {"preset": "sccmrl"}}
-    assert load_spec(_spec_file(tmp_path / "d.yaml", variants)).halving == Halving(3, 3)
+    assert load_spec(_spec_file(tmp_path / "d.yaml", variants)).halving == Halving(3, 5)
     tuning = {"trials": 3, "params": {"optim.lr": {"type": "loguniform", "low": 1e-4, "high": 3e-3}}}
     own = load_spec(_spec_file(tmp_path / "o.yaml", variants, tuning={**tuning, "halving": {"eta": 2, "first_rung": 5}}))
     assert own.halving == Halving(2, 5)

@@ -21,7 +21,7 @@ several levels of one property of the (synthetic) data.
       trials: 4                             # candidates per replicate and variant
       seed: 1000
       widen: 1                              # times a range whose winners sit at its edge is widened
-      halving: {eta: 3, first_rung: 3}      # successive halving inside each replicate's tuning (the
+      halving: {eta: 3, first_rung: 5}      # successive halving inside each replicate's tuning (the
                                             # default; ``off``: every candidate to the cap):
                                             # xmr.compare.halving says how and why
       params: {optim.lr: {type: loguniform, low: 3.0e-4, high: 3.0e-3, paper: 1.0e-3}}
@@ -271,7 +271,7 @@ def load_spec(name_or_path: str, data_path: str | None = None, seeds: int | None
 
 
 def _halving(raw: Any, path: Path) -> Halving | None:
-    """``tuning.halving``: ``{eta: 3, first_rung: 3}`` (either may be left out: the defaults,
+    """``tuning.halving``: ``{eta: 3, first_rung: 5}`` (either may be left out: the defaults,
     ``xmr.compare.halving`` says why), or ``off`` (YAML's false) for every candidate to the cap."""
     if raw is False or raw == "off":
         return None
