@@ -11,7 +11,7 @@ the machine's own matmul GFLOP/s at that shape. Beside supcon at K = all (B <= 1
 textbook exact SupCon (dense masks, ten lines) in the same rounds: how far above the
 reference the plainest exact form of the loss already is. Beside every supcon cell, the term
 as it was before issue 35 (four forms: dense, per-class sums, masks, K drawn as columns;
-``bench/_frozen/supcon_issue35.py``) in the same rounds: ``vs_before`` is today's time over
+read from git history, ``supcon_before_issue_35``) in the same rounds: ``vs_before`` is today's time over
 its, and at K = all (and at B = 64, where both draw K by the same masks) the values' max |diff|.
 The presets train at B = 64 (d = 64); the larger sizes are beyond every preset, spec and space.
 Part 2: peak extra resident memory of supcon at B = 1024 .. 4096, row-chunked (the default
@@ -38,7 +38,6 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import TVR, tvr_val_corpus, write_results  # noqa: E402
-from _frozen.supcon_issue35 import SupConIssue35  # noqa: E402
 
 from xmr.config import Config, load_config  # noqa: E402
 from xmr.losses.registry import TermContext, build_term  # noqa: E402
@@ -46,27 +45,31 @@ from xmr.outputs import PairOutputs  # noqa: E402
 
 
 def timed(fn, repeats: int) -> float:
-    """Median ms of ``repeats`` calls after a warm-up (used where nothing is interleaved)."""
+    """Median ms of ``repeats`` calls after a warm-up (used where nothing is interleaved),
+    in thread CPU time as ``interleaved``."""
     fn()
     times = []
     for _ in range(repeats):
-        t = time.perf_counter()
+        t = time.thread_time()
         fn()
-        times.append((time.perf_counter() - t) * 1000)
+        times.append((time.thread_time() - t) * 1000)
     return statistics.median(times)
 
 
 def interleaved(steps: dict[str, callable], repeats: int) -> dict[str, float]:
     """Median ms per step, the steps run in turn (order rotated every round) so a noisy
-    neighbour slows them alike; one warm-up call each."""
+    neighbour slows them alike; one warm-up call each. The clock is the thread's CPU time
+    (``time.thread_time``): with one torch thread every step's work runs in this thread, and
+    on a shared machine (a load of 30 on 2 cores while these figures were taken) wall time
+    mostly measures how long the process waited for a core."""
     for fn in steps.values():
         fn()
     names, times = list(steps), {n: [] for n in steps}
     for r in range(repeats):
         for n in names[r % len(names):] + names[: r % len(names)]:
-            t = time.perf_counter()
+            t = time.thread_time()
             steps[n]()
-            times[n].append((time.perf_counter() - t) * 1000)
+            times[n].append((time.thread_time() - t) * 1000)
     return {n: statistics.median(v) for n, v in times.items()}
 
 
@@ -100,9 +103,35 @@ def term_step(name: str, task: str, b: int, k: int, d: int, chunk_mb: float = 64
     return step
 
 
+BEFORE_ISSUE_35 = "2718fdf413e7d8c5940cd80a48776b3abc819eec"  # the last commit with supcon's four forms
+
+
+def supcon_before_issue_35() -> type:
+    """The supcon term class as it was at ``BEFORE_ISSUE_35``, its module and the negative
+    sampler's of then read from git history (no copy kept in the tree), with today's
+    ``_pairs`` and registry, which issue 35 left as that code used them."""
+    import importlib.util
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+
+    def module(name: str, path: str, edit=lambda text: text):
+        text = subprocess.run(["git", "-C", str(root), "show", f"{BEFORE_ISSUE_35}:{path}"], capture_output=True,
+                              text=True, check=True).stdout
+        mod = importlib.util.module_from_spec(importlib.util.spec_from_loader(name, loader=None))
+        sys.modules[name] = mod  # dataclasses look their module up
+        exec(compile(edit(text), f"{path}@{BEFORE_ISSUE_35[:7]}", "exec"), mod.__dict__)
+        return mod
+
+    module("negatives_before_issue_35", "platform/xmr/losses/negatives.py")
+    return module("supcon_before_issue_35", "platform/xmr/losses/supcon.py", lambda text: text.replace(
+        "from xmr.losses.negatives import", "from negatives_before_issue_35 import").replace(
+        '@register_term("supcon")\n', "")).SupervisedContrastive
+
+
 def before_step(b: int, k: int | None, d: int):
-    """The supcon term before issue 35 (the frozen copy), forward + backward, on the same inputs."""
-    term = SupConIssue35(0.1, k if k is not None else 10**9, "uniform", True)
+    """The supcon term before issue 35, forward + backward, on the same inputs."""
+    term = supcon_before_issue_35()(0.1, k if k is not None else 10**9, "uniform", True)
     a, bb, labels = _inputs(b, d, "category")
 
     def step():
@@ -319,17 +348,17 @@ def bench_vcmr(n_queries: int, chunk: int) -> dict:
         for lo in range(0, n_queries, chunk):
             n = min(chunk, n_queries - lo)
             tokens = torch.randn(n, 20, 768, generator=g)
-            t = time.perf_counter()
+            t = time.thread_time()
             q = model.encode_queries(tokens, torch.ones(n, 20, dtype=torch.bool))
             rank_queries(model, q, corpus, top_videos=100, max_len=16, top_k=100)
-            per_query.append((time.perf_counter() - t) * 1000 / n)
+            per_query.append((time.thread_time() - t) * 1000 / n)
     with torch.no_grad():  # one query alone: latency rather than throughput
         single = []
         for _ in range(5):
-            t = time.perf_counter()
+            t = time.thread_time()
             q = model.encode_queries(torch.randn(1, 20, 768, generator=g), torch.ones(1, 20, dtype=torch.bool))
             rank_queries(model, q, corpus, top_videos=100, max_len=16, top_k=100)
-            single.append((time.perf_counter() - t) * 1000)
+            single.append((time.thread_time() - t) * 1000)
     result = {"videos": len(n_clips), "max_clips": n_max, "mean_clips": sum(n_clips) / len(n_clips), "d": 384,
               "queries_timed": n_queries, "val_queries": n_val_queries, "chunk": chunk,
               "video_encode_s": encode_s, "ms_per_query_median": statistics.median(per_query),
@@ -373,7 +402,7 @@ def main() -> None:
         "wall_s": time.perf_counter() - t0,
     }
     write_results(__file__, {"terms": rows, "peak_memory": memory, "vcmr_inference": vcmr, "quick": args.quick,
-                             "threads": 1}, headline)
+                             "threads": 1, "clock": "thread CPU time"}, headline)
 
 
 if __name__ == "__main__":

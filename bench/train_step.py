@@ -10,7 +10,7 @@ anchors) with the fused AdamW of ``xmr.train.step``. Both start from the same
 weights; each round runs one step of each on the same batch, in rotated order; the speedup
 is the median of the per-round ratios. The category step (SCCMRL preset on the synthetic
 category set), against the step before issue 35: before = the supcon term with its four
-forms (``bench/_frozen/supcon_issue35.py``), after = today's one form.
+forms (read from git history: ``losses.supcon_before_issue_35``), after = today's one form.
 
 Before the timing, the two are checked to compute the same thing: in eval mode (dropout
 off) every loss term and every parameter gradient of one batch, max abs difference.
@@ -39,7 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the frozen QACLN the tests check against
 from _common import write_results  # noqa: E402
-from _frozen.supcon_issue35 import SupConIssue35  # noqa: E402
+from losses import supcon_before_issue_35  # noqa: E402
 from qacln_before import QACLNBefore  # noqa: E402
 
 from xmr.checks import resolve  # noqa: E402
@@ -66,8 +66,9 @@ def category_pair(data: str):
     after = Method(cfg)
     before = Method(cfg)
     before.load_state_dict(after.state_dict())
-    before.objective.terms["supcon"] = SupConIssue35(cfg.loss.temperature, cfg.negatives.k, cfg.negatives.strategy,
-                                                     cfg.negatives.gather, cfg.loss.chunk_mb)
+    before.objective.terms["supcon"] = supcon_before_issue_35()(cfg.loss.temperature, cfg.negatives.k,
+                                                                cfg.negatives.strategy, cfg.negatives.gather,
+                                                                cfg.loss.chunk_mb)
     return cfg, before, after
 
 

@@ -50,12 +50,22 @@ class SupervisedContrastive(LossTerm):
     def _rows(self, anchors, self_col, rows_y, c: Candidates):
         """The loss of each anchor row that has a positive."""
         logits = candidate_logits(anchors, c, self.temperature)
-        rel = relevant(rows_y, c.y)
-        pos = rel.clone()
-        pos[:, c.n_batch:] = False  # bank entries are never positives
-        pos[torch.arange(anchors.shape[0], device=anchors.device), self_col] = False
-        neg = self.sampler(logits, ~rel, n_batch=c.n_batch, labels=class_of(c.y))
-        denom = torch.logsumexp(logits.masked_fill(~(pos | neg), float("-inf")), dim=1)
+        rows = torch.arange(anchors.shape[0], device=anchors.device)
+        pos = relevant(rows_y, c.y)
+        allowed = ~pos
+        neg = self.sampler(logits, allowed, n_batch=c.n_batch, labels=class_of(c.y))
+        pos[rows, self_col] = False
+        with_bank = c.emb.shape[0] > c.n_batch
+        if with_bank:
+            pos[:, c.n_batch:] = False  # bank entries are never positives
+        # Out of each denominator: the anchor itself, and where K leaves some out or a bank holds
+        # same-class entries, all but positives and drawn negatives. In place: nothing saved
+        # for backward needs the logits' values.
+        logits.index_put_((rows, self_col), logits.new_tensor(float("-inf")))
+        if neg is not allowed or with_bank:
+            logits.masked_fill_(~(pos | neg), float("-inf"))
         n_pos = pos.sum(dim=1)
-        pos_mean = logits.masked_fill(~pos, 0.0).sum(dim=1) / n_pos.clamp(min=1)
-        return (denom - pos_mean)[n_pos > 0]
+        has_pos = n_pos > 0
+        if not bool(has_pos.all()):  # rows without a positive leave the mean
+            logits, pos, n_pos = logits[has_pos], pos[has_pos], n_pos[has_pos]
+        return torch.logsumexp(logits, dim=1) - logits.masked_fill(~pos, 0.0).sum(dim=1) / n_pos
