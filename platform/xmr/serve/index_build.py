@@ -166,6 +166,11 @@ def build_sharded(checkpoint: str, gallery: str | None, split: str, out: str, sh
                          f"{SHARDS_FILE} to rebuild them")
     print(f"[xmr] sharded index: {shards} shards of ~{total // shards} {unit} -> {out}"
           + (f" ({done} already built, resuming)" if done else ""), flush=True)
+    if ann_args and not ann_args.get("build_threads"):
+        # FAISS's default is every core of the machine; each worker has cpus_per_worker of them,
+        # and workers that build at once would otherwise oversubscribe the cores, where
+        # OpenMP's barriers wait on threads the kernel has descheduled
+        ann_args = {**ann_args, "build_threads": max(1, int(cpus_per_worker))}
     job = {"gallery": root, "split": split, "out": out, "shards": shards, "approx": approx, "ann_args": ann_args}
     summaries: dict[int, dict[str, Any]] = {}
     if todo:
