@@ -45,6 +45,22 @@ def test_new_spec_parses_validates_and_says_where_its_data_come_from(name: str) 
     assert bool(spec.premise) != real, "generated data state their premise; real data plant none"
 
 
+# one spec per kind of recipe: real digits (a size and all), generated categories with a
+# hierarchy, a generated VCMR corpus at TVR's mix and weak cue (fewer videos: the recipe is tested)
+@pytest.mark.parametrize("name", ["digits_sccmrl_terms", "digits_mixer_vs_dual", "synth_cdaml_terms", "map_qcf_real_mix"])
+def test_new_spec_builds_its_dataset(name: str, tmp_path: Path) -> None:
+    from xmr.compare.runner import ensure_dataset
+    from xmr.data.manifest import load_manifest
+
+    spec = load_spec(name)
+    recipe = {**spec.dataset_at(spec.levels[0]), "path": str(tmp_path / "data")}
+    if recipe["synth"]["kind"] == "vcmr":
+        recipe["synth"] = {**recipe["synth"], "splits": {"train": 8, "val": 4, "test": 4}}
+    m = load_manifest(ensure_dataset(recipe))
+    assert set(m.splits) == {"train", "val", "test"} and all(s.num_samples > 0 for s in m.splits.values())
+    assert m.source["kind"] == ("digits-views" if spec.data_kind == "real" else f"synth-{m.task}")
+
+
 def test_category_and_pair_claims_have_a_real_data_spec_beside_the_generated_one() -> None:
     for c in PAPER_CLAIMS:
         if c.paper in ("SCCMRL", "MNS-GAN", "Mixer", "CDAML") and c.tests:
