@@ -79,6 +79,10 @@ def quiet_serve(verbose: bool) -> None:
     if verbose:
         return
     set_ray_env({"RAY_SERVE_LOG_TO_STDERR": "0"})
+    # Importing ray.serve sets its logger to INFO (configure_default_serve_logger): imported
+    # first, so that a later first import cannot undo the level ("Deleting app ..." lines)
+    import ray.serve  # noqa: F401
+
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # this process's "Started Serve ..." lines
 
 
