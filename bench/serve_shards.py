@@ -183,13 +183,18 @@ def index_build(ckpt: str, data: str, out: Path, shards: int, approx: str, ann_k
         cmd += ["--shards", str(shards), "--address", "local"] + (["--workers", str(workers)] if workers else [])
     log(f"[bench] {' '.join(cmd[1:])}")
     t0 = time.perf_counter()
-    run = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **RAY_ENV})
-    wall = time.perf_counter() - t0
-    for line in run.stdout.splitlines():
-        log(f"    {line}")
-    if run.returncode != 0:
+    for attempt in range(1, 4):  # a failed build is resumed (its finished shards kept), twice at most
+        run = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **RAY_ENV})
+        for line in run.stdout.splitlines():
+            log(f"    {line}")
+        if run.returncode == 0:
+            break
+        log(f"[bench] xmr index build failed ({run.returncode}), attempt {attempt}: {run.stderr.strip()[-600:]}")
+        resumed = True
+    else:
         raise SystemExit(f"xmr index build failed ({run.returncode}):\n{run.stdout[-2000:]}\n{run.stderr[-3000:]}")
-    meta = {"wall_s": wall, "resumed": resumed, "data": data, "approx": approx, "workers": workers,
+    wall = time.perf_counter() - t0
+    meta = {"wall_s": wall, "resumed": resumed, "attempts": attempt, "data": data, "approx": approx, "workers": workers,
             "stdout": run.stdout.splitlines(), "foreign_lines": run.stderr.splitlines()[-20:]}
     done.write_text(json.dumps(meta))
     return {**meta, "cached": False}
