@@ -127,7 +127,8 @@ PAPER_CLAIMS: tuple[PaperClaim, ...] = (
     PaperClaim("QACLN", "Retrieval is fast: 5.32 ms a query, 41x faster than HAMMER.",
                "Table 4: 5.32 ms vs 218.33 ms a query (TVR val)", (),
                "No comparison spec: HAMMER is not implemented here, and a speed claim is a benchmark's, not a "
-               "retrieval comparison's (bench/vcmr_decode.py and bench/serve_latency.py time this platform)."),
+               "retrieval comparison's (bench/gpu_check.py times this platform's /moments per query against the "
+               "5.32 ms; bench/serve_latency.py over HTTP)."),
 )
 
 _CLAIMS = re.compile(r"<!-- xmr-compare:(?P<name>[\w.\-]+):start -->.*?<!-- claims (?P<json>\[.*?\]) -->", re.S)
