@@ -347,7 +347,7 @@ def _tune_rounds(spec, plans, data, tracking, experiments, runs_root, limit, run
         name = f"{spec.name}-tuning" + "".join(f"-round{r}" for r in rounds if r)
 
         def stage(stage_jobs: dict, k: int, name: str = name) -> dict:
-            return run_jobs(stage_jobs, name + (f"-rung{k}" if k else ""), experiments, runs_root, limit, first,
+            return run_jobs(stage_jobs, name + (f"-stage{k}" if k else ""), experiments, runs_root, limit, first,
                             metric, runtime)
 
         ran, out = successive_halving(jobs, halving, stage, lambda job: _sign(spec.variants[job["variant"]]))
