@@ -708,3 +708,25 @@ def test_halving_trains_fewer_epochs_and_still_picks_by_validation(tmp_path, mon
     # a rerun into the same storage keeps every finished job: the same results, none trained again
     assert again.runs["val_score"].tolist() == on.runs["val_score"].tolist()
     assert again.runs["wall_s"].tolist() == pytest.approx(on.runs["wall_s"].tolist())
+
+
+def test_a_rung_result_is_its_rungs_own(tmp_path):
+    """A candidate's run folder keeps one result per rung it paused at beside the result of its
+    run to the cap: each job reads only its own file, and a stored rung result of another job
+    (another draw) is refused like a run's; the run to the cap keeps the identity it had before
+    halving (no rung in it), so its stored results still match."""
+    from xmr.compare.jobs import RESULT, check_stored, identity, result_file
+    from xmr.train.runfs import RunDir
+
+    job = {"variant": "flat", "seed": 0, "phase": "tune", "level": None, "values": {"optim.lr": 0.001},
+           "split": "val", "config": {"optim": {"lr": 0.001, "epochs": 30}}, "pretrain": None, "run": "flat-r0-c0",
+           "endpoint_url": None}
+    rung = {**job, "until": 5}
+    assert result_file(job) == RESULT and result_file(rung) == "rung-5.json"
+    assert "until" not in identity(job) and identity(rung)["until"] == 5
+    runs = str(tmp_path / "runs")
+    RunDir(runs, job["run"]).write_text("rung-5.json", json.dumps({"job": identity(rung), "metrics": {"epochs": 5}}))
+    check_stored({"r": rung, "f": job}, runs)  # the rung's own; the run to the cap has none yet
+    with pytest.raises(SpecError, match="values"):
+        check_stored({"r": {**rung, "values": {"optim.lr": 0.002}}}, runs)
+    check_stored({"r": {**rung, "until": 15}}, runs)  # another rung: another file, nothing stored
