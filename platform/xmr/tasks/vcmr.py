@@ -247,7 +247,7 @@ def rank_query_batches(model, corpus: dict[str, torch.Tensor], meta: dict[str, A
     device = corpus["clip_mask"].device
     buckets = bucket_corpus(corpus)
     durations = meta["duration"].cpu()
-    n_here, svmr_k = corpus["clip_mask"].shape[0], 100 if detailed else 1
+    svmr_k = 100 if detailed else 1
     for batch in query_batches:
         if len(batch["index"]) == 0:
             continue
@@ -273,22 +273,8 @@ def rank_query_batches(model, corpus: dict[str, torch.Tensor], meta: dict[str, A
             gt = [position[int(v)] for v in batch["video_index"]]
         except KeyError as exc:
             raise ValueError(f"evaluate_vcmr: query on video index {exc} that is not in the corpus split") from None
-        # SVMR: the same decoding restricted to the ground-truth video, where that video is here.
-        b = len(gt)
-        svmr_spans, svmr_scores = np.full((b, svmr_k, 2), np.nan), np.full((b, svmr_k), -np.inf)
-        rows = [i for i, v in enumerate(batch["video_index"].tolist()) if int(v) in local]
-        if rows:
-            only = torch.tensor([[local[int(batch["video_index"][i])]] for i in rows], device=device)
-            s_start, s_end = model.span_logits(q[rows], corpus, only)
-            single = rank_moments(torch.ones(len(rows), n_here, device=device), s_start.softmax(-1),
-                                  s_end.softmax(-1), corpus["clip_mask"], only, max_len, top_k=svmr_k)
-            s_s, s_e = clips_to_moment(single.st.cpu().numpy(), single.ed.cpu().numpy(), clip_len,
-                                       durations[only.cpu()].numpy())
-            w = s_s.shape[1]  # fewer than asked when the video has fewer spans
-            svmr_spans[rows, :w] = np.stack([s_s, s_e], axis=-1)
-            svmr_scores[rows, :w] = single.score.cpu().numpy()
-        here = np.zeros(b, dtype=bool)
-        here[rows] = True
+        svmr_spans, svmr_scores, here = _svmr(model, q, corpus, batch["video_index"].tolist(), local,
+                                              svmr_k, max_len, clip_len, durations)
         vr = scores.topk(min(100, scores.shape[1]), dim=1)
         video = moments.video.numpy()
         pad = candidates - video.shape[1]  # fewer spans than candidates in these videos: pad every batch alike
@@ -310,6 +296,30 @@ def rank_query_batches(model, corpus: dict[str, torch.Tensor], meta: dict[str, A
             for k, v in merged.items():
                 parts.setdefault(k, []).append(v)
     return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def _svmr(model, q: torch.Tensor, corpus: dict[str, torch.Tensor], gt_videos: list[int], local: dict[int, int],
+          svmr_k: int, max_len: int, clip_len: float, durations: torch.Tensor):
+    """SVMR for a batch: the same decoding as VCMR restricted to each query's ground-truth
+    video, for the queries whose video is in this rank's share (``here``); the others keep
+    NaN spans and -inf scores, for ``merge_ranked`` to fill from the rank that holds it."""
+    b, device = len(gt_videos), corpus["clip_mask"].device
+    spans, scores = np.full((b, svmr_k, 2), np.nan), np.full((b, svmr_k), -np.inf)
+    rows = [i for i, v in enumerate(gt_videos) if int(v) in local]
+    if rows:
+        only = torch.tensor([[local[int(gt_videos[i])]] for i in rows], device=device)
+        s_start, s_end = model.span_logits(q[rows], corpus, only)
+        single = rank_moments(torch.ones(len(rows), corpus["clip_mask"].shape[0], device=device),
+                              s_start.softmax(-1), s_end.softmax(-1), corpus["clip_mask"], only, max_len,
+                              top_k=svmr_k)
+        s_s, s_e = clips_to_moment(single.st.cpu().numpy(), single.ed.cpu().numpy(), clip_len,
+                                   durations[only.cpu()].numpy())
+        w = s_s.shape[1]  # fewer than asked when the video has fewer spans
+        spans[rows, :w] = np.stack([s_s, s_e], axis=-1)
+        scores[rows, :w] = single.score.cpu().numpy()
+    here = np.zeros(b, dtype=bool)
+    here[rows] = True
+    return spans, scores, here
 
 
 def _best(keys: tuple[np.ndarray, ...], columns: list[np.ndarray], n: int) -> list[np.ndarray]:
