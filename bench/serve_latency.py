@@ -244,7 +244,7 @@ def child(mode: str, plan: dict) -> dict:
     from xmr.ray.serve import direct_urls
     from xmr.serve.gallery import load_for_serving
     from xmr.serve.search import search_items
-    from xmr.train.driver import ensure_ray
+    from xmr.ray.session import ensure_ray
 
     torch.set_num_threads(REPLICA_THREADS)  # this process's own searches run like the replica's
     per_c = {int(c): n for c, n in plan["per_c"].items()}
@@ -299,7 +299,7 @@ def million_child(mode: str, plan: dict) -> dict:
 
     from xmr.serve.app import build_app
     from xmr.ray.serve import direct_urls
-    from xmr.train.driver import ensure_ray
+    from xmr.ray.session import ensure_ray
 
     m = plan["million"]
     ensure_ray(None, num_cpus=4)

@@ -328,7 +328,7 @@ def test_another_commands_embedded_ray_is_not_attached():
         theirs = holder.stdout.readline().strip()
         assert theirs, "the first process's Ray did not start"
         probe = subprocess.run(
-            [sys.executable, "-c", "import ray; from xmr.train.driver import ensure_ray; "
+            [sys.executable, "-c", "import ray; from xmr.ray.session import ensure_ray; "
                                    "how = ensure_ray(num_cpus=1, dashboard=False, quiet=True); "
                                    "print(how); print(ray.get_runtime_context().gcs_address); ray.shutdown()"],
             capture_output=True, text=True, env=env, timeout=180)

@@ -20,7 +20,7 @@ from xmr.checkpoint import BEST
 from xmr.checks import check, resolve
 from xmr.config import Config, ConfigError
 from xmr.data.storage import is_s3
-from xmr.ray.session import ensure_ray, is_local, local_cpus as default_cpus  # noqa: F401  kept until serve moves (H2)
+from xmr.ray.session import ensure_ray
 from xmr.runtime import Runtime
 from xmr.tasks import family_of
 from xmr.train.progress import summary_table
