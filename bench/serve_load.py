@@ -161,9 +161,10 @@ def load_with_kill(url: str, body: Path, n: int, pid: int, c: int = 8, after_s: 
     load = threading.Thread(target=lambda: result.update(hey(f"{url}/search", body, "application/json", n, c)))
     load.start()
     time.sleep(after_s)
+    during = load.is_alive()  # a load that ended before the kill measured nothing of it
     os.kill(pid, signal.SIGKILL)
     load.join()
-    return result
+    return {**result, "killed_during_load": during}
 
 
 def kill_phase(url: str, body: Path, n: int, deployment: str = "Retriever") -> dict:

@@ -305,7 +305,9 @@ def measure(name: str, ckpt: str, index: Path, queries_raw: np.ndarray, exact: l
         if kill:
             before = partial_count(url)
             pid = next(int(k.split("#")[1]) for k in replicas(proc.pid) if k.startswith("Retriever001"))
-            result = load_with_kill(url, body, kill, pid)
+            qps8 = next((p["qps"] for p in fig["phases"] if p["concurrency"] == 8), 0.0)
+            n_kill = max(kill, 8 * int(qps8 * 20 / 8))  # ~20 s of load: the kill lands 3 s into it
+            result = load_with_kill(url, body, n_kill, pid)
             deadline = time.monotonic() + 300
             while time.monotonic() < deadline:
                 try:
@@ -317,7 +319,8 @@ def measure(name: str, ckpt: str, index: Path, queries_raw: np.ndarray, exact: l
             result["partial_answers"] = partial_count(url) - before
             result["killed_pid"] = pid
             fig["kill"] = result
-            log(f"[bench]   shard replica killed under load: {result['errors']} errors, "
+            log(f"[bench]   shard replica killed under load ({n_kill} requests, the kill "
+                f"{'during' if result['killed_during_load'] else 'AFTER'} the load): {result['errors']} errors, "
                 f"{result['partial_answers']} answers flagged partial")
     finally:
         fig["stop"] = stop_server(proc)
