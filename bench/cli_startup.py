@@ -12,6 +12,7 @@ start-up users paid before. Median of the rounds; also whether torch and Ray wer
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -59,7 +60,7 @@ def main() -> None:
     print(f"{'command':<18} {'before s':>9} {'now s':>7} {'speedup':>8}  loaded now")
     for r in rows:
         print(f"{r['command']:<18} {r['before_s']:>9.2f} {r['now_s']:>7.2f} {r['speedup']:>7.1f}x  {r['loaded_now']}")
-    write_results(__file__, {"commands": rows},
+    write_results(__file__, {"commands": rows, "load_avg_1m": os.getloadavg()[0]},  # a shared machine: how loaded
                   {"help_s": rows[0]["now_s"], "help_s_before": rows[0]["before_s"], "help_speedup": rows[0]["speedup"],
                    "tune_help_s": rows[1]["now_s"], "tune_help_speedup": rows[1]["speedup"]})
 
