@@ -5,8 +5,8 @@ Part 1: supcon / multineg / triplet at B in {64, 256, 1024, 4096} x K in {1, 16,
 d = 256, uniform negatives, interleaved with (a) pytorch-metric-learning computing the same
 loss where it has one (K = all: SupConLoss; SupConLoss with pair labels for multineg, which
 is NT-Xent; TripletMarginLoss for triplet on the pair task) and (b) a minimal reference (one
-similarity matmul + logsumexp + backward): median of 7 rounds (5 at B = 4096), the order
-rotated each round; 31 rounds at B <= 256. Achieved GFLOP/s counts the three matmuls (forward and backward) beside
+similarity matmul + logsumexp + backward): median of 7 rounds (5 at B = 4096), in a new
+random order each round; 31 rounds at B <= 256. Achieved GFLOP/s counts the three matmuls (forward and backward) beside
 the machine's own matmul GFLOP/s at that shape. Beside supcon at K = all (B <= 1,024), a
 textbook exact SupCon (dense masks, ten lines) in the same rounds: how far above the
 reference the plainest exact form of the loss already is. Beside every supcon cell, the term
@@ -57,16 +57,20 @@ def timed(fn, repeats: int) -> float:
 
 
 def interleaved(steps: dict[str, callable], repeats: int) -> dict[str, float]:
-    """Median ms per step, the steps run in turn (order rotated every round) so a noisy
-    neighbour slows them alike; one warm-up call each. The clock is the thread's CPU time
+    """Median ms per step, the steps run in turn, in a new random order every round: a noisy
+    neighbour slows them alike, and no step always runs right after the same one (a rotated
+    order kept each step's neighbour, so one form always found the caches its twin had just
+    warmed). One warm-up call each. The clock is the thread's CPU time
     (``time.thread_time``): with one torch thread every step's work runs in this thread, and
     on a shared machine (a load of 30 on 2 cores while these figures were taken) wall time
     mostly measures how long the process waited for a core."""
     for fn in steps.values():
         fn()
     names, times = list(steps), {n: [] for n in steps}
-    for r in range(repeats):
-        for n in names[r % len(names):] + names[: r % len(names)]:
+    order = torch.Generator().manual_seed(0)
+    for _ in range(repeats):
+        for i in torch.randperm(len(names), generator=order).tolist():
+            n = names[i]
             t = time.thread_time()
             steps[n]()
             times[n].append((time.thread_time() - t) * 1000)

@@ -10,7 +10,7 @@ negatives only: a same-class bank entry is a stale copy, not a positive.
 
 One form for every case (K below or above the candidates, a bank, multi-hot labels): the
 textbook's, masks over the [anchors, candidates] logits. Its one optimisation is row
-chunking past ``loss.chunk_mb`` (memory linear in the batch: 276 MB against 1,040 MB at
+chunking past ``loss.chunk_mb`` (memory linear in the batch: 336 MB against 1,288 MB at
 B = 4,096, bench/results/losses.json). Specialised forms for exact SupCon (per-class
 sums, K drawn as columns) were removed in issue 35: no preset, spec or search space reaches
 the sizes where they paid.
