@@ -13,7 +13,7 @@ import json
 import sys
 from typing import Any
 
-from xmr.ray.serve import HAPROXY_PORTS, THROUGHPUT_ENV, direct_urls, haproxy_ports, haproxy_requested
+from xmr.ray.serve import HAPROXY_ENV, HAPROXY_PORTS, THROUGHPUT_ENV, direct_urls, haproxy_ports, haproxy_requested
 from xmr.serve.index_cli import register as register_index
 from xmr.serve.keys import key_digest, read_api_key
 from xmr.serve.lifecycle import Signals, shutdown, stop_ray, stopped_starting
@@ -73,7 +73,7 @@ def _serve(ns: argparse.Namespace) -> int:
     digest = key_digest(key)
     embedding = _embedding(ns.address or runtime.ray_address)
     if embedding and haproxy_requested() and ns.ingress != "haproxy":
-        print("[xmr] note: RAY_SERVE_ENABLE_HA_PROXY=1 is set: the embedded Ray runs Serve's HAProxy ingress "
+        print(f"[xmr] note: {next(iter(HAPROXY_ENV))}=1 is set: the embedded Ray runs Serve's HAProxy ingress "
               "(as --ingress haproxy)", file=sys.stderr)
         ns.ingress = "haproxy"
     why = _refused(ns, digest, embedding)

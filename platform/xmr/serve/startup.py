@@ -78,7 +78,7 @@ def _check_ingress(ingress: str, keyed: bool) -> None:
     """The ingress the cluster's Serve runs against the one asked for (IngressError)."""
     kind = ingress_kind()
     if kind == "haproxy" and not keyed:
-        raise IngressError("this Ray runs Serve's HAProxy ingress (RAY_SERVE_ENABLE_HA_PROXY=1 when it started), "
+        raise IngressError(f"this Ray runs Serve's HAProxy ingress ({next(iter(HAPROXY_ENV))}=1 when it started), "
                            "which binds the gateway replicas' ports and its stats and metrics ports on every "
                            "interface: set XMR_API_KEY or --api-key-file")
     if ingress == "haproxy" and kind == "proxy":
