@@ -18,6 +18,8 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
+from xmr.runtime import DEFAULT_PROGRESS_EVERY_S
+
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
 # Safe defaults a user gets by setting only negatives.memory_bank, chosen on the digits'
 # validation split (bench/results/preset_validation.json, study "bank"): 50 steps of warm-up,
@@ -264,7 +266,7 @@ class TrackingConfig:
     """What each run records beyond its metrics."""
 
     grad_share_every: int = 10  # per-term gradient-norm shares every N steps; 0 = off
-    progress_every_s: float = 30.0  # an in-epoch progress line every N seconds (rank 0); 0 = off
+    progress_every_s: float = DEFAULT_PROGRESS_EVERY_S  # an in-epoch progress line every N seconds (rank 0); 0 = off
     enabled: bool = True  # MLflow tracking (xmr.train.tracking)
     uri: str = ""  # MLflow tracking URI; empty: MLFLOW_TRACKING_URI, else SQLite in the run folder
     folder: str = ""  # where the local store lives; empty: the run folder (a sweep sets its own)

@@ -4,10 +4,14 @@ the rate and an ETA. Quiet for loops shorter than N seconds (the default 30 s; t
 ``progress_every_s``, from ``XMR_PROGRESS_EVERY_S``; 0 turns it off); only rank 0 of a
 data-parallel group speaks.
 
-The interval reaches the loops deep inside evaluation through ``progress_every``, set where a
-process's work starts from its runtime (``xmr.runtime.Runtime``), not through every call
-between: a context variable, so concurrent work in one process (a sweep's trials) each keeps
-its own.
+The interval reaches the loops deep inside evaluation and gallery encoding through
+``progress_every``, opened from the runtime (``xmr.runtime.Runtime``) where a process's work
+starts: ``fit``, ``xmr eval`` and its workers, a comparison's jobs, ``xmr index build`` and its
+shard workers, the ``xmr data`` writers; not threaded through every call between (the families'
+``evaluate`` / ``build_gallery`` and the loaders know nothing of it). A context variable, so
+concurrent work in one process (a sweep's trials) each keeps its own. Outside every block the
+default (``DEFAULT_PROGRESS_EVERY_S``) holds: a process that starts work without opening one
+ignores ``XMR_PROGRESS_EVERY_S``.
 """
 
 from __future__ import annotations

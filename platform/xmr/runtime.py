@@ -23,6 +23,8 @@ from typing import Any
 # The folder xmr caches in (fetched checkpoints, built indexes, the text encoder, MLflow's
 # empty store, an S3 sweep's local study): one default, named once.
 DEFAULT_CACHE = str(Path.home() / ".cache" / "xmr")
+# A progress line every N seconds: in training epochs (``tracking.progress_every_s``) and in the
+# long loops outside training (the runtime's ``progress_every_s``); one default for both.
 DEFAULT_PROGRESS_EVERY_S = 30.0
 DEFAULT_SERVE_HOST = "127.0.0.1"
 
@@ -110,6 +112,12 @@ def keep_hub_offline() -> None:
     in a package and must never reach a hub, even by accident. The caller's own setting wins."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def quiet_mlflow_uploads() -> None:
+    """MLflow reads this when it uploads an artifact: a progress bar per checkpoint would fill
+    a run's log. The caller's own setting wins."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def variables_set(names: "Mapping[str, Any] | tuple[str, ...]") -> list[str]:

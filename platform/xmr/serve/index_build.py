@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from xmr.data import storage
+from xmr.progress_line import progress_every
+from xmr.runtime import Runtime
 from xmr.serve.shards import FORMAT, SHARDS_FILE, is_complete, resident_bytes, shard_name
 
 
@@ -59,9 +61,11 @@ def _publish(tmp: Path, folder: str, endpoint_url: str | None) -> None:
 
 
 def build_one(model_cfg, checkpoint: str, gallery: str | None, split: str, out: str, shard: int, shards: int,
-              approx: str, ann_args: dict[str, Any] | None, endpoint_url: str | None) -> dict[str, Any]:
+              approx: str, ann_args: dict[str, Any] | None, endpoint_url: str | None,
+              cache_dir: str | None = None) -> dict[str, Any]:
     """Encode part ``shard`` of ``shards`` into ``out/shard-NNN`` (written beside, then renamed
-    into place) and say what it holds; a part already complete is read back, not redone."""
+    into place) and say what it holds; a part already complete is read back, not redone.
+    ``cache_dir``: the runtime's cache (an s3:// checkpoint's local copy)."""
     from xmr.serve.gallery import load_for_serving, save_index
     from xmr.tasks.ann import AnnConfig
 
@@ -73,7 +77,7 @@ def build_one(model_cfg, checkpoint: str, gallery: str | None, split: str, out: 
     t0 = time.perf_counter()
     loaded = load_for_serving(checkpoint, gallery, split, approx=approx, endpoint_url=endpoint_url,
                               ann=AnnConfig(**ann_args) if ann_args else None, part=(shard, shards),
-                              model_cfg=model_cfg)
+                              model_cfg=model_cfg, cache_dir=cache_dir)
     loaded.info["shard"] = {"index": shard, "of": shards, **_identity(checkpoint, gallery, split, approx)}
     loaded.info["resident_bytes"] = resident_bytes(loaded)
     scratch = Path(tempfile.gettempdir()) if storage.is_s3(out) else Path(out)
@@ -86,22 +90,27 @@ def build_one(model_cfg, checkpoint: str, gallery: str | None, split: str, out: 
 
 class ShardEncoder:
     """Ray Data's callable class: one model per worker process, then one shard per call
-    (``batch_size=1``), so a worker that encodes several shards loads the model once."""
+    (``batch_size=1``), so a worker that encodes several shards loads the model once.
+    ``runtime``: the driver's (``Runtime.to_dict``): its cache and its progress interval hold
+    in the worker too."""
 
-    def __init__(self, checkpoint: str, endpoint_url: str | None, job: dict[str, Any], gpu: bool = False) -> None:
+    def __init__(self, checkpoint: str, endpoint_url: str | None, job: dict[str, Any], gpu: bool = False,
+                 runtime: dict[str, Any] | None = None) -> None:
         import torch
 
         from xmr.checkpoint import fetch_checkpoint
         from xmr.method import load_model
 
-        model, cfg = load_model(fetch_checkpoint(checkpoint, endpoint_url=endpoint_url))
+        self.runtime = Runtime.from_dict(runtime)
+        model, cfg = load_model(fetch_checkpoint(checkpoint, endpoint_url=endpoint_url, cache_dir=self.runtime.cache))
         if gpu and torch.cuda.is_available():
             model = model.cuda()
         self.model_cfg, self.checkpoint, self.endpoint_url, self.job = (model, cfg), checkpoint, endpoint_url, job
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        rows = [build_one(self.model_cfg, self.checkpoint, endpoint_url=self.endpoint_url, shard=int(i), **self.job)
-                for i in batch["shard"]]
+        with progress_every(self.runtime.progress_every_s):  # the encoding loop's line, at the driver's interval
+            rows = [build_one(self.model_cfg, self.checkpoint, endpoint_url=self.endpoint_url, shard=int(i),
+                              cache_dir=self.runtime.cache, **self.job) for i in batch["shard"]]
         return {"summary": [json.dumps(r, default=float) for r in rows]}
 
 
@@ -126,13 +135,14 @@ def quiet_ray_data(verbose: bool = False) -> None:
 def build_sharded(checkpoint: str, gallery: str | None, split: str, out: str, shards: int, *, approx: str = "auto",
                   ann_args: dict[str, Any] | None = None, endpoint_url: str | None = None,
                   address: str | None = None, workers: int = 0, cpus_per_worker: float = 1.0,
-                  gpu: bool = False, runtime=None) -> dict[str, Any]:
+                  gpu: bool = False, runtime: Runtime | None = None) -> dict[str, Any]:
     """Build (or finish building) a sharded index; returns its ``shards.json``.
 
     The missing shards are encoded by a Ray Data job over the cluster (``workers`` model
     replicas, 0: as many as there are shards to build and CPUs for them); each shard's
     summary is printed as it lands. ``out`` must be a folder every worker can write (this
-    machine, or a filesystem the cluster's nodes share)."""
+    machine, or a filesystem the cluster's nodes share). ``runtime``: the command's (its
+    cache, progress interval and verbosity reach the workers in their arguments)."""
     import ray
 
     from xmr.checkpoint import fetch_checkpoint, load_checkpoint
@@ -141,10 +151,11 @@ def build_sharded(checkpoint: str, gallery: str | None, split: str, out: str, sh
 
     if shards < 1:
         raise ValueError(f"--shards {shards}: at least 1")
+    runtime = runtime or Runtime()
     out = out if storage.is_s3(out) else os.path.abspath(out)
     gallery = os.path.abspath(gallery) if gallery and "://" not in gallery else gallery
     checkpoint = checkpoint if storage.is_s3(checkpoint) else os.path.abspath(checkpoint)
-    cfg, _, _ = load_checkpoint(fetch_checkpoint(checkpoint, endpoint_url=endpoint_url))
+    cfg, _, _ = load_checkpoint(fetch_checkpoint(checkpoint, endpoint_url=endpoint_url, cache_dir=runtime.cache))
     root = gallery or cfg.data.path
     manifest = load_manifest(root, endpoint_url=endpoint_url)
     if split not in manifest.splits:
@@ -174,15 +185,14 @@ def build_sharded(checkpoint: str, gallery: str | None, split: str, out: str, sh
     job = {"gallery": root, "split": split, "out": out, "shards": shards, "approx": approx, "ann_args": ann_args}
     summaries: dict[int, dict[str, Any]] = {}
     if todo:
-        verbose = bool(runtime and runtime.verbose)  # --verbose: Ray's and Ray Data's own lines too
-        ensure_ray(address, runtime=runtime, dashboard=False, driver_logs=verbose)
-        quiet_ray_data(verbose)
+        ensure_ray(address, runtime=runtime, dashboard=False, driver_logs=runtime.verbose)
+        quiet_ray_data(runtime.verbose)  # --verbose: Ray's and Ray Data's own lines too
         n_workers = workers or max(1, min(len(todo), int(ray.cluster_resources().get("CPU", 1) // cpus_per_worker)))
         ds = ray.data.from_items([{"shard": i} for i in todo], override_num_blocks=len(todo))
         ds = ds.map_batches(ShardEncoder, batch_size=1, compute=ray.data.ActorPoolStrategy(size=n_workers),
                             num_cpus=cpus_per_worker, num_gpus=1 if gpu else None,
                             fn_constructor_kwargs={"checkpoint": checkpoint, "endpoint_url": endpoint_url,
-                                                   "job": job, "gpu": gpu})
+                                                   "job": job, "gpu": gpu, "runtime": runtime.to_dict()})
         t0 = time.perf_counter()
         left = sum(part_sizes(total, shards)[i] for i in todo)
         for row in ds.iter_rows():

@@ -10,6 +10,7 @@ from typing import Any
 
 
 def _index_build(ns: argparse.Namespace) -> int:
+    from xmr.progress_line import progress_every
     from xmr.serve.gallery import load_for_serving, save_index
     from xmr.serve.shards import resident_bytes
     from xmr.tasks.ann import AnnConfig
@@ -23,8 +24,9 @@ def _index_build(ns: argparse.Namespace) -> int:
     if ns.shards != 1:
         return _sharded_build(ns, ann)
     t0 = time.perf_counter()
-    loaded = load_for_serving(ns.checkpoint, ns.gallery, ns.split, approx=ns.approx, ann=ann,
-                              cache_dir=ns.runtime.cache)
+    with progress_every(ns.runtime.progress_every_s):  # the encoding loop's line (XMR_PROGRESS_EVERY_S)
+        loaded = load_for_serving(ns.checkpoint, ns.gallery, ns.split, approx=ns.approx, ann=ann,
+                                  cache_dir=ns.runtime.cache)
     recalls = getattr(loaded.gallery, "recalls", {})  # the family's approximate-index check, if it built one
     loaded.info["resident_bytes"] = resident_bytes(loaded)  # what a replica asks Ray for (memory)
     out = save_index(ns.out, loaded, recalls)

@@ -211,7 +211,7 @@ def _fit(cfg: Config, hooks, run: RunDir | None, metric: str | None, mode: str |
          keep_best: bool, runtime: Runtime) -> FitResult:
     w = set_up(cfg, hooks, run, metric or cfg.storage.checkpoint_metric or family_of(cfg).main_metric,
                mode or cfg.storage.checkpoint_mode)
-    state = resume(w, hooks)
+    state = resume(w, hooks, runtime.cache)
     w.history = state.history  # one list, appended to by the loop: what pruning ranks checkpoints by
     if state.epoch >= cfg.optim.epochs:  # nothing left: report the final row again so the run ends cleanly
         last = state.history[-1] if state.history else {"epoch": state.epoch}
@@ -270,15 +270,16 @@ def set_up(cfg: Config, hooks, run: RunDir | None, metric: str, mode: str) -> Wo
                   run, hooks.nodes(), say if verbose else _silent)
 
 
-def resume(w: Worker, hooks) -> RunState:
+def resume(w: Worker, hooks, cache_dir: str | None = None) -> RunState:
     """The newest checkpoint that loads: the run folder's complete checkpoints newest first,
     then the runner's own record (Ray Train's can lag one report behind a process killed
     right after a checkpoint was persisted; the folder is the truth, so that epoch is not
     trained again). A checkpoint that does not load (a truncated upload, a disk error) is
     skipped, with its reason, for the one before it, instead of failing every retry. A fresh
-    run starts from ``model.pretrained`` when one is given."""
-    loaded, skipped = (newest_loadable(w.run, hooks.restored(), w.cfg.data.endpoint_url) if w.run is not None
-                       else (None, []))
+    run starts from ``model.pretrained`` when one is given. ``cache_dir``: the runtime's cache
+    (where s3:// checkpoints are fetched to)."""
+    loaded, skipped = (newest_loadable(w.run, hooks.restored(), w.cfg.data.endpoint_url, cache_dir)
+                       if w.run is not None else (None, []))
     for note in skipped:
         w.say(f"[xmr] skipping checkpoint {note}")
     if loaded is None:
@@ -286,7 +287,7 @@ def resume(w: Worker, hooks) -> RunState:
             raise CheckpointError(f"{w.run_name}: no checkpoint loads ({'; '.join(skipped)}); relaunch with "
                                   f"another --run-name, or delete the damaged checkpoints")
         if w.cfg.model.pretrained:
-            load_pretrained(w.method.model, str(fetch_checkpoint(w.cfg.model.pretrained,
+            load_pretrained(w.method.model, str(fetch_checkpoint(w.cfg.model.pretrained, cache_dir=cache_dir,
                                                                  endpoint_url=w.cfg.data.endpoint_url)))
         return RunState()
     weights, meta, train_state = loaded
@@ -299,7 +300,7 @@ def resume(w: Worker, hooks) -> RunState:
     return state
 
 
-def newest_loadable(run: RunDir, restored, endpoint_url: str | None = None):
+def newest_loadable(run: RunDir, restored, endpoint_url: str | None = None, cache_dir: str | None = None):
     """((weights, meta, training state) of the newest checkpoint that loads, or None; the
     ones skipped, each with why). Candidates: the run folder's complete checkpoints newest
     first, then the runner's own record (a Ray ``Checkpoint``; normally one of them)."""
@@ -310,7 +311,7 @@ def newest_loadable(run: RunDir, restored, endpoint_url: str | None = None):
     skipped = []
     for epoch, uri in _complete_on_storage(run):
         try:
-            return read(fetch_checkpoint(uri, endpoint_url=endpoint_url)), skipped
+            return read(fetch_checkpoint(uri, endpoint_url=endpoint_url, cache_dir=cache_dir)), skipped
         except CheckpointError as exc:
             skipped.append(f"{checkpoint_name(epoch)}: {exc}")
     if restored is not None:

@@ -23,7 +23,7 @@ from typing import Any
 
 from xmr.config import Config
 from xmr.data import storage
-from xmr.runtime import Runtime
+from xmr.runtime import Runtime, quiet_mlflow_uploads
 
 RUN_ID_FILE = "mlflow_run_id"
 EXPERIMENT = "xmr"
@@ -44,7 +44,7 @@ def _client(uri: str, runtime: Runtime | None = None):
     MLFLOW_TRACKING_URI in the environment, so every later run of the process (a sweep's
     reused trial actors, a comparison's in-process jobs) would track to the first one's store."""
     runtime = runtime or Runtime()
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    quiet_mlflow_uploads()
     import logging
 
     from mlflow.tracking import MlflowClient

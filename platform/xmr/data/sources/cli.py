@@ -51,11 +51,23 @@ def _summary(m: Any, out: str) -> None:
     print(f"{m.name} ({m.task}): {splits}; {shapes}; labels {m.labels.kind} {m.labels.num_classes}")
 
 
+def _runtime(a: argparse.Namespace):
+    """The command's runtime (``xmr.cli.main`` builds it); a parser used on its own, without
+    ``main``, gets the defaults."""
+    from xmr.runtime import Runtime
+
+    return getattr(a, "runtime", None) or Runtime()
+
+
 def _reported(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """Print input errors (they name the file/key/field) as one line with exit code 2."""
+    """Print input errors (they name the file/key/field) as one line with exit code 2. The
+    writers' progress lines come at the runtime's interval (``XMR_PROGRESS_EVERY_S``)."""
     def run(a: argparse.Namespace) -> int:
+        from xmr.progress_line import progress_every
+
         try:
-            return fn(a)
+            with progress_every(_runtime(a).progress_every_s):
+                return fn(a)
         except (OSError, ValueError, RuntimeError) as e:
             print(f"xmr data {getattr(a, 'data_command', '')}: error: {e}", file=sys.stderr)
             return 2
@@ -99,7 +111,7 @@ def _synth_vcmr(a: argparse.Namespace) -> int:
                              f"annotations and the text encoder)")
         cfg = TextVcmrConfig(**given(a, TextVcmrConfig, SIZES))
         name = a.name if a.name != "synth-vcmr" else "text-vcmr"
-        _summary(write_text_vcmr(a.out, cfg, name=name, **_writer_kw(a)), a.out)
+        _summary(write_text_vcmr(a.out, cfg, name=name, cache_dir=_runtime(a).cache, **_writer_kw(a)), a.out)
         return 0
     cfg = SynthVcmrConfig(**given(a, SynthVcmrConfig, SIZES))
     _summary(write_synth_vcmr(a.out, cfg, name=a.name, **_writer_kw(a)), a.out)

@@ -61,9 +61,9 @@ def stream_projections(cfg: TextVcmrConfig, dim: int) -> tuple[dict[str, np.ndar
 
 def write_text_vcmr(out: str, cfg: TextVcmrConfig, *, name: str = "text-vcmr", samples_per_shard: int = 64,
                     overwrite: bool = False, endpoint_url: str | None = None, progress: bool = True,
-                    encoder=None) -> Manifest:
+                    encoder=None, cache_dir: str | None = None) -> Manifest:
     """Build and write the corpus. ``encoder``: a loaded ``TextEncoder`` (default: load
-    ``cfg.text_encoder``)."""
+    ``cfg.text_encoder``, unpacked under ``cache_dir``: the runtime's cache)."""
     from xmr.data.text_encoder import describe_encoder, load_text_encoder
     from xmr.progress_line import with_progress
 
@@ -72,7 +72,7 @@ def write_text_vcmr(out: str, cfg: TextVcmrConfig, *, name: str = "text-vcmr", s
     wanted = sum(cfg.splits.values())
     if wanted > len(videos):
         raise ValueError(f"splits ask for {wanted} videos; {cfg.queries_from} annotates {len(videos)}")
-    encoder = encoder or load_text_encoder(cfg.text_encoder)
+    encoder = encoder or load_text_encoder(cfg.text_encoder, cache=cache_dir)
     dim = encoder.dim
     maps, offsets = stream_projections(cfg, dim)
     order = _rng(cfg.seed, "order").permutation(len(videos))[:wanted]
