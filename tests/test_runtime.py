@@ -4,13 +4,16 @@ does follows from its arguments (``xmr.runtime``); one sizing policy for a local
 
 from __future__ import annotations
 
+import importlib.util
 import os
+from pathlib import Path
 
 import pytest
 
+from xmr.config import TrackingConfig
 from xmr.progress_line import every_s, progress_every, with_progress
 from xmr.ray.session import is_local, local_cpus
-from xmr.runtime import DEFAULT_CACHE, Runtime
+from xmr.runtime import DEFAULT_CACHE, DEFAULT_PROGRESS_EVERY_S, Runtime
 
 
 def test_the_environment_then_the_flags():
@@ -46,25 +49,118 @@ def test_a_worker_gets_the_same_runtime_from_its_payload():
     assert Runtime.from_dict(None) == Runtime()
 
 
-def test_reading_the_runtime_writes_no_environment(monkeypatch):
-    """``--verbose`` once became ``os.environ["XMR_VERBOSE"] = "1"``; the CLI now builds a
-    Runtime and leaves the environment as it found it."""
-    from xmr.cli import build_parser
+def test_a_command_gets_its_runtime_and_leaves_the_environment_as_it_was(monkeypatch, tmp_path):
+    """``--verbose`` once became ``os.environ["XMR_VERBOSE"] = "1"``: ``xmr.cli.main`` now
+    builds a Runtime from the flags over the environment and hands it to the command. The
+    command here is ``xmr train`` up to the point where it starts Ray (``run_training``,
+    replaced by a stand-in that keeps what it was given)."""
+    import xmr.train.driver
+    from xmr.cli import main
 
+    given = {}
+
+    def run_training(cfg, **kw):
+        given.update(kw, method=cfg.method)
+        return type("Result", (), {"history": [{"epoch": 1}]})()
+
+    monkeypatch.setattr(xmr.train.driver, "run_training", run_training)
     monkeypatch.delenv("XMR_VERBOSE", raising=False)
+    monkeypatch.setenv("XMR_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("XMR_PROGRESS_EVERY_S", "0")
     before = dict(os.environ)
-    args = build_parser().parse_args(["train", "--config", "sccmrl", "--verbose"])
-    rt = Runtime.from_env(verbose=args.verbose)
-    assert rt.verbose and dict(os.environ) == before
+    assert main(["train", "--config", "sccmrl", "--verbose"]) == 0
+    assert dict(os.environ) == before
+    assert given["method"] == "sccmrl"
+    assert given["runtime"] == Runtime(verbose=True, cache=str(tmp_path / "cache"), progress_every_s=0.0)
+
+
+def _category_checkpoint(tmp_path):
+    import torch
+    from conftest import write_tiny_category
+    from train_helpers import preset_cfg
+
+    from xmr.checkpoint import save_checkpoint
+    from xmr.method import Method
+
+    data = write_tiny_category(tmp_path / "data", splits={"train": 8, "val": 8, "test": 40})
+    cfg = preset_cfg("sccmrl", str(data), "model.embed_dim=8", "model.hidden_dim=16")
+    torch.manual_seed(0)
+    return save_checkpoint(tmp_path / "ck", Method(cfg).eval(), cfg), data
+
+
+def test_xmr_index_build_prints_progress_at_the_runtimes_interval(monkeypatch, tmp_path, capsys):
+    """``XMR_PROGRESS_EVERY_S`` reaches the gallery's encoding loop of ``xmr index build`` (a
+    line per batch at a tiny interval; none at 0), and the command writes no environment."""
+    from xmr.cli import main
+
+    ckpt, data = _category_checkpoint(tmp_path)
+    command = ["index", "build", "--checkpoint", str(ckpt), "--gallery", str(data), "--split", "test", "--verbose"]
+    for every, speaks in (("1e-9", True), ("0", False)):
+        monkeypatch.setenv("XMR_PROGRESS_EVERY_S", every)
+        before = dict(os.environ)
+        assert main([*command, "--out", str(tmp_path / f"idx-{every}")]) == 0
+        assert dict(os.environ) == before
+        out = capsys.readouterr().out
+        assert ("[xmr] index test: encoding" in out) is speaks, out
+
+
+def test_shard_workers_and_a_resumed_run_fetch_into_the_runtimes_cache(tmp_path, s3_bucket):
+    """``XMR_CACHE`` reaches the processes that fetch an s3:// checkpoint without a CLI of
+    their own: an index-build worker (the runtime in its arguments: its model and its shard's
+    build) and a training run resuming from S3 (``fit``'s runtime)."""
+    from test_checkpoint import small_cfg, trained_state
+
+    from xmr.checkpoint import save_checkpoint, save_train_state
+    from xmr.data import storage
+    from xmr.serve.index_build import ShardEncoder
+    from xmr.train.fit import newest_loadable
+    from xmr.train.runfs import RunDir
+
+    ckpt, data = _category_checkpoint(tmp_path)
+    storage.upload_dir(str(ckpt), f"s3://{s3_bucket}/ck", progress=False)
+    cache = tmp_path / "cache"
+    job = {"gallery": str(data), "split": "test", "out": str(tmp_path / "idx"), "shards": 2, "approx": "off",
+           "ann_args": None}
+    worker = ShardEncoder(f"s3://{s3_bucket}/ck", None, job, runtime=Runtime(cache=str(cache)).to_dict())
+    assert [p.name for p in (cache / "checkpoints").iterdir()] != []
+    assert len(worker({"shard": [0]})["summary"]) == 1 and (tmp_path / "idx" / "shard-000" / "index.json").is_file()
+
+    cfg = small_cfg()
+    method, step = trained_state(cfg)
+    local = save_checkpoint(tmp_path / "run" / "checkpoint_epoch0001", method, cfg, epoch=1, step=1)
+    save_train_state(local, step.state_dict())
+    storage.upload_dir(str(tmp_path / "run"), f"s3://{s3_bucket}/runs/run", progress=False)
+    loaded, skipped = newest_loadable(RunDir(f"s3://{s3_bucket}/runs", "run"), None, cache_dir=str(tmp_path / "c2"))
+    assert loaded is not None and skipped == [] and len(list((tmp_path / "c2" / "checkpoints").iterdir())) == 1
+
+
+@pytest.mark.skipif(importlib.util.find_spec("sentence_transformers") is None, reason="the [text] extra is not installed")
+def test_xmr_data_unpacks_the_text_encoder_into_the_runtimes_cache(monkeypatch, tmp_path, capsys):
+    """``xmr data synth vcmr --text-encoder`` unpacks the encoder under ``XMR_CACHE`` and
+    prints its progress at ``XMR_PROGRESS_EVERY_S`` (the same loader the endpoint's text
+    featuriser uses, ``load_text_encoder(name, cache)``)."""
+    from xmr.cli import main
+    from xmr.data import text_encoder
+
+    tvr = Path(__file__).resolve().parents[2] / "shared" / "data" / "tvr" / "tvr_val_release.jsonl"
+    if not tvr.is_file():
+        pytest.skip(f"needs the real TVR annotations at {tvr}")
+    monkeypatch.setattr(text_encoder, "_LOADED", {})  # this process may have loaded it from elsewhere
+    monkeypatch.setenv("XMR_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("XMR_PROGRESS_EVERY_S", "1e-9")
+    assert main(["data", "synth", "vcmr", "--queries-from", str(tvr), "--text-encoder", "minilm", "--splits",
+                 "train=2", "val=1", "--dim-visual", "8", "--dim-subtitle", "8", "--out", str(tmp_path / "d")]) == 0
+    assert list((tmp_path / "cache").glob("all_minilm_l6_v2-*/modules.json"))
+    assert "[xmr] text vcmr train: " in capsys.readouterr().out
 
 
 def test_the_progress_interval_reaches_loops_through_the_block(capsys):
-    assert every_s() == 30.0
+    assert every_s() == DEFAULT_PROGRESS_EVERY_S == TrackingConfig().progress_every_s  # one default
     with progress_every(1e-9):
         assert list(with_progress(range(3), "loop", 3, "items")) == [0, 1, 2]
         with progress_every(0):  # off inside
             list(with_progress(range(3), "quiet", 3, "items"))
-    assert every_s() == 30.0
+    assert every_s() == DEFAULT_PROGRESS_EVERY_S
     out = capsys.readouterr().out
     assert "[xmr] loop: 3/3 items" in out and "quiet" not in out
 
