@@ -98,8 +98,9 @@ def test_memory_bank_defaults_are_safe_past_the_batch():
     """K = 255 at batch 64 (about 115 other-class candidates per anchor in the batch): with
     a 1,024-entry bank at its defaults (batch first, warm-up, momentum encoder) val mAP is
     not worse than K = every in-batch candidate without a bank, within 0.03. The same bank
-    written by the live encoder from the first step costs far more (today's code, which also
-    drew uniformly from batch and bank, fell to 0.30 test mAP: bench/results/method_fixes.json)."""
+    written by the live encoder from the first step costs far more (the code before issue 11,
+    which also drew uniformly from batch and bank, fell to 0.30 test mAP: the one-off
+    bench/method_fixes.py, removed in issue 35; its results are in commit e7185dc)."""
     common = ["loss.lambdas.adversarial=0", "loss.lambdas.label=0", "negatives.strategy=uniform", "negatives.k=255",
               "optim.epochs=4"]  # 0.645 / 0.645 / 0.439 here (0.81 / 0.81 / 0.53 at 6): the collapse shows early
     no_bank = fit("mnsgan", *common).history[-1]["map_mean"]
