@@ -99,11 +99,20 @@ def test_the_app_builder_serves_an_index_without_its_checkpoint(tmp_path):
     assert (what.route, what.top_videos, what.max_query_tokens) == ("moments", 7, cfg.data.max_query_tokens)
     assert what.gallery_size == 6 and what.dims == cfg.model.dims and what.manifest.splits["val"].num_samples == 6
     meta = json.loads((tmp_path / "idx" / "index.json").read_text())
-    assert meta["serving"] == {"max_query_tokens": cfg.data.max_query_tokens, "top_videos": 7,
-                               "data_path": cfg.data.path}
+    assert meta["serving"] == {"max_query_tokens": cfg.data.max_query_tokens, "top_videos": 7}
     del meta["serving"]  # an index built before the record: the checkpoint's config instead
     (tmp_path / "idx" / "index.json").write_text(json.dumps(meta))
     with pytest.raises(Exception, match="ck"):
         served(serve_settings({"checkpoint": ckpt, "index": str(tmp_path / "idx")}))
     kept = str(tmp_path / "ck_kept")
-    assert served(serve_settings({"checkpoint": kept, "index": str(tmp_path / "idx")})).top_videos == 7
+    s = serve_settings({"checkpoint": kept, "index": str(tmp_path / "idx")})
+    what = served(s)
+    assert what.top_videos == 7
+    # what is served, read once, is all the app needs: composed with the index and checkpoint gone
+    # (``xmr serve`` reads it before Ray starts and hands it over; nothing is read twice)
+    from xmr.serve.app import application, replica_needs
+
+    shutil.rmtree(tmp_path / "idx")
+    shutil.rmtree(tmp_path / "ck_kept")
+    app = application(s, what)
+    assert type(app).__name__ == "Application" and set(replica_needs(what)) == {"Gateway", "Retriever"}

@@ -136,9 +136,55 @@ def test_each_deployment_gets_typed_settings_of_its_own():
     gateway = parsed(GatewaySettings, gateway_settings(s, {"route": "search"}, None, [3, 4], 50))
     assert (gateway.retries, gateway.shard_items, gateway.top_videos) == (3, [3, 4], 50)
     with pytest.raises(ConfigError, match="shard = 'two'"):
-        parsed(RetrieverSettings, {"checkpoint": "c", "shard": "two"})
+        parsed(RetrieverSettings, {**retriever_settings(s), "shard": "two"})
     with pytest.raises(ConfigError, match="unknown key 'retry'"):
         parsed(GatewaySettings, {"retry": 1})
+
+
+def test_a_replica_defaults_nothing():
+    """The replicas' settings have no defaults of their own (those live once, in
+    ``ServeSettings``): a field the app's user_config lacks is an error naming it, never a
+    silent default (an empty checkpoint, a top_videos other than the model's)."""
+    import dataclasses
+
+    from xmr.serve.settings import GatewaySettings, RetrieverSettings, gateway_settings, parsed, retriever_settings
+
+    for cls in (RetrieverSettings, GatewaySettings):
+        assert [f.name for f in dataclasses.fields(cls)
+                if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING] == []
+    with pytest.raises(ConfigError, match="RetrieverSettings: missing checkpoint, gallery, split"):
+        parsed(RetrieverSettings, {})
+    s = serve_settings({"checkpoint": "c"})
+    partial = {k: v for k, v in retriever_settings(s).items() if k != "batch_size"}
+    with pytest.raises(ConfigError, match="RetrieverSettings: missing batch_size "):
+        parsed(RetrieverSettings, partial)
+    config = gateway_settings(s, {"route": "moments"}, None, [], 7)
+    del config["top_videos"]
+    with pytest.raises(ConfigError, match="GatewaySettings: missing top_videos "):
+        parsed(GatewaySettings, config)
+    # what the replicas get is ServeSettings' values, field by field
+    whole = parsed(RetrieverSettings, retriever_settings(s))
+    assert (whole.split, whole.approx, whole.batch_size, whole.batch_wait_s, whole.inline_lone, whole.threads) == \
+        (s.split, s.approx, s.batch_size, s.batch_wait_s, s.inline_lone, s.threads)
+    gateway = parsed(GatewaySettings, gateway_settings(s, {"route": "moments"}, None, [], 7))
+    assert (gateway.body_timeout_s, gateway.retries, gateway.retry_budget_s, gateway.shard_deadline_s,
+            gateway.shard_items, gateway.top_videos) == (s.body_timeout_s, s.retries, s.retry_budget_s,
+                                                          s.shard_deadline_s, [], 7)
+
+
+def test_xmr_serve_options_default_to_the_settings():
+    """``xmr serve``'s options that are endpoint settings default to None: an option left
+    unset takes ServeSettings' default, written in one place (its help quotes it)."""
+    import argparse
+
+    from xmr.serve.cli import register
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    ns = parser.parse_args(["serve", "--checkpoint", "c"])
+    assert (ns.split, ns.approx, ns.replicas, ns.drain_s, ns.shard_deadline_s) == (None,) * 5
+    given = parser.parse_args(["serve", "--checkpoint", "c", "--drain-s", "3", "--shard-deadline-s", "1.5"])
+    assert (given.drain_s, given.shard_deadline_s) == (3.0, 1.5)
 
 
 def _search_request(**fields):

@@ -15,7 +15,8 @@ from xmr.serve.deployments import Gateway, Retriever, TextFeaturiser
 from xmr.serve.featurise import audio_spec
 from xmr.serve.gallery import text_encoder_of
 from xmr.serve.served import Served, served
-from xmr.serve.settings import gateway_settings, replica_options, retriever_settings, serve_settings
+from xmr.serve.settings import (ServeSettings, gateway_settings, replica_options, retriever_settings,
+                                serve_settings)
 from xmr.serve.shards import replica_memory
 
 
@@ -33,7 +34,13 @@ def build_app(args: dict[str, Any]):
     index, or from the checkpoint's config when there is none.
     """
     s = serve_settings(args)
-    what = served(s)
+    return application(s, served(s))
+
+
+def application(s: ServeSettings, what: Served):
+    """The composed deployments for settings ``s`` serving ``what`` (``build_app``'s work, for
+    a caller that has both already: ``xmr serve`` reads what it serves once, before Ray starts,
+    to size the local Ray and check placement, and hands it here)."""
     # on delete / scale-down / SIGTERM a replica stops taking requests and finishes those in flight
     common = {"graceful_shutdown_timeout_s": s.drain_s, "graceful_shutdown_wait_loop_s": 0.5,
               "logging_config": {"enable_access_log": s.access_log}}
@@ -41,7 +48,8 @@ def build_app(args: dict[str, Any]):
     retriever = Retriever.options(max_ongoing_requests=s.max_ongoing_requests, **scaling, **common)
     gateways = scaling.get("num_replicas") or scaling["autoscaling_config"]["min_replicas"]
     encoder = text_encoder_of(what.manifest)
-    featuriser = (_same_code(TextFeaturiser.options(**common), encoder).bind(encoder["name"], encoder)
+    # the encoder's files are cached where the app's settings say (``cache_dir``: xmr serve's XMR_CACHE)
+    featuriser = (_same_code(TextFeaturiser.options(**common), encoder).bind(encoder["name"], encoder, s.cache_dir)
                   if encoder else None)
     audio = audio_spec(what.manifest)
     contract = served_contract(what.route, what.dims, what.gallery_size, what.max_query_tokens,
@@ -53,7 +61,7 @@ def build_app(args: dict[str, Any]):
         config = gateway_settings(s, contract, audio, [p["items"] for p in what.shards], what.top_videos)
         gateway = Gateway.options(user_config=config, num_replicas=gateways, **common)
         return _same_code(gateway, encoder and encoder["name"], len(shards)).bind(None, featuriser, shards)
-    gateway = Gateway.options(user_config=gateway_settings(s, contract, audio, top_videos=what.top_videos),
+    gateway = Gateway.options(user_config=gateway_settings(s, contract, audio, [], what.top_videos),
                               num_replicas=gateways, **common)
     # a saved index records its loaded size: the replica asks for that memory
     retriever = retriever.options(user_config=retriever_settings(s), ray_actor_options=_actor_options(what.index_meta))
@@ -71,11 +79,11 @@ def _actor_options(part: dict[str, Any]) -> dict[str, Any]:
     return options
 
 
-def replica_needs(args: dict[str, Any], what: Served | None = None) -> dict[str, dict[str, float]]:
-    """What one replica of each deployment of the app asks Ray for ({deployment: {"CPU": ..,
-    "memory": bytes}}), the same options ``build_app`` deploys with: what ``xmr serve`` checks
-    against the cluster before deploying and names when a replica cannot be placed."""
-    what = what or served(serve_settings(args))
+def replica_needs(what: Served) -> dict[str, dict[str, float]]:
+    """What one replica of each deployment of the app serving ``what`` asks Ray for
+    ({deployment: {"CPU": .., "memory": bytes}}), the same options ``application`` deploys
+    with: what ``xmr serve`` checks against the cluster before deploying and names when a
+    replica cannot be placed."""
 
     def of(options: dict[str, Any]) -> dict[str, float]:
         need = {"CPU": float(options.get("num_cpus", 1))}

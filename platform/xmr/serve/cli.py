@@ -11,14 +11,19 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from xmr.config import ConfigError
 from xmr.ray.serve import HAPROXY_ENV, HAPROXY_PORTS, THROUGHPUT_ENV, direct_urls, haproxy_ports, haproxy_requested
 from xmr.serve.index_cli import register as register_index
 from xmr.serve.keys import key_digest, read_api_key
 from xmr.serve.lifecycle import Signals, shutdown, stop_ray, stopped_starting
 from xmr.serve.ports import busy_ports
-from xmr.serve.startup import DEFAULT_START_TIMEOUT_S, IngressError, StartError, connect, start
+from xmr.serve.settings import ServeSettings, serve_settings
+from xmr.serve.startup import DEFAULT_START_TIMEOUT_S, IngressError, StartError, connect, deploy, retriever_replicas
+
+if TYPE_CHECKING:  # an annotation only: xmr.serve.served imports torch, which --help does not
+    from xmr.serve.served import Served
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -57,13 +62,6 @@ def _refused(ns: argparse.Namespace, digest: str | None, embedding: bool) -> str
     return None
 
 
-def served_replicas(index: str | None, replicas: int) -> int:
-    """Retriever replicas an app asks for: ``replicas`` per shard of a sharded index."""
-    from xmr.serve.shards import is_sharded, read_shards
-
-    return replicas * (len(read_shards(index)["shards"]) if index and is_sharded(index) else 1)
-
-
 def _serve(ns: argparse.Namespace) -> int:
     runtime = ns.runtime
     ns.host = ns.host or runtime.serve_host
@@ -79,11 +77,17 @@ def _serve(ns: argparse.Namespace) -> int:
     why = _refused(ns, digest, embedding)
     if why:
         return _error(why)
+    # the options left unset (None) take ServeSettings' defaults: they are written there only
     args = {"checkpoint": ns.checkpoint, "gallery": ns.gallery, "split": ns.split, "index": ns.index,
             "approx": ns.approx, "replicas": ns.replicas, "api_key_sha256": digest, "drain_s": ns.drain_s,
             "shard_deadline_s": ns.shard_deadline_s, "cache_dir": runtime.cache}
-    try:
-        replicas = served_replicas(ns.index, ns.replicas)
+    s = serve_settings({k: v for k, v in args.items() if v is not None})
+    try:  # what is served, read once (index.json / shards.json, or the checkpoint's config)
+        from xmr.serve.served import served
+
+        what = served(s)
+    except ConfigError:
+        raise
     except ValueError as exc:
         return _error(exc)
     import ray
@@ -95,11 +99,12 @@ def _serve(ns: argparse.Namespace) -> int:
     # ray.init in this thread (a signal meanwhile is acted on once it returns: Ray is then
     # stopped cleanly); the rest of start-up in a thread of its own, watched from here, so that
     # a signal is acted on at once whatever Ray call the start-up is in
-    embedded = connect(ns.address, ns.direct, replicas, ingress=ns.ingress, runtime=runtime).startswith("started")
+    embedded = connect(ns.address, ns.direct, retriever_replicas(s, what), ingress=ns.ingress,
+                       runtime=runtime).startswith("started")
     signals.install()
     if signals.received:
         return stopped_starting(signals.received[0], embedded, deployed=False)
-    box = _starting(ns, {k: v for k, v in args.items() if v is not None}, key, signals)
+    box = _starting(ns, s, what, key, signals)
     signals.wait_started()
     if signals.received:
         return stopped_starting(signals.received[0], embedded, deployed=True)
@@ -111,11 +116,13 @@ def _serve(ns: argparse.Namespace) -> int:
     if exc is not None:
         stop_ray(embedded, serve_started=True)
         raise exc
-    return _serving(ns, box, digest, embedded, signals)
+    return _serving(ns, box, s, embedded, signals)
 
 
-def _starting(ns: argparse.Namespace, args: dict[str, Any], key: str | None, signals: Signals) -> dict[str, Any]:
-    """Deploy and wait for the endpoint's first /info, in a thread of its own; its outcome
+def _starting(ns: argparse.Namespace, s: ServeSettings, what: Served, key: str | None,
+              signals: Signals) -> dict[str, Any]:
+    """Deploy ``what`` (read once, by ``_serve``) on the Ray ``_serve`` connected to and wait
+    for the endpoint's first /info, in a thread of its own; its outcome
     (``url`` and ``info``, or ``error``) lands in the returned box, and ``signals.wake`` is set."""
     import threading
     import urllib.request
@@ -124,8 +131,7 @@ def _starting(ns: argparse.Namespace, args: dict[str, Any], key: str | None, sig
 
     def run() -> None:
         try:
-            url = start(args, host=ns.host, port=ns.port, address=ns.address, direct=ns.direct, ingress=ns.ingress,
-                        start_timeout_s=ns.start_timeout_s, runtime=ns.runtime)
+            url = deploy(s, what, host=ns.host, port=ns.port, ingress=ns.ingress, start_timeout_s=ns.start_timeout_s)
             headers = {"Authorization": f"Bearer {key}"} if key else {}
             box["info"] = json.loads(urllib.request.urlopen(urllib.request.Request(f"{url}/info", headers=headers),
                                                             timeout=60).read())
@@ -139,18 +145,18 @@ def _starting(ns: argparse.Namespace, args: dict[str, Any], key: str | None, sig
     return box
 
 
-def _serving(ns: argparse.Namespace, box: dict[str, Any], digest: str | None, embedded: bool,
+def _serving(ns: argparse.Namespace, box: dict[str, Any], s: ServeSettings, embedded: bool,
              signals: Signals) -> int:
     """Say what is served and where; then serve until a signal (or return, ``--detach``)."""
     url, info = box["url"], box["info"]
     where = ns.index or ns.gallery or info["gallery"]  # this machine's paths: the operator's own
     print(f"[xmr] serving {info['method']} ({info['task']}) from {ns.checkpoint}: gallery {where} "
           f"split {info['split']}, {info['gallery_size']} items, {info['search']} search, "
-          f"{ns.replicas} replica(s){', bearer token required' if digest else ''}; {url}/docs", flush=True)
+          f"{s.replicas} replica(s){', bearer token required' if s.api_key_sha256 else ''}; {url}/docs", flush=True)
     if ns.ingress == "haproxy":
         stats = ", ".join(f"{port}" for name, port in haproxy_ports(ns.port).items() if name != "--port")
         print(f"[xmr] HAProxy ingress on {ns.host}:{ns.port}: a request whose gateway replica dies is replayed on "
-              f"another{'' if ns.replicas > 1 else ' once Serve has replaced it (--replicas 2: at once)'}, or its "
+              f"another{'' if s.replicas > 1 else ' once Serve has replaced it (--replicas 2: at once)'}, or its "
               "keep-alive connection is closed unanswered for the client to resend; its stats and metrics ports "
               f"({stats}) and the gateway replicas' ports listen on every interface", flush=True)
     if ns.direct:
@@ -170,10 +176,12 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser("serve", help="serve a checkpoint as a retrieval endpoint (Ray Serve)")
     p.add_argument("--checkpoint", required=True, help="checkpoint dir, run dir (its best checkpoint), or s3://...")
     p.add_argument("--gallery", default=None, help="dataset root whose split is searched (default: the run's data)")
-    p.add_argument("--split", default="test", help="gallery split to search")
+    p.add_argument("--split", default=None, help=f"gallery split to search (default: {ServeSettings.split})")
     p.add_argument("--index", default=None, help="a saved index from `xmr index build` instead of encoding")
-    p.add_argument("--approx", default="auto", choices=["auto", "on", "off"], help="FAISS index for large galleries")
-    p.add_argument("--replicas", type=int, default=1, help="replicas of the retriever deployment")
+    p.add_argument("--approx", default=None, choices=["auto", "on", "off"],
+                   help=f"FAISS index for large galleries (default: {ServeSettings.approx})")
+    p.add_argument("--replicas", type=int, default=None,
+                   help=f"replicas of the retriever deployment, each shard's (default: {ServeSettings.replicas})")
     p.add_argument("--host", default=None,
                    help="bind address (default XMR_SERVE_HOST, else 127.0.0.1; 0.0.0.0 exposes the endpoint)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port of Serve's proxy")
@@ -191,14 +199,15 @@ def register(subparsers: Any) -> None:
     p.add_argument("--api-key-file", default=None,
                    help="file holding the bearer token clients must send (default: XMR_API_KEY; required "
                         "when --host is not loopback)")
-    p.add_argument("--shard-deadline-s", type=float, default=5.0,
+    p.add_argument("--shard-deadline-s", type=float, default=None,
                    help="a sharded --index: answer with the shards that answered within this, naming the others "
-                        "in missing_shards (default 5)")
+                        f"in missing_shards (default: {ServeSettings.shard_deadline_s:g})")
     p.add_argument("--start-timeout-s", type=float, default=DEFAULT_START_TIMEOUT_S,
                    help="give up (exit 1) when the endpoint is not serving after this long, saying which deployments "
                         f"are not running and why (default {DEFAULT_START_TIMEOUT_S:g})")
-    p.add_argument("--drain-s", type=float, default=20.0,
-                   help="on SIGTERM / SIGINT, how long in-flight requests may take to finish")
+    p.add_argument("--drain-s", type=float, default=None,
+                   help="on SIGTERM / SIGINT, how long in-flight requests may take to finish "
+                        f"(default: {ServeSettings.drain_s:g})")
     p.add_argument("--verbose", action="store_true",
                    help="show Ray Serve's own log lines (controller, proxy, replicas) beside xmr's; without it "
                         "they go to Ray's log files only")

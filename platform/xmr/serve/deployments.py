@@ -30,6 +30,7 @@ the dataset has a text encoder; ``video`` restricts it to one video, SVMR), ``GE
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import time
 from typing import Any
@@ -51,13 +52,13 @@ from xmr.serve.queries import (MomentsQuery, SearchQuery, moments_query, search_
 from xmr.serve.requests import (MomentsRequest, MomentsResponse, RequestError, SearchRequest, SearchResponse,
                                 body_schema, decode_wav_base64, errors_returned, parse_request)
 from xmr.serve.search import moments_items, search_items, svmr_one
-from xmr.serve.settings import GatewaySettings, RetrieverSettings, parsed
+from xmr.serve.settings import GatewaySettings, RetrieverSettings, ServeSettings, parsed
 from xmr.serve.shards import merge_hits, merge_moments, moments_across
 from xmr.tasks import FAMILIES
 
 logger = logging.getLogger("xmr.serve")
 FEATURISE_TIMEOUT_S = 5.0
-BATCH_SIZE = RetrieverSettings.batch_size  # until reconfigure sizes the batches from the app's settings
+BATCH_SIZE = ServeSettings.batch_size  # until reconfigure sizes the batches from the app's settings
 SWAPPING = "the served checkpoint is being replaced; retry shortly"
 
 
@@ -70,7 +71,7 @@ class Retriever:
     queries the gateway has already checked (``xmr.serve.queries``)."""
 
     def __init__(self) -> None:
-        self.settings = RetrieverSettings()  # typed from the app's user_config by reconfigure
+        self.settings: RetrieverSettings | None = None  # typed from the app's user_config by reconfigure
         self.state: "Loaded | None" = None
         self.text_encoder: dict[str, Any] | None = None  # the dataset's, when its query tokens came from text
         self.featurisers: list[str] = []  # raw query forms the dataset has (the gateway featurises them)
@@ -85,8 +86,8 @@ class Retriever:
         """Batching and threads from the app's settings; then the configured checkpoint and
         gallery, loaded off the event loop and swapped in."""
         s = self.settings = parsed(RetrieverSettings, user_config)
-        self._search_batched.set_max_batch_size(s.batch_size)
-        self._moments_batched.set_max_batch_size(s.batch_size)
+        for batched in (self._search_batched, self._moments_batched, self._moments_videos_batched):
+            batched.set_max_batch_size(s.batch_size)
         if s.threads > 0:
             torch.set_num_threads(s.threads)
         load = s.load_args()
@@ -143,13 +144,22 @@ class Retriever:
         return await self._admitted(self._search_batched, (st, query.role, query.vector, k))
 
     @errors_returned
-    async def moments(self, query: MomentsQuery):
-        """The top-k moments over the corpus; a shard's answer also lists its top videos and
-        their scores (``{"results", "videos"}``: what the gateway merges across shards)."""
+    async def moments(self, query: MomentsQuery) -> list[dict[str, Any]]:
+        """The top-k moments over the corpus (this replica's: the whole, or its shard's)."""
+        return await self._admitted(self._moments_batched, self._moments_item(query))
+
+    @errors_returned
+    async def moments_videos(self, query: MomentsQuery) -> dict[str, Any]:
+        """The top-k moments and the videos they were ranked within, with their scores
+        (``{"results", "videos"}``): what the gateway merges across shards. A method of its
+        own, so that each method's answer has one shape whatever the replica serves."""
+        return await self._admitted(self._moments_videos_batched, self._moments_item(query))
+
+    def _moments_item(self, query: MomentsQuery) -> tuple:
         st = self._ready("moments")
         if query.tokens.shape[1] != st.cfg.model.dims["query"][-1]:
             raise RequestError(503, SWAPPING)
-        return await self._admitted(self._moments_batched, (st, query.tokens, query.k))
+        return st, query.tokens, query.k
 
     @errors_returned
     async def svmr(self, query: MomentsQuery) -> list[dict[str, Any]]:
@@ -174,9 +184,12 @@ class Retriever:
         return await self._timed("search", search_items, items)
 
     @serve.batch(max_batch_size=BATCH_SIZE, batch_wait_timeout_s=0.0)
-    async def _moments_batched(self, items: list[tuple]) -> list[Any]:
-        with_videos = self.settings.shard is not None
-        return await self._timed("moments", lambda batch: moments_items(batch, with_videos=with_videos), items)
+    async def _moments_batched(self, items: list[tuple]) -> list[list[dict[str, Any]]]:
+        return await self._timed("moments", moments_items, items)
+
+    @serve.batch(max_batch_size=BATCH_SIZE, batch_wait_timeout_s=0.0)
+    async def _moments_videos_batched(self, items: list[tuple]) -> list[dict[str, Any]]:
+        return await self._timed("moments", functools.partial(moments_items, with_videos=True), items)
 
     async def _timed(self, endpoint: str, compute, items: list[tuple]) -> list[Any]:
         """Run one batch off the event loop, which keeps accepting the next batch's requests;
@@ -204,10 +217,11 @@ class TextFeaturiser:
     scales apart from the retriever (text encoding and search cost differently); texts that
     arrive together are encoded as one batch."""
 
-    def __init__(self, name: str, expected: dict[str, Any]) -> None:
+    def __init__(self, name: str, expected: dict[str, Any], cache_dir: str | None) -> None:
         from xmr.data.text_encoder import load_text_encoder
 
-        self.encoder = load_text_encoder(name)
+        # its files cached in the app's ``cache_dir`` (``ServeSettings``; None: the default)
+        self.encoder = load_text_encoder(name, cache=cache_dir)
         got = self.encoder.info.get("package_version")
         if got != expected.get("package_version"):  # a different model version: other features
             raise RuntimeError(f"text encoder {name}: the dataset was built with {expected.get('package')} "
@@ -256,7 +270,7 @@ class Gateway:
         self.retriever = retriever
         self.featuriser = featuriser  # TextFeaturiser, bound when the dataset's queries came from text
         self.shards = list(shards) if shards else None  # retriever handles, one per shard, in shard order
-        self.settings = GatewaySettings()  # typed from the app's user_config by reconfigure
+        self.settings: GatewaySettings | None = None  # typed from the app's user_config by reconfigure
         self.audio = None  # (role, featurise) where the dataset was built from audio
         self.retryable = _retryable()
         self.retried = 0  # calls sent again after their replica died
@@ -383,7 +397,7 @@ class Gateway:
             k_of = dict(zip(shards, ks))
             limit = deadline if not rounds else time.monotonic() + self.settings.shard_deadline_s
             rounds.append(len(shards))
-            out = await self._scatter("moments", only=shards, deadline=limit,
+            out = await self._scatter("moments_videos", only=shards, deadline=limit,
                                       args_of=lambda s: (dataclasses.replace(query, k=k_of[s]),))
             return [out[s] for s in shards]
 

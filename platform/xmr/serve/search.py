@@ -30,8 +30,8 @@ def search_items(items: list[tuple]) -> list[list[dict[str, Any]]]:
 
 def moments_items(items: list[tuple], with_videos: bool = False) -> list[Any]:
     """items: (loaded, token array [T, d], k) -> top-k (video, start, end, score) over the corpus;
-    ``with_videos`` (a shard of a sharded index, by its settings): each answer is ``{"results",
-    "videos"}``, the moments and the shard's top videos with their scores, what the gateway merges."""
+    ``with_videos`` (``Retriever.moments_videos``, what the gateway asks a shard): each answer is
+    ``{"results", "videos"}``, the moments and the top videos with their scores, what it merges."""
     out: list[Any] = [None] * len(items)
     for idx in _groups(items).values():
         st: Loaded = items[idx[0]][0]

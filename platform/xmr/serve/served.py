@@ -1,5 +1,6 @@
-"""What an application serves, read once by the application builder without loading the
-model: the task, each modality's input shape, the query-token limit, the videos a VCMR index
+"""What an application serves, read once (by ``xmr serve``, which hands it to the
+application builder, or by the builder itself under ``serve run`` / ``serve deploy``) without
+loading the model: the task, each modality's input shape, the query-token limit, the videos a VCMR index
 ranks moments within, the dataset's manifest, the gallery's size and, for a saved index, its
 parts and their loaded sizes.
 
@@ -43,8 +44,7 @@ class Served:
 
 def serving_block(cfg) -> dict[str, Any]:
     """What an index records for the application builder, from the checkpoint's config."""
-    return {"max_query_tokens": int(cfg.data.max_query_tokens), "top_videos": int(cfg.model.top_videos),
-            "data_path": cfg.data.path}
+    return {"max_query_tokens": int(cfg.data.max_query_tokens), "top_videos": int(cfg.model.top_videos)}
 
 
 def served(s: ServeSettings) -> Served:

@@ -5,13 +5,15 @@ environment (the key, in ``xmr serve``, becomes ``api_key_sha256`` before anythi
 
 The application builder turns them into each deployment's own typed settings
 (``RetrieverSettings``, ``GatewaySettings``), which travel as Serve's ``user_config`` and are
-typed again on the replica by the same machinery (``parsed``): a replica re-defaults
-nothing, and a shard knows which one it is from its settings."""
+typed again on the replica by the same machinery (``parsed``). Their fields have no
+defaults: the defaults live once, here in ``ServeSettings`` (``xmr serve``'s options default
+to None, meaning these), so a replica re-defaults nothing, a missing field is an error that
+names it, and a shard knows which one it is from its settings."""
 
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
 from xmr.config import ConfigError, build_section
@@ -119,22 +121,24 @@ def serve_settings(args: dict[str, Any]) -> ServeSettings:
 @dataclass
 class RetrieverSettings:
     """One retriever deployment's settings (its ``user_config``), parsed on the replica by the
-    config machinery: where its gallery comes from, which shard it is, how it batches."""
+    config machinery: where its gallery comes from, which shard it is, how it batches. Every
+    field is required (``retriever_settings`` fills them from ``ServeSettings``, where the
+    defaults live): a replica defaults nothing, and a missing one is an error naming it."""
 
-    checkpoint: str = ""
-    gallery: str | None = None
-    split: str = "test"
-    index: str | None = None  # the index folder it serves: the whole index, or its shard's folder
-    approx: Literal["auto", "on", "off"] = "auto"
-    endpoint_url: str | None = None
-    cache_dir: str | None = None
+    checkpoint: str
+    gallery: str | None
+    split: str
+    index: str | None  # the index folder it serves: the whole index, or its shard's folder
+    approx: Literal["auto", "on", "off"]
+    endpoint_url: str | None
+    cache_dir: str | None
     # Its position in a sharded index (``xmr index build --shards``); None: the whole gallery.
     # A shard answers k up to its own size (the gateway checked k against the whole gallery).
-    shard: int | None = None
-    batch_size: int = 32
-    batch_wait_s: float = 0.01
-    inline_lone: bool = True
-    threads: int = 0
+    shard: int | None
+    batch_size: int
+    batch_wait_s: float
+    inline_lone: bool
+    threads: int
 
     def load_args(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in LOAD_FIELDS if getattr(self, k) is not None}
@@ -143,37 +147,38 @@ class RetrieverSettings:
 @dataclass
 class GatewaySettings:
     """The gateway's settings (its ``user_config``), parsed on the replica by the config
-    machinery. ``contract`` is what the endpoint serves (``xmr.serve.contract.served_contract``:
-    route, shapes, gallery size), against which the gateway checks every query once;
-    ``audio`` the dataset's featuriser (``xmr.serve.featurise.audio_spec``) or None."""
+    machinery; every field required (filled by ``gateway_settings``). ``contract`` is what the
+    endpoint serves (``xmr.serve.contract.served_contract``: route, shapes, gallery size),
+    against which the gateway checks every query once; ``audio`` the dataset's featuriser
+    (``xmr.serve.featurise.audio_spec``) or None."""
 
-    api_key_sha256: str | None = None
-    body_timeout_s: float = 10.0
-    retries: int = 8
-    retry_budget_s: float = 20.0
-    shard_deadline_s: float = 5.0
-    shard_items: list[int] = field(default_factory=list)  # a sharded index: each shard's items, in order
-    top_videos: int = 100  # VCMR: the videos one index ranks moments within (``model.top_videos``)
-    contract: dict[str, Any] | None = None
-    audio: dict[str, Any] | None = None
+    api_key_sha256: str | None
+    body_timeout_s: float
+    retries: int
+    retry_budget_s: float
+    shard_deadline_s: float
+    shard_items: list[int]  # a sharded index: each shard's items, in order; [] for a whole one
+    top_videos: int  # VCMR: the videos one index ranks moments within (the served model's ``top_videos``)
+    contract: dict[str, Any] | None
+    audio: dict[str, Any] | None
 
 
 def retriever_settings(s: ServeSettings, index: str | None = None, shard: int | None = None) -> dict[str, Any]:
     """A retriever deployment's ``user_config`` from the app's settings (a plain mapping: it
     travels through Serve; the replica types it again with ``parsed``)."""
-    out = RetrieverSettings(**{k: getattr(s, k) for k in LOAD_FIELDS}, shard=shard, batch_size=s.batch_size,
-                            batch_wait_s=s.batch_wait_s, inline_lone=s.inline_lone, threads=s.threads)
+    load = {k: getattr(s, k) for k in LOAD_FIELDS}
     if index is not None:
-        out.index = index
-    return asdict(out)
+        load["index"] = index
+    return asdict(RetrieverSettings(**load, shard=shard, batch_size=s.batch_size, batch_wait_s=s.batch_wait_s,
+                                    inline_lone=s.inline_lone, threads=s.threads))
 
 
 def gateway_settings(s: ServeSettings, contract: dict[str, Any], audio: dict[str, Any] | None,
-                     shard_items: list[int] | None = None, top_videos: int = 100) -> dict[str, Any]:
+                     shard_items: list[int], top_videos: int) -> dict[str, Any]:
     """The gateway's ``user_config`` from the app's settings and what the app serves."""
     return asdict(GatewaySettings(api_key_sha256=s.api_key_sha256, body_timeout_s=s.body_timeout_s,
                                   retries=s.retries, retry_budget_s=s.retry_budget_s,
-                                  shard_deadline_s=s.shard_deadline_s, shard_items=list(shard_items or []),
+                                  shard_deadline_s=s.shard_deadline_s, shard_items=list(shard_items),
                                   top_videos=top_videos, contract=contract, audio=audio))
 
 
@@ -181,7 +186,14 @@ def parsed(cls: type, user_config: dict[str, Any]) -> Any:
     """A deployment's ``user_config`` typed on its replica (an error names the field)."""
     if not isinstance(user_config, dict):
         raise ConfigError(f"{cls.__name__}: expected a mapping, got {type(user_config).__name__}")
-    return build_section(cls, user_config)
+    missing = [f.name for f in fields(cls) if f.name not in user_config]
+    try:
+        return build_section(cls, user_config)  # an unknown key or a bad value is named first
+    except TypeError:  # the dataclass's own complaint about absent fields: said with their names
+        if not missing:
+            raise
+        raise ConfigError(f"{cls.__name__}: missing {', '.join(missing)} (every field is required: the "
+                          "application builder sets them from ServeSettings)") from None
 
 
 def replica_options(s: ServeSettings) -> dict[str, Any]:

@@ -1,24 +1,29 @@
 """Starting the endpoint on Ray: attach to a cluster or start a local Ray sized for the app
 (``connect``), check that its replicas can be placed and that the cluster's ingress fits
 what was asked, deploy, and watch the deployment until it serves or its deadline passes
-(``start``, ``run_watched``)."""
+(``deploy``, ``run_watched``; ``start`` runs every step)."""
 
 from __future__ import annotations
 
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from xmr.ray.serve import HAPROXY_ENV, embedded_serve_env, ingress_kind, quiet_serve
 from xmr.runtime import Runtime
 from xmr.serve.placement import StartError, not_running, refuse_unplaceable, unplaced
+
+if TYPE_CHECKING:  # annotations only: this module is imported by ``xmr serve --help``
+    from xmr.serve.served import Served
+    from xmr.serve.settings import ServeSettings
 
 # A backstop deadline per request at the proxy (the gateway's body deadline and the
 # retriever's limits come first): nothing a client does holds a proxy slot past it.
 REQUEST_TIMEOUT_S = 60.0
 DEFAULT_START_TIMEOUT_S = 600.0
 
-__all__ = ["DEFAULT_START_TIMEOUT_S", "IngressError", "StartError", "connect", "run_watched", "start"]
+__all__ = ["DEFAULT_START_TIMEOUT_S", "IngressError", "StartError", "connect", "deploy", "retriever_replicas",
+           "run_watched", "start"]
 
 
 class IngressError(RuntimeError):
@@ -45,32 +50,49 @@ def connect(address: str | None = None, direct: bool = False, replicas: int = 1,
     return ensure_ray(address, runtime=runtime, need_cpus=replicas, driver_logs=runtime.verbose)
 
 
+def retriever_replicas(s: ServeSettings, what: Served) -> int:
+    """Retriever replicas the app asks for: ``replicas`` per shard of a sharded index."""
+    return s.replicas * (len(what.shards) if what.shards else 1)
+
+
 def start(args: dict[str, Any], host: str = "127.0.0.1", port: int = 8000, address: str | None = None,
           name: str = "xmr", route_prefix: str = "/", direct: bool = False, ingress: str = "proxy",
           start_timeout_s: float = DEFAULT_START_TIMEOUT_S, say=None, runtime: Runtime | None = None):
-    """Start (or update) the application on Serve; returns its base URL once it answers.
-    ``direct`` starts an embedded Ray in throughput-optimised mode, ``ingress="haproxy"`` one
-    with Serve's HAProxy ingress (``xmr.ray.serve``). Refuses (IngressError, nothing
-    deployed) an HAProxy ingress without a key, wherever its setting came from, and
-    ``ingress="haproxy"`` on a cluster whose Serve runs its Python proxy; refuses
-    (StartError, nothing deployed) an app whose replicas fit on no node of the cluster.
-    While deploying, ``say`` (default: print to stderr) gets one line per deployment whose
-    replicas cannot be placed, naming what one needs and what the cluster has; past
+    """Start (or update) the application of ``args`` (``xmr.serve.settings.ServeSettings``'
+    fields): what it serves read once, Ray attached or started (``connect``: ``direct``
+    starts an embedded Ray in throughput-optimised mode, ``ingress="haproxy"`` one with
+    Serve's HAProxy ingress, ``xmr.ray.serve``), then ``deploy``; returns its base URL once
+    it answers. ``xmr serve`` runs these steps itself (Ray started in its main thread)."""
+    from xmr.serve.served import served
+    from xmr.serve.settings import serve_settings
+
+    s = serve_settings(args)
+    what = served(s)
+    connect(address, direct, retriever_replicas(s, what), ingress=ingress, runtime=runtime)
+    return deploy(s, what, host, port, name, route_prefix, ingress, start_timeout_s, say)
+
+
+def deploy(s: ServeSettings, what: Served, host: str = "127.0.0.1", port: int = 8000, name: str = "xmr",
+           route_prefix: str = "/", ingress: str = "proxy", start_timeout_s: float = DEFAULT_START_TIMEOUT_S,
+           say=None) -> str:
+    """Deploy (or update) the application of settings ``s`` serving ``what`` on the Ray this
+    process is connected to (``connect``); returns its base URL once it answers. Refuses
+    (IngressError, nothing deployed) an HAProxy ingress without a key, wherever its setting
+    came from, and ``ingress="haproxy"`` on a cluster whose Serve runs its Python proxy;
+    refuses (StartError, nothing deployed) an app whose replicas fit on no node of the
+    cluster. While deploying, ``say`` (default: print to stderr) gets one line per deployment
+    whose replicas cannot be placed, naming what one needs and what the cluster has; past
     ``start_timeout_s`` it raises StartError (the app is left deployed: the caller deletes
     it or stops its Ray)."""
     from ray import serve
 
-    from xmr.serve.app import build_app, replica_needs
-    from xmr.serve.served import served
-    from xmr.serve.settings import serve_settings
+    from xmr.serve.app import application, replica_needs
 
-    connect(address, direct, ingress=ingress, runtime=runtime)
-    what = served(serve_settings(args))
-    needs = replica_needs(args, what)
+    needs = replica_needs(what)
     refuse_unplaceable(needs, what.shards)
     serve.start(http_options={"host": host, "port": port, "request_timeout_s": REQUEST_TIMEOUT_S})
-    _check_ingress(ingress, bool(args.get("api_key_sha256")))
-    run_watched(build_app(args), name, route_prefix, needs, start_timeout_s, say)
+    _check_ingress(ingress, s.api_key_sha256 is not None)
+    run_watched(application(s, what), name, route_prefix, needs, start_timeout_s, say)
     return f"http://{host}:{port}{route_prefix.rstrip('/')}"
 
 
