@@ -63,7 +63,7 @@ def grids(vcmr: str, pair: str) -> dict[str, dict]:
         }},
         "qacln": {"preset": "qacln", "data": vcmr, "metric": "vcmr_0.7_r10", "cells": {
             f"query negatives {q}": ["model.embed_dim=32", "optim.lr=1.0e-3", "optim.epochs=12", "model.top_videos=10",
-                                     f"loss.vr_query_negatives={q}"] for q in ("false", "true")}},
+                                     f"loss.vr_hinge.query_negatives={q}"] for q in ("false", "true")}},
     }
 
 
