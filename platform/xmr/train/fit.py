@@ -444,13 +444,16 @@ def check_metric_name(metric: str, row: dict[str, Any]) -> None:
 
 
 def fit_in_process(cfg: Config, *, epochs: int | None = None, max_steps_per_epoch: int | None = None,
-                   evaluate_untrained: bool = True, keep_best: bool = False) -> FitResult:
+                   evaluate_untrained: bool = True, keep_best: bool = False,
+                   runtime: Runtime | None = None) -> FitResult:
     """``fit`` in this process with nothing written (notebooks, tests, benchmarks): a
     resolved config for ``epochs`` (default ``optim.epochs``) with the cosine schedule over
     that cap. With ``keep_best`` the returned method holds the best epoch's weights (by the
-    checkpoint metric, ties to the later epoch), as a run's best checkpoint would."""
+    checkpoint metric, ties to the later epoch), as a run's best checkpoint would. ``runtime``:
+    the caller's (a ``model.pretrained`` on S3 is fetched into its cache)."""
     if epochs is not None:
         cfg.optim.epochs = epochs
     if max_steps_per_epoch is not None:
         cfg.optim.max_steps_per_epoch = max_steps_per_epoch
-    return fit(cfg, LocalHooks(verbose=False), score_untrained=evaluate_untrained, keep_best=keep_best)
+    return fit(cfg, LocalHooks(verbose=False), score_untrained=evaluate_untrained, keep_best=keep_best,
+               runtime=runtime)
