@@ -20,8 +20,14 @@ Part 3: QACLN VCMR inference at TVR validation scale: 2,179 videos with their re
 durations (1.5 s clips, capped at 100), d = 384, random weights and features; video
 encodings once, then per query: encode, score every video, top-100 videos, span decoding,
 top-100 moments. Median ms per query over batched chunks.
+Part ``presets`` (``--part presets``, its own date and commit in ``figures.presets``, merged
+into the results file; a full run keeps it): today's supcon against the one before issue 35
+at exactly the sizes the shipped presets, specs and search space reach (``PRESET_TRAIN``,
+``SEARCH_SPACE_KS``): every cell's two forms run in one random order each round, many
+rounds; per cell the median of the paired per-round ratios (today / before) and its 95%
+bootstrap interval, and the values' and gradients' max |diff|.
 
-    python bench/losses.py [--quick]
+    python bench/losses.py [--quick] [--part all|presets] [--rounds N]
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import TVR, tvr_val_corpus, write_results  # noqa: E402
+from _common import TVR, tvr_val_corpus  # noqa: E402
 
 from xmr.config import Config, load_config  # noqa: E402
 from xmr.losses.registry import TermContext, build_term  # noqa: E402
@@ -77,19 +83,20 @@ def interleaved(steps: dict[str, callable], repeats: int) -> dict[str, float]:
     return {n: statistics.median(v) for n, v in times.items()}
 
 
-def _inputs(b: int, d: int, task: str):
+def _inputs(b: int, d: int, task: str, n_classes: int = 32):
     g = torch.Generator().manual_seed(0)
     a = torch.randn(b, d, generator=g, requires_grad=True)
     bb = torch.randn(b, d, generator=g, requires_grad=True)
-    labels = torch.randint(0, 32, (b,), generator=g) if task == "category" else torch.arange(b)
+    labels = torch.randint(0, n_classes, (b,), generator=g) if task == "category" else torch.arange(b)
     return a, bb, labels
 
 
-def _term(name: str, task: str, k: int | None, d: int, chunk_mb: float = 64.0):
-    """xmr's term as the grid configures it: uniform negatives (K = None: every negative), τ = 0.1."""
+def _term(name: str, task: str, k: int | None, d: int, chunk_mb: float = 64.0, strategy: str = "uniform"):
+    """xmr's term as the grid configures it: uniform negatives unless told (K = None: every
+    negative), τ = 0.1."""
     cfg = Config()
     cfg.task, cfg.model.embed_dim, cfg.model.num_classes = task, d, [32]
-    cfg.negatives.k, cfg.negatives.strategy = (k if k is not None else 10**9), "uniform"
+    cfg.negatives.k, cfg.negatives.strategy = (k if k is not None else 10**9), strategy
     cfg.loss.chunk_mb, cfg.loss.temperature, cfg.loss.margin = chunk_mb, 0.1, 0.2
     return build_term(name, cfg)
 
@@ -374,11 +381,202 @@ def bench_vcmr(n_queries: int, chunk: int) -> dict:
     return result
 
 
+# Part presets. supcon is the sccmrl preset's term; every spec that runs it (sccmrl variants)
+# and the sccmrl search space keep the preset's data.batch_size = 64 and change at most
+# model.embed_dim (32 on the synthetic specs), negatives.k and negatives.strategy. The loader
+# splits a split into ceil(n / 64) near-equal batches (xmr.data.plan.near_equal), so the
+# batches a run really sees are these (train pairs / batches); every data set has 10 classes.
+PRESET_TRAIN = (  # (name, train pairs, embed_dim, who trains on it)
+    ("avdigits", 620, 64, "sccmrl preset, multineg_vs_triplet, search_spaces/sccmrl.yaml"),
+    ("digits_views_30", 300, 64, "digits_sccmrl_terms"),
+    ("synth category 400", 400, 32, "synth_sccmrl_label, map_center_modality_gap"),
+)
+PRESET_CLASSES = 10
+PRESET_BATCH = 64  # data.batch_size of the preset (never overridden for a supcon run)
+PRESET_K = 255  # the preset's negatives.k: above every batch's candidates, exact SupCon
+# The search space's negatives.k (int, 1 .. 255, log) and its three strategies, on the
+# preset's own data (avdigits, B = 62, d = 64); K = 255 class_aware is the one strategy
+# whose K = 255 is not the exact path (uniform and hardest cover every candidate there).
+SEARCH_SPACE_KS = (1, 4, 16, 64)
+SEARCH_SPACE_STRATEGIES = ("uniform", "hardest", "class_aware")
+
+
+def preset_cells() -> list[dict]:
+    """Every (B, d, K, strategy) the shipped presets, specs and search space reach, once."""
+    from xmr.data.plan import near_equal
+
+    cells = [{"B": PRESET_BATCH, "d": 64, "K": PRESET_K, "strategy": "uniform",
+              "where": "sccmrl preset as configured (data.batch_size, model.embed_dim)"}]
+    for name, n, d, who in PRESET_TRAIN:
+        sizes = near_equal(n, -(-n // PRESET_BATCH))
+        cells.append({"B": statistics.mode(sizes), "d": d, "K": PRESET_K, "strategy": "uniform",  # most batches' size
+                      "where": f"{name}: {n} train pairs in {len(sizes)} batches; {who}"})
+    b = cells[1]["B"]  # avdigits, where the search space tunes
+    for strategy in SEARCH_SPACE_STRATEGIES:
+        for k in SEARCH_SPACE_KS + ((PRESET_K,) if strategy == "class_aware" else ()):
+            cells.append({"B": b, "d": 64, "K": k, "strategy": strategy, "where": "search_spaces/sccmrl.yaml on avdigits"})
+    return cells
+
+
+def _supcon_now(cell: dict):
+    return _term("supcon", "category", cell["K"], cell["d"], strategy=cell["strategy"])
+
+
+def _supcon_before(cell: dict):
+    return supcon_before_issue_35()(0.1, cell["K"], cell["strategy"], True)
+
+
+def _preset_step(term, cell: dict):
+    """One forward + backward of ``term`` on the cell's inputs (10 classes)."""
+    a, bb, labels = _inputs(cell["B"], cell["d"], "category", PRESET_CLASSES)
+    batch = {"label": labels, "index": torch.arange(cell["B"])}
+
+    def step():
+        term(PairOutputs(F.normalize(a, dim=1), F.normalize(bb, dim=1)), batch, TermContext(targets=labels)).backward()
+
+    return step
+
+
+def _value_and_grads(term, cell: dict) -> tuple[float, torch.Tensor]:
+    """The loss and the gradient of both modalities' embeddings, the random draws seeded."""
+    a, bb, labels = _inputs(cell["B"], cell["d"], "category", PRESET_CLASSES)
+    torch.manual_seed(7)
+    loss = term(PairOutputs(F.normalize(a, dim=1), F.normalize(bb, dim=1)),
+                {"label": labels, "index": torch.arange(cell["B"])}, TermContext(targets=labels))
+    loss.backward()
+    return float(loss.detach()), torch.cat([a.grad, bb.grad])
+
+
+def paired_rounds(pairs: dict, rounds: int) -> dict:
+    """Per pair, each round's (now, before) seconds of thread CPU time: every step of every
+    pair in one new random order a round (``interleaved``'s reasons), so a round's two forms
+    of a cell share whatever load that round had. One warm-up call each."""
+    steps = {(n, i): fn for n, both in pairs.items() for i, fn in enumerate(both)}
+    for fn in steps.values():
+        fn()
+    keys, times = list(steps), {n: [] for n in pairs}
+    order = torch.Generator().manual_seed(1)
+    for _ in range(rounds):
+        took = {}
+        for i in torch.randperm(len(keys), generator=order).tolist():
+            t = time.thread_time()
+            steps[keys[i]]()
+            took[keys[i]] = time.thread_time() - t
+        for n in pairs:
+            times[n].append((took[(n, 0)], took[(n, 1)]))
+    return times
+
+
+def bootstrap_median(x: list[float], resamples: int = 2000) -> tuple[float, float, float]:
+    """The median of ``x`` and its 95% percentile bootstrap interval (rounds resampled)."""
+    import numpy as np
+
+    v = np.asarray(x)
+    idx = np.random.default_rng(0).integers(0, len(v), (resamples, len(v)))
+    lo, hi = np.percentile(np.median(v[idx], axis=1), [2.5, 97.5])
+    return float(np.median(v)), float(lo), float(hi)
+
+
+def bench_presets(rounds: int) -> list[dict]:
+    cells = preset_cells()
+    terms = {i: (_supcon_now(c), _supcon_before(c)) for i, c in enumerate(cells)}
+    pairs = {i: tuple(_preset_step(t, cells[i]) for t in both) for i, both in terms.items()}
+    times = paired_rounds(pairs, rounds)
+    rows = []
+    for i, cell in enumerate(cells):
+        now, before = zip(*times[i])
+        ratio, lo, hi = bootstrap_median([n / b for n, b in times[i]])
+        (v_now, g_now), (v_before, g_before) = (_value_and_grads(t, cell) for t in terms[i])
+        row = {**cell, "rounds": rounds, "ms": statistics.median(now) * 1000, "before_ms": statistics.median(before) * 1000,
+               "vs_before_median": ratio, "vs_before_ci95": [lo, hi],
+               "vs_before_of_medians": statistics.median(now) / statistics.median(before),
+               "value_abs_diff": abs(v_now - v_before), "grad_max_abs_diff": float((g_now - g_before).abs().max())}
+        rows.append(row)
+    print(f"| B | d | K | strategy | now ms | before ms | now/before (median of paired) [95% CI] | |value diff| | "
+          f"max |grad diff| | where |\n|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['B']} | {r['d']} | {r['K']} | {r['strategy']} | {r['ms']:.3f} | {r['before_ms']:.3f} | "
+              f"{r['vs_before_median']:.3f} [{r['vs_before_ci95'][0]:.3f}, {r['vs_before_ci95'][1]:.3f}] | "
+              f"{r['value_abs_diff']:.1e} | {r['grad_max_abs_diff']:.1e} | {r['where']} |")
+    return rows
+
+
+def presets_headline(rows: list[dict]) -> dict:
+    """The preset as it trains (its own data, K = 255) and the worst cell, each with its interval."""
+    shipped = next(r for r in rows if r["where"].startswith("avdigits") and r["K"] == PRESET_K)
+    worst = max(rows, key=lambda r: r["vs_before_median"])
+    label = lambda r: f"B={r['B']} d={r['d']} K={r['K']} {r['strategy']}"  # noqa: E731
+    return {"supcon_vs_before_presets_median": shipped["vs_before_median"],
+            "supcon_vs_before_presets_median_ci95_lo": shipped["vs_before_ci95"][0],
+            "supcon_vs_before_presets_median_ci95_hi": shipped["vs_before_ci95"][1],
+            "supcon_vs_before_presets_median_cell": label(shipped),
+            "supcon_vs_before_presets_worst": worst["vs_before_median"],
+            "supcon_vs_before_presets_worst_ci95_lo": worst["vs_before_ci95"][0],
+            "supcon_vs_before_presets_worst_ci95_hi": worst["vs_before_ci95"][1],
+            "supcon_vs_before_presets_worst_cell": label(worst),
+            "supcon_vs_before_presets_cells_above_1_05": sum(r["vs_before_ci95"][0] > 1.05 for r in rows),
+            "supcon_vs_before_presets_max_value_abs_diff": max(r["value_abs_diff"] for r in rows),
+            "supcon_vs_before_presets_max_grad_abs_diff": max(r["grad_max_abs_diff"] for r in rows)}
+
+
+PRESETS_PART = "presets"
+
+
+def write_merged(figures: dict, headline: dict, part: str | None = None) -> None:
+    """Write the results file keeping what the other part measured: a full run keeps the
+    presets part's figures and headline keys, the presets part keeps everything else."""
+    import datetime as dt
+    import json
+
+    from _common import RESULTS, machine
+
+    path = RESULTS / "losses.json"
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    mine = lambda k: k.startswith("supcon_vs_before_presets")  # noqa: E731
+    if part == PRESETS_PART:
+        out = {**old, "figures": {**old.get("figures", {}), PRESETS_PART: figures},
+               "headline": {**{k: v for k, v in old.get("headline", {}).items() if not mine(k)}, **headline}}
+        out.setdefault("machine", machine())
+    else:
+        kept = {PRESETS_PART: old["figures"][PRESETS_PART]} if PRESETS_PART in old.get("figures", {}) else {}
+        out = {"machine": machine(), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+               "figures": {**figures, **kept},
+               "headline": {**headline, **{k: v for k, v in old.get("headline", {}).items() if mine(k)}}}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=2, default=float))
+    print(f"wrote {path}")
+
+
+def run_presets(rounds: int) -> None:
+    import datetime as dt
+    import subprocess
+
+    from _common import machine
+
+    root = Path(__file__).resolve().parents[1]
+    clean = subprocess.run(["git", "-C", str(root), "diff", "--quiet", "HEAD", "--", "platform/xmr/losses"]).returncode == 0
+    load0, t0 = os.getloadavg(), time.perf_counter()
+    rows = bench_presets(rounds)
+    headline = presets_headline(rows)
+    print("headline:", headline)
+    figures = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "commit": machine()["commit"],
+               "losses_code_as_committed": clean, "nice": os.nice(0), "load_average_start": load0,
+               "load_average_end": os.getloadavg(), "threads": 1, "clock": "thread CPU time",
+               "classes": PRESET_CLASSES, "before_commit": BEFORE_ISSUE_35, "wall_s": time.perf_counter() - t0,
+               "rows": rows}
+    write_merged(figures, headline, PRESETS_PART)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller grid, for a smoke run")
+    parser.add_argument("--part", choices=["all", PRESETS_PART], default="all",
+                        help="all: parts 1-3 (the presets part's figures kept); presets: that part alone")
+    parser.add_argument("--rounds", type=int, default=2000, help="paired rounds of the presets part")
     args = parser.parse_args()
     torch.set_num_threads(1)  # one thread, as the issue's figures
+    if args.part == PRESETS_PART:
+        return run_presets(args.rounds)
     sizes, ks, repeats = ([64, 256], [1, 16, None], 3) if args.quick else ([64, 256, 1024, 4096], [1, 16, 255, None], 7)
     t0 = time.perf_counter()
     rows = bench_terms(sizes, ks, repeats, small_repeats=repeats if args.quick else SMALL_B_REPEATS)
@@ -405,8 +603,8 @@ def main() -> None:
         "vcmr_ms_per_query_median": vcmr["ms_per_query_median"],
         "wall_s": time.perf_counter() - t0,
     }
-    write_results(__file__, {"terms": rows, "peak_memory": memory, "vcmr_inference": vcmr, "quick": args.quick,
-                             "threads": 1, "clock": "thread CPU time"}, headline)
+    write_merged({"terms": rows, "peak_memory": memory, "vcmr_inference": vcmr, "quick": args.quick,
+                  "threads": 1, "clock": "thread CPU time"}, headline)
 
 
 if __name__ == "__main__":
