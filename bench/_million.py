@@ -112,7 +112,8 @@ def ensure_million_index(cache: Path, n: int = N_ITEMS, log=print) -> dict:
                               approx={"b": built[chosen]}, recalls={"b": built[chosen].recall_at_10})
     del built
     manifest = Manifest.from_dict(fake_manifest("category", {"a": [DIM], "b": [DIM]}, n))
-    info = {"method": cfg.method, "task": cfg.task, "model": cfg.model.name, "embed_dim": DIM, "gallery_size": n}
+    info = {"method": cfg.method, "task": cfg.task, "model": cfg.model.name, "embed_dim": DIM, "gallery_size": n,
+            "input_dims": cfg.model.dims}
     t = time.perf_counter()
     index = str(save_index(cache / "index", Loaded(method.model, cfg, manifest, gallery, info),
                            gallery.recalls))

@@ -76,7 +76,8 @@ def category_index(root: Path, n: int, d: int = 256) -> tuple[str, str]:
                                    for lo in range(0, n, 8192)])
     gallery = CategoryGallery(emb, [f"item-{i:06d}" for i in range(n)], [None] * n)
     manifest = Manifest.from_dict(fake_manifest("category", cfg.model.dims, n))
-    info = {"method": cfg.method, "task": cfg.task, "model": cfg.model.name, "embed_dim": d, "gallery_size": n}
+    info = {"method": cfg.method, "task": cfg.task, "model": cfg.model.name, "embed_dim": d, "gallery_size": n,
+            "input_dims": cfg.model.dims}
     index = str(save_index(root / f"index_cat_{n}", Loaded(method.model, cfg, manifest, gallery, info), {}))
     return ckpt, index
 
@@ -99,7 +100,8 @@ def vcmr_index(root: Path) -> tuple[str, str, int, dict]:
     n_clips = enc["clip_mask"].sum(dim=1).tolist()
     corpus = VideoCorpus(enc, names, torch.tensor(durations))
     manifest = Manifest.from_dict(fake_manifest("vcmr", cfg.model.dims, len(names), clip_len=1.5, queries=n_queries))
-    info = {"method": cfg.method, "task": "vcmr", "model": cfg.model.name, "embed_dim": 384, "gallery_size": len(names)}
+    info = {"method": cfg.method, "task": "vcmr", "model": cfg.model.name, "embed_dim": 384, "gallery_size": len(names),
+            "input_dims": cfg.model.dims}
     index = str(save_index(root / "index_vcmr", Loaded(method.model, cfg, manifest, corpus, info), {}))
     facts = {"videos": len(names), "mean_clips": sum(n_clips) / len(n_clips), "max_clips": int(enc["clip_mask"].shape[1]),
              "val_queries": n_queries, "video_encode_s": encode_s}
