@@ -70,6 +70,23 @@ def test_save_and_reload_search_the_same(tmp_path, clustered):
     assert np.array_equal(back.search(fresh, 10)[1], a.search(fresh, 10)[1])
 
 
+@pytest.mark.parametrize("kind", ["hnsw", "ivfpq", "ivf"])
+def test_the_vectors_an_index_keeps_are_the_gallery_in_order(tmp_path, clustered, kind):
+    """ivfpq's re-ranking copy and HNSW's storage are the gallery's rows in order (a served
+    table is a view of them, not a second copy); ivf keeps them by list: None. After a save
+    and reload too (what a replica holds)."""
+    gallery, probes, _ = clustered
+    a = build_ann(gallery, probes, AnnConfig(kind=kind, pq_m=8, build_threads=1))
+    back = AnnIndex.load(a.save(str(tmp_path / "f.index")) and str(tmp_path / "f.index"), a.describe())
+    for idx in (a, back):
+        v = idx.vectors()
+        if kind == "ivf":
+            assert v is None
+        else:
+            assert v.shape == gallery.shape and np.array_equal(v, gallery)
+            assert not v.flags.owndata  # the index's own memory
+
+
 @pytest.mark.parametrize("field,value", [("kind", "lsh"), ("recall_target", 0.0), ("hnsw_m", 0), ("ivf_nlist", -1)])
 def test_bad_settings_name_the_field(field, value):
     with pytest.raises(ValueError, match=f"ann.{field}"):
@@ -100,6 +117,10 @@ def test_index_build_reports_and_serves_the_saved_index(tmp_path, capsys):
     saved = load_for_serving(ckpt, index=str(tmp_path / "idx"))
     assert saved.info["search"] == "approximate (ivfpq)" and saved.gallery.approx["b"].search_params
     exact = load_for_serving(ckpt, str(data), "test", approx="off")
+    for role in ("a", "b"):  # each table held once: a view of its index's vectors, no float16 copy
+        view = saved.gallery.approx[role].vectors()
+        assert saved.gallery.emb[role].data_ptr() == view.ctypes.data and role not in saved.gallery.half
+        assert torch.allclose(saved.gallery.emb[role], exact.gallery.emb[role], atol=1e-5)
     queries = [np.random.default_rng(i).standard_normal(8).astype(np.float32) for i in range(30)]
     want = search_items([(exact, "a", q, 10) for q in queries])
     got = search_items([(saved, "a", q, 10) for q in queries])

@@ -223,3 +223,30 @@ def test_resident_size_counts_what_a_loaded_shard_holds():
     ids = sys.getsizeof(g.ids) + sum(sys.getsizeof(i) for i in g.ids)
     assert size == tables + params + ids + sys.getsizeof(g.labels)
     assert replica_memory(size) == size + REPLICA_BASE_BYTES and replica_memory(None) is None
+
+
+def test_a_table_served_from_its_index_is_counted_once():
+    """A side searched through an approximate index that keeps the vectors holds its table
+    as a view of them: counted with the index (its serialised size), not again as a tensor,
+    and with no float16 copy; a side without one keeps its table and its float16 copy."""
+    import torch
+
+    from xmr.serve.gallery import Loaded
+    from xmr.serve.shards import resident_bytes
+    from xmr.tasks.ann import AnnConfig, build_ann
+    from xmr.tasks.category import CategoryGallery
+
+    torch.manual_seed(0)
+    a, b = (torch.nn.functional.normalize(torch.randn(3000, 32), dim=1) for _ in range(2))
+    index = build_ann(b.numpy(), a.numpy(), AnnConfig(kind="ivfpq", pq_m=8, build_threads=1))
+    ids = [f"item-{i:06d}" for i in range(3000)]
+    g = CategoryGallery({"a": a, "b": b.clone()}, ids, [None] * 3000, approx={"b": index})
+    assert g.emb["b"].data_ptr() == index.vectors().ctypes.data and torch.equal(g.emb["b"], b)
+    assert "b" not in g.half  # searched through the index: no pre-scan copy
+    model = torch.nn.Linear(32, 32)
+    size = resident_bytes(Loaded(model, None, None, g, {}))
+    own = 3000 * 32 * 4 + sum(h.numel() * 2 for h in g.half.values())  # side a: its table (and float16 copy)
+    faiss_bytes = int(index.bytes_per_item * 3000)  # side b: the index (codes and the vectors), once
+    ids_bytes = sys.getsizeof(g.ids) + sum(sys.getsizeof(i) for i in g.ids) + sys.getsizeof(g.labels)
+    assert size == own + faiss_bytes + (32 * 32 + 32) * 4 + ids_bytes
+

@@ -8,15 +8,38 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Iterator, Mapping
 from typing import Any
 
-from safetensors.numpy import load_file
+import numpy as np
+from safetensors import SafetensorError, safe_open
 
 from xmr.checkpoint import fetch_checkpoint
 from xmr.config import Config
 from xmr.data.manifest import Manifest, load_manifest
 from xmr.method import load_model
 from xmr.tasks import TaskFamily, family_of
+
+
+class LazyArrays(Mapping[str, np.ndarray]):
+    """An index's ``embeddings.safetensors``, each array read when first asked for: a shard
+    served from approximate indexes that keep the vectors never reads its tables (the peak
+    memory of loading a million-item shard is then the indexes', not twice that)."""
+
+    def __init__(self, path: str) -> None:
+        self._file = safe_open(path, framework="numpy")  # reads and checks the header only
+        self._keys = list(self._file.keys())
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        if key not in self._keys:
+            raise KeyError(key)
+        return self._file.get_tensor(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
 
 
 @dataclass
@@ -128,14 +151,18 @@ def load_index(path: str, cfg: Config) -> tuple[Manifest, Any, dict[str, Any]]:
     p = Path(path)
     try:
         meta = json.loads((p / "index.json").read_text())
-        arrays = load_file(str(p / "embeddings.safetensors"))
+        arrays = LazyArrays(str(p / "embeddings.safetensors"))
         items = json.loads((p / "items.json").read_text())
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, SafetensorError) as exc:
         raise ValueError(f"{path}: not a readable xmr index ({exc})") from None
     if meta.get("embed_dim") != cfg.model.embed_dim or meta.get("task") != cfg.task:
         raise ValueError(f"{path}: an index of a {meta.get('task')!r} model with embed_dim {meta.get('embed_dim')} "
                          f"does not fit this {cfg.task!r} checkpoint ({cfg.model.embed_dim})")
-    return Manifest.from_dict(meta["manifest"]), family_of(cfg).load_gallery(p, arrays, items), meta
+    try:
+        gallery = family_of(cfg).load_gallery(p, arrays, items)
+    except (KeyError, SafetensorError) as exc:
+        raise ValueError(f"{path}: not a readable xmr index ({exc!r} in embeddings.safetensors)") from None
+    return Manifest.from_dict(meta["manifest"]), gallery, meta
 
 
 def text_encoder_of(manifest: Manifest) -> dict[str, Any] | None:

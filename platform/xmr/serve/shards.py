@@ -85,6 +85,10 @@ def resident_bytes(loaded) -> int:
             for name in x.__dataclass_fields__:
                 add(getattr(x, name))
 
+    for index in getattr(loaded.gallery, "approx", {}).values():  # a table served as a view of
+        view = index.vectors()  # its index's vectors is counted once, with the index
+        if view is not None:
+            seen.add((view.ctypes.data, view.nbytes))
     add(loaded.gallery)
     for p in loaded.model.parameters():
         add(p.data)

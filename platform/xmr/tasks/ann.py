@@ -78,6 +78,24 @@ class AnnIndex:
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         return self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
 
+    def vectors(self) -> np.ndarray | None:
+        """The full vectors this index keeps for itself, in the order they were added (the
+        gallery's), as a view of the index's own memory: ivfpq's exact re-ranking copy and
+        HNSW's storage. None for ivf, which keeps them by inverted list.
+
+        Why: a served gallery would otherwise hold its table twice (once as the gallery's
+        tensor, once inside FAISS): at a million 256-d items per side that is 2 GB a shard.
+        The view is valid while this index lives, so whoever holds it must hold the index
+        too (``CategoryGallery`` holds both)."""
+        import faiss
+
+        outer = faiss.downcast_index(self.index)
+        inner = getattr(outer, "refine_index", None) or getattr(outer, "storage", None)
+        flat = faiss.downcast_index(inner) if inner is not None else None
+        if not isinstance(flat, faiss.IndexFlat) or flat.ntotal != self.index.ntotal or flat.ntotal == 0:
+            return None
+        return faiss.rev_swig_ptr(flat.get_xb(), flat.ntotal * flat.d).reshape(flat.ntotal, flat.d)
+
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind, "search_params": self.search_params, "recall_at_10": self.recall_at_10,
                 "met_target": self.met_target, "build_s": self.build_s, "bytes_per_item": self.bytes_per_item,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import abc
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -76,5 +77,5 @@ class TaskFamily(abc.ABC):
         ...
 
     @abc.abstractmethod
-    def load_gallery(self, path: Path, arrays: dict, items: dict):
+    def load_gallery(self, path: Path, arrays: Mapping[str, Any], items: dict):
         ...

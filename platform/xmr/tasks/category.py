@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 import torch
@@ -95,7 +95,7 @@ class CategoryFamily(TaskFamily):
     def save_gallery(self, g: "CategoryGallery", out: Path) -> None:
         from safetensors.numpy import save_file
 
-        shared = g.emb["a"] is g.emb["b"]  # one table serves both sides (a synthetic gallery): stored once
+        shared = bool(g.shared)  # one table serves both sides (a synthetic gallery): stored once
         save_file({f"emb_{r}": e.contiguous().numpy() for r, e in g.emb.items() if not (shared and r == "b")},
                   str(out / "embeddings.safetensors"))
         (out / "items.json").write_text(json.dumps({"ids": g.ids, "labels": g.labels, "shared_embeddings": shared}))
@@ -103,16 +103,28 @@ class CategoryFamily(TaskFamily):
             meta = index.save(str(out / f"faiss_{role}.index"))
             (out / f"faiss_{role}.json").write_text(json.dumps(meta, indent=2))
 
-    def load_gallery(self, path: Path, arrays: dict, items: dict) -> "CategoryGallery":
-        a = torch.from_numpy(arrays["emb_a"])
-        b = a if items.get("shared_embeddings") else torch.from_numpy(arrays["emb_b"])
-        g = CategoryGallery({"a": a, "b": b}, items["ids"], items["labels"])
+    def load_gallery(self, path: Path, arrays: Mapping[str, np.ndarray], items: dict) -> "CategoryGallery":
+        """``arrays`` reads each table when asked: a side served from an approximate index that
+        keeps its vectors is never read from disk (the index holds the table)."""
+        approx: dict[str, AnnIndex] = {}
         for role in ("a", "b"):
             f, meta = path / f"faiss_{role}.index", path / f"faiss_{role}.json"
             if f.is_file():
-                g.approx[role] = AnnIndex.load(str(f), json.loads(meta.read_text()) if meta.is_file() else None)
-                g.recalls[role] = g.approx[role].recall_at_10
-        return g
+                approx[role] = AnnIndex.load(str(f), json.loads(meta.read_text()) if meta.is_file() else None)
+        shared = bool(items.get("shared_embeddings"))
+        read: dict[str, torch.Tensor] = {}
+        emb: dict[str, torch.Tensor] = {}
+        for role in ("a", "b"):
+            view = approx[role].vectors() if role in approx else None
+            if view is not None:
+                emb[role] = torch.from_numpy(view)
+                continue
+            key = "emb_a" if shared else f"emb_{role}"
+            if key not in read:
+                read[key] = torch.from_numpy(arrays[key])
+            emb[role] = read[key]
+        return CategoryGallery(emb, items["ids"], items["labels"], approx=approx,
+                               recalls={r: a.recall_at_10 for r, a in approx.items()}, shared=shared)
 
     def search(self, model, gallery: "CategoryGallery", items: list[tuple]) -> list[list[dict[str, Any]]]:
         return search_category(model, gallery, items)
@@ -240,7 +252,11 @@ def _label_json(label: torch.Tensor, kind: str) -> Any:
 
 @dataclass
 class CategoryGallery:
-    """Unit-norm embeddings of both modalities of one split, with ids and labels."""
+    """Unit-norm embeddings of both modalities of one split, with ids and labels.
+
+    A side with an approximate index that keeps the full vectors (ivfpq, hnsw) is searched
+    through it, so its table is a view of the index's copy (``AnnIndex.vectors``) and it has
+    no float16 pre-scan copy: the table is held once, by FAISS (see ``serve_from_indexes``)."""
 
     emb: dict[str, torch.Tensor]  # role -> [N, d] float32
     ids: list[str]
@@ -248,11 +264,27 @@ class CategoryGallery:
     approx: dict[str, AnnIndex] = field(default_factory=dict)  # role -> approximate index (searched side)
     half: dict[str, torch.Tensor] = field(default_factory=dict)  # role -> float16 copy for the pre-scan
     recalls: dict[str, float] = field(default_factory=dict)  # approximate index recall@10 vs exact
+    shared: bool | None = None  # one table serves both sides (a synthetic gallery): stored once
 
     def __post_init__(self) -> None:
+        if self.shared is None:
+            self.shared = self.emb["a"] is self.emb["b"]
+        self.serve_from_indexes()
+
+    def serve_from_indexes(self) -> None:
+        """Each side's table: the view of its approximate index's vectors where it has one (no
+        pre-scan copy: searches go through the index), else its own with a float16 copy for
+        the exact pre-scan."""
+        for role, index in self.approx.items():
+            view = index.vectors()
+            if view is not None and tuple(view.shape) == tuple(self.emb[role].shape):
+                self.emb[role] = torch.from_numpy(view)
+                self.half.pop(role, None)
         for role, e in self.emb.items():
+            if role in self.approx or role in self.half:
+                continue
             twin = next((self.half[r] for r, other in self.emb.items() if other is e and r in self.half), None)
-            if twin is not None:  # one table serves both sides (a synthetic gallery): one float16 copy
+            if twin is not None:  # one table serves both sides: one float16 copy
                 self.half[role] = twin
             elif half_prescan_ok(e):
                 self.half[role] = e.half()
@@ -299,6 +331,7 @@ def add_approx(g: CategoryGallery, approx: str, ann: AnnConfig | None = None) ->
         return {}
     for role, other in (("a", "b"), ("b", "a")):
         g.approx[role] = build_ann(g.emb[role].numpy(), g.emb[other].numpy(), ann)
+    g.serve_from_indexes()  # as a replica will hold it (what xmr index build records as resident)
     return {role: a.recall_at_10 for role, a in g.approx.items()}
 
 
