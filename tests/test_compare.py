@@ -21,6 +21,19 @@ from xmr.compare.stats import holm, paired_difference, t_interval, t_test_p, ver
 pytestmark = pytest.mark.timeout(420)
 
 
+@pytest.fixture(scope="module")
+def module_ray():
+    """One local Ray for the module's comparisons: the first ``run_comparison`` starts it as
+    ``xmr compare`` does (``ensure_ray``: embedded, one logical CPU per core, no dashboard),
+    the later ones attach to it ("already connected") instead of paying a start and a stop
+    each (~10 s apiece on 2 cores); it stops after the module. Each comparison's trials are
+    Tune actors of their own, so nothing of one test's runs outlives it into the next."""
+    yield
+    import ray
+
+    ray.shutdown()
+
+
 @pytest.mark.parametrize("values", [[0.5, 0.7], [0.1, 0.2, 0.4], list(np.linspace(0, 1, 10)), [3.0, 3.0, 3.0]])
 def test_t_interval_agrees_with_scipy(values):
     mean, std, low, high = t_interval(values)
@@ -361,13 +374,11 @@ def test_a_range_whose_winners_sit_at_its_edge_is_widened_then_flagged(tmp_path)
 
 
 @pytest.mark.ray
-def test_tiny_claim_map_end_to_end(tmp_path, monkeypatch):
+def test_tiny_claim_map_end_to_end(tmp_path, monkeypatch, module_ray):
     """2 levels x 2 replicates x 3 variants (one broken) with one candidate each, on the local
     Ray: the broken variant is reported failed while the others finish; chosen runs still
     improving at their 1-epoch cap make the whole level run again at 2 (every variant: equal
     budgets); verdicts are the scipy-checked paired intervals, and the page is rebuilt."""
-    import ray
-
     from xmr.compare.report import update_report, write_page
     from xmr.compare.runner import run_comparison
 
@@ -390,10 +401,7 @@ def test_tiny_claim_map_end_to_end(tmp_path, monkeypatch):
         "map": {"property": "n_classes", "levels": [4, 8], "label": "classes", "trend": "increasing"}}))
     spec = load_spec(str(spec_path))
     t0 = time.perf_counter()
-    try:
-        c = run_comparison(spec, "out", concurrency=2)
-    finally:
-        ray.shutdown()
+    c = run_comparison(spec, "out", concurrency=2)
     call_s = time.perf_counter() - t0
     runs = c.runs
     assert len(runs) == 12 and set(runs["level"]) == {4, 8}
@@ -473,7 +481,7 @@ GUARD_VARIANTS = {"sccmrl": {"preset": "sccmrl"},
 
 @pytest.mark.ray
 @pytest.mark.timeout(900)
-def test_known_answers_across_tuning_draws(tmp_path, monkeypatch):
+def test_known_answers_across_tuning_draws(tmp_path, monkeypatch, module_ray):
     """The instrument on known answers, under three tuning seeds. (a) A/A across draws: two
     identical variants that differ only in their tuning draws come out neither held nor
     reversed (with one tuning choice shared by every seed, their difference was exactly 0
@@ -482,22 +490,17 @@ def test_known_answers_across_tuning_draws(tmp_path, monkeypatch):
     so a wide interval cannot pass (a) by calling everything inconclusive. (b) Listing the
     variants in the opposite order changes no job (the same draws for every variant: its
     stored runs are this comparison's own) and no verdict."""
-    import ray
-
     from xmr.compare.runner import run_comparison
 
     monkeypatch.chdir(tmp_path)
     forward = _spec_file(tmp_path / "forward.yaml", GUARD_VARIANTS, **GUARD)
     backward = _spec_file(tmp_path / "backward.yaml", dict(reversed(list(GUARD_VARIANTS.items()))), **GUARD)
     out = {}
-    try:
-        for seed in (1000, 2024, 3):
-            c = run_comparison(load_spec(forward, tuning_seed=seed), f"out{seed}", concurrency=2)
-            assert (c.runs["status"] == "ok").all()
-            out[seed] = c
-        swapped = run_comparison(load_spec(backward, tuning_seed=1000), "out1000", concurrency=2)
-    finally:
-        ray.shutdown()
+    for seed in (1000, 2024, 3):
+        c = run_comparison(load_spec(forward, tuning_seed=seed), f"out{seed}", concurrency=2)
+        assert (c.runs["status"] == "ok").all()
+        out[seed] = c
+    swapped = run_comparison(load_spec(backward, tuning_seed=1000), "out1000", concurrency=2)
     for seed, c in out.items():
         verdicts = {cl["claim"]: cl for cl in c.claims}
         show = lambda cl: (seed, cl["verdict"], round(cl["mean"], 4), round(cl["low"], 4), round(cl["high"], 4))  # noqa: E731
@@ -639,7 +642,7 @@ def test_a_run_paused_at_a_rung_resumes_as_the_same_run(tmp_path, tiny_category_
 
 @pytest.mark.ray
 @pytest.mark.timeout(900)
-def test_halving_trains_fewer_epochs_and_still_picks_by_validation(tmp_path, monkeypatch):
+def test_halving_trains_fewer_epochs_and_still_picks_by_validation(tmp_path, monkeypatch, module_ray):
     """The same small spec with and without successive halving, on the local Ray: with it the
     stored jobs trained fewer epochs (every run to the cap without it: 2 variants x 2
     replicates x 3 candidates x 8 epochs; with it 3 x 2 epochs, then the best at epoch 2 on
@@ -647,8 +650,6 @@ def test_halving_trains_fewer_epochs_and_still_picks_by_validation(tmp_path, mon
     every group (each variant offered the same candidates), and it is the chosen run; its
     resumed run is the run trained without a pause (the same validation score every epoch); a
     rerun into the same storage trains nothing again."""
-    import ray
-
     from xmr.compare.runner import run_comparison
 
     monkeypatch.chdir(tmp_path)
@@ -665,12 +666,9 @@ def test_halving_trains_fewer_epochs_and_still_picks_by_validation(tmp_path, mon
     on_path, off_path = tmp_path / "on.yaml", tmp_path / "off.yaml"
     on_path.write_text(yaml.safe_dump(raw, sort_keys=False))
     off_path.write_text(yaml.safe_dump({**raw, "tuning": {**raw["tuning"], "halving": False}}, sort_keys=False))
-    try:
-        on = run_comparison(load_spec(str(on_path)), "on", concurrency=2)
-        off = run_comparison(load_spec(str(off_path)), "off", concurrency=2)
-        again = run_comparison(load_spec(str(on_path)), "on", concurrency=2)
-    finally:
-        ray.shutdown()
+    on = run_comparison(load_spec(str(on_path)), "on", concurrency=2)
+    off = run_comparison(load_spec(str(off_path)), "off", concurrency=2)
+    again = run_comparison(load_spec(str(on_path)), "on", concurrency=2)
     runs_on, runs_off = tmp_path / "on" / "halved" / "runs", tmp_path / "off" / "halved" / "runs"
 
     def stored(folder, name):
