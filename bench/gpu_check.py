@@ -8,9 +8,10 @@ synthetic tensors collated by the library's own collate functions. Durations of 
 validation videos come from ../shared/data/tvr when present, else a seeded draw of the same
 range (said in the JSON). Where CUDA is absent it says so and exits 0 without writing;
 ``--device cpu`` runs the same checks on the CPU as a dry run (tests/test_gpu_check.py), and
-writes nothing unless ``--out`` is given. Finishes within 8 minutes on one GPU.
+writes nothing unless ``--out`` is given; ``--batch`` shrinks its batches (the dry run's
+smallest sizes: the same code paths, less arithmetic). Finishes within 8 minutes on one GPU.
 
-    python bench/gpu_check.py [--device cuda|cpu] [--steps 20] [--queries 50] [--videos N] [--out PATH]
+    python bench/gpu_check.py [--device cuda|cpu] [--steps 20] [--queries 50] [--videos N] [--batch B] [--out PATH]
 """
 
 from __future__ import annotations
@@ -96,11 +97,12 @@ def to(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def preset_config(name: str):
+def preset_config(name: str, batch: int = 0):
+    """``batch`` > 0: a VCMR preset's query batch (default 32)."""
     cfg = load_config(name, ["data.path=synthetic"])
     if cfg.task == "vcmr":
         cfg.model.dims = {"visual": [3072], "subtitle": [768], "query": [768]}  # TVR's
-        cfg.data.batch_size = 32
+        cfg.data.batch_size = batch or 32
     else:
         cfg.model.dims = {"a": [128], "b": [96]}
         cfg.model.num_classes = [2, 10] if name == "cdaml" else [10]
@@ -114,19 +116,23 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def check_preset(name: str, device: torch.device, steps: int, rng: np.random.Generator) -> dict:
+def check_preset(name: str, device: torch.device, steps: int, rng: np.random.Generator, batch: int = 0) -> dict:
+    """``batch`` 0: the GPU run's sizes (64 pairs a batch, evaluated on 2 x 128; VCMR: 32
+    queries a batch over 64 videos); ``batch`` > 0: B pairs or queries a batch, 2 x 2B pairs
+    or 2B videos (the CPU dry run's smallest sizes)."""
     from xmr.tasks.category import evaluate_category
     from xmr.tasks.vcmr import evaluate_vcmr
 
-    cfg = preset_config(name)
+    cfg = preset_config(name, batch)
+    pairs = batch or 64
     torch.manual_seed(0)
     method = Method(cfg).to(device)
     step = TrainStep(method, cfg, total_steps=steps, device=device)
     if cfg.task == "vcmr":
-        videos = vcmr_videos(cfg, list(rng.uniform(30, 150, 64)), rng)
+        videos = vcmr_videos(cfg, list(rng.uniform(30, 150, 2 * cfg.data.batch_size)), rng)
         train = vcmr_query_batches(cfg, videos, 4, cfg.data.batch_size, rng)
     else:
-        train = category_batches(cfg, 4, 64, rng)
+        train = category_batches(cfg, 4, pairs, rng)
     records, times = [], []
     for i in range(steps):
         sync(device)
@@ -143,10 +149,11 @@ def check_preset(name: str, device: torch.device, steps: int, rng: np.random.Gen
                                     max_len=cfg.model.max_moment_clips)
             main = "vr_r10"
         else:
-            metrics = evaluate_category(method.model, [to(b, device) for b in category_batches(cfg, 2, 128, rng)],
+            metrics = evaluate_category(method.model, [to(b, device) for b in category_batches(cfg, 2, 2 * pairs, rng)],
                                         cfg.task)
             main = "r1_mean" if cfg.task == "pair" else "map_mean"
-    return {"preset": name, "task": cfg.task, "steps": steps, "loss_first": records[0]["loss"],
+    return {"preset": name, "task": cfg.task, "steps": steps,
+            "batch": cfg.data.batch_size if cfg.task == "vcmr" else pairs, "loss_first": records[0]["loss"],
             "loss_last": records[-1]["loss"], "finite_losses": finite, "finite_grads": grads_finite,
             "step_ms_median": 1000 * statistics.median(times[1:] or times), main: metrics.get(main),
             "autocast": "bf16" if device.type == "cuda" else "fp32"}
@@ -206,6 +213,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=20, help="training steps per preset")
     parser.add_argument("--queries", type=int, default=50, help="single queries timed on /moments' compute")
     parser.add_argument("--videos", type=int, default=0, help="corpus size (default 0: all 2,179 TVR val videos)")
+    parser.add_argument("--batch", type=int, default=0,
+                        help="pairs / queries per training batch (default 0: the GPU run's 64 / 32); a dry run's size")
     parser.add_argument("--out", default=None, help="results JSON (default: bench/results/gpu_check.json on CUDA)")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -218,7 +227,7 @@ def main() -> int:
     t0 = time.perf_counter()
     rows = []
     for preset in PRESETS:
-        row = check_preset(preset, device, args.steps, rng)
+        row = check_preset(preset, device, args.steps, rng, args.batch)
         rows.append(row)
         print(f"{preset:20s} {row['task']:8s} loss {row['loss_first']:.4f} -> {row['loss_last']:.4f}  "
               f"step {row['step_ms_median']:7.1f} ms  finite {row['finite_losses'] and row['finite_grads']}")
