@@ -17,6 +17,19 @@ from xmr.train.fit import LocalHooks, fit as fit_loop, fit_in_process
 
 pytestmark = pytest.mark.timeout(300)
 
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Every test here trains on the CPU with one intra-op thread, restored after the module.
+    On the 2-core machine the inner loop runs on, two threads per step fight whatever else
+    runs there: under load a digits step took 1.6-1.8 s with two threads and 0.23-0.36 s with
+    one (the shipped triplet_category, back to back), and the file took minutes. One thread
+    also makes the epochs each preset needs the same on any machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 SMALL = ["model.embed_dim=32", "model.hidden_dim=64", "data.batch_size=64"]
 
 
