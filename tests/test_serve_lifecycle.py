@@ -7,9 +7,11 @@ the test process while these look for one."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -133,19 +135,65 @@ def test_the_key_reaches_no_ray_process_only_its_digest(checkpoints):
     assert key not in "".join(seen)
 
 
+def _stop_cluster_under(temp: str) -> None:
+    """Stop the cluster whose processes name ``temp`` (its GCS, raylet, log monitor...) and
+    the processes they started (its workers: Serve's controller, proxy and replicas, titled
+    ``ray::...``), by their pids, as ``ray stop --force`` would (SIGKILL: the cluster is the
+    test's own and thrown away; its GCS and raylet sit out a SIGTERM for 20 s once Serve ran
+    on it). ``ray stop`` itself takes no address or temp dir: it would stop every Ray on the
+    machine, other people's included."""
+    def ours() -> set[int]:
+        parents, named = {}, set()
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit() and int(entry.name) != os.getpid():
+                try:
+                    state, parent = (entry / "stat").read_text().rpartition(")")[2].split()[:2]
+                    if state == "Z":  # dead already, waiting to be reaped
+                        continue
+                    parents[int(entry.name)] = int(parent)
+                    if temp.encode() in (entry / "cmdline").read_bytes():
+                        named.add(int(entry.name))
+                except (OSError, ValueError, IndexError):
+                    pass
+        found = set(named)
+        while True:  # and their descendants
+            more = {pid for pid, parent in parents.items() if parent in found} - found
+            if not more:
+                return found
+            found |= more
+
+    for pid in ours():
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    deadline = time.time() + 20
+    while ours() and time.time() < deadline:
+        time.sleep(0.2)
+    assert not ours(), f"processes of the cluster under {temp} outlived SIGKILL"
+
+
 @pytest.fixture
-def ray_start_cluster(tmp_path):
-    """A real `ray start --head` on this machine, stopped at the end whatever happens."""
+def ray_start_cluster(monkeypatch):
+    """A real `ray start --head` on this machine, stopped at the end whatever happens. Its
+    temp dir is the test's own (``RAY_TMPDIR``, for ``ray start`` and for the commands this
+    test starts: Ray's bootstrap file, which they read to find "the cluster running on this
+    machine", lives in it), so no other command on the machine attaches to it, and it is
+    stopped by its own processes' pids instead of ``ray stop --force``, which would kill
+    every Ray on the machine."""
+    temp = tempfile.mkdtemp(prefix="xr35-")  # short: Ray's socket paths live under it
+    monkeypatch.setenv("RAY_TMPDIR", temp)
     env = {**os.environ, "RAY_AUTH_MODE": "token"}
     env.pop("RAY_ADDRESS", None)
     port = free_port()
     ray_bin = Path(sys.executable).parent / "ray"
-    subprocess.run([str(ray_bin), "start", "--head", f"--port={port}", "--num-cpus=4", "--disable-usage-stats",
-                    "--include-dashboard=false"], check=True, env=env, capture_output=True, timeout=120)
     try:
+        subprocess.run([str(ray_bin), "start", "--head", f"--port={port}", "--num-cpus=4", "--disable-usage-stats",
+                        "--include-dashboard=false"], check=True, env=env, capture_output=True, timeout=120)
         yield port
     finally:
-        subprocess.run([str(ray_bin), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        _stop_cluster_under(temp)
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def test_commands_attach_to_a_running_ray_start_cluster(ray_start_cluster, checkpoints, tiny_category_dataset,
