@@ -40,11 +40,12 @@ def _predictions(shares, cfg, manifest):
 
 def worker(rank: int, worlds: tuple[int, ...], data: str, out: str) -> None:
     """One process per rank of the largest world, each evaluating in every world it belongs
-    to (ranks 0..world-1), one process group after another: the processes start once (a
-    spawned process imports torch and xmr again, seconds on 2 cores)."""
+    to (ranks 0..world-1), one process group after another: the processes start once
+    (``start_ranks``). One thread per rank: 3 ranks of 2 threads each on 2 cores only fight."""
     from xmr.distributed import all_gather_objects
     from xmr.tasks import family_of
 
+    torch.set_num_threads(1)
     model, cfg, manifest = _setup(data)
     for world in worlds:
         if rank >= world:
@@ -62,6 +63,20 @@ def worker(rank: int, worlds: tuple[int, ...], data: str, out: str) -> None:
             dist.destroy_process_group()
 
 
+def start_ranks(fn, args: tuple, nprocs: int) -> None:
+    """``fn(rank, *args)`` in ``nprocs`` processes, joined. Forked from multiprocessing's fork
+    server, which imports torch, xmr and this module once and is then shared by every start
+    in the pytest process (the other gloo tests' too): a process spawned from scratch imports
+    them again, and 3 ranks doing so at once on the 2-core machine took 6-12 s of this
+    module's setup under load (the fork server: 3-4 s, of which the ranks' own work 1 s). A
+    forked rank skips the interpreter's teardown too. The server is a fresh process, not a
+    fork of pytest's threads."""
+    import multiprocessing
+
+    multiprocessing.set_forkserver_preload(["torch", "torch.distributed", "xmr.method", "xmr.tasks", __name__])
+    mp.start_processes(fn, args=args, nprocs=nprocs, join=True, start_method="forkserver")
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval_sharded")
@@ -72,7 +87,7 @@ def runs(tmp_path_factory):
     metrics, sub = _predictions([family_of(cfg).score_share(model, cfg, manifest, "val", detailed=True)], cfg,
                                 manifest)
     out = {1: {"metrics": {k: v for k, v in metrics.items() if k != "by_type"}, "sub": sub}}
-    mp.spawn(worker, args=((3, 2), data, str(root)), nprocs=3, join=True)
+    start_ranks(worker, ((3, 2), data, str(root)), 3)
     for world in (2, 3):
         out[world] = json.loads((root / f"world{world}.json").read_text())
     return out, data

@@ -64,7 +64,10 @@ def train_steps(batches, module=None, method=None):
 def worker(rank, out_dir):
     # A file rendezvous (no port to race for), and a barrier before tearing down: a rank
     # leaving while its peer still talks aborts gloo ("terminate called without an active
-    # exception"), seen once on a loaded 2-core CI run.
+    # exception"), seen once on a loaded 2-core CI run. One thread per rank: two ranks of two
+    # threads each on the 2-core machine fought each other and the machine's other work (the
+    # workers' part of this fixture: 10-11 s -> 2.5-4.6 s under load, back to back).
+    torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=2)
     try:
         a, b, y = embeddings(n=sum(SIZES), classes=4, seed=7)
@@ -91,10 +94,24 @@ def worker(rank, out_dir):
         dist.destroy_process_group()
 
 
+def start_ranks(fn, args: tuple, nprocs: int) -> None:
+    """``fn(rank, *args)`` in ``nprocs`` processes, joined. Forked from multiprocessing's fork
+    server, which imports torch, xmr and this module once and is then shared by every start
+    in the pytest process (the other gloo tests' too): a process spawned from scratch imports
+    them again, and on the 2-core machine under load this module's setup took 8-26 s with
+    spawned ranks and 3-7 s forked (test_eval_sharded.py's 3 ranks: 6-12 s of spawning, 3-4 s
+    forked, the server's start included). A forked rank skips the interpreter's teardown too. The server is a fresh process, not a
+    fork of pytest's threads."""
+    import multiprocessing
+
+    multiprocessing.set_forkserver_preload(["torch", "torch.distributed", "xmr.method", "xmr.tasks", __name__])
+    mp.start_processes(fn, args=args, nprocs=nprocs, join=True, start_method="forkserver")
+
+
 @pytest.fixture(scope="module")
 def distributed_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
-    mp.spawn(worker, args=(str(out),), nprocs=2, join=True)
+    start_ranks(worker, (str(out),), 2)
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
 
