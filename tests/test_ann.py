@@ -87,7 +87,8 @@ def test_the_vectors_an_index_keeps_are_the_gallery_in_order(tmp_path, clustered
             assert not v.flags.owndata  # the index's own memory
 
 
-@pytest.mark.parametrize("field,value", [("kind", "lsh"), ("recall_target", 0.0), ("hnsw_m", 0), ("ivf_nlist", -1)])
+@pytest.mark.parametrize("field,value", [("kind", "lsh"), ("recall_target", 0.0), ("hnsw_m", 0), ("ivf_nlist", -1),
+                                         ("pq_m", -1)])
 def test_bad_settings_name_the_field(field, value):
     with pytest.raises(ValueError, match=f"ann.{field}"):
         AnnConfig(**{field: value})
@@ -126,3 +127,13 @@ def test_index_build_reports_and_serves_the_saved_index(tmp_path, capsys):
     got = search_items([(saved, "a", q, 10) for q in queries])
     overlap = np.mean([len({h["id"] for h in w} & {h["id"] for h in g}) / 10 for w, g in zip(want, got)])
     assert overlap >= 0.85  # the index's own held-out figure is >= 0.95 on the gallery's other side
+
+
+def test_the_default_kind_builds_at_any_embedding_size():
+    """ivfpq is the default (the measured choice at 1M x 256): its sub-quantiser count is the
+    largest divisor of d up to 32, so a small or odd d builds too (32 at d = 256)."""
+    rng = np.random.default_rng(1)
+    for d, want in ((8, 8), (12, 12), (48, 24), (256, 32)):
+        x = unit(rng.standard_normal((2000, d)))
+        a = build_ann(x, x[:200], AnnConfig(build_threads=1, probes=200))
+        assert a.kind == "ivfpq" and a.build["pq_m"] == want, (d, a.build)

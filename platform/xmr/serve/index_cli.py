@@ -96,14 +96,15 @@ def register(subparsers: Any) -> None:
     b.add_argument("--out", required=True, help="folder to write the index to")
     b.add_argument("--approx", default="auto", choices=["auto", "on", "off"],
                    help="approximate index: on, off, or auto (past 200,000 items)")
-    b.add_argument("--ann-kind", default="hnsw", choices=["hnsw", "ivfpq", "ivf"],
-                   help="approximate index kind (default hnsw: the measured choice at 1M items, bench/serve_latency.py)")
+    b.add_argument("--ann-kind", default="ivfpq", choices=["hnsw", "ivfpq", "ivf"],
+                   help="approximate index kind (default ivfpq: the measured choice at 1M items, bench/serve_latency.py)")
     b.add_argument("--recall-target", type=float, default=0.95,
                    help="recall@10 vs exact search the search setting must reach (default 0.95)")
     b.add_argument("--hnsw-m", type=int, default=32, help="hnsw: links per item (default 32)")
     b.add_argument("--ef-construction", type=int, default=64, help="hnsw: build breadth (default 64)")
     b.add_argument("--nlist", type=int, default=0, help="ivf / ivfpq: inverted lists (default 4 x sqrt(n))")
-    b.add_argument("--pq-m", type=int, default=32, help="ivfpq: sub-quantisers, dividing the embedding size (default 32)")
+    b.add_argument("--pq-m", type=int, default=0,
+                   help="ivfpq: sub-quantisers, dividing the embedding size (default 0: its largest divisor up to 32)")
     b.add_argument("--shards", type=int, default=1,
                    help="cut the split into this many contiguous shards, each an index of its own, encoded by a "
                         "Ray Data job over the cluster and served one retriever deployment per shard (default 1: "
