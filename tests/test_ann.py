@@ -85,6 +85,14 @@ def test_the_vectors_an_index_keeps_are_the_gallery_in_order(tmp_path, clustered
         else:
             assert v.shape == gallery.shape and np.array_equal(v, gallery)
             assert not v.flags.owndata  # the index's own memory
+    if kind != "ivf":  # a table made from the view keeps its index alive when the index is dropped
+        import gc
+
+        table = torch.from_numpy(a.vectors())
+        del a, back, idx, v
+        gc.collect()
+        _ = [np.random.default_rng(i).random(gallery.shape, dtype=np.float32) for i in range(40)]  # reuse freed memory
+        assert torch.equal(table, torch.from_numpy(gallery))
 
 
 @pytest.mark.parametrize("field,value", [("kind", "lsh"), ("recall_target", 0.0), ("hnsw_m", 0), ("ivf_nlist", -1),
@@ -137,3 +145,7 @@ def test_the_default_kind_builds_at_any_embedding_size():
         x = unit(rng.standard_normal((2000, d)))
         a = build_ann(x, x[:200], AnnConfig(build_threads=1, probes=200))
         assert a.kind == "ivfpq" and a.build["pq_m"] == want, (d, a.build)
+    for n in (5, 15):  # fewer items than 16 codes: the code book shrinks to the gallery
+        x = unit(rng.standard_normal((n, 8)))
+        a = build_ann(x, x, AnnConfig(build_threads=1))
+        assert a.search(x[:1], n)[1][0][0] == 0  # an item's own nearest is itself

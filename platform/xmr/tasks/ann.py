@@ -88,8 +88,8 @@ class AnnIndex:
 
         Why: a served gallery would otherwise hold its table twice (once as the gallery's
         tensor, once inside FAISS): at a million 256-d items per side that is 2 GB a shard.
-        The view is valid while this index lives, so whoever holds it must hold the index
-        too (``CategoryGallery`` holds both)."""
+        The array's base holds this index, so the memory stays valid while any array or
+        tensor made from it lives."""
         import faiss
 
         outer = faiss.downcast_index(self.index)
@@ -97,7 +97,7 @@ class AnnIndex:
         flat = faiss.downcast_index(inner) if inner is not None else None
         if not isinstance(flat, faiss.IndexFlat) or flat.ntotal != self.index.ntotal or flat.ntotal == 0:
             return None
-        return faiss.rev_swig_ptr(flat.get_xb(), flat.ntotal * flat.d).reshape(flat.ntotal, flat.d)
+        return np.asarray(_IndexMemory(self.index, flat.get_xb(), flat.ntotal, flat.d))
 
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind, "search_params": self.search_params, "recall_at_10": self.recall_at_10,
@@ -122,6 +122,17 @@ class AnnIndex:
         apply_search_params(index, meta["search_params"])
         return cls(index, meta["kind"], dict(meta["search_params"]), meta["recall_at_10"], meta["met_target"],
                    meta["build_s"], meta["bytes_per_item"], dict(meta.get("build", {})))
+
+
+class _IndexMemory:
+    """The float32 [n, d] block a FAISS index owns, exposed through the array interface with
+    the index as a reference: an array viewing it (and a tensor from that array) keeps the
+    index, and so the block, alive."""
+
+    def __init__(self, index, pointer, n: int, d: int) -> None:
+        self.index = index
+        address = int(pointer)  # a SWIG float* converts to its address
+        self.__array_interface__ = {"shape": (n, d), "typestr": "<f4", "data": (address, False), "version": 3}
 
 
 def apply_search_params(index, params: dict[str, int]) -> None:
@@ -189,6 +200,7 @@ def build_ann(gallery: np.ndarray, probes: np.ndarray, cfg: AnnConfig | None = N
             index.hnsw.efConstruction = cfg.hnsw_ef_construction
         else:
             bits = 8 if n >= 256 * 39 else max(4, int(math.log2(max(16, n // 39))))  # 2^bits codes need 39x points
+            bits = max(1, min(bits, int(math.log2(max(2, n)))))  # and never more codes than items (a tiny gallery)
             spec = f"IVF{nlist},PQ{pq_m}x{bits},RFlat" if cfg.kind == "ivfpq" else f"IVF{nlist},Flat"
             index = faiss.index_factory(d, spec, faiss.METRIC_INNER_PRODUCT)
             sample = np.random.default_rng(0).choice(n, min(n, max(64 * nlist, 10_000)), replace=False)
