@@ -135,6 +135,12 @@ class _IndexMemory:
         self.__array_interface__ = {"shape": (n, d), "typestr": "<f4", "data": (address, False), "version": 3}
 
 
+def default_pq_m(d: int) -> int:
+    """IVF-PQ's sub-quantisers when ``ann.pq_m`` is 0: 32 one-byte codes an item at d = 256
+    (the measured setting), and for another d its largest divisor up to 32 (any d builds)."""
+    return max(m for m in range(1, min(32, d) + 1) if d % m == 0)
+
+
 def apply_search_params(index, params: dict[str, int]) -> None:
     import faiss
 
@@ -186,8 +192,7 @@ def build_ann(gallery: np.ndarray, probes: np.ndarray, cfg: AnnConfig | None = N
     cfg = cfg or AnnConfig()
     x = np.ascontiguousarray(gallery, dtype=np.float32)
     n, d = x.shape
-    # 32 one-byte codes an item at d = 256 (the measured setting); a smaller d takes its largest divisor up to 32
-    pq_m = cfg.pq_m or max(m for m in range(1, min(32, d) + 1) if d % m == 0)
+    pq_m = cfg.pq_m or default_pq_m(d)
     if cfg.kind == "ivfpq" and d % pq_m:
         raise ValueError(f"ann.pq_m = {pq_m} must divide the embedding size {d}")
     threads_before = faiss.omp_get_max_threads()
