@@ -8,7 +8,8 @@ covers them (``run_comparison`` gives the protocol step by step).
 
 Why not tune once and reuse the choice for every seed: the seeds then share one tuning
 choice, the interval measures training-seed noise only, and another tuning draw moved 9 of
-27 estimates outside their own intervals (bench/results/compare_reseed.json, stop 32).
+27 estimates outside their own intervals (``git show 4f95c13:bench/results/compare_reseed.json``,
+stop 32).
 """
 
 from __future__ import annotations
