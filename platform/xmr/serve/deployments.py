@@ -43,6 +43,7 @@ from ray import serve
 
 from xmr.ray.serve import GATEWAY_ACTOR_OPTIONS
 from xmr.serve.contract import set_contract
+from xmr.serve.fanout import ShardBatcher
 from xmr.serve.featurise import audio_featuriser, audio_spec
 from xmr.serve.gallery import Loaded, load_for_serving, text_encoder_of
 from xmr.serve.http import JSONBytes, api
@@ -131,9 +132,35 @@ class Retriever:
 
     @errors_returned
     async def search(self, query: SearchQuery) -> list[dict[str, Any]]:
-        """The top-k items of the other modality. A shard answers up to its own size (the
-        gateway checked k against the whole gallery); the whole gallery refuses a k past it."""
+        """The top-k items of the other modality (an unsharded index: one query a call)."""
         st = self._ready("search")
+        return await self._admitted(self._search_batched, self._search_item(st, query))
+
+    @errors_returned
+    async def search_many(self, queries: list[SearchQuery]) -> list[Any]:
+        """Several queries in one call (what the gateway sends a shard: ``xmr.serve.fanout``),
+        searched as one batch; each answer is its hits or that query's ``RequestError``."""
+        st = self._ready("search")
+        out: list[Any] = [None] * len(queries)
+        items: list[tuple[int, tuple]] = []
+        for i, query in enumerate(queries):
+            try:
+                items.append((i, self._search_item(st, query)))
+            except RequestError as exc:
+                out[i] = exc
+        if items:
+            self.inflight += 1
+            try:
+                hits = await self._timed("search", search_items, [item for _, item in items])
+            finally:
+                self.inflight -= 1
+            for (i, _), h in zip(items, hits):
+                out[i] = h
+        return out
+
+    def _search_item(self, st: Loaded, query: SearchQuery) -> tuple:
+        """A query as ``search_items`` takes it. A shard answers up to its own size (the gateway
+        checked k against the whole gallery); the whole gallery refuses a k past it."""
         if list(query.vector.shape) != list(st.cfg.model.dims.get(query.role, ())):
             raise RequestError(503, SWAPPING)
         k = query.k
@@ -141,7 +168,7 @@ class Retriever:
             k = min(k, st.gallery.size)
         elif k > st.gallery.size:
             raise RequestError(422, f"k = {k}: the gallery holds {st.gallery.size} items")
-        return await self._admitted(self._search_batched, (st, query.role, query.vector, k))
+        return st, query.role, query.vector, k
 
     @errors_returned
     async def moments(self, query: MomentsQuery) -> list[dict[str, Any]]:
@@ -276,6 +303,7 @@ class Gateway:
         self.retried = 0  # calls sent again after their replica died
         self.partial = 0  # answers given without every shard
         self.missing_counts = [0] * len(self.shards or ())  # per shard: answers it was missing from
+        self.batchers: list[ShardBatcher] = []  # per shard: its search calls, batched (made on first use)
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         s = self.settings = parsed(GatewaySettings, config)
@@ -338,17 +366,28 @@ class Gateway:
 
     # ------------------------------------------------------------------ scatter-gather
 
+    def _batcher(self, s: int) -> ShardBatcher:
+        if not self.batchers:
+            budget = self.settings.shard_deadline_s
+            self.batchers = [ShardBatcher(functools.partial(self._call, "search_many", handle=h, budget_s=budget),
+                                          max_batch=self.settings.batch_size) for h in self.shards]
+        return self.batchers[s]
+
     async def _scatter(self, method: str, *args, only: list[int] | None = None,
-                       deadline: float | None = None, args_of=None) -> list[Any]:
+                       deadline: float | None = None, args_of=None, batched: bool = False) -> list[Any]:
         """``method`` on every shard (or the shards ``only`` names) at once; a shard's answer,
         or None when it had none by the deadline (dead replicas are retried until then). A
-        client error from any shard is the request's error."""
+        client error from any shard is the request's error. ``batched``: a search, sent in its
+        shard's next batched call (``xmr.serve.fanout``) rather than a call of its own."""
         budget = self.settings.shard_deadline_s
         deadline = deadline or time.monotonic() + budget
         which = list(range(len(self.shards))) if only is None else only
-        tasks = {s: asyncio.ensure_future(self._call(method, *(args_of(s) if args_of else args),
-                                                     handle=self.shards[s], budget_s=budget))
-                 for s in which}
+        if batched:
+            tasks = {s: self._batcher(s).submit(args[0]) for s in which}
+        else:
+            tasks = {s: asyncio.ensure_future(self._call(method, *(args_of(s) if args_of else args),
+                                                         handle=self.shards[s], budget_s=budget))
+                     for s in which}
         done, pending = await asyncio.wait(tasks.values(), timeout=max(0.0, deadline - time.monotonic()))
         for t in pending:
             t.cancel()
@@ -380,7 +419,7 @@ class Gateway:
         return {**body, "shards": len(per_shard), "missing_shards": missing, "partial": bool(missing)}
 
     async def _search_shards(self, query: SearchQuery) -> dict[str, Any]:
-        per_shard = await self._scatter("search", query)
+        per_shard = await self._scatter("search", query, batched=True)
         hits = merge_hits(per_shard, query.k)
         return self._flagged({"modality": query.other, "k": query.k, "results": hits}, per_shard)
 
@@ -461,6 +500,7 @@ class Gateway:
         items = self.settings.shard_items
         shards = [{"shard": s, "items": items[s], "answering": i is not None,
                    "missing_from_answers": self.missing_counts[s],
+                   "gateway_calls": self.batchers[s].stats() if self.batchers else None,
                    **({k: i[k] for k in ("replica", "search", "gallery", "batching")} if i else {})}
                   for s, i in enumerate(per_shard)]
         return {**{k: v for k, v in first.items() if k not in ("replica", "gallery", "batching")},

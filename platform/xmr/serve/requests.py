@@ -146,6 +146,8 @@ class ShardInfo(BaseModel):
     search: str | None = None
     gallery: str | None = None
     batching: dict[str, BatchingCounters] | None = None
+    gateway_calls: dict[str, float] | None = Field(
+        None, description="the gateway's search calls to this shard: calls, the queries they carried, mean_batch")
 
 
 class InfoResponse(BaseModel):

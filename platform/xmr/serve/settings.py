@@ -157,6 +157,7 @@ class GatewaySettings:
     retries: int
     retry_budget_s: float
     shard_deadline_s: float
+    batch_size: int  # a sharded index: queries a shard call carries at most (``xmr.serve.fanout``)
     shard_items: list[int]  # a sharded index: each shard's items, in order; [] for a whole one
     top_videos: int  # VCMR: the videos one index ranks moments within (the served model's ``top_videos``)
     contract: dict[str, Any] | None
@@ -178,7 +179,8 @@ def gateway_settings(s: ServeSettings, contract: dict[str, Any], audio: dict[str
     """The gateway's ``user_config`` from the app's settings and what the app serves."""
     return asdict(GatewaySettings(api_key_sha256=s.api_key_sha256, body_timeout_s=s.body_timeout_s,
                                   retries=s.retries, retry_budget_s=s.retry_budget_s,
-                                  shard_deadline_s=s.shard_deadline_s, shard_items=list(shard_items),
+                                  shard_deadline_s=s.shard_deadline_s, batch_size=s.batch_size,
+                                  shard_items=list(shard_items),
                                   top_videos=top_videos, contract=contract, audio=audio))
 
 
