@@ -124,3 +124,66 @@ def test_a_query_that_gave_up_is_not_sent_and_a_stalled_shard_holds_no_one():
 def test_bad_sizes_are_refused():
     with pytest.raises(ValueError, match="max_batch = 0"):
         ShardBatcher(lambda qs: qs, max_batch=0)
+
+
+def test_a_hung_call_frees_its_slot_when_its_queries_give_up_and_the_queue_keeps_only_waiting_queries():
+    """A replica that never answers: once every query of a call has given up, the call is
+    cancelled (the next query gets a call of its own, which Serve may route elsewhere);
+    queries that give up while queued leave the queue at once (no growth during a stall)."""
+
+    async def go():
+        shard = Shard()
+        b = ShardBatcher(shard.send, max_batch=4, in_flight=2)
+        hung = [b.submit(q) for q in (0, 1)]  # both slots taken by calls that never return
+        await _settle()
+        queued = [b.submit(q) for q in range(100, 1100)]
+        await _settle()
+        assert len(shard.calls) == 2 and len(b.queue) == 1000
+        for f in queued:
+            f.cancel()
+        await _settle()
+        assert len(b.queue) == 0  # the abandoned queries are gone, not held
+        for f in hung:
+            f.cancel()
+        await _settle()
+        assert len(b.running) == 0  # both hung calls cancelled: their slots are free
+        fresh = b.submit(7)
+        await _settle()
+        assert shard.calls[-1] == [7]
+        shard.gates[-1].set()
+        assert await fresh == 70
+
+    asyncio.run(go())
+
+
+def test_a_call_lives_at_most_its_timeout():
+    async def go():
+        shard = Shard()
+        b = ShardBatcher(shard.send, max_batch=4, in_flight=1, call_timeout_s=0.05)
+        fut = b.submit(1)
+        with pytest.raises(asyncio.TimeoutError):
+            await fut
+        await _settle()
+        assert len(b.running) == 0
+        nxt = b.submit(2)
+        await _settle()
+        shard.gates[-1].set()
+        assert await nxt == 20 and shard.calls == [[1], [2]]
+
+    asyncio.run(go())
+
+
+def test_a_call_per_query_when_batching_is_off():
+    """Autoscaled retrievers: max_batch 1 and no cap on calls, so Serve sees every query."""
+
+    async def go():
+        shard = Shard()
+        b = ShardBatcher(shard.send, max_batch=1, in_flight=2 ** 31)
+        futs = [b.submit(q) for q in range(5)]
+        await _settle()
+        assert shard.calls == [[q] for q in range(5)]
+        for g in shard.gates:
+            g.set()
+        assert await asyncio.gather(*futs) == [0, 10, 20, 30, 40]
+
+    asyncio.run(go())

@@ -147,7 +147,8 @@ def test_a_replica_defaults_nothing():
     silent default (an empty checkpoint, a top_videos other than the model's)."""
     import dataclasses
 
-    from xmr.serve.settings import GatewaySettings, RetrieverSettings, gateway_settings, parsed, retriever_settings
+    from xmr.serve.settings import (Autoscaling, GatewaySettings, RetrieverSettings, gateway_settings, parsed,
+                                    retriever_settings)
 
     for cls in (RetrieverSettings, GatewaySettings):
         assert [f.name for f in dataclasses.fields(cls)
@@ -170,6 +171,10 @@ def test_a_replica_defaults_nothing():
     assert (gateway.body_timeout_s, gateway.retries, gateway.retry_budget_s, gateway.shard_deadline_s,
             gateway.shard_items, gateway.top_videos) == (s.body_timeout_s, s.retries, s.retry_budget_s,
                                                           s.shard_deadline_s, [], 7)
+    # shard calls batched up to the batch size, except for autoscaled retrievers (a call per query)
+    assert (gateway.batch_size, gateway.shard_batching) == (s.batch_size, s.autoscaling is None)
+    scaled = dataclasses.replace(s, autoscaling=Autoscaling(min_replicas=1, max_replicas=3))
+    assert parsed(GatewaySettings, gateway_settings(scaled, {"route": "moments"}, None, [], 7)).shard_batching is False
 
 
 def test_xmr_serve_options_default_to_the_settings():

@@ -43,7 +43,7 @@ from ray import serve
 
 from xmr.ray.serve import GATEWAY_ACTOR_OPTIONS
 from xmr.serve.contract import set_contract
-from xmr.serve.fanout import ShardBatcher
+from xmr.serve.fanout import IN_FLIGHT, ShardBatcher
 from xmr.serve.featurise import audio_featuriser, audio_spec
 from xmr.serve.gallery import Loaded, load_for_serving, text_encoder_of
 from xmr.serve.http import JSONBytes, api
@@ -311,6 +311,7 @@ class Gateway:
         set_body_timeout(s.body_timeout_s)
         set_contract(s.contract)  # what /openapi.json documents and queries are checked against
         self.audio = audio_featuriser(s.audio)
+        self.batchers = []  # made again with these settings (calls in flight finish on the old ones)
 
     async def _call(self, method: str, *args, handle=None, budget_s: float | None = None):
         """A retriever call, sent again (backing off) when its replica died, ``retries`` times
@@ -367,10 +368,16 @@ class Gateway:
     # ------------------------------------------------------------------ scatter-gather
 
     def _batcher(self, s: int) -> ShardBatcher:
+        """Shard ``s``'s search calls (made on first use, after ``reconfigure`` has typed the
+        settings, and again after each ``reconfigure``). Autoscaled retrievers get a call per
+        query: Serve's autoscaler counts requests, and a batch would hide its queries."""
         if not self.batchers:
-            budget = self.settings.shard_deadline_s
+            st = self.settings
+            budget = st.shard_deadline_s
+            size, slots = (st.batch_size, IN_FLIGHT) if st.shard_batching else (1, 2 ** 31)
             self.batchers = [ShardBatcher(functools.partial(self._call, "search_many", handle=h, budget_s=budget),
-                                          max_batch=self.settings.batch_size) for h in self.shards]
+                                          max_batch=size, in_flight=slots, call_timeout_s=budget)
+                             for h in self.shards]
         return self.batchers[s]
 
     async def _scatter(self, method: str, *args, only: list[int] | None = None,
@@ -388,19 +395,22 @@ class Gateway:
             tasks = {s: asyncio.ensure_future(self._call(method, *(args_of(s) if args_of else args),
                                                          handle=self.shards[s], budget_s=budget))
                      for s in which}
-        done, pending = await asyncio.wait(tasks.values(), timeout=max(0.0, deadline - time.monotonic()))
-        for t in pending:
-            t.cancel()
+        try:
+            await asyncio.wait(tasks.values(), timeout=max(0.0, deadline - time.monotonic()))
+        finally:  # past the deadline, or this request cancelled (its client gone): nobody waits for the rest
+            for t in tasks.values():
+                if not t.done():
+                    t.cancel()
         out: list[Any] = [None] * len(self.shards)
-        for s, t in tasks.items():
-            if t in done and not t.cancelled():
-                exc = t.exception()
-                if exc is None:
-                    out[s] = t.result()
-                elif isinstance(exc, RequestError) and 400 <= exc.status < 500:
-                    raise exc  # the client's error: the same from every shard
-                elif not isinstance(exc, RequestError):  # a shard's own fault: that shard is missing, not the query
-                    logger.warning("shard %d failed: %s: %s", s, type(exc).__name__, str(exc)[:300])
+        ended = {s: t.exception() for s, t in tasks.items() if t.done() and not t.cancelled()}  # each read once
+        for s, exc in ended.items():
+            if isinstance(exc, RequestError) and 400 <= exc.status < 500:
+                raise exc  # the client's error: the same from every shard
+        for s, exc in ended.items():
+            if exc is None:
+                out[s] = tasks[s].result()
+            elif not isinstance(exc, RequestError):  # a shard's own fault: that shard is missing, not the query
+                logger.warning("shard %d failed: %s: %s", s, type(exc).__name__, str(exc)[:300])
         return out
 
     def _missing(self, missing: list[int]) -> None:

@@ -158,6 +158,7 @@ class GatewaySettings:
     retry_budget_s: float
     shard_deadline_s: float
     batch_size: int  # a sharded index: queries a shard call carries at most (``xmr.serve.fanout``)
+    shard_batching: bool  # batch shard calls (fixed replicas); autoscaled retrievers get a call per query
     shard_items: list[int]  # a sharded index: each shard's items, in order; [] for a whole one
     top_videos: int  # VCMR: the videos one index ranks moments within (the served model's ``top_videos``)
     contract: dict[str, Any] | None
@@ -180,6 +181,7 @@ def gateway_settings(s: ServeSettings, contract: dict[str, Any], audio: dict[str
     return asdict(GatewaySettings(api_key_sha256=s.api_key_sha256, body_timeout_s=s.body_timeout_s,
                                   retries=s.retries, retry_budget_s=s.retry_budget_s,
                                   shard_deadline_s=s.shard_deadline_s, batch_size=s.batch_size,
+                                  shard_batching=s.autoscaling is None,
                                   shard_items=list(shard_items),
                                   top_videos=top_videos, contract=contract, audio=audio))
 
