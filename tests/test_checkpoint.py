@@ -248,3 +248,49 @@ def test_a_best_pointer_to_a_run_directory_is_an_error_not_a_recursion(tmp_path)
     (run / "best.json").write_text(json.dumps({"checkpoint": 7}))
     with pytest.raises(CheckpointError, match="not a valid best-checkpoint pointer"):
         fetch_checkpoint(str(run))
+
+
+def cdaml_attention_cfg():
+    cfg = load_config("cdaml", ["model.embed_dim=8", "model.hidden_dim=16", "model.hierarchical=false",
+                                "model.attention=true", "model.tokens_a=2", "model.tokens_b=2"])
+    cfg.model.dims = {"a": [6], "b": [4]}
+    cfg.model.num_classes = [3]
+    cfg.model.label_kind = "single"
+    return cfg
+
+
+def test_a_tied_parameter_is_stored_once_and_tied_again_on_load(tmp_path):
+    """CDAML's attention memory is one parameter under three names (the model's and each
+    trunk's); safetensors refuses shared tensors, so before this fix every CDAML run with
+    attention failed at its first checkpoint (digits_cdaml_terms, stop 44)."""
+    torch.manual_seed(0)
+    cfg = cdaml_attention_cfg()
+    method = Method(cfg).eval()
+    names = [k for k in method.state_dict() if k.endswith("memory")]
+    assert len(names) == 3, names
+    save_checkpoint(tmp_path / "ck", method, cfg)
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "ck" / "model.safetensors"), "pt") as f:
+        stored = [k for k in f.keys() if k.endswith("memory")]
+    assert len(stored) == 1, stored  # once on disk
+    _, state, _ = load_checkpoint(tmp_path / "ck")
+    assert set(names) <= set(state) and all(torch.equal(state[k], method.state_dict()[k]) for k in names)
+    again = Method.from_checkpoint(tmp_path / "ck").eval()
+    assert len({id(again.get_parameter(k)) for k in names}) == 1, "still one parameter after loading"
+    assert torch.equal(again.get_parameter(names[0]), method.get_parameter(names[0]))
+    x = {"a": torch.randn(5, 6), "b": torch.randn(5, 4)}
+    with torch.no_grad():
+        for role in ("a", "b"):
+            assert torch.allclose(method.model.encode(role, x[role]), again.model.encode(role, x[role])), role
+
+
+def test_bad_alias_metadata_is_a_clear_error(tmp_path):
+    from safetensors.torch import save_file
+
+    cfg = small_cfg()
+    save_checkpoint(tmp_path / "ck", Method(cfg), cfg)
+    weights = tmp_path / "ck" / "model.safetensors"
+    _, state, _ = load_checkpoint(tmp_path / "ck")
+    save_file(state, str(weights), metadata={"xmr.aliases": '{"x": "not.a.key"}'})
+    with pytest.raises(CheckpointError, match="xmr.aliases"):
+        load_checkpoint(tmp_path / "ck")

@@ -10,7 +10,10 @@ Layout of a checkpoint directory::
                         with ``torch.load(weights_only=True)``: tensors and plain values only
 
 Safetensors holds tensors only, so loading can never run code; a truncated or corrupt
-file fails with an error that names it.
+file fails with an error that names it. Safetensors also refuses two names for one tensor,
+which a tied parameter has (CDAML's shared attention memory is ``model.memory`` and each
+trunk's ``memory``): the file holds it once, under its first name, and lists the other names
+in its own metadata (``xmr.aliases``), which loading restores.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from typing import Any
 import torch
 import yaml
 from safetensors import SafetensorError
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from xmr.config import Config, ConfigError, from_dict
@@ -38,6 +42,43 @@ TRAIN_STATE = "train_state.pt"
 BEST = "best.json"  # in a run directory: which checkpoint is the best
 CHECKPOINT_PREFIX = "checkpoint_epoch"  # a training checkpoint's folder: checkpoint_epochNNNN
 CHECKPOINT_FILES = (WEIGHTS, CONFIG, META, TRAIN_STATE)  # what a complete training checkpoint holds
+ALIASES = "xmr.aliases"  # the weights file's metadata key: {other name: stored name} of tied tensors
+
+
+def dedupe_tied(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The state with each tied tensor once (its first name) and {other name: first name}.
+    Tensors that only overlap part of another's memory (views) are copied, not aliased."""
+    first: dict[tuple, str] = {}
+    out, aliases, storages = {}, {}, {}
+    for key, value in state.items():
+        ident = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape),
+                 tuple(value.stride()), value.dtype) if value.numel() else None
+        if ident is not None and ident in first:
+            aliases[key] = first[ident]
+            continue
+        ptr = value.untyped_storage().data_ptr() if value.numel() else None
+        if ident is not None:
+            first[ident] = key
+        out[key] = value.clone() if ptr is not None and ptr in storages else value
+        if ptr is not None:
+            storages[ptr] = key
+    return out, aliases
+
+
+def _aliases(weights: Path, state: dict[str, torch.Tensor]) -> dict[str, str]:
+    """The tied names ``save_checkpoint`` listed in the weights file, checked."""
+    with safe_open(str(weights), "pt") as f:
+        raw = (f.metadata() or {}).get(ALIASES)
+    if raw is None:
+        return {}
+    try:
+        aliases = json.loads(raw)
+    except ValueError:
+        aliases = None
+    if not (isinstance(aliases, dict) and all(isinstance(k, str) and isinstance(v, str) and v in state
+                                              and k not in state for k, v in aliases.items())):
+        raise CheckpointError(f"{weights}: its {ALIASES} metadata is not a map of new names to stored tensors")
+    return aliases
 
 
 def checkpoint_name(epoch: int) -> str:
@@ -59,10 +100,10 @@ def save_checkpoint(directory: str | Path, method: torch.nn.Module, cfg: Config,
     """Write weights, resolved config and metadata; returns the directory."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in method.state_dict().items()}
+    state, aliases = dedupe_tied({k: v.detach().contiguous().cpu() for k, v in method.state_dict().items()})
     # Write to temporary names and rename, so a crash never leaves a half-written checkpoint.
     tmp = directory / (WEIGHTS + ".tmp")
-    save_file(state, str(tmp))
+    save_file(state, str(tmp), metadata={ALIASES: json.dumps(aliases)} if aliases else None)
     tmp.replace(directory / WEIGHTS)
     (directory / CONFIG).write_text(cfg.to_yaml())
     (directory / META).write_text(json.dumps({"metrics": metrics or {}, **meta}, indent=2, default=float))
@@ -82,8 +123,10 @@ def load_checkpoint(directory: str | Path) -> tuple[Config, dict[str, torch.Tens
         raise CheckpointError(f"{config}: invalid checkpoint config ({exc})") from None
     try:
         state = load_file(str(weights))
+        aliases = _aliases(weights, state)
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{weights}: unreadable or truncated weights file ({exc})") from None
+    state.update({alias: state[key] for alias, key in aliases.items()})
     meta_path = directory / META
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     return cfg, state, meta
