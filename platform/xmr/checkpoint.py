@@ -27,8 +27,7 @@ from typing import Any
 
 import torch
 import yaml
-from safetensors import SafetensorError
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from xmr.config import Config, ConfigError, from_dict
@@ -49,19 +48,20 @@ def dedupe_tied(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor]
     """The state with each tied tensor once (its first name) and {other name: first name}.
     Tensors that only overlap part of another's memory (views) are copied, not aliased."""
     first: dict[tuple, str] = {}
-    out, aliases, storages = {}, {}, {}
+    seen: set[int] = set()
+    out, aliases = {}, {}
     for key, value in state.items():
-        ident = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape),
-                 tuple(value.stride()), value.dtype) if value.numel() else None
-        if ident is not None and ident in first:
+        if not value.numel():
+            out[key] = value
+            continue
+        ptr = value.untyped_storage().data_ptr()
+        ident = (ptr, value.storage_offset(), tuple(value.shape), tuple(value.stride()), value.dtype)
+        if ident in first:
             aliases[key] = first[ident]
             continue
-        ptr = value.untyped_storage().data_ptr() if value.numel() else None
-        if ident is not None:
-            first[ident] = key
-        out[key] = value.clone() if ptr is not None and ptr in storages else value
-        if ptr is not None:
-            storages[ptr] = key
+        first[ident] = key
+        out[key] = value.clone() if ptr in seen else value
+        seen.add(ptr)
     return out, aliases
 
 
